@@ -1,0 +1,110 @@
+"""Attention within non-overlapping b×b blocks: the attention stem's operator.
+
+The paper's stem (§3.2, A.1) "attends within each 4×4 spatial block": unlike the
+sliding k×k window of ``local_attention``, every pixel of a block attends to the
+same b² pixels, those of its own block. The logit has the same form as Eq. 3,
+
+    logit(i, j, a, b) = q_ij · k_ab + q_ij[:d/2] · rel_row[a-i+b-1] + q_ij[d/2:] · rel_col[b-j+b-1],
+
+with offsets inside a block ranging over -(b-1)..(b-1), so the relative tables
+have 2b-1 rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sasa_flax.ops.patches import accumulation_dtype
+
+
+def block_local_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rel_row: jax.Array | None = None,
+    rel_col: jax.Array | None = None,
+    *,
+    block_size: int,
+) -> jax.Array:
+    """Multi-head attention of every pixel over its own block_size² block.
+
+    Args:
+      q, k: (B, H, W, N, d); H and W divisible by ``block_size``.
+      v: (B, H, W, N, dv).
+      rel_row, rel_col: (2 * block_size - 1, d // 2) each or both ``None``;
+        entry t embeds the offset t - (block_size - 1).
+      block_size: the side b of the blocks.
+
+    Returns:
+      (B, H, W, N, dv) in v's dtype; logits and softmax in at least float32.
+    """
+    _validate(q, k, v, rel_row, rel_col, block_size)
+    bsz, h, w, n, d = q.shape
+    blk = block_size
+    acc = accumulation_dtype(q, k, v)
+
+    def to_blocks(x):  # (B, H, W, N, c) -> (B, H/b, W/b, N, b*b, c)
+        x = x.reshape(bsz, h // blk, blk, w // blk, blk, n, x.shape[-1])
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(bsz, h // blk, w // blk, n, blk * blk, x.shape[-1])
+
+    qb, kb, vb = to_blocks(q), to_blocks(k), to_blocks(v)
+    logits = jnp.einsum("bxynqd,bxynkd->bxynqk", qb, kb, preferred_element_type=acc)
+    if rel_row is not None:
+        half = d // 2
+        # Offset (key - query) + (b - 1) for every (query, key) position pair.
+        pos = np.arange(blk)
+        row_of = np.repeat(pos, blk)  # position index p = row * b + col
+        col_of = np.tile(pos, blk)
+        row_idx = row_of[None, :] - row_of[:, None] + blk - 1  # (b², b²)
+        col_idx = col_of[None, :] - col_of[:, None] + blk - 1
+        q_row = jnp.einsum("...qc,tc->...qt", qb[..., :half], rel_row, preferred_element_type=acc)
+        q_col = jnp.einsum("...qc,tc->...qt", qb[..., half:], rel_col, preferred_element_type=acc)
+        queries = np.arange(blk * blk)[:, None]
+        logits += q_row[..., queries, row_idx] + q_col[..., queries, col_idx]
+    weights = jax.nn.softmax(logits, axis=-1)
+    yb = jnp.einsum(
+        "bxynqk,bxynkd->bxynqd", weights.astype(v.dtype), vb, preferred_element_type=acc
+    )
+    # Back to (B, H, W, N, dv).
+    y = yb.reshape(bsz, h // blk, w // blk, n, blk, blk, v.shape[-1])
+    y = y.transpose(0, 1, 4, 2, 5, 3, 6).reshape(bsz, h, w, n, v.shape[-1])
+    return y.astype(v.dtype)
+
+
+def _validate(q, k, v, rel_row, rel_col, block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer; got {block_size!r}.")
+    if q.ndim != 5:
+        raise ValueError(
+            f"q must have shape (batch, height, width, heads, head_dim); got {q.shape}."
+        )
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the same shape as q {q.shape}; got {k.shape}.")
+    if v.ndim != 5 or v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            f"v must have shape (batch, height, width, heads, value_dim) with the first "
+            f"four equal to q's {q.shape[:4]}; got {v.shape}."
+        )
+    h, w = q.shape[1:3]
+    if h % block_size or w % block_size:
+        raise ValueError(
+            f"the image height and width must be multiples of block_size={block_size}; "
+            f"got {h}×{w}. Resize or crop the input to a multiple of {block_size}."
+        )
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError("rel_row and rel_col must be given together or both be None.")
+    if rel_row is not None:
+        expected = (2 * block_size - 1, q.shape[-1] // 2)
+        if q.shape[-1] % 2:
+            raise ValueError(
+                f"the head width must be even with relative tables; got {q.shape[-1]}."
+            )
+        for name, table in (("rel_row", rel_row), ("rel_col", rel_col)):
+            if table.shape != expected:
+                raise ValueError(
+                    f"{name} must have shape (2 * block_size - 1, head_dim // 2) = "
+                    f"{expected}; got {table.shape}."
+                )

@@ -1,0 +1,132 @@
+"""The reference expression of local attention: gather k×k neighbourhoods, then einsum.
+
+Every pixel's k×k neighbourhood of K and V is materialised with
+``jax.lax.conv_general_dilated_patches`` (a one-hot convolution, so zero padding
+outside the image comes for free), logits and the weighted sum are einsums. It is
+simple enough to read against the paper's Eq. 3 and is the implementation every
+faster one is compared with. It is not lean: it stores k²·C values per pixel
+(about 1.3 GB of temporaries for forward+backward at batch 8, 56²×64, k=7).
+
+Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def accumulation_dtype(*arrays) -> jnp.dtype:
+    """float32 for bfloat16/float16/float32 inputs, float64 for float64 ones.
+
+    Logits, softmax and sums are never computed in less than float32; float64
+    inputs (the gradient tests) stay float64.
+    """
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+# Patch extraction is a convolution with one-hot filters: at default precision
+# a GPU/TPU would round the gathered values (TF32 / bf16 passes). HIGHEST keeps
+# the copy exact.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def neighbourhoods(x: jax.Array, kernel_size: int) -> jax.Array:
+    """Gathers each pixel's k×k neighbourhood, zeros outside the image.
+
+    Args:
+      x: (B, H, W, N, d).
+      kernel_size: odd window size k.
+
+    Returns:
+      (B, H, W, N, d, k*k); the last axis enumerates offsets (dy, dx) row-major,
+      entry t = (dy + r) * k + (dx + r) with r = k // 2.
+    """
+    b, h, w, n, d = x.shape
+    r = kernel_size // 2
+    patches = jax.lax.conv_general_dilated_patches(
+        x.reshape(b, h, w, n * d),
+        filter_shape=(kernel_size, kernel_size),
+        window_strides=(1, 1),
+        padding=((r, r), (r, r)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=_EXACT,
+    )
+    # conv_general_dilated_patches orders output features channel-major.
+    return patches.reshape(b, h, w, n, d, kernel_size * kernel_size)
+
+
+def in_image_mask(height: int, width: int, kernel_size: int) -> np.ndarray:
+    """(H, W, k*k) bool: whether neighbour t of pixel (i, j) lies inside the image.
+
+    Computed with NumPy at trace time: it depends only on static shapes.
+    """
+    r = kernel_size // 2
+    offsets = np.arange(kernel_size) - r
+    rows = np.arange(height)[:, None] + offsets[None, :]  # (H, k)
+    cols = np.arange(width)[:, None] + offsets[None, :]  # (W, k)
+    row_ok = (rows >= 0) & (rows < height)
+    col_ok = (cols >= 0) & (cols < width)
+    mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # (H, W, k, k)
+    return mask.reshape(height, width, kernel_size * kernel_size)
+
+
+def relative_logits(q: jax.Array, rel_row: jax.Array, rel_col: jax.Array) -> jax.Array:
+    """q_ij[:d/2]·rel_row[dy] + q_ij[d/2:]·rel_col[dx] for every offset.
+
+    Args:
+      q: (B, H, W, N, d).
+      rel_row, rel_col: (k, d // 2).
+
+    Returns:
+      (B, H, W, N, k*k) in the accumulation dtype, offsets row-major as in
+      ``neighbourhoods``.
+    """
+    half = q.shape[-1] // 2
+    acc = accumulation_dtype(q, rel_row)
+    row = jnp.einsum("bhwnc,tc->bhwnt", q[..., :half], rel_row, preferred_element_type=acc)
+    col = jnp.einsum("bhwnc,tc->bhwnt", q[..., half:], rel_col, preferred_element_type=acc)
+    k = rel_row.shape[0]
+    return (row[..., :, None] + col[..., None, :]).reshape(*q.shape[:-1], k * k)
+
+
+def attention_logits(q, k, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
+    """Logits (B, H, W, N, k*k), at least float32; excluded neighbours hold the dtype's min."""
+    b, h, w, n, _ = q.shape
+    acc = accumulation_dtype(q)
+    logits = jnp.zeros((b, h, w, n, kernel_size * kernel_size), acc)
+    if k is not None:
+        logits += jnp.einsum(
+            "bhwnd,bhwndt->bhwnt", q, neighbourhoods(k, kernel_size), preferred_element_type=acc
+        )
+    if rel_row is not None:
+        logits += relative_logits(q, rel_row, rel_col)
+    if padding == "mask":
+        inside = in_image_mask(h, w, kernel_size)[None, :, :, None, :]
+        # A finite minimum (not -inf) keeps gradients NaN-free; exp() of it
+        # underflows to exactly 0, so excluded neighbours get weight exactly 0.
+        logits = jnp.where(inside, logits, jnp.finfo(logits.dtype).min)
+    return logits
+
+
+def local_attention_weights(q, k, rel_row, rel_col, *, kernel_size: int, padding: str):
+    """Softmax weights (B, H, W, N, k*k), at least float32."""
+    logits = attention_logits(q, k, rel_row, rel_col, kernel_size=kernel_size, padding=padding)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
+    weights = local_attention_weights(
+        q, k, rel_row, rel_col, kernel_size=kernel_size, padding=padding
+    )
+    # Weights are rounded to v's dtype for the weighted sum (as flash attention
+    # does); the sum itself accumulates in float32.
+    y = jnp.einsum(
+        "bhwnt,bhwndt->bhwnd",
+        weights.astype(v.dtype),
+        neighbourhoods(v, kernel_size),
+        preferred_element_type=accumulation_dtype(v),
+    )
+    return y.astype(v.dtype)
