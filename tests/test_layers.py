@@ -1,0 +1,226 @@
+"""SelfAttention2D and AttentionStem: shapes, parameter counts, wiring, options, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_flax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
+from tests import reference
+
+
+def param_count(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def param_names(module) -> set[str]:
+    return {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7, 11])
+def test_parameter_count_of_the_defaults(kernel_size):
+    d_in, d_out, heads = 24, 64, 8
+    layer = SelfAttention2D(d_in, d_out, num_heads=heads, kernel_size=kernel_size, rngs=nnx.Rngs(0))
+    assert param_count(layer) == 3 * d_in * d_out + kernel_size * (d_out // heads)
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (dict(pos_encoding="none"), 3 * 16 * 32),
+        (dict(pos_encoding="absolute"), 3 * 16 * 32),
+        (dict(content=False), 2 * 16 * 32 + 5 * 8),
+        (dict(relative_tables="per_head"), 3 * 16 * 32 + 4 * 5 * 8),
+    ],
+)
+def test_parameter_count_of_the_options(options, expected):
+    layer = SelfAttention2D(16, 32, num_heads=4, kernel_size=5, rngs=nnx.Rngs(0), **options)
+    assert param_count(layer) == expected
+
+
+def test_content_false_has_no_key_projection():
+    layer = SelfAttention2D(16, 32, num_heads=4, content=False, rngs=nnx.Rngs(0))
+    assert layer.key is None
+    assert not any(name.startswith("key") for name in param_names(layer))
+    assert any(
+        name.startswith("key") for name in param_names(SelfAttention2D(16, 32, rngs=nnx.Rngs(0)))
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(padding="zeros"),
+        dict(content=False),
+        dict(pos_encoding="absolute"),
+        dict(pos_encoding="absolute", content=False),
+        dict(pos_encoding="none"),
+        dict(relative_tables="per_head"),
+        dict(scale_queries=False),
+    ],
+    ids=str,
+)
+def test_module_matches_the_reference_with_its_own_weights(rng, options):
+    """Projections, head split, scaling and tables are wired as the paper says."""
+    d_in, d_out, heads, ks = 6, 8, 2, 3
+    layer = SelfAttention2D(
+        d_in, d_out, num_heads=heads, kernel_size=ks, rngs=nnx.Rngs(1), **options
+    )
+    x = rng.standard_normal((1, 4, 5, d_in)).astype(np.float32)
+    y = np.asarray(layer(jnp.asarray(x)))
+
+    d = d_out // heads
+    split = lambda t: t.reshape(1, 4, 5, heads, d)
+    q = split(x @ np.asarray(layer.query.kernel[...]))
+    if layer.scale_queries:
+        q = q / np.sqrt(d)
+    v = split(x @ np.asarray(layer.value.kernel[...]))
+    k = split(x @ np.asarray(layer.key.kernel[...])) if layer.content else None
+    if layer.pos_encoding == "absolute":
+        p = np.broadcast_to(sinusoidal_2d(4, 5, d)[None, :, :, None, :], q.shape)
+        k = p if k is None else k + p
+    expected = np.zeros(q.shape)
+    for n in range(heads):
+        tables = (None, None)
+        if layer.pos_encoding == "relative":
+            tables = (np.asarray(layer.rel_row[...]), np.asarray(layer.rel_col[...]))
+            if layer.relative_tables == "per_head":
+                tables = (tables[0][n], tables[1][n])
+        one = lambda t, n=n: None if t is None else t[:, :, :, n : n + 1]
+        expected[:, :, :, n : n + 1], _ = reference.local_attention(
+            one(q), one(k), one(v), *tables, ks, layer.padding
+        )
+    np.testing.assert_allclose(y, expected.reshape(y.shape), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(rng):
+    layer = SelfAttention2D(
+        16, 32, num_heads=4, kernel_size=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 16)), jnp.float32)
+    y = layer(x)
+    assert y.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    y32 = SelfAttention2D(16, 32, num_heads=4, kernel_size=3, rngs=nnx.Rngs(0))(x)
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y32))) < 5e-2 * float(
+        jnp.max(jnp.abs(y32))
+    )
+
+
+def test_jitted_gradients_are_finite(rng):
+    layer = SelfAttention2D(8, 16, num_heads=2, kernel_size=5, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 8)), jnp.float32)
+
+    @jax.jit
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+    grads = jax.grad(loss)(params, x)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+
+
+def test_sinusoidal_encoding():
+    p = sinusoidal_2d(5, 7, 8)
+    assert p.shape == (5, 7, 8) and p.dtype == np.float32
+    np.testing.assert_array_equal(p[:, 0, :4], p[:, 3, :4])  # rows half: same along a row
+    np.testing.assert_array_equal(p[0, :, 4:], p[2, :, 4:])  # columns half: same down a column
+    flat = p.reshape(35, 8)
+    assert len({tuple(np.round(r, 6)) for r in flat}) == 35  # every position distinct
+    assert np.all(np.abs(p) <= 1.0)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(num_heads=3), "divisible by num_heads=3"),
+        (dict(kernel_size=4), "kernel_size must be a positive odd integer"),
+        (dict(pos_encoding="learned"), "pos_encoding must be one of"),
+        (dict(padding="reflect"), "padding must be one of"),
+        (dict(content=False, pos_encoding="none"), "content=False with pos_encoding='none'"),
+        (dict(num_heads=32), "head width out_features / num_heads = 1 must be even"),
+        (dict(relative_tables="grouped"), "relative_tables must be one of"),
+        (dict(impl="cuda"), "impl must be one of"),
+    ],
+)
+def test_bad_options_raise_at_construction(options, match):
+    with pytest.raises(ValueError, match=match):
+        SelfAttention2D(16, 32, rngs=nnx.Rngs(0), **options)
+
+
+def test_wrong_input_channels_are_named():
+    layer = SelfAttention2D(16, 32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="in_features=16"):
+        layer(jnp.zeros((1, 8, 8, 3)))
+
+
+# --- the attention stem ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["spatially_aware", "stand_alone", "conv_values"])
+def test_stem_shapes(variant):
+    stem = AttentionStem(variant=variant, rngs=nnx.Rngs(0))
+    assert stem(jnp.ones((2, 32, 16, 3))).shape == (2, 8, 4, 64)
+
+
+def test_stem_variants_differ(rng):
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+    outputs = {
+        v: np.asarray(AttentionStem(variant=v, rngs=nnx.Rngs(0))(x))
+        for v in ("spatially_aware", "stand_alone", "conv_values")
+    }
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not np.allclose(outputs[a], outputs[b], atol=1e-3), (a, b)
+
+
+def test_spatially_aware_values_follow_the_formula(rng):
+    """v~_ab = (Σ_m p(a,b,m) W_V^m) x_ab, p = softmax_m((emb_row[a] + emb_col[b])·ν_m)."""
+    stem = AttentionStem(variant="spatially_aware", rngs=nnx.Rngs(0))
+    stem.mixture_logit_vectors[...] = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float64)
+    values = np.asarray(stem.values(jnp.asarray(x, jnp.float32)))
+    emb_row, emb_col = np.asarray(stem.emb_row[...]), np.asarray(stem.emb_col[...])
+    nu, w = np.asarray(stem.mixture_logit_vectors[...]), np.asarray(stem.value_mixture[...])
+    for i in range(8):
+        for j in range(8):
+            a, b = i % 4, j % 4  # position inside the 4×4 block
+            logits = np.array([(emb_row[a] + emb_col[b]) @ nu[m] for m in range(4)])
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            mixed = sum(p[m] * w[m] for m in range(4))
+            np.testing.assert_allclose(values[0, i, j], x[0, i, j] @ mixed, rtol=1e-4, atol=1e-5)
+    # and the mixture is not trivially uniform in this check
+    assert np.ptp(np.asarray(stem.mixture_weights())) > 0.05
+
+
+def test_stem_mixture_starts_uniform():
+    stem = AttentionStem(rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(stem.mixture_weights(), 0.25, rtol=1e-6)
+
+
+def test_stem_train_and_eval_modes_use_batch_statistics_differently(rng):
+    stem = AttentionStem(variant="stand_alone", rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+    train_out = stem(x)  # updates running statistics
+    stem.eval()
+    assert not np.allclose(train_out, stem(x), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "options,shape,match",
+    [
+        (dict(variant="conv"), None, "variant must be one of"),
+        (dict(num_heads=5), None, "divisible by num_heads=5"),
+        (dict(), (1, 18, 16, 3), "multiples of 4"),
+        (dict(), (1, 16, 16, 4), "in_features=3"),
+    ],
+)
+def test_stem_errors(options, shape, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionStem(rngs=nnx.Rngs(0), **options)(jnp.zeros(shape or (1, 16, 16, 3)))
