@@ -334,7 +334,7 @@ class AttentionStem(nnx.Module):
             self.mixture_logit_vectors = nnx.Param(jnp.zeros((num_mixtures, head_dim), param_dtype))
         else:
             self.value_mixture = self.emb_row = self.emb_col = self.mixture_logit_vectors = None
-        self.norm = nnx.BatchNorm(
+        self.bn = nnx.BatchNorm(
             out_features, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
@@ -385,6 +385,6 @@ class AttentionStem(nnx.Module):
             block_size=self.block_size,
         )
         y = y.reshape(*x.shape[:3], self.out_features)
-        y = nnx.relu(self.norm(y))
+        y = nnx.relu(self.bn(y))
         window = (self.pool_size, self.pool_size)
         return nnx.max_pool(y, window_shape=window, strides=window)

@@ -2,7 +2,8 @@
 
 Block (the standard bottleneck; the paper does not spell out BN/ReLU placement):
 
-    1×1 conv - BN - ReLU - spatial [- 2×2 avg pool /2] - BN - ReLU - 1×1 conv - BN(γ=0) (+ shortcut) - ReLU
+    1×1 conv - BN - ReLU - spatial [- 2×2 avg pool /2] - BN - ReLU
+      - 1×1 conv - BN(γ=0) (+ shortcut) - ReLU
 
 where "spatial" is a 3×3 convolution (stride 2 when the block downsamples) or a
 ``SelfAttention2D`` at the block's input resolution followed, when the block

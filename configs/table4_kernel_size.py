@@ -1,0 +1,24 @@
+r"""Paper Table 4: spatial extent k of the attention (ResNet-50, conv stem + attention).
+
+    python train.py --config configs/table4_kernel_size.py:kernel_size=9 --workdir DIR
+
+| k | 3 | 5 | 7 | 9 | 11 |
+| --- | --- | --- | --- | --- | --- |
+| top-1 | 76.4 | 77.2 | 77.4 | 77.7 | 77.6 |
+
+Parameters do not depend on k except for the small relative tables (k × d per layer).
+"""
+
+from sasa_flax import config_lib
+
+PAPER_ROWS = {
+    f"kernel_size={k}": dict(top1=top1)
+    for k, top1 in [(3, 76.4), (5, 77.2), (7, 77.4), (9, 77.7), (11, 77.6)]
+}
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, kernel_size=7, runlocal=False)
+    config = config_lib.imagenet_config(50, "conv_stem_attention", arg.runlocal)
+    config.model.kernel_size = arg.kernel_size
+    return config

@@ -1,0 +1,24 @@
+r"""Paper Table 7: the attention stem (ResNet-50, full attention).
+
+    python train.py --config configs/table7_stem.py:stem_variant=stand_alone --workdir DIR
+
+| stem_variant | stand_alone (Eq. 3) | conv_values (spatial conv for values) | spatially_aware |
+| --- | --- | --- | --- |
+| top-1 | 76.2 | 77.2 | 77.6 |
+
+See ``AttentionStem`` for each variant and the choices the paper leaves open.
+"""
+
+from sasa_flax import config_lib
+
+PAPER_ROWS = {
+    f"stem_variant={name}": dict(top1=top1)
+    for name, top1 in [("stand_alone", 76.2), ("conv_values", 77.2), ("spatially_aware", 77.6)]
+}
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, stem_variant="spatially_aware", runlocal=False)
+    config = config_lib.imagenet_config(50, "full_attention", arg.runlocal)
+    config.model.stem_variant = arg.stem_variant
+    return config

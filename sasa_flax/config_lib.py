@@ -1,0 +1,266 @@
+"""Shared config pieces, config validation, and the model built from a config.
+
+A config is a Python file with ``get_config(arg=None)`` returning an
+``ml_collections.ConfigDict``; ``arg`` is the string after the colon in
+``--config configs/imagenet.py:depth=50,variant=full_attention``. The field names
+of ``config.model`` are the public interface (they are also ``ResNet``'s
+arguments); ``validate_config`` checks every one of them before anything is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from sasa_flax.layers import POS_ENCODINGS, RELATIVE_TABLES, STEM_VARIANTS
+from sasa_flax.models import resnet
+from sasa_flax.ops import IMPLEMENTATIONS, PADDINGS
+
+# Table 1 variants: which stem and which spatial layer in each of the four groups.
+VARIANTS = {
+    "baseline": dict(stem="conv", spatial=("conv",) * 4),
+    "conv_stem_attention": dict(stem="conv", spatial=("attention",) * 4),
+    "full_attention": dict(stem="attention", spatial=("attention",) * 4),
+}
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that cannot work; the message names the field."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses ``"depth=50,variant=full_attention"`` against typed defaults.
+
+    Each value is converted to the type of its default (bool accepts
+    true/false/1/0/yes/no). A key without a default is an error listing the known ones.
+    """
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(
+                f"unknown config argument {key!r} in {arg!r}; known arguments: "
+                f"{', '.join(sorted(defaults))}."
+            )
+        if not sep:
+            raise ConfigError(f"config argument {item!r} needs a value: write {key}=VALUE.")
+        values[key] = _convert(key, raw.strip(), defaults[key])
+    return ml_collections.ConfigDict(values)
+
+
+def _convert(key: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config argument {key}={raw!r} must be true or false.")
+    try:
+        return type(default)(raw) if default is not None else raw
+    except ValueError:
+        raise ConfigError(
+            f"config argument {key}={raw!r} must be a {type(default).__name__}."
+        ) from None
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a config has, at ImageNet / paper defaults."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(
+        dict(
+            depth=50,
+            width=1.0,
+            stem="conv",
+            stem_variant="spatially_aware",
+            spatial=("conv",) * 4,
+            kernel_size=7,
+            num_heads=8,
+            pos_encoding="relative",
+            content=True,
+            padding="mask",
+            relative_tables="shared",
+            scale_queries=True,
+            attention_impl="patches",
+            num_classes=1000,
+            zero_init_last_bn=True,
+            bn_momentum=0.9,
+            bn_epsilon=1e-5,
+        )
+    )
+    config.input = ml_collections.ConfigDict(dict(dataset="imagenet2012", image_size=224))
+    return config
+
+
+def imagenet_config(
+    depth: int = 50, variant: str = "full_attention", runlocal: bool = False
+) -> ml_collections.ConfigDict:
+    """A Table 1 model on ImageNet at 224², with the paper's recipe where it is known.
+
+    ``runlocal`` shrinks the model (width 0.25) and the images (64²) so that it builds
+    and runs in seconds on a laptop; nothing else changes.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant must be one of {tuple(VARIANTS)}; got {variant!r}.")
+    config = base_config()
+    config.model.depth = depth
+    config.model.update(VARIANTS[variant])
+    # Paper A.2: batch-norm decay 0.9999 (long ImageNet runs; small runs want 0.9).
+    config.model.bn_momentum = 0.9999
+    if runlocal:
+        config.model.width = 0.25
+        config.input.image_size = 64
+    return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``"path/to/config.py:arg"`` as ``--config`` does, and validates it."""
+    return validate_config(
+        load_config_module(spec.partition(":")[0]).get_config(spec.partition(":")[2] or None)
+    )
+
+
+def load_config_module(path: str):
+    """Imports a config file by path (config files are not a package)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"sasa_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _field_error(field: str, value: Any, requirement: str) -> ConfigError:
+    return ConfigError(f"config.{field}={value!r}: {requirement}")
+
+
+def _one_of(config, field: str, choices) -> None:
+    section, name = field.split(".")
+    value = config[section][name]
+    if value not in choices:
+        raise _field_error(field, value, f"must be one of {tuple(choices)}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every model/input field; raises ConfigError naming the field and the fix.
+
+    Returns the config unchanged, so that ``build(validate_config(config))`` reads well.
+    """
+    known = base_config()
+    for section in ("model", "input"):
+        if section not in config:
+            raise ConfigError(f"config.{section} is missing; start from config_lib.base_config().")
+        unknown = set(config[section].keys()) - set(known[section].keys())
+        if unknown:
+            raise ConfigError(
+                f"config.{section} has unknown field(s) {sorted(unknown)}; known fields: "
+                f"{', '.join(sorted(known[section].keys()))}."
+            )
+    m = config.model
+    if m.depth not in resnet.BLOCKS_PER_GROUP:
+        raise _field_error(
+            "model.depth", m.depth, f"must be one of {tuple(resnet.BLOCKS_PER_GROUP)}."
+        )
+    if not isinstance(m.width, int | float) or isinstance(m.width, bool) or m.width <= 0:
+        raise _field_error("model.width", m.width, "must be a positive number (1.0 = the paper's).")
+    _one_of(config, "model.stem", resnet.STEMS)
+    _one_of(config, "model.stem_variant", STEM_VARIANTS)
+    spatial = m.spatial
+    if isinstance(spatial, str) or not hasattr(spatial, "__len__") or len(spatial) != 4:
+        raise _field_error(
+            "model.spatial",
+            spatial,
+            "must be a tuple of four, one per group, each 'conv' or 'attention', "
+            "e.g. ('conv', 'conv', 'attention', 'attention').",
+        )
+    for group, layer in enumerate(spatial, start=1):
+        if layer not in resnet.SPATIAL_LAYERS:
+            raise _field_error(
+                "model.spatial",
+                tuple(spatial),
+                f"group {group} is {layer!r}; use 'conv' or 'attention'.",
+            )
+    kernel = m.kernel_size
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise _field_error(
+            "model.kernel_size",
+            kernel,
+            "must be a positive odd integer (3, 5, 7, ...): the window is centred on the pixel.",
+        )
+    _one_of(config, "model.pos_encoding", POS_ENCODINGS)
+    _one_of(config, "model.padding", PADDINGS)
+    _one_of(config, "model.relative_tables", RELATIVE_TABLES)
+    _one_of(config, "model.attention_impl", IMPLEMENTATIONS)
+    for flag in ("content", "scale_queries", "zero_init_last_bn"):
+        if not isinstance(m[flag], bool):
+            raise _field_error(f"model.{flag}", m[flag], "must be True or False.")
+    if not m.content and m.pos_encoding == "none":
+        raise ConfigError(
+            "config.model.content=False with config.model.pos_encoding='none' leaves no "
+            "attention logit; use pos_encoding='relative' (the paper's Table 6 ablation)."
+        )
+    if not isinstance(m.num_heads, int) or m.num_heads < 1:
+        raise _field_error("model.num_heads", m.num_heads, "must be a positive integer.")
+    for spec in resnet.block_specs(m.depth, m.width, tuple(spatial)):
+        if spec.spatial != "attention" or spec.index:
+            continue
+        head_dim, remainder = divmod(spec.width, m.num_heads)
+        if remainder:
+            raise _field_error(
+                "model.num_heads",
+                m.num_heads,
+                f"must divide the {spec.width} channels of group {spec.group + 1} "
+                f"(config.model.width={m.width}); change num_heads or width.",
+            )
+        if m.pos_encoding != "none" and head_dim % 2:
+            raise _field_error(
+                "model.num_heads",
+                m.num_heads,
+                f"gives heads of odd width {head_dim} in group {spec.group + 1}; positional "
+                "encodings need an even head width (half rows, half columns).",
+            )
+    if m.stem == "attention":
+        stem_width = resnet.scaled(resnet.STEM_WIDTH, m.width)
+        heads = resnet.ATTENTION_STEM_HEADS
+        if stem_width % heads or (stem_width // heads) % 2:
+            raise _field_error(
+                "model.width",
+                m.width,
+                f"gives an attention stem of {stem_width} channels, which {heads} heads of "
+                "even width cannot split; use a width that is a multiple of 1/8.",
+            )
+    if not isinstance(m.num_classes, int) or m.num_classes < 1:
+        raise _field_error("model.num_classes", m.num_classes, "must be a positive integer.")
+    if not 0.0 <= m.bn_momentum < 1.0:
+        raise _field_error("model.bn_momentum", m.bn_momentum, "must be in [0, 1).")
+    size = config.input.image_size
+    if not isinstance(size, int) or size < 1:
+        raise _field_error("input.image_size", size, "must be a positive integer (pixels).")
+    if m.stem == "attention" and size % 4:
+        raise _field_error(
+            "input.image_size",
+            size,
+            "must be a multiple of 4 with the attention stem (4×4 blocks).",
+        )
+    return config
+
+
+def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.model as ``ResNet`` keyword arguments."""
+    kwargs = model_config.to_dict()
+    kwargs["spatial"] = tuple(kwargs["spatial"])
+    return kwargs
+
+
+def build_model(
+    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None
+) -> resnet.ResNet:
+    """Validates ``config`` and builds its ResNet (use ``nnx.eval_shape`` for an abstract one)."""
+    validate_config(config)
+    return resnet.ResNet(**model_kwargs(config.model), dtype=dtype, rngs=rngs)

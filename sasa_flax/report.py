@@ -1,0 +1,102 @@
+r"""Parameter and FLOP report of a config's model, checkable against the paper.
+
+    python -m sasa_flax.report --config configs/imagenet.py:depth=50,variant=full_attention
+    python -m sasa_flax.report --config configs/imagenet.py:depth=26 \
+        --config.model.kernel_size=9 --json
+    python -m sasa_flax.report --config configs/cifar10.py --layers
+    python -m sasa_flax.report --all        # every shipped ImageNet config beside the paper
+
+Counts are analytic (``sasa_flax.flops`` documents each formula), at the config's
+input size, a multiply-add counted as 2 FLOPs; nothing is built or compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sasa_flax import config_lib, flops
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
+_ALL = flags.DEFINE_bool("all", False, "Markdown table of every shipped ImageNet config.")
+_LAYERS = flags.DEFINE_bool("layers", False, "Also list every counted layer.")
+
+
+def summary(config) -> dict:
+    config_lib.validate_config(config)
+    params, total_flops = flops.count(config)
+    return {
+        "params": params,
+        "flops": total_flops,
+        "image_size": config.input.image_size,
+        "num_classes": config.model.num_classes,
+        "convention": "multiply-add = 2 FLOPs; BN, ReLU, softmax and pooling not counted",
+    }
+
+
+def shipped_imagenet_rows() -> list[tuple[str, dict, dict]]:
+    """(config spec, our summary, the paper's numbers) for every shipped ImageNet config."""
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        module = config_lib.load_config_module(str(path))
+        for arg, paper in getattr(module, "PAPER_ROWS", {}).items():
+            config = module.get_config(arg)
+            if config.input.dataset != "imagenet2012":
+                continue
+            rows.append((f"configs/{path.name}:{arg}", summary(config), paper))
+    return rows
+
+
+def markdown_table(rows) -> str:
+    def cell(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    lines = [
+        "| config | params (M) | paper | FLOPs (B) | paper | paper top-1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for spec, ours, paper in rows:
+        lines.append(
+            f"| `{spec}` | {ours['params'] / 1e6:.2f} | {cell(paper.get('mparams'), '.1f')} "
+            f"| {ours['flops'] / 1e9:.2f} | {cell(paper.get('gflops'), '.1f')} "
+            f"| {cell(paper.get('top1'), '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _ALL.value:
+        print(markdown_table(shipped_imagenet_rows()))
+        return
+    if _CONFIG.value is None:
+        raise app.UsageError("pass --config path/to/config.py[:arg], or --all.")
+    try:
+        result = summary(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
+    if _JSON.value:
+        print(json.dumps(result))
+        return
+    size = result["image_size"]
+    print(f"parameters: {result['params']:,} ({result['params'] / 1e6:.2f} M)")
+    print(
+        f"FLOPs:      {result['flops']:,} ({result['flops'] / 1e9:.2f} B) at {size}×{size}, "
+        f"{result['num_classes']} classes ({result['convention']})"
+    )
+    if _LAYERS.value:
+        print("\n| layer | params | MFLOPs |\n| --- | ---: | ---: |")
+        for layer in flops.layer_costs(_CONFIG.value):
+            print(f"| {layer.name} | {layer.params:,} | {layer.flops / 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,84 @@
+"""FLOP formulas against XLA's cost analysis, and the report command."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from sasa_flax import config_lib, flops
+from tests.shipped_configs import CONFIG_DIR
+
+
+@pytest.mark.parametrize(
+    "depth,width,size,stem", [(26, 1.0, 64, "conv"), (50, 1.0, 224, "conv"), (26, 0.5, 32, "cifar")]
+)
+def test_conv_flops_agree_with_xla_cost_analysis(depth, width, size, stem):
+    """XLA counts a multiply-add as 2 FLOPs and skips taps on zero padding; with the
+    same tap convention our conv+dense count must be XLA's minus only the elementwise
+    work we do not count (BN, ReLU, additions, pooling: a few percent)."""
+    config = config_lib.imagenet_config(depth, "baseline")
+    config.model.update(width=width, stem=stem)
+    config.input.image_size = size
+    model = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0)))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).compile()
+    xla = compiled.cost_analysis()["flops"]
+    ours = sum(c.flops for c in flops.layer_costs(config, in_image_taps_only=True))
+    assert 1.0 <= xla / ours < 1.04
+    # And the paper's convention (all taps) differs only by the border taps.
+    assert 1.0 < flops.count(config)[1] / ours < 1.12
+
+
+def test_attention_flops_formula_by_hand():
+    m = config_lib.base_config().model
+    cost = flops.attention("a", m, 64, 64, (56, 56))
+    per_pixel = 3 * 64 * 64 + 49 * 64 * 2 + 49 * 64  # projections, q·k + q·r, weighted sum
+    assert cost.flops == 2 * 56 * 56 * per_pixel
+    assert cost.params == 3 * 64 * 64 + 7 * 8
+
+
+def run_report(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "sasa_flax.report", *args],
+        capture_output=True,
+        text=True,
+        cwd=CONFIG_DIR.parent,
+        check=False,
+    )
+
+
+def test_report_json_with_an_override():
+    result = run_report(
+        "--config", "configs/imagenet.py:depth=26", "--config.model.kernel_size=9", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    config = config_lib.load_config("configs/imagenet.py:depth=26")
+    config.model.kernel_size = 9
+    assert (out["params"], out["flops"]) == flops.count(config)
+
+
+def test_report_all_reproduces_table1():
+    result = run_report("--all")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `configs/")]
+    assert len(rows) == 30
+    table1 = [r for r in rows if "imagenet.py" in r]
+    assert len(table1) == 9
+    for row in table1:
+        _, _, ours_p, paper_p, ours_f, paper_f, _, _ = (c.strip() for c in row.split("|"))
+        assert abs(float(ours_p) - float(paper_p)) <= 0.1
+        assert abs(float(ours_f) - float(paper_f)) <= 0.15
+
+
+def test_report_bad_config_is_one_clear_line():
+    result = run_report("--config", "configs/imagenet.py:depth=26", "--config.model.kernel_size=4")
+    assert result.returncode != 0
+    assert "config.model.kernel_size=4" in result.stderr
+    assert "Traceback" not in result.stderr
