@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
             padding="mask",
             relative_tables="shared",
             scale_queries=True,
-            attention_impl="patches",
+            attention_impl="auto",
             num_classes=1000,
             zero_init_last_bn=True,
             bn_momentum=0.9,

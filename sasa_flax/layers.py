@@ -125,7 +125,7 @@ class SelfAttention2D(nnx.Module):
         padding: str = "mask",
         scale_queries: bool = True,
         relative_tables: str = "shared",
-        impl: str = "patches",
+        impl: str = "auto",
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,

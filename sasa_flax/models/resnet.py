@@ -190,7 +190,7 @@ class ResNet(nnx.Module):
         padding: str = "mask",
         relative_tables: str = "shared",
         scale_queries: bool = True,
-        attention_impl: str = "patches",
+        attention_impl: str = "auto",
         num_classes: int = 1000,
         zero_init_last_bn: bool = True,
         bn_momentum: float = 0.9,

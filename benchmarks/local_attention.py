@@ -1,0 +1,145 @@
+r"""One SASA layer against the 3×3 convolution it replaces, side by side in one run.
+
+    python benchmarks/local_attention.py     # ResNet-50 stage shapes, k = 3, 7, 11
+    python benchmarks/local_attention.py --shapes 56x64 --kernel-sizes 7 --impls shifted,patches
+
+For each stage shape (H×W×C, batch 8 by default, 8 heads) and window k, it times
+forward and forward+backward (median of --repeats runs after a warm-up, with
+``block_until_ready``) of the whole layer: Q/K/V projections + local attention,
+differentiated w.r.t. the input and every weight; the convolution is
+``lax.conv_general_dilated`` with a C×C 3×3 kernel, differentiated the same way.
+It reports compiled temporary memory (``memory_analysis().temp_size_in_bytes``) and
+achieved GFLOP/s (analytic FLOPs of ``sasa_flax.flops``, paper convention, ×3 for
+forward+backward), and prints a markdown table with ratios to the convolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sasa_flax import flops, local_attention
+
+
+def attention_layer(impl: str, kernel_size: int, heads: int):
+    def layer(x, w_qkv, rel_row, rel_col):
+        b, h, w, c = x.shape
+        qkv = (x.reshape(-1, c) @ w_qkv).reshape(b, h, w, 3, heads, c // heads)
+        q = qkv[..., 0, :, :] * (c // heads) ** -0.5
+        y = local_attention(
+            q, qkv[..., 1, :, :], qkv[..., 2, :, :], rel_row, rel_col,
+            kernel_size=kernel_size, impl=impl,
+        )  # fmt: skip
+        return y.reshape(b, h, w, c)
+
+    return layer
+
+
+def conv_layer(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def forward_and_backward(layer):
+    def loss(*args):
+        return jnp.sum(layer(*args) ** 2)
+
+    return jax.grad(loss, argnums=tuple(range(layer.__code__.co_argcount)))
+
+
+def measure(fn, args, repeats: int) -> tuple[float, int]:
+    """(median seconds, compiled temporary bytes)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), temp
+
+
+def layer_flops(size: int, channels: int, kernel_size: int, heads: int) -> tuple[int, int]:
+    """(attention FLOPs, 3×3 conv FLOPs) per image, paper convention."""
+    m = ml_collections.ConfigDict(
+        dict(
+            kernel_size=kernel_size, num_heads=heads, content=True,
+            pos_encoding="relative", relative_tables="shared",
+        )
+    )  # fmt: skip
+    attention = flops.attention("a", m, channels, channels, (size, size)).flops
+    conv = flops.conv("c", 3, channels, channels, size, pad=1).flops
+    return attention, conv
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="56x64,28x128,14x256,7x512", help="SIZExCHANNELS,...")
+    parser.add_argument("--kernel-sizes", default="3,7,11")
+    parser.add_argument("--impls", default="shifted,patches")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    impls = args.impls.split(",")
+
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"jax {jax.__version__}; dtype {dtype.name}; batch {args.batch}; {args.heads} heads"
+    )
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"malloc settings: {malloc or 'none'}\n")
+    print(
+        "| shape | k | impl | fwd ms | fwd+bwd ms | fwd+bwd ÷ conv | temp MB (fwd+bwd) "
+        "| GFLOP/s (fwd+bwd) |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    key = jax.random.key(0)
+    for shape in args.shapes.split(","):
+        size, channels = map(int, shape.split("x"))
+        x = jax.random.normal(key, (args.batch, size, size, channels), dtype)
+        conv_kernel = jax.random.normal(key, (3, 3, channels, channels), dtype) * 0.05
+        conv_fwd, _ = measure(conv_layer, (x, conv_kernel), args.repeats)
+        conv_both, conv_temp = measure(
+            forward_and_backward(conv_layer), (x, conv_kernel), args.repeats
+        )
+        _, conv_flops = layer_flops(size, channels, 3, args.heads)
+        conv_gflops = 3 * conv_flops * args.batch / conv_both / 1e9
+        print(
+            f"| {size}²×{channels} | 3 | conv 3×3 | {conv_fwd * 1e3:.1f} | {conv_both * 1e3:.1f} "
+            f"| 1.00 | {conv_temp / 2**20:.0f} | {conv_gflops:.0f} |"
+        )
+        for kernel_size in map(int, args.kernel_sizes.split(",")):
+            head_dim = channels // args.heads
+            w_qkv = jax.random.normal(key, (channels, 3 * channels), dtype) * channels**-0.5
+            rel = jax.random.normal(key, (kernel_size, head_dim // 2), dtype) * 0.1
+            layer_args = (x, w_qkv, rel, rel)
+            attention_flops, _ = layer_flops(size, channels, kernel_size, args.heads)
+            for impl in impls:
+                layer = attention_layer(impl, kernel_size, args.heads)
+                fwd, _ = measure(layer, layer_args, args.repeats)
+                both, temp = measure(forward_and_backward(layer), layer_args, args.repeats)
+                gflops = 3 * attention_flops * args.batch / both / 1e9
+                print(
+                    f"| {size}²×{channels} | {kernel_size} | {impl} | {fwd * 1e3:.1f} "
+                    f"| {both * 1e3:.1f} | {both / conv_both:.2f} | {temp / 2**20:.0f} "
+                    f"| {gflops:.0f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

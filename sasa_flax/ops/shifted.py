@@ -1,0 +1,175 @@
+"""Local attention as k² static shifts, with a hand-written backward pass.
+
+Never materialises a k×k neighbourhood of K or V. For each of the k² offsets
+o = (dy, dx) the keys and values are read as a static slice of the zero-padded
+image, and the logit is one reduction over the head width,
+
+    logit_o = q · (k[i+dy, j+dx] + r_o),   r_o = concat(rel_row[dy], rel_col[dx]),
+
+so the relative term costs nothing extra (it is folded into each key read). The
+only per-pixel tensor with a k² axis is the attention matrix, (B, H, W, N, k²):
+memory grows with k² × heads, never with k² × channels.
+
+Why a custom VJP: autodiff through k² static slices turns every slice's
+cotangent into a pad of the full image and sums k² of them (measured 20-95× a
+3×3 convolution). The backward here is written in "gather form": dK and dV are
+k²-term sums of shifted slices of the zero-padded (dlogits·q) and (att·dy), each
+output pixel gathering from the queries that saw it.
+
+Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sasa_flax.ops.patches import accumulation_dtype, in_image_mask
+
+
+def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
+    rel = None if rel_row is None else (rel_row, rel_col)
+    return _attention(q, k, v, rel, kernel_size, padding)
+
+
+def _offsets(kernel_size: int) -> list[tuple[int, int]]:
+    """(dy, dx) + r for every offset, row-major: index o = dy * k + dx."""
+    return [(dy, dx) for dy in range(kernel_size) for dx in range(kernel_size)]
+
+
+def _pad(x: jax.Array, r: int) -> jax.Array:
+    """Zero-pads the two spatial axes of (B, H, W, ...) by r on each side."""
+    return jnp.pad(x, [(0, 0), (r, r), (r, r)] + [(0, 0)] * (x.ndim - 3))
+
+
+def _window(padded: jax.Array, dy: int, dx: int, height: int, width: int) -> jax.Array:
+    return padded[:, dy : dy + height, dx : dx + width]
+
+
+def _offset_vectors(rel, kernel_size: int, dtype) -> jax.Array:
+    """r_o for every offset: (k², d) = concat(rel_row[dy], rel_col[dx])."""
+    rel_row, rel_col = (t.astype(dtype) for t in rel)
+    rows = jnp.repeat(rel_row, kernel_size, axis=0)  # o -> dy
+    cols = jnp.tile(rel_col, (kernel_size, 1))  # o -> dx
+    return jnp.concatenate([rows, cols], axis=-1)
+
+
+def _logits(q, k, rel, kernel_size, padding):
+    """(B, H, W, N, k²) logits in q's dtype (already the accumulation dtype)."""
+    _, height, width, _, _ = q.shape
+    r = kernel_size // 2
+    if k is None:  # position only: one small matmul against the k² offset vectors
+        logits = jnp.einsum("bhwnd,od->bhwno", q, _offset_vectors(rel, kernel_size, q.dtype))
+    else:
+        k_pad = _pad(k, r)
+        offsets = None if rel is None else _offset_vectors(rel, kernel_size, q.dtype)
+        columns = []
+        for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+            key = _window(k_pad, dy, dx, height, width)
+            if offsets is not None:
+                key = key + offsets[o]
+            columns.append(jnp.sum(q * key, axis=-1))
+        logits = jnp.stack(columns, axis=-1)
+    if padding == "mask":
+        inside = in_image_mask(height, width, kernel_size)[None, :, :, None, :]
+        logits = jnp.where(inside, logits, jnp.finfo(logits.dtype).min)
+    return logits
+
+
+def _weighted_sum(att, v, kernel_size):
+    """Σ_o att_o · v[i+dy, j+dx]: (B, H, W, N, dv)."""
+    _, height, width, _, _ = v.shape
+    v_pad = _pad(v, kernel_size // 2)
+    terms = (
+        att[..., o, None] * _window(v_pad, dy, dx, height, width)
+        for o, (dy, dx) in enumerate(_offsets(kernel_size))
+    )
+    return functools.reduce(jnp.add, terms)
+
+
+def _scatter_back(per_query, values, kernel_size):
+    """Σ_o per_query_o[i-dy, j-dx] · values[i-dy, j-dx]: each pixel gathers what the
+    queries that saw it through offset o send back. per_query: (B, H, W, N, k²)."""
+    _, height, width, _, _ = values.shape
+    r = kernel_size // 2
+    p_pad, x_pad = _pad(per_query, r), _pad(values, r)
+    terms = []
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        sy, sx = 2 * r - dy, 2 * r - dx  # the query at (i - (dy - r), j - (dx - r))
+        terms.append(
+            _window(p_pad, sy, sx, height, width)[..., o, None]
+            * _window(x_pad, sy, sx, height, width)
+        )
+    return functools.reduce(jnp.add, terms)
+
+
+def _forward(q, k, v, rel, kernel_size, padding):
+    """Output (in v's dtype) and the attention weights (accumulation dtype)."""
+    acc = accumulation_dtype(q, v)
+    k_acc = None if k is None else k.astype(acc)
+    att = jax.nn.softmax(_logits(q.astype(acc), k_acc, rel, kernel_size, padding), axis=-1)
+    y = _weighted_sum(att, v.astype(acc), kernel_size).astype(v.dtype)
+    return y, att
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, rel, kernel_size, padding):
+    return _forward(q, k, v, rel, kernel_size, padding)[0]
+
+
+def _attention_fwd(q, k, v, rel, kernel_size, padding):
+    y, att = _forward(q, k, v, rel, kernel_size, padding)
+    # Inputs are saved in their own dtype (bfloat16 stays small); the backward casts.
+    return y, (q, k, v, rel, att)
+
+
+def _attention_bwd(kernel_size, padding, saved, dy):
+    q_in, k_in, v_in, rel, att = saved
+    acc = att.dtype
+    q, v = q_in.astype(acc), v_in.astype(acc)
+    k = None if k_in is None else k_in.astype(acc)
+    _, height, width, _, d = q.shape
+    r = kernel_size // 2
+    dy = dy.astype(acc)
+    offsets = _offsets(kernel_size)
+
+    # d(att_o) = dy · v_o, then the softmax backward.
+    v_pad = _pad(v, r)
+    d_att = jnp.stack(
+        [jnp.sum(dy * _window(v_pad, oy, ox, height, width), axis=-1) for oy, ox in offsets],
+        axis=-1,
+    )
+    d_logits = att * (d_att - jnp.sum(att * d_att, axis=-1, keepdims=True))
+
+    # dq = Σ_o dlogits_o (k_o + r_o); excluded neighbours have att = 0, so dlogits = 0.
+    dq = jnp.zeros_like(q)
+    if rel is not None:
+        dq += jnp.einsum("bhwno,od->bhwnd", d_logits, _offset_vectors(rel, kernel_size, acc))
+    if k is not None:
+        k_pad = _pad(k, r)
+        dq += functools.reduce(
+            jnp.add,
+            (
+                d_logits[..., o, None] * _window(k_pad, oy, ox, height, width)
+                for o, (oy, ox) in enumerate(offsets)
+            ),
+        )
+    dk = None if k is None else _scatter_back(d_logits, q, kernel_size).astype(k_in.dtype)
+    dv = _scatter_back(att, dy, kernel_size).astype(v_in.dtype)
+
+    d_rel = None
+    if rel is not None:
+        rel_row, rel_col = rel
+        per_offset = jnp.einsum("bhwno,bhwnd->od", d_logits, q)  # (k², d)
+        per_offset = per_offset.reshape(kernel_size, kernel_size, d)
+        d_rel = (
+            per_offset[..., : d // 2].sum(axis=1).astype(rel_row.dtype),  # over dx
+            per_offset[..., d // 2 :].sum(axis=0).astype(rel_col.dtype),  # over dy
+        )
+    return dq.astype(q_in.dtype), dk, dv, d_rel
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
