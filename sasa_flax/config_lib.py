@@ -93,7 +93,45 @@ def base_config() -> ml_collections.ConfigDict:
             bn_epsilon=1e-5,
         )
     )
-    config.input = ml_collections.ConfigDict(dict(dataset="imagenet2012", image_size=224))
+    config.input = ml_collections.ConfigDict(
+        dict(
+            # "digits" (offline), "folder" (class subfolders under data_dir), or any TFDS
+            # image-classification name: imagenet2012, cifar10, cifar100, imagenette, ...
+            dataset="imagenet2012",
+            data_dir="",  # TFDS data_dir (may be gs://...), or the folder for "folder"
+            manual_dir="",  # ImageNet's manual-download directory, to build it once
+            image_size=224,
+            batch_size=4096,  # global, over all devices and processes
+            eval_batch_size=1024,
+            # "inception": random-area crop + resize (ImageNet); "pad": pad 4 + random crop
+            augment="inception",
+            random_flip=True,
+            # Evaluate on the held-out 4% of the training split (the paper's tuning split,
+            # Tables 3 and 5) and train on the other 96%.
+            tuning_split=False,
+            shuffle_buffer=16384,
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_epochs=130.0,
+            num_steps=0,  # if > 0, overrides num_epochs
+            warmup_epochs=10.0,
+            # Nesterov SGD, lr = base_learning_rate × global batch / 256 (paper A.2: 1.6 at 4096)
+            base_learning_rate=0.1,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=1e-4,  # on convolution / projection kernels only
+            label_smoothing=0.0,
+            ema_decay=0.9999,  # parameter EMA used for evaluation; 0 disables it
+            compute_dtype="auto",  # bfloat16 on TPU/GPU, float32 on CPU
+            seed=0,
+            log_every_steps=100,
+            eval_every_steps=0,  # 0: evaluate at the end only
+            checkpoint_every_steps=1000,
+            keep_checkpoints=3,
+        )
+    )
     return config
 
 
@@ -153,7 +191,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     Returns the config unchanged, so that ``build(validate_config(config))`` reads well.
     """
     known = base_config()
-    for section in ("model", "input"):
+    for section in ("model", "input", "train"):
         if section not in config:
             raise ConfigError(f"config.{section} is missing; start from config_lib.base_config().")
         unknown = set(config[section].keys()) - set(known[section].keys())
@@ -248,7 +286,45 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             size,
             "must be a multiple of 4 with the attention stem (4×4 blocks).",
         )
+    _validate_input_and_train(config)
     return config
+
+
+def _positive(config, field: str, kind=(int, float), allow_zero: bool = False) -> None:
+    section, name = field.split(".")
+    value = config[section][name]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise _field_error(field, value, f"must be a {bound} number.")
+
+
+def _validate_input_and_train(config) -> None:
+    i, t = config.input, config.train
+    if not isinstance(i.dataset, str) or not i.dataset:
+        raise _field_error("input.dataset", i.dataset, "must name a dataset, e.g. 'imagenet2012'.")
+    if i.dataset == "folder" and not i.data_dir:
+        raise ConfigError(
+            "config.input.dataset='folder' needs config.input.data_dir: a directory with one "
+            "subfolder of images per class."
+        )
+    _one_of(config, "input.augment", ("inception", "pad"))
+    for field in ("input.batch_size", "input.eval_batch_size", "input.shuffle_buffer"):
+        _positive(config, field, kind=int)
+    for field in ("train.momentum", "train.weight_decay", "train.label_smoothing",
+                  "train.ema_decay", "train.warmup_epochs", "train.num_steps",
+                  "train.eval_every_steps"):  # fmt: skip
+        _positive(config, field, allow_zero=True)
+    for field in ("train.base_learning_rate", "train.log_every_steps",
+                  "train.checkpoint_every_steps", "train.keep_checkpoints"):  # fmt: skip
+        _positive(config, field)
+    if t.num_steps == 0:
+        _positive(config, "train.num_epochs")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise _field_error("train.ema_decay", t.ema_decay, "must be in [0, 1); 0 disables the EMA.")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise _field_error("train.label_smoothing", t.label_smoothing, "must be in [0, 1).")
+    _one_of(config, "train.compute_dtype", ("auto", "float32", "bfloat16"))
 
 
 def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:

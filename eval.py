@@ -1,0 +1,32 @@
+r"""Evaluate a checkpoint: `python eval.py --config configs/digits.py --workdir /tmp/sasa-digits`.
+
+Restores the latest checkpoint (or --step N) of --workdir into the model the config
+describes, evaluates every example of the eval split once (EMA weights when the run kept
+them), prints top-1 / top-5 / loss and writes them to the workdir (JSON + TensorBoard).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sasa_flax import distributed, train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "See train.py.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.maybe_initialize(_DISTRIBUTED.value)
+    r = train_lib.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
+    print(
+        f"step {r['step']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}"
+        f"  ({r['num_examples']} examples)"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,92 @@
+"""Everything orbax, in one place.
+
+A checkpoint of step N lives in ``workdir/checkpoints/N`` and holds three items:
+  ``model``: parameters, batch statistics and the parameter EMA (all eval needs);
+  ``train``: optimizer state and step (only training needs them);
+  ``meta``: JSON: where the data iterator stands and what it was trained with.
+Orbax writes each step into a temporary directory and renames it when complete, so a
+half-written checkpoint is never listed, and ``CheckpointManager`` saves
+asynchronously: training continues while the arrays are written.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was asked for; the message says what exists."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return str(pathlib.Path(workdir) / CHECKPOINT_DIR) if "://" not in workdir else (
+        f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
+    )  # fmt: skip
+
+
+def manager(
+    workdir: str, *, every_steps: int = 1, keep: int | None = None, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A CheckpointManager for workdir (local path or gs://)."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps,
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    *,
+    model: Any,
+    train: Any,
+    meta: dict,
+    force: bool = False,
+) -> bool:
+    """Starts an asynchronous save of step (if due, or ``force``); True if one started."""
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=force,
+    )
+
+
+def restore(
+    mngr: ocp.CheckpointManager, step: int, *, model: Any, train: Any | None = None
+) -> dict[str, Any]:
+    """Restores ``model`` (and ``train`` unless None) into the given abstract trees
+    (``jax.ShapeDtypeStruct`` with shardings), plus ``meta``."""
+    items = dict(model=ocp.args.StandardRestore(model), meta=ocp.args.JsonRestore())
+    if train is not None:
+        items["train"] = ocp.args.StandardRestore(train)
+    return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+
+
+def step_to_restore(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+    """The requested step, or the latest; a CheckpointError naming what exists otherwise."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+            f"`python train.py --config ... --workdir {workdir}`, or pass the workdir of a run."
+        )
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint of step {step} in {checkpoint_dir(workdir)}; available steps: {steps}."
+        )
+    return step

@@ -1,0 +1,487 @@
+"""Data-parallel training and evaluation over every device of a mesh.
+
+Stages of ``train_and_evaluate`` (one process per host; every host runs the same program):
+  1. Validate the config and the batch against the devices; open the dataset.
+  2. Mesh over all devices (one ``data`` axis). Batch sharded on it, state replicated.
+  3. Abstract init (``jax.eval_shape``), then the state born replicated on the mesh, or
+     restored from the newest checkpoint of the workdir.
+  4. Loop: global batches from per-process data, jitted train step (state donated),
+     metrics, periodic evaluation, asynchronous checkpoints.
+  5. Final checkpoint and evaluation, printed and written to the workdir.
+
+BatchNorm statistics are over the global batch: under ``jax.jit`` with the batch sharded,
+the mean over the batch axis is a global reduction. No pmap, no pjit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sasa_flax import checkpointing, config_lib, input_pipeline
+
+DECAYED_PARAMETERS = ("kernel", "value_mixture")  # convolution / projection kernels
+
+# Progress and results go to stdout on their own logger, whatever absl's verbosity
+# (orbax logs every file it writes at INFO).
+log = logging.getLogger("sasa_flax")
+if not log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class TrainError(ValueError):
+    """The run cannot start as configured; the message says why and what to change."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: Any
+    ema_params: dict | None
+
+    def model_item(self) -> dict:
+        """What evaluation needs, as checkpointed under ``model``."""
+        return dict(params=self.params, batch_stats=self.batch_stats, ema_params=self.ema_params)
+
+    def train_item(self) -> dict:
+        return dict(step=self.step, opt_state=self.opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run, derived from the config and the devices."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    dataset: input_pipeline.Dataset
+    train_graphdef: Any
+    eval_graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def data_sharded(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+
+# --- stage 1-3: set-up --------------------------------------------------------------
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32
+    return jnp.dtype(name)
+
+
+def check_batch_sizes(config, num_devices: int, process_count: int) -> None:
+    for field in ("batch_size", "eval_batch_size"):
+        value = config.input[field]
+        if value % num_devices or value % process_count:
+            raise TrainError(
+                f"config.input.{field}={value} is not divisible by the {num_devices} devices "
+                f"({process_count} processes); use a multiple of {num_devices}, e.g. "
+                f"{max(num_devices, value // num_devices * num_devices)}."
+            )
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to 0; peak = base × global batch / 256."""
+    peak = config.train.base_learning_rate * config.input.batch_size / 256
+    warmup = min(int(round(config.train.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), total_steps, 0.0)
+
+
+def decay_mask(params: dict) -> dict:
+    """True for the parameters weight decay applies to: kernels, not BN, biases or tables."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED_PARAMETERS, params
+    )
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+    t = config.train
+    return optax.chain(
+        optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=t.momentum or None, nesterov=t.nesterov),
+    )
+
+
+def make_setup(config, *, devices=None, process_index=None, process_count=None) -> Setup:
+    config_lib.validate_config(config)
+    devices = list(devices or jax.devices())
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    check_batch_sizes(config, len(devices), process_count)
+    dataset = input_pipeline.load(
+        config.input, process_index=process_index, process_count=process_count
+    )
+    if dataset.num_classes != config.model.num_classes:
+        raise TrainError(
+            f"config.model.num_classes={config.model.num_classes} but {config.input.dataset} has "
+            f"{dataset.num_classes} classes; set --config.model.num_classes={dataset.num_classes}."
+        )
+    steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.input.batch_size)
+    total_steps = config.train.num_steps or int(
+        math.ceil(config.train.num_epochs * steps_per_epoch)
+    )
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    dtype = compute_dtype(config.train.compute_dtype)
+    abstract = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=dtype))
+    abstract.train()
+    train_graphdef = nnx.graphdef(abstract)
+    abstract.eval()
+    eval_graphdef = nnx.graphdef(abstract)
+    return Setup(
+        config=config,
+        # Auto axes: XLA propagates the batch sharding (BatchNorm means and the rel-table
+        # gradients become global reductions); jax.make_mesh defaults to Explicit.
+        mesh=jax.make_mesh(
+            (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+        ),
+        dataset=dataset,
+        train_graphdef=train_graphdef,
+        eval_graphdef=eval_graphdef,
+        tx=make_optimizer(config, schedule),
+        schedule=schedule,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def _init_state(setup: Setup) -> TrainState:
+    config = setup.config
+    model = config_lib.build_model(
+        config, rngs=nnx.Rngs(config.train.seed), dtype=compute_dtype(config.train.compute_dtype)
+    )
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=setup.tx.init(params),
+        ema_params=params if config.train.ema_decay > 0 else None,
+    )
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
+    shapes = jax.eval_shape(functools.partial(_init_state, setup))
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.replicated), shapes
+    )
+
+
+def init_state(setup: Setup) -> TrainState:
+    """The initial state, born replicated on the mesh (no host copy of the parameters)."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state(setup))
+    return jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)()
+
+
+# --- stage 4: steps -----------------------------------------------------------------
+
+
+def _cross_entropy(logits, labels, num_classes, smoothing):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    t = setup.config.train
+    num_classes = setup.config.model.num_classes
+
+    def loss_fn(params):
+        model = nnx.merge(setup.train_graphdef, params, state.batch_stats, copy=True)
+        logits = model(batch["image"])
+        loss = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing).mean()
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        ema = optax.incremental_update(params, ema, 1.0 - t.ema_decay)
+    metrics = dict(
+        loss=loss,
+        top1=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        learning_rate=setup.schedule(state.step),
+        grad_norm=optax.global_norm(grads),
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema,
+    )
+    return new_state, metrics
+
+
+def eval_step(setup: Setup, params: dict, batch_stats: dict, batch: dict) -> dict:
+    """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
+    model = nnx.merge(setup.eval_graphdef, params, batch_stats)
+    logits = model(batch["image"])
+    mask = batch["mask"]
+    num_classes = setup.config.model.num_classes
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    return dict(
+        loss=jnp.sum(_cross_entropy(logits, batch["label"], num_classes, 0.0) * mask),
+        top1=jnp.sum((top5[:, 0] == batch["label"]) * mask),
+        top5=jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
+        count=jnp.sum(mask),
+    )
+
+
+def global_batch(setup: Setup, local: dict) -> dict:
+    """Per-process NumPy arrays -> global arrays sharded over the data axis."""
+    return {
+        key: jax.make_array_from_process_local_data(setup.data_sharded, value)
+        for key, value in local.items()
+    }
+
+
+def compile_steps(setup: Setup):
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state(setup))
+    train = jax.jit(
+        functools.partial(train_step, setup),
+        in_shardings=(state_shardings, setup.data_sharded),
+        out_shardings=(state_shardings, setup.replicated),
+        donate_argnums=(0,),
+    )
+    evaluate_fn = jax.jit(
+        functools.partial(eval_step, setup),
+        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
+        out_shardings=setup.replicated,
+    )
+    return train, evaluate_fn
+
+
+def evaluate(setup: Setup, eval_fn, params: dict, batch_stats: dict) -> dict:
+    """Top-1, top-5 (%) and loss over every example of the eval split, exactly once."""
+    totals = None
+    batches = input_pipeline.eval_batches(
+        setup.dataset, setup.config.input, process_count=jax.process_count()
+    )
+    for local in batches:
+        sums = eval_fn(params, batch_stats, global_batch(setup, local))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return dict(
+        top1=100.0 * float(totals["top1"]) / count,
+        top5=100.0 * float(totals["top5"]) / count,
+        loss=float(totals["loss"]) / count,
+        num_examples=int(count),
+    )
+
+
+def eval_weights(state_or_item) -> tuple[dict, dict]:
+    """(params to evaluate, batch stats): the EMA when the run keeps one."""
+    item = state_or_item if isinstance(state_or_item, dict) else state_or_item.model_item()
+    params = item["ema_params"] if item.get("ema_params") is not None else item["params"]
+    return params, item["batch_stats"]
+
+
+# --- the loop -----------------------------------------------------------------------
+
+
+def _writer(workdir: str):
+    if jax.process_index() == 0:
+        return metric_writers.create_default_writer(workdir, asynchronous=False)
+    return metric_writers.MultiWriter([])  # only process 0 writes logs
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _meta(setup: Setup, step: int) -> dict:
+    return dict(
+        step=step,
+        epoch=step / setup.steps_per_epoch,
+        examples_seen=step * setup.config.input.batch_size,
+        global_batch_size=setup.config.input.batch_size,
+        dataset=setup.config.input.dataset,
+        seed=setup.config.train.seed,
+    )
+
+
+def write_eval_results(workdir: str, step: int, results: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    path = f"{workdir.rstrip('/')}/eval_results_step_{step}.json"
+    with open(path, "w") as f:  # noqa: PTH123 - also fine for local workdirs only
+        json.dump(dict(step=step, **results), f, indent=2)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices=None,
+    stop_after_step: int | None = None,
+) -> dict:
+    """Trains (resuming from workdir's latest checkpoint), evaluates, returns the final
+    eval metrics (or, with ``stop_after_step``, stops there after a checkpoint)."""
+    # 1-2. Config, devices, data, mesh.
+    setup = make_setup(config, devices=devices)
+    train_fn, eval_fn = compile_steps(setup)
+    t = config.train
+    mngr = checkpointing.manager(
+        workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
+    )
+
+    # 3. State: restored or born sharded.
+    start_step = mngr.latest_step() or 0
+    if start_step:
+        abstract = abstract_state(setup)
+        restored = checkpointing.restore(
+            mngr, start_step, model=abstract.model_item(), train=abstract.train_item()
+        )
+        if restored["meta"]["global_batch_size"] != config.input.batch_size:
+            raise TrainError(
+                f"{workdir} was trained with config.input.batch_size="
+                f"{restored['meta']['global_batch_size']}; resuming with "
+                f"{config.input.batch_size} would change the data order. Use the original "
+                "batch size or a new workdir."
+            )
+        state = TrainState(**restored["model"], **restored["train"])
+        log.info("resumed from step %d of %s", start_step, workdir)
+    else:
+        state = init_state(setup)
+    writer = _writer(workdir)
+    if start_step == 0 and jax.process_index() == 0:
+        writer.write_hparams(
+            {
+                k: str(v)
+                for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+            }
+        )
+
+    # 4. Loop.
+    batches = input_pipeline.train_batches(
+        setup.dataset,
+        config.input,
+        seed=t.seed,
+        start_step=start_step,
+        process_count=jax.process_count(),
+    )
+    end_step = (
+        setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
+    )
+    history, timer_start, timer_step = [], None, start_step
+    train_log = []  # (step, mean loss since the previous log line)
+    num_devices = setup.mesh.size
+    for step in range(start_step, end_step):
+        state, metrics = train_fn(state, global_batch(setup, next(batches)))
+        history.append(metrics)
+        done = step + 1
+        if timer_start is None:  # exclude compilation from the throughput
+            jax.block_until_ready(metrics)
+            timer_start, timer_step = time.perf_counter(), done
+        if done % t.log_every_steps == 0 or done == end_step:
+            summary = {
+                k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]
+            }
+            history = []
+            train_log.append((done, summary["loss"]))
+            elapsed = time.perf_counter() - timer_start
+            if done > timer_step and elapsed > 0:
+                images_per_sec = (done - timer_step) * config.input.batch_size / elapsed
+                summary["images_per_sec"] = images_per_sec
+                summary["images_per_sec_per_device"] = images_per_sec / num_devices
+                eta = (setup.total_steps - done) * elapsed / (done - timer_step)
+            else:
+                eta = float("nan")
+            writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+            if jax.process_index() == 0:
+                log.info(
+                    "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s img/s "
+                    "| ETA %s",
+                    done, setup.total_steps, done / setup.steps_per_epoch,
+                    setup.total_steps / setup.steps_per_epoch, summary["loss"],
+                    100 * summary["top1"], summary["learning_rate"],
+                    f"{summary.get('images_per_sec', float('nan')):.0f}",
+                    "?" if math.isnan(eta) else _format_duration(eta),
+                )  # fmt: skip
+        if t.eval_every_steps and done % t.eval_every_steps == 0 and done != setup.total_steps:
+            results = evaluate(setup, eval_fn, *eval_weights(state))
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
+        checkpointing.save(
+            mngr, done, model=state.model_item(), train=state.train_item(), meta=_meta(setup, done),
+            force=done == end_step,
+        )  # fmt: skip
+
+    # 5. Final evaluation (the latest checkpoint is written by now or in flight).
+    final_step = int(jax.device_get(state.step))
+    if final_step > start_step and mngr.latest_step() != final_step:
+        checkpointing.save(
+            mngr, final_step, model=state.model_item(), train=state.train_item(),
+            meta=_meta(setup, final_step), force=True,
+        )  # fmt: skip
+    mngr.wait_until_finished()
+    if stop_after_step is not None and final_step < setup.total_steps:
+        writer.flush()
+        return dict(step=final_step, train_log=train_log)
+    results = evaluate(setup, eval_fn, *eval_weights(state))
+    writer.write_scalars(final_step, {f"eval/{k}": v for k, v in results.items()})
+    writer.flush()
+    write_eval_results(workdir, final_step, results)
+    if jax.process_index() == 0:
+        log.info(
+            "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
+            final_step, results["top1"], results["top5"], results["loss"], results["num_examples"],
+        )  # fmt: skip
+    return dict(step=final_step, train_log=train_log, **results)
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None, devices=None
+) -> dict:
+    """Restores a checkpoint's model item (no optimizer state) and evaluates it."""
+    setup = make_setup(config, devices=devices)
+    mngr = checkpointing.manager(workdir, read_only=True)
+    step = checkpointing.step_to_restore(mngr, workdir, step)
+    restored = checkpointing.restore(mngr, step, model=abstract_state(setup).model_item())
+    _, eval_fn = compile_steps(setup)
+    results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
+    write_eval_results(workdir, step, results)
+    if jax.process_index() == 0:
+        writer = metric_writers.create_default_writer(
+            f"{workdir.rstrip('/')}/eval", asynchronous=False
+        )
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        writer.flush()
+    return dict(step=step, **results)

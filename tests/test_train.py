@@ -1,0 +1,133 @@
+"""Training and evaluation end to end on 8 fake CPU devices, with real (digits) data."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from sasa_flax import checkpointing, config_lib, train_lib
+
+
+def tiny_config(**train):
+    """SASA ResNet-26 (attention in group 4) at width 1/8 on 16² digits: cheap to compile."""
+    config = config_lib.load_config("configs/digits.py")
+    config.model.update(width=0.125, num_heads=2, spatial=("conv", "conv", "conv", "attention"))
+    config.input.update(image_size=16, batch_size=32, eval_batch_size=40)
+    config.train.update(
+        num_steps=6,
+        warmup_epochs=0.0,
+        base_learning_rate=0.4,  # lr 0.05: six steps from scratch, no warm-up
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        **train,
+    )
+    return config
+
+
+def final_params(config, workdir, devices):
+    setup = train_lib.make_setup(config, devices=devices)
+    mngr = checkpointing.manager(workdir, read_only=True)
+    step = checkpointing.step_to_restore(mngr, workdir, None)
+    item = checkpointing.restore(mngr, step, model=train_lib.abstract_state(setup).model_item())
+    return step, jax.device_get(item["model"])
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    """One uninterrupted 6-step run on 8 devices, shared by several tests."""
+    assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
+    config = tiny_config()
+    workdir = str(tmp_path_factory.mktemp("run8"))
+    results = train_lib.train_and_evaluate(config, workdir)
+    return config, workdir, results
+
+
+def test_end_to_end_trains_evaluates_and_checkpoints(eight_device_run):
+    config, workdir, results = eight_device_run
+    assert results["step"] == 6
+    losses = [loss for _, loss in results["train_log"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert results["num_examples"] == 360  # the whole digits test split, exactly once
+    assert 0.0 <= results["top1"] <= 100.0 and results["top5"] >= results["top1"]
+    mngr = checkpointing.manager(workdir, read_only=True)
+    assert mngr.latest_step() == 6
+    assert (pathlib.Path(workdir) / "eval_results_step_6.json").exists()
+
+
+def test_one_and_eight_devices_give_the_same_parameters(eight_device_run, tmp_path):
+    config, workdir8, _ = eight_device_run
+    workdir1 = str(tmp_path / "run1")
+    train_lib.train_and_evaluate(config, workdir1, devices=jax.devices()[:1])
+    _, params8 = final_params(config, workdir8, jax.devices())
+    _, params1 = final_params(config, workdir1, jax.devices()[:1])
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_restart_from_the_workdir_continues_exactly(eight_device_run, tmp_path):
+    config, uninterrupted, _ = eight_device_run
+    workdir = str(tmp_path / "interrupted")
+    stopped = train_lib.train_and_evaluate(config, workdir, stop_after_step=3)
+    assert stopped["step"] == 3 and "top1" not in stopped
+    resumed = train_lib.train_and_evaluate(config, workdir)
+    assert resumed["step"] == 6
+    assert [s for s, _ in resumed["train_log"]] == [4, 5, 6]  # steps 1-3 were not redone
+    _, params_a = final_params(config, uninterrupted, jax.devices())
+    _, params_b = final_params(config, workdir, jax.devices())
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
+    config, workdir, results = eight_device_run
+    again = train_lib.evaluate_checkpoint(config, workdir)
+    assert again["step"] == 6 and again["num_examples"] == 360
+    assert again["top1"] == pytest.approx(results["top1"], abs=1e-9)
+    assert again["loss"] == pytest.approx(results["loss"], rel=1e-5)
+
+
+def test_eval_of_an_earlier_step_and_of_a_missing_one(eight_device_run):
+    config, workdir, _ = eight_device_run
+    steps = sorted(checkpointing.manager(workdir, read_only=True).all_steps())
+    assert train_lib.evaluate_checkpoint(config, workdir, step=steps[0])["step"] == steps[0]
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"no checkpoint of step 5.*available steps"
+    ):
+        train_lib.evaluate_checkpoint(config, workdir, step=5)
+
+
+def test_eval_on_an_empty_workdir_says_so(tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in .*train first"):
+        train_lib.evaluate_checkpoint(tiny_config(), str(tmp_path))
+
+
+def test_batch_not_divisible_by_the_devices_is_refused_before_compiling(tmp_path):
+    config = tiny_config()
+    config.input.batch_size = 36
+    with pytest.raises(
+        train_lib.TrainError, match=r"config.input.batch_size=36 is not divisible by the 8 devices"
+    ):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_weight_decay_applies_to_kernels_only():
+    params = {"conv": {"kernel": 1.0}, "bn": {"scale": 1.0, "bias": 1.0}, "attn": {"rel_row": 1.0}}
+    mask = train_lib.decay_mask(params)
+    assert mask == {
+        "conv": {"kernel": True},
+        "bn": {"scale": False, "bias": False},
+        "attn": {"rel_row": False},
+    }
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    config = tiny_config()
+    config.input.batch_size = 512
+    config.train.update(base_learning_rate=0.1, warmup_epochs=2.0)
+    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(20)) == pytest.approx(0.2)  # 0.1 × 512 / 256 at the end of warm-up
+    assert float(schedule(10)) == pytest.approx(0.1)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
