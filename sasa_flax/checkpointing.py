@@ -16,10 +16,12 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from sasa_flax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """No usable checkpoint where one was asked for; the message says what exists."""
 
 
@@ -34,7 +36,7 @@ def manager(
 ) -> ocp.CheckpointManager:
     """A CheckpointManager for workdir (local path or gs://)."""
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps,
+        save_interval_steps=0 if read_only else every_steps,
         max_to_keep=keep,
         create=not read_only,
         read_only=read_only,

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from sasa_flax.errors import UserError
 from sasa_flax.layers import POS_ENCODINGS, RELATIVE_TABLES, STEM_VARIANTS
 from sasa_flax.models import resnet
 from sasa_flax.ops import IMPLEMENTATIONS, PADDINGS
@@ -28,7 +29,7 @@ VARIANTS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config field holds a value that cannot work; the message names the field."""
 
 

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from sasa_flax.errors import UserError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
@@ -41,7 +43,7 @@ STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The dataset cannot be read as configured; the message says how to fix it."""
 
 

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sasa_flax import checkpointing, config_lib, input_pipeline
+from sasa_flax.errors import UserError
 
 DECAYED_PARAMETERS = ("kernel", "value_mixture")  # convolution / projection kernels
 
@@ -49,7 +50,7 @@ if not log.handlers:
     log.propagate = False
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """The run cannot start as configured; the message says why and what to change."""
 
 
