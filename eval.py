@@ -5,13 +5,10 @@ describes, evaluates every example of the eval split once (EMA weights when the 
 them), prints top-1 / top-5 / loss and writes them to the workdir (JSON + TensorBoard).
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from sasa_flax import distributed, train_lib
-from sasa_flax.errors import UserError
+from sasa_flax import cli, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -21,16 +18,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.maybe_initialize(_DISTRIBUTED.value)
-    logging.set_verbosity(
-        logging.WARNING
-    )  # orbax logs every file at INFO; progress has its own logger
-    try:
+    cli.start(argv, _DISTRIBUTED.value)
+    with cli.user_errors():
         r = train_lib.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
-    except UserError as e:
-        sys.exit(f"error: {e}")
     print(
         f"step {r['step']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}"
         f"  ({r['num_examples']} examples)"

@@ -4,13 +4,10 @@ The same command on every host of a Cloud TPU pod (`--distributed` detects it). 
 restarted run with the same --workdir resumes from its latest checkpoint.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from sasa_flax import distributed, train_lib
-from sasa_flax.errors import UserError
+from sasa_flax import cli, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results (local or gs://).")
@@ -23,16 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.maybe_initialize(_DISTRIBUTED.value)
-    logging.set_verbosity(
-        logging.WARNING
-    )  # orbax logs every file at INFO; progress has its own logger
-    try:
+    cli.start(argv, _DISTRIBUTED.value)
+    with cli.user_errors():
         results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except UserError as e:
-        sys.exit(f"error: {e}")
     if "top1" in results:
         print(
             f"final test top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  "

@@ -50,6 +50,18 @@ def sinusoidal_2d(height: int, width: int, dim: int) -> np.ndarray:
     return np.concatenate([rows, cols], axis=-1).astype(np.float32)
 
 
+def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
+    """A bias-free pointwise (1×1) projection: W_Q, W_K or W_V."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """(B, H, W, C) -> (B, H, W, N, C // N)."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -165,15 +177,7 @@ class SelfAttention2D(nnx.Module):
         self.impl = impl
         self.dtype = dtype
 
-        linear = functools.partial(
-            nnx.Linear,
-            in_features,
-            out_features,
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        linear = functools.partial(_projection, in_features, out_features, dtype, param_dtype, rngs)
         self.query = linear()
         self.key = linear() if content else None
         self.value = linear()
@@ -288,15 +292,7 @@ class AttentionStem(nnx.Module):
         self.pool_size = pool_size
         self.dtype = dtype
 
-        linear = functools.partial(
-            nnx.Linear,
-            in_features,
-            out_features,
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        linear = functools.partial(_projection, in_features, out_features, dtype, param_dtype, rngs)
         self.query = linear()
         self.key = linear()
         table_init = nnx.initializers.normal(stddev=head_dim**-0.5)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from sasa_flax import config_lib, flops
+from sasa_flax import cli, config_lib, flops
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -79,10 +78,8 @@ def main(argv):
         return
     if _CONFIG.value is None:
         raise app.UsageError("pass --config path/to/config.py[:arg], or --all.")
-    try:
+    with cli.user_errors():
         result = summary(_CONFIG.value)
-    except config_lib.ConfigError as e:
-        sys.exit(f"error: {e}")
     if _JSON.value:
         print(json.dumps(result))
         return

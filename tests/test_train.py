@@ -1,6 +1,8 @@
 """Training and evaluation end to end on 8 fake CPU devices, with real (digits) data."""
 
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -131,3 +133,23 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert float(schedule(20)) == pytest.approx(0.2)  # 0.1 × 512 / 256 at the end of warm-up
     assert float(schedule(10)) == pytest.approx(0.1)
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_eval_py_on_an_empty_workdir_prints_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--config",
+            "configs/digits.py",
+            "--workdir",
+            str(tmp_path / "none"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "error: no checkpoint in" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "none").exists()  # nothing written
