@@ -11,7 +11,6 @@ asynchronously: training continues while the arrays are written.
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -26,9 +25,8 @@ class CheckpointError(UserError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return str(pathlib.Path(workdir) / CHECKPOINT_DIR) if "://" not in workdir else (
-        f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
-    )  # fmt: skip
+    """workdir/checkpoints, for local paths and gs:// alike."""
+    return f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
 
 
 def manager(

@@ -159,9 +159,8 @@ def imagenet_config(
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``"path/to/config.py:arg"`` as ``--config`` does, and validates it."""
-    return validate_config(
-        load_config_module(spec.partition(":")[0]).get_config(spec.partition(":")[2] or None)
-    )
+    path, _, arg = spec.partition(":")
+    return validate_config(load_config_module(path).get_config(arg or None))
 
 
 def load_config_module(path: str):

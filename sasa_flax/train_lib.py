@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -342,9 +343,9 @@ def _meta(setup: Setup, step: int) -> dict:
 def write_eval_results(workdir: str, step: int, results: dict) -> None:
     if jax.process_index() != 0:
         return
-    path = f"{workdir.rstrip('/')}/eval_results_step_{step}.json"
-    with open(path, "w") as f:  # noqa: PTH123 - also fine for local workdirs only
-        json.dump(dict(step=step, **results), f, indent=2)
+    # epath: local paths and gs:// alike.
+    path = epath.Path(workdir) / f"eval_results_step_{step}.json"
+    path.write_text(json.dumps(dict(step=step, **results), indent=2))
 
 
 def train_and_evaluate(
