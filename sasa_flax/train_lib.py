@@ -236,7 +236,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
         loss=loss,
         top1=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         learning_rate=setup.schedule(state.step),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
     )
     new_state = state.replace(
         step=state.step + 1,
