@@ -59,9 +59,9 @@ def local_attention(
         take part (their logit is the positional term alone).
       impl: ``"patches"`` (the reference expression: k×k neighbourhoods gathered,
         then einsum; memory-hungry), ``"shifted"`` (k² static shifts with a
-        hand-written backward; no k×k neighbourhood of K or V is ever stored;
-        reverse-mode only, like every ``custom_vjp``) or ``"auto"`` (the best for
-        the backend and shape; currently ``"shifted"``).
+        hand-written backward that gathers no k×k neighbourhoods; reverse-mode only,
+        like every ``custom_vjp``) or ``"auto"`` (the best for the backend and
+        shape; currently ``"shifted"``).
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed
@@ -103,8 +103,8 @@ def local_attention_weights(
 
 def _implementation(impl: str) -> Callable[..., jax.Array]:
     if impl == "auto":
-        # "shifted" is faster than "patches" at every shape measured on CPU
-        # (benchmarks/local_attention.py) and never stores k²·C per pixel.
+        # "shifted" is faster than "patches" at every shape measured on CPU, with
+        # fewer temporaries (benchmarks/local_attention.py).
         impl = "shifted"
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")

@@ -7,8 +7,10 @@ image, and the logit is one reduction over the head width,
     logit_o = q · (k[i+dy, j+dx] + r_o),   r_o = concat(rel_row[dy], rel_col[dx]),
 
 so the relative term costs nothing extra (it is folded into each key read). The
-only per-pixel tensor with a k² axis is the attention matrix, (B, H, W, N, k²):
-memory grows with k² × heads, never with k² × channels.
+only per-pixel tensor with a k² axis that the expression itself needs is the
+attention matrix, (B, H, W, N, k²). Whether the compiled program stays that lean is
+up to XLA: on CPU (jax 0.10.2) the reduce fusion still materialises the shifted
+key/value slices, so temporaries grow with k²·C there (benchmarks/local_attention.py).
 
 Why a custom VJP: autodiff through k² static slices turns every slice's
 cotangent into a pad of the full image and sums k² of them (measured 20-95× a
@@ -57,22 +59,27 @@ def _offset_vectors(rel, kernel_size: int, dtype) -> jax.Array:
     return jnp.concatenate([rows, cols], axis=-1)
 
 
+def _neighbour_dots(x, y, kernel_size, offset_vectors=None):
+    """(B, H, W, N, k²): x_ij · (y[i+dy, j+dx] + r_o) for every offset o, zeros outside."""
+    _, height, width, _, _ = x.shape
+    y_pad = _pad(y, kernel_size // 2)
+    columns = []
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        neighbour = _window(y_pad, dy, dx, height, width)
+        if offset_vectors is not None:
+            neighbour = neighbour + offset_vectors[o]
+        columns.append(jnp.sum(x * neighbour, axis=-1))
+    return jnp.stack(columns, axis=-1)
+
+
 def _logits(q, k, rel, kernel_size, padding):
     """(B, H, W, N, k²) logits in q's dtype (already the accumulation dtype)."""
     _, height, width, _, _ = q.shape
-    r = kernel_size // 2
+    offsets = None if rel is None else _offset_vectors(rel, kernel_size, q.dtype)
     if k is None:  # position only: one small matmul against the k² offset vectors
-        logits = jnp.einsum("bhwnd,od->bhwno", q, _offset_vectors(rel, kernel_size, q.dtype))
+        logits = jnp.einsum("bhwnd,od->bhwno", q, offsets)
     else:
-        k_pad = _pad(k, r)
-        offsets = None if rel is None else _offset_vectors(rel, kernel_size, q.dtype)
-        columns = []
-        for o, (dy, dx) in enumerate(_offsets(kernel_size)):
-            key = _window(k_pad, dy, dx, height, width)
-            if offsets is not None:
-                key = key + offsets[o]
-            columns.append(jnp.sum(q * key, axis=-1))
-        logits = jnp.stack(columns, axis=-1)
+        logits = _neighbour_dots(q, k, kernel_size, offsets)
     if padding == "mask":
         inside = in_image_mask(height, width, kernel_size)[None, :, :, None, :]
         logits = jnp.where(inside, logits, jnp.finfo(logits.dtype).min)
@@ -131,17 +138,11 @@ def _attention_bwd(kernel_size, padding, saved, dy):
     acc = att.dtype
     q, v = q_in.astype(acc), v_in.astype(acc)
     k = None if k_in is None else k_in.astype(acc)
-    _, height, width, _, d = q.shape
-    r = kernel_size // 2
+    d = q.shape[-1]
     dy = dy.astype(acc)
-    offsets = _offsets(kernel_size)
 
     # d(att_o) = dy · v_o, then the softmax backward.
-    v_pad = _pad(v, r)
-    d_att = jnp.stack(
-        [jnp.sum(dy * _window(v_pad, oy, ox, height, width), axis=-1) for oy, ox in offsets],
-        axis=-1,
-    )
+    d_att = _neighbour_dots(dy, v, kernel_size)
     d_logits = att * (d_att - jnp.sum(att * d_att, axis=-1, keepdims=True))
 
     # dq = Σ_o dlogits_o (k_o + r_o); excluded neighbours have att = 0, so dlogits = 0.
@@ -149,14 +150,7 @@ def _attention_bwd(kernel_size, padding, saved, dy):
     if rel is not None:
         dq += jnp.einsum("bhwno,od->bhwnd", d_logits, _offset_vectors(rel, kernel_size, acc))
     if k is not None:
-        k_pad = _pad(k, r)
-        dq += functools.reduce(
-            jnp.add,
-            (
-                d_logits[..., o, None] * _window(k_pad, oy, ox, height, width)
-                for o, (oy, ox) in enumerate(offsets)
-            ),
-        )
+        dq += _weighted_sum(d_logits, k, kernel_size)
     dk = None if k is None else _scatter_back(d_logits, q, kernel_size).astype(k_in.dtype)
     dv = _scatter_back(att, dy, kernel_size).astype(v_in.dtype)
 
