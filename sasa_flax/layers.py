@@ -62,6 +62,11 @@ def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Line
     )
 
 
+def _in_dtype(dtype, *params: nnx.Param) -> tuple[jax.Array, ...]:
+    """The parameters' values in the compute dtype (unchanged when it is None)."""
+    return tuple(p[...] if dtype is None else p[...].astype(dtype) for p in params)
+
+
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """(B, H, W, C) -> (B, H, W, N, C // N)."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -210,9 +215,7 @@ class SelfAttention2D(nnx.Module):
         if self.rel_row is None:
             y = attend(q, k, v)
         else:
-            rel_row, rel_col = self.rel_row[...], self.rel_col[...]
-            if self.dtype is not None:
-                rel_row, rel_col = rel_row.astype(self.dtype), rel_col.astype(self.dtype)
+            rel_row, rel_col = _in_dtype(self.dtype, self.rel_row, self.rel_col)
             if self.relative_tables == "shared":
                 y = attend(q, k, v, rel_row, rel_col)
             else:
@@ -369,9 +372,7 @@ class AttentionStem(nnx.Module):
         split = functools.partial(_split_heads, num_heads=self.num_heads)
         q = split(self.query(x))
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-        rel_row, rel_col = self.rel_row[...], self.rel_col[...]
-        if self.dtype is not None:
-            rel_row, rel_col = rel_row.astype(self.dtype), rel_col.astype(self.dtype)
+        rel_row, rel_col = _in_dtype(self.dtype, self.rel_row, self.rel_col)
         y = block_local_attention(
             q,
             split(self.key(x)),

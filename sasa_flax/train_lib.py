@@ -202,9 +202,10 @@ def abstract_state(setup: Setup) -> TrainState:
     )
 
 
-def init_state(setup: Setup) -> TrainState:
-    """The initial state, born replicated on the mesh (no host copy of the parameters)."""
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_state(setup))
+def init_state(setup: Setup, abstract: TrainState) -> TrainState:
+    """The initial state, born replicated on the mesh (no host copy of the parameters).
+    ``abstract`` is ``abstract_state(setup)``."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
     return jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)()
 
 
@@ -271,9 +272,10 @@ def global_batch(setup: Setup, local: dict) -> dict:
     }
 
 
-def compile_steps(setup: Setup):
-    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state(setup))
+def compile_steps(setup: Setup, abstract: TrainState):
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated.
+    ``abstract`` is ``abstract_state(setup)``."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     train = jax.jit(
         functools.partial(train_step, setup),
         in_shardings=(state_shardings, setup.data_sharded),
@@ -359,7 +361,8 @@ def train_and_evaluate(
     eval metrics (or, with ``stop_after_step``, stops there after a checkpoint)."""
     # 1-2. Config, devices, data, mesh.
     setup = make_setup(config, devices=devices)
-    train_fn, eval_fn = compile_steps(setup)
+    abstract = abstract_state(setup)  # traced once, used for jit, init and restore
+    train_fn, eval_fn = compile_steps(setup, abstract)
     t = config.train
     mngr = checkpointing.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
@@ -368,7 +371,6 @@ def train_and_evaluate(
     # 3. State: restored or born sharded.
     start_step = mngr.latest_step() or 0
     if start_step:
-        abstract = abstract_state(setup)
         restored = checkpointing.restore(
             mngr, start_step, model=abstract.model_item(), train=abstract.train_item()
         )
@@ -382,7 +384,7 @@ def train_and_evaluate(
         state = TrainState(**restored["model"], **restored["train"])
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
-        state = init_state(setup)
+        state = init_state(setup, abstract)
     writer = _writer(workdir)
     if start_step == 0 and jax.process_index() == 0:
         writer.write_hparams(
@@ -446,13 +448,8 @@ def train_and_evaluate(
             force=done == end_step,
         )  # fmt: skip
 
-    # 5. Final evaluation (the latest checkpoint is written by now or in flight).
+    # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))
-    if final_step > start_step and mngr.latest_step() != final_step:
-        checkpointing.save(
-            mngr, final_step, model=state.model_item(), train=state.train_item(),
-            meta=_meta(setup, final_step), force=True,
-        )  # fmt: skip
     mngr.wait_until_finished()
     if stop_after_step is not None and final_step < setup.total_steps:
         writer.flush()
@@ -476,8 +473,9 @@ def evaluate_checkpoint(
     setup = make_setup(config, devices=devices)
     mngr = checkpointing.manager(workdir, read_only=True)
     step = checkpointing.step_to_restore(mngr, workdir, step)
-    restored = checkpointing.restore(mngr, step, model=abstract_state(setup).model_item())
-    _, eval_fn = compile_steps(setup)
+    abstract = abstract_state(setup)
+    restored = checkpointing.restore(mngr, step, model=abstract.model_item())
+    _, eval_fn = compile_steps(setup, abstract)
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     write_eval_results(workdir, step, results)
     if jax.process_index() == 0:
