@@ -5,7 +5,7 @@ describes, evaluates every example of the eval split once (EMA weights when the 
 them), prints top-1 / top-5 / loss and writes them to the workdir (JSON + TensorBoard).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sasa_flax import cli, train_lib
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

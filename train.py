@@ -4,7 +4,7 @@ The same command on every host of a Cloud TPU pod (`--distributed` detects it). 
 restarted run with the same --workdir resumes from its latest checkpoint.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sasa_flax import cli, train_lib
@@ -23,7 +23,12 @@ def main(argv):
     cli.start(argv, _DISTRIBUTED.value)
     with cli.user_errors():
         results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if "top1" in results:
+    if "stopped_by" in results:
+        print(
+            f"stopped by {results['stopped_by']} after step {results['step']}, checkpoint "
+            "written; the same command resumes."
+        )
+    elif "top1" in results:
         print(
             f"final test top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  "
             f"loss {results['loss']:.4f}  ({results['num_examples']} examples, "
@@ -32,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

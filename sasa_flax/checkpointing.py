@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from sasa_flax.errors import UserError
@@ -40,7 +41,13 @@ def manager(
         read_only=read_only,
         enable_async_checkpointing=not read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    # Handlers named up front, so that a read-only manager can read item metadata.
+    handlers = dict(
+        model=ocp.StandardCheckpointHandler(),
+        train=ocp.StandardCheckpointHandler(),
+        meta=ocp.JsonCheckpointHandler(),
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def save(
@@ -73,6 +80,39 @@ def restore(
     if train is not None:
         items["train"] = ocp.args.StandardRestore(train)
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
+
+
+def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what: str) -> None:
+    """Raises CheckpointError naming the parameters where checkpoint ``step``'s model item
+    and the abstract ``model`` tree differ (missing, unexpected, or of another shape).
+    Reads metadata only, before anything is restored or compiled."""
+    saved = _shapes_by_path(mngr.item_metadata(step)["model"])
+    wanted = _shapes_by_path(model)
+    problems = [f"{p}: in the config's model but not in the checkpoint" for p in wanted
+                if p not in saved]  # fmt: skip
+    problems += [f"{p}: in the checkpoint but not in the config's model" for p in saved
+                 if p not in wanted]  # fmt: skip
+    problems += [
+        f"{p}: shape {saved[p]} in the checkpoint, {wanted[p]} in the config's model"
+        for p in wanted
+        if p in saved and saved[p] != wanted[p]
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:12])
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise CheckpointError(
+            f"the checkpoint of step {step} does not match the model of {what} "
+            f"({len(problems)} differences):\n  {shown}{more}\n"
+            "Pass the config (and config arguments) the run was trained with."
+        )
 
 
 def step_to_restore(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:

@@ -5,10 +5,55 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from sasa_flax import distributed
 from sasa_flax.errors import UserError
+
+
+def _innermost_message(error: BaseException) -> str:
+    # ml_collections wraps a KeyError's "did you mean" text in an AttributeError.
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = str(error.args[0] if error.args else error)
+    return message.strip("'\"").replace("'\n", " ")
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    """The first UserError a config file raised, however the flag parser re-wrapped it."""
+    while error is not None:
+        if isinstance(error, UserError) and "Traceback" not in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing where a bad config file argument or a misspelt ``--config.x=y``
+    override ends with one message naming it (exit status 1), not a traceback."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # ml_collections reports a missing file only on use
+        return remaining
+    except OSError as e:
+        message = "cannot load --config: " + " ".join(
+            line.strip() for line in str(e).splitlines()[1:] if line.strip()
+        )
+    except (KeyError, AttributeError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        message = (
+            f"unknown config field in {' '.join(overrides) or 'the overrides'}: "
+            f"{_innermost_message(e)} The fields are listed in sasa_flax/config_lib.py "
+            "(base_config)."
+        )
+    except flags.Error as e:
+        message = str(_user_error_in(e) or e)
+    sys.exit(f"error: {message}\nPass --helpfull to see the flags.")
+
+
+def run(main) -> None:
+    app.run(main, flags_parser=parse_flags)
 
 
 def start(argv, distributed_mode: str) -> None:
@@ -22,8 +67,16 @@ def start(argv, distributed_mode: str) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """A UserError ends the program with its message alone, no traceback."""
+    """A UserError ends the program with its message alone, no traceback; so does a second
+    Ctrl-C (the first one stops after a checkpoint, see ``preemption``)."""
     try:
         yield
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(
+            "interrupted: stopped at once, without a checkpoint of the current step; the "
+            "same command resumes from the newest complete checkpoint.",
+            file=sys.stderr,
+        )
+        sys.exit(130)

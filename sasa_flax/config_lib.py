@@ -45,8 +45,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key = key.strip()
         if key not in defaults:
             raise ConfigError(
-                f"unknown config argument {key!r} in {arg!r}; known arguments: "
-                f"{', '.join(sorted(defaults))}."
+                f"unknown config argument {key!r} in {arg!r}; "
+                + (
+                    f"known arguments: {', '.join(sorted(defaults))}."
+                    if defaults
+                    else "this config takes no arguments (override fields with --config.x=y)."
+                )
             )
         if not sep:
             raise ConfigError(f"config argument {item!r} needs a value: write {key}=VALUE.")
@@ -111,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Tables 3 and 5) and train on the other 96%.
             tuning_split=False,
             shuffle_buffer=16384,
+            # An image that cannot be decoded: "fail" stops with its error; "skip" gives it
+            # zero weight (train) or leaves it out of the count (eval), and counts it.
+            corrupt_images="fail",
         )
     )
     config.train = ml_collections.ConfigDict(
@@ -131,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
             eval_every_steps=0,  # 0: evaluate at the end only
             checkpoint_every_steps=1000,
             keep_checkpoints=3,
+            # A non-finite loss or gradient: "stop" ends the run naming the step (the last
+            # good checkpoint stays the newest); "skip" leaves the state as it was and counts it.
+            on_nonfinite="stop",
         )
     )
     return config
@@ -309,6 +319,8 @@ def _validate_input_and_train(config) -> None:
             "subfolder of images per class."
         )
     _one_of(config, "input.augment", ("inception", "pad"))
+    _one_of(config, "input.corrupt_images", ("fail", "skip"))
+    _one_of(config, "train.on_nonfinite", ("stop", "skip"))
     for field in ("input.batch_size", "input.eval_batch_size", "input.shuffle_buffer"):
         _positive(config, field, kind=int)
     for field in ("train.momentum", "train.weight_decay", "train.label_smoothing",

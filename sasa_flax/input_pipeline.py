@@ -333,7 +333,7 @@ def _train_preprocess(input_config, split: Split, seed: int, epoch: int):
             image = _pad_crop(_resize(image, split, size), size, keys[0])
         if input_config.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
-        return {"image": _normalise(image), "label": label}
+        return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
 
     return fn
 
@@ -346,9 +346,48 @@ def _eval_preprocess(input_config, split: Split):
             image = _centre_crop(image, split, size)
         else:
             image = _resize(image, split, size)
-        return {"image": _normalise(image), "label": label}
+        return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
 
     return fn
+
+
+def _map_images(ds, fn, input_config, label_of):
+    """``ds.map(fn)`` in order. Under ``corrupt_images='skip'``, an element ``fn`` fails on
+    (an image that does not decode) becomes a zero image with ``mask`` 0, so that batches,
+    step counts and resumption stay exactly as they would be without it."""
+    if input_config.corrupt_images == "fail":
+        return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    size = input_config.image_size
+
+    def one(*element):
+        decoded = tf.data.Dataset.from_tensors(element).map(fn).ignore_errors()
+        placeholder = {
+            "image": tf.zeros((size, size, 3), tf.float32),
+            "label": label_of(*element),
+            "mask": tf.constant(0.0),
+        }
+        return decoded.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
+
+    # Each element yields exactly one output, so the deterministic interleave keeps order.
+    return ds.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _as_numpy(ds, what: str) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as NumPy; a decode error becomes one DatasetError with the fix."""
+    iterator = iter(tfds.as_numpy(ds))
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+            reason = (e.message or str(e)).strip().splitlines()[0]
+            raise DatasetError(
+                f"an image of the {what} split could not be decoded ({reason}): a corrupt or "
+                "truncated file. Set config.input.corrupt_images='skip' to skip such images "
+                "(they are counted in the logs), or replace the file."
+            ) from None
+        yield batch
 
 
 # --- iterators ------------------------------------------------------------------------
@@ -386,13 +425,14 @@ def train_batches(
             reshuffle_each_iteration=False,
         )
         ds = ds.take(steps * local_batch).skip(step_in_epoch * local_batch)
-        ds = ds.map(
+        ds = _map_images(
+            ds,
             _train_preprocess(input_config, dataset.train, seed, epoch),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+            input_config,
+            label_of=lambda index, example: example[1],
         )
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
-        yield from tfds.as_numpy(ds)
+        yield from _as_numpy(ds, "training")
         epoch, step_in_epoch = epoch + 1, 0
 
 
@@ -405,26 +445,29 @@ def num_eval_batches(dataset: Dataset, eval_batch_size: int, process_count: int 
 def eval_batches(
     dataset: Dataset, input_config, *, process_count: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once: the last batch is padded and ``mask`` is 0 on padding.
+    """Every eval example exactly once: the last batch is padded and ``mask`` is 0 on padding
+    (and on corrupt images skipped under ``corrupt_images='skip'``).
 
     Yields exactly ``num_eval_batches`` batches of eval_batch_size / process_count.
     """
     local_batch = input_config.eval_batch_size // process_count
     size = input_config.image_size
-    ds = dataset.eval.make().map(
+    ds = _map_images(
+        dataset.eval.make(),
         _eval_preprocess(input_config, dataset.eval),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+        input_config,
+        label_of=lambda image, label: label,
     )
     ds = ds.batch(local_batch).prefetch(2)
     count = 0
-    for batch in tfds.as_numpy(ds):
+    for batch in _as_numpy(ds, "evaluation"):
         n = len(batch["label"])
         yield _pad_batch(batch, n, local_batch)
         count += 1
     empty = {
         "image": np.zeros((0, size, size, 3), np.float32),
         "label": np.zeros((0,), np.int32),
+        "mask": np.zeros((0,), np.float32),
     }
     for _ in range(count, num_eval_batches(dataset, input_config.eval_batch_size, process_count)):
         yield _pad_batch(empty, 0, local_batch)
@@ -432,9 +475,7 @@ def eval_batches(
 
 def _pad_batch(batch, n: int, local_batch: int) -> dict[str, np.ndarray]:
     pad = local_batch - n
-    out = {
+    return {  # padding has mask 0, as have skipped corrupt images
         key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
         for key, value in batch.items()
     }
-    out["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return out

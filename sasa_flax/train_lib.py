@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import checkpointing, config_lib, input_pipeline
+from sasa_flax import checkpointing, config_lib, input_pipeline, preemption
 from sasa_flax.errors import UserError
 
 DECAYED_PARAMETERS = ("kernel", "value_mixture")  # convolution / projection kernels
@@ -62,13 +62,14 @@ class TrainState:
     batch_stats: dict
     opt_state: Any
     ema_params: dict | None
+    nonfinite_steps: jax.Array  # steps skipped for a non-finite loss or gradient
 
     def model_item(self) -> dict:
         """What evaluation needs, as checkpointed under ``model``."""
         return dict(params=self.params, batch_stats=self.batch_stats, ema_params=self.ema_params)
 
     def train_item(self) -> dict:
-        return dict(step=self.step, opt_state=self.opt_state)
+        return dict(step=self.step, opt_state=self.opt_state, nonfinite_steps=self.nonfinite_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,7 @@ def _init_state(setup: Setup) -> TrainState:
         batch_stats=batch_stats,
         opt_state=setup.tx.init(params),
         ema_params=params if config.train.ema_decay > 0 else None,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -218,33 +220,47 @@ def _cross_entropy(logits, labels, num_classes, smoothing):
 
 
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One SGD step on a global batch. ``batch["mask"]`` is 0 for images that could not be
+    decoded (config.input.corrupt_images='skip'): they carry no loss.
+
+    A step whose loss or gradient norm is not finite changes nothing but the step counter
+    and ``nonfinite_steps``; the host then stops the run or goes on (config.train.on_nonfinite).
+    """
     t = setup.config.train
     num_classes = setup.config.model.num_classes
+    mask = batch["mask"]
+    count = jnp.maximum(jnp.sum(mask), 1.0)
 
     def loss_fn(params):
         model = nnx.merge(setup.train_graphdef, params, state.batch_stats, copy=True)
         logits = model(batch["image"])
-        loss = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing).mean()
+        losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
+        loss = jnp.sum(losses * mask) / count
         return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
         ema = optax.incremental_update(params, ema, 1.0 - t.ema_decay)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.replace(
+        params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema
+    )
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = kept.replace(
+        step=state.step + 1,
+        nonfinite_steps=state.nonfinite_steps + jnp.logical_not(finite).astype(jnp.int32),
+    )
     metrics = dict(
         loss=loss,
-        top1=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        top1=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count,
         learning_rate=setup.schedule(state.step),
-        grad_norm=optax.tree.norm(grads),
-    )
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        ema_params=ema,
+        grad_norm=grad_norm,
+        finite=finite,
+        skipped_images=jnp.sum(1.0 - mask),
     )
     return new_state, metrics
 
@@ -301,11 +317,15 @@ def evaluate(setup: Setup, eval_fn, params: dict, batch_stats: dict) -> dict:
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
+    skipped = setup.dataset.eval.size - int(count)  # corrupt images, under 'skip'
+    if skipped and jax.process_index() == 0:
+        log.warning("evaluation skipped %d image(s) that could not be decoded", skipped)
     return dict(
-        top1=100.0 * float(totals["top1"]) / count,
-        top5=100.0 * float(totals["top5"]) / count,
-        loss=float(totals["loss"]) / count,
+        top1=100.0 * float(totals["top1"]) / max(count, 1.0),
+        top5=100.0 * float(totals["top5"]) / max(count, 1.0),
+        loss=float(totals["loss"]) / max(count, 1.0),
         num_examples=int(count),
+        skipped_images=skipped,
     )
 
 
@@ -350,6 +370,93 @@ def write_eval_results(workdir: str, step: int, results: dict) -> None:
     path.write_text(json.dumps(dict(step=step, **results), indent=2))
 
 
+def ensure_writable(workdir: str) -> None:
+    """Creates workdir if needed and proves it writable (local or gs://) before any work."""
+    path = epath.Path(workdir)
+    probe = path / f".sasa_write_test_{jax.process_index()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(
+            f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you "
+            "can create files in (local path or gs://bucket/path)."
+        ) from None
+
+
+def _restore_for_training(setup: Setup, mngr, workdir: str, step: int, abstract: TrainState):
+    checkpointing.check_architecture(mngr, step, abstract.model_item(), "this config")
+    restored = checkpointing.restore(
+        mngr, step, model=abstract.model_item(), train=abstract.train_item()
+    )
+    trained_with = restored["meta"]["global_batch_size"]
+    if trained_with != setup.config.input.batch_size:
+        raise TrainError(
+            f"{workdir} was trained with config.input.batch_size={trained_with}; resuming with "
+            f"{setup.config.input.batch_size} would change the data order. Use the original "
+            "batch size or a new workdir."
+        )
+    return TrainState(**restored["model"], **restored["train"])
+
+
+class _ProgressLog:
+    """Averages the per-step metrics between log lines; images/sec excludes compilation."""
+
+    def __init__(self, setup: Setup, writer, start_step: int):
+        self.setup, self.writer = setup, writer
+        self.history, self.lines = [], []  # lines: (step, mean loss since the previous one)
+        self.timer_start, self.timer_step = None, start_step
+
+    def add(self, done: int, metrics: dict, force: bool) -> None:
+        self.history.append(metrics)
+        if self.timer_start is None:
+            jax.block_until_ready(metrics)
+            self.timer_start, self.timer_step = time.perf_counter(), done
+        if done % self.setup.config.train.log_every_steps and not force:
+            return
+        history = jax.device_get(self.history)
+        self.history = []
+        summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+        summary["skipped_images"] = float(sum(m["skipped_images"] for m in history))
+        summary["nonfinite_steps"] = float(sum(not m["finite"] for m in history))
+        del summary["finite"]
+        self.lines.append((done, summary["loss"]))
+        elapsed, steps = time.perf_counter() - self.timer_start, done - self.timer_step
+        batch, total = self.setup.config.input.batch_size, self.setup.total_steps
+        eta = float("nan")
+        if steps > 0 and elapsed > 0:
+            summary["images_per_sec"] = steps * batch / elapsed
+            summary["images_per_sec_per_device"] = summary["images_per_sec"] / self.setup.mesh.size
+            eta = (total - done) * elapsed / steps
+        self.writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+        if jax.process_index() != 0:
+            return
+        skipped = "".join(
+            f" | {int(summary[k])} {k.replace('_', ' ')}"
+            for k in ("skipped_images", "nonfinite_steps")
+            if summary[k]
+        )
+        log.info(
+            "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s img/s | ETA %s%s",
+            done, total, done / self.setup.steps_per_epoch, total / self.setup.steps_per_epoch,
+            summary["loss"], 100 * summary["top1"], summary["learning_rate"],
+            f"{summary.get('images_per_sec', float('nan')):.0f}",
+            "?" if math.isnan(eta) else _format_duration(eta), skipped,
+        )  # fmt: skip
+
+
+def _nonfinite_error(mngr, done: int, metrics: dict) -> TrainError:
+    mngr.wait_until_finished()  # the last good checkpoint is complete; this step is not saved
+    loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
+    return TrainError(
+        f"step {done}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
+        f"without saving step {done}. The newest checkpoint is step {mngr.latest_step()}. "
+        "Lower config.train.base_learning_rate or lengthen warm-up, or set "
+        "config.train.on_nonfinite='skip' to skip such steps and count them."
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -358,9 +465,11 @@ def train_and_evaluate(
     stop_after_step: int | None = None,
 ) -> dict:
     """Trains (resuming from workdir's latest checkpoint), evaluates, returns the final
-    eval metrics (or, with ``stop_after_step``, stops there after a checkpoint)."""
-    # 1-2. Config, devices, data, mesh.
+    eval metrics. It returns early, after a durable checkpoint, with ``stopped_by`` set
+    on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``."""
+    # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before).
     setup = make_setup(config, devices=devices)
+    ensure_writable(workdir)
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     train_fn, eval_fn = compile_steps(setup, abstract)
     t = config.train
@@ -368,20 +477,10 @@ def train_and_evaluate(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
     )
 
-    # 3. State: restored or born sharded.
+    # 3. State: restored (only ever from a complete checkpoint) or born sharded.
     start_step = mngr.latest_step() or 0
     if start_step:
-        restored = checkpointing.restore(
-            mngr, start_step, model=abstract.model_item(), train=abstract.train_item()
-        )
-        if restored["meta"]["global_batch_size"] != config.input.batch_size:
-            raise TrainError(
-                f"{workdir} was trained with config.input.batch_size="
-                f"{restored['meta']['global_batch_size']}; resuming with "
-                f"{config.input.batch_size} would change the data order. Use the original "
-                "batch size or a new workdir."
-            )
-        state = TrainState(**restored["model"], **restored["train"])
+        state = _restore_for_training(setup, mngr, workdir, start_step, abstract)
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
         state = init_state(setup, abstract)
@@ -405,55 +504,39 @@ def train_and_evaluate(
     end_step = (
         setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
     )
-    history, timer_start, timer_step = [], None, start_step
-    train_log = []  # (step, mean loss since the previous log line)
-    num_devices = setup.mesh.size
-    for step in range(start_step, end_step):
-        state, metrics = train_fn(state, global_batch(setup, next(batches)))
-        history.append(metrics)
-        done = step + 1
-        if timer_start is None:  # exclude compilation from the throughput
-            jax.block_until_ready(metrics)
-            timer_start, timer_step = time.perf_counter(), done
-        if done % t.log_every_steps == 0 or done == end_step:
-            summary = {
-                k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]
-            }
-            history = []
-            train_log.append((done, summary["loss"]))
-            elapsed = time.perf_counter() - timer_start
-            if done > timer_step and elapsed > 0:
-                images_per_sec = (done - timer_step) * config.input.batch_size / elapsed
-                summary["images_per_sec"] = images_per_sec
-                summary["images_per_sec_per_device"] = images_per_sec / num_devices
-                eta = (setup.total_steps - done) * elapsed / (done - timer_step)
-            else:
-                eta = float("nan")
-            writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
-            if jax.process_index() == 0:
+    progress = _ProgressLog(setup, writer, start_step)
+    with preemption.stop_on_signals() as stop_request:
+        for step in range(start_step, end_step):
+            state, metrics = train_fn(state, global_batch(setup, next(batches)))
+            done = step + 1
+            # One scalar read per step, only when a bad step must stop the run before it
+            # is checkpointed ('skip' keeps the device queue full).
+            if t.on_nonfinite == "stop" and not bool(metrics["finite"]):
+                raise _nonfinite_error(mngr, done, jax.device_get(metrics))
+            stopping = stop_request.should_stop(done)
+            progress.add(done, metrics, force=done == end_step or stopping)
+            if t.eval_every_steps and done % t.eval_every_steps == 0 and done != setup.total_steps:
+                results = evaluate(setup, eval_fn, *eval_weights(state))
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
+            checkpointing.save(
+                mngr, done, model=state.model_item(), train=state.train_item(),
+                meta=_meta(setup, done), force=done == end_step or stopping,
+            )  # fmt: skip
+            if stopping:
+                mngr.wait_until_finished()
+                writer.flush()
                 log.info(
-                    "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s img/s "
-                    "| ETA %s",
-                    done, setup.total_steps, done / setup.steps_per_epoch,
-                    setup.total_steps / setup.steps_per_epoch, summary["loss"],
-                    100 * summary["top1"], summary["learning_rate"],
-                    f"{summary.get('images_per_sec', float('nan')):.0f}",
-                    "?" if math.isnan(eta) else _format_duration(eta),
+                    "%s: stopped after step %d with its checkpoint written; run the same "
+                    "command to resume.", stop_request.reason, done,
                 )  # fmt: skip
-        if t.eval_every_steps and done % t.eval_every_steps == 0 and done != setup.total_steps:
-            results = evaluate(setup, eval_fn, *eval_weights(state))
-            writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
-        checkpointing.save(
-            mngr, done, model=state.model_item(), train=state.train_item(), meta=_meta(setup, done),
-            force=done == end_step,
-        )  # fmt: skip
+                return dict(step=done, train_log=progress.lines, stopped_by=stop_request.reason)
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))
     mngr.wait_until_finished()
     if stop_after_step is not None and final_step < setup.total_steps:
         writer.flush()
-        return dict(step=final_step, train_log=train_log)
+        return dict(step=final_step, train_log=progress.lines)
     results = evaluate(setup, eval_fn, *eval_weights(state))
     writer.write_scalars(final_step, {f"eval/{k}": v for k, v in results.items()})
     writer.flush()
@@ -463,7 +546,7 @@ def train_and_evaluate(
             "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
             final_step, results["top1"], results["top5"], results["loss"], results["num_examples"],
         )  # fmt: skip
-    return dict(step=final_step, train_log=train_log, **results)
+    return dict(step=final_step, train_log=progress.lines, **results)
 
 
 def evaluate_checkpoint(
@@ -474,6 +557,7 @@ def evaluate_checkpoint(
     mngr = checkpointing.manager(workdir, read_only=True)
     step = checkpointing.step_to_restore(mngr, workdir, step)
     abstract = abstract_state(setup)
+    checkpointing.check_architecture(mngr, step, abstract.model_item(), "this config")
     restored = checkpointing.restore(mngr, step, model=abstract.model_item())
     _, eval_fn = compile_steps(setup, abstract)
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
