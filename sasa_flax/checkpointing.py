@@ -40,6 +40,9 @@ def manager(
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
+        # A write killed half-way leaves a ``N.orbax-checkpoint-tmp-*`` directory, never
+        # listed as a step; the next training run deletes it.
+        cleanup_tmp_directories=not read_only,
     )
     # Handlers named up front, so that a read-only manager can read item metadata.
     handlers = dict(

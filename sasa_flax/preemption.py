@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -37,6 +38,11 @@ class StopRequest:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, no checkpoint
         self.signal_name = self.signal_name or name
+        if signum == signal.SIGINT:
+            sys.stderr.write(
+                "SIGINT: stopping after this step with a checkpoint; press Ctrl-C again to "
+                "stop at once.\n"
+            )
         if self._multi_process and signum == signal.SIGINT:
             # Hand the request to JAX's preemption service, which owns SIGTERM here.
             os.kill(os.getpid(), signal.SIGTERM)

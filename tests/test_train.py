@@ -12,18 +12,9 @@ from sasa_flax import checkpointing, config_lib, train_lib
 
 
 def tiny_config(**train):
-    """SASA ResNet-26 (attention in group 4) at width 1/8 on 16² digits: cheap to compile."""
-    config = config_lib.load_config("configs/digits.py")
-    config.model.update(width=0.125, num_heads=2, spatial=("conv", "conv", "conv", "attention"))
-    config.input.update(image_size=16, batch_size=32, eval_batch_size=40)
-    config.train.update(
-        num_steps=6,
-        warmup_epochs=0.0,
-        base_learning_rate=0.4,  # lr 0.05: six steps from scratch, no warm-up
-        log_every_steps=1,
-        checkpoint_every_steps=2,
-        **train,
-    )
+    """tests/tiny_config.py: cheap to compile, six steps, a checkpoint every two."""
+    config = config_lib.load_config("tests/tiny_config.py")
+    config.train.update(**train)
     return config
 
 
