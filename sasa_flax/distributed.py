@@ -16,6 +16,16 @@ def on_multi_host() -> bool:
 
 
 def maybe_initialize(mode: str) -> None:
-    """``mode``: 'on', 'off' or 'auto'. Must run before any other JAX call."""
+    """``mode``: 'on', 'off' or 'auto'. Must run before any other JAX call.
+
+    Cloud TPU, SLURM and MPI are detected by JAX. Anywhere else (several GPU machines, or
+    processes on one machine), set ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` for each process.
+    """
     if mode == "on" or (mode == "auto" and on_multi_host()):
-        jax.distributed.initialize()
+        explicit = {}
+        if "JAX_NUM_PROCESSES" in os.environ:
+            explicit["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if "JAX_PROCESS_ID" in os.environ:
+            explicit["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**explicit)

@@ -3,6 +3,7 @@ in the middle of checkpoint writes, and exact resumption checked to the bit."""
 
 import pathlib
 import signal
+import socket
 import time
 
 import jax
@@ -120,3 +121,149 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
     assert rerun.finish() == 0, rerun.output
     assert not _tmp_dirs(checkpoints)  # the leftovers were cleaned up
     assert_same_final_parameters(tmp_path, uninterrupted)
+
+
+def _poison_batch(monkeypatch, at_step: int):
+    """Training batch number ``at_step`` (1-based) gets a NaN pixel."""
+    batches = train_lib.input_pipeline.train_batches
+
+    def poisoned(*args, start_step=0, **kwargs):
+        for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
+            if step + 1 == at_step:
+                batch["image"][0, 0, 0, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(train_lib.input_pipeline, "train_batches", poisoned)
+
+
+def test_a_non_finite_step_stops_the_run_without_saving_it(monkeypatch, tmp_path):
+    _poison_batch(monkeypatch, at_step=4)
+    with pytest.raises(
+        train_lib.TrainError, match=r"step 4: non-finite training.*newest .* step 2"
+    ):
+        train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert complete_steps(tmp_path) == [1, 2]  # step 4 never saved; step 2 is intact
+    _, params = final_params(tiny_config(), str(tmp_path), jax.devices())
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, tmp_path):
+    _poison_batch(monkeypatch, at_step=4)
+    config = tiny_config(on_nonfinite="skip")
+    results = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert results["step"] == 6 and np.isfinite(results["loss"])
+    setup = train_lib.make_setup(config)
+    abstract = train_lib.abstract_state(setup)
+    mngr = checkpointing.manager(str(tmp_path), read_only=True)
+    item = checkpointing.restore(mngr, 6, model=abstract.model_item(), train=abstract.train_item())
+    assert int(item["train"]["nonfinite_steps"]) == 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(item["model"]))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained")
+    train_lib.train_and_evaluate(tiny_config(num_steps=1), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        (
+            {"kernel_size": 5},
+            r"blocks/7/spatial/rel_row: shape \(3, 16\) in the checkpoint, \(5, 16\)",
+        ),
+        ({"spatial": ("conv",) * 4}, r"in the checkpoint but not in the config's model"),
+    ],
+)
+def test_eval_on_a_checkpoint_of_another_architecture_names_the_parameters(
+    trained_workdir, change, names
+):
+    config = tiny_config(num_steps=1)
+    config.model.update(**change)
+    with pytest.raises(checkpointing.CheckpointError, match=names):
+        train_lib.evaluate_checkpoint(config, str(trained_workdir))
+
+
+def test_an_unwritable_workdir_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(train_lib.TrainError, match="a_file/run is not writable"):
+        train_lib.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.kernal_size=9", 'Did you mean "kernel_size" instead of "kernal_size"'),
+        ("--config.model.stem=cnov", "config.model.stem='cnov': must be one of"),
+        ("--config.input.dataset=imagenet2013", "not a TFDS dataset"),
+    ],
+)
+def test_a_bad_config_ends_train_py_with_one_message_and_writes_nothing(
+    tmp_path, override, message
+):
+    run = subprocesses.train(tmp_path / "run", "steps=2", override)
+    assert run.finish() == 1
+    assert message in run.output and "Traceback" not in run.output
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, config_arg: str) -> list[subprocesses.Process]:
+    """train.py as 2 processes of 2 CPU devices each, joined by a coordinator on 127.0.0.1."""
+    address = f"127.0.0.1:{_free_port()}"
+    return [
+        subprocesses.train(
+            workdir,
+            config_arg,
+            "--distributed=on",
+            devices=2,
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
+    """2 processes × 2 devices: each reads its shard, only process 0 logs; SIGTERM to
+    process 1 alone stops both after the same step with one checkpoint written together;
+    the restarted pair restores it and ends where 1 process × 4 devices does, given the
+    same global batches (the data order depends on the number of reading processes)."""
+    steps, config_arg = 8, "steps=8,checkpoint_every=1000"
+    single = subprocesses.Process(
+        ["-m", "tests.two_shard_reference", str(tmp_path / "single"), config_arg],
+        subprocesses.environment(devices=4),
+    )
+    assert single.finish() == 0, single.output
+
+    workdir = tmp_path / "pair"
+    pair = _two_processes(workdir, config_arg)
+    pair[0].wait_for(rf"step 3/{steps}")
+    pair[1].popen.send_signal(signal.SIGTERM)
+    assert [p.finish() for p in pair] == [0, 0], pair[0].output + pair[1].output
+    stopped = {int(p.wait_for(r"stopped by .* after step (\d+)", timeout=1)[1]) for p in pair}
+    assert len(stopped) == 1 and 3 <= stopped.pop() < steps  # the same step on both
+    assert "step 1/" not in pair[1].output  # process 1 logs nothing
+
+    pair = _two_processes(workdir, config_arg)
+    assert [p.finish() for p in pair] == [0, 0], pair[0].output + pair[1].output
+    assert "resumed from step" in pair[0].output
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 2  # process 0's, once per run
+
+    config, devices = tiny_config(num_steps=steps), jax.devices()[:4]
+    step_a, params_a = final_params(config, str(workdir), devices)
+    step_b, params_b = final_params(config, str(tmp_path / "single"), devices)
+    assert step_a == step_b == steps
+    # Same data and math; cross-process reductions may add in another order.
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

@@ -136,3 +136,35 @@ def test_unknown_tfds_name_and_unprepared_imagenet(tmp_path):
         ip.load(input_config(dataset="imagenet2013"))
     with pytest.raises(ip.DatasetError, match="manual_dir"):
         ip.load(input_config(dataset="imagenet2012", data_dir=str(tmp_path)))
+
+
+def write_corrupt_images(root):
+    """A truncated JPEG and a file of garbage among the good ones of class 'cat'."""
+    good = (root / "cat" / "0.jpg").read_bytes()
+    (root / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "cat" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+
+
+@pytest.mark.parametrize("augment", ["inception", "pad"])
+def test_corrupt_images_fail_with_the_fix_or_are_skipped_and_counted(tmp_path, augment):
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / split, per_class=3)
+        write_corrupt_images(tmp_path / split)
+    config = input_config(
+        dataset="folder", data_dir=str(tmp_path), image_size=16, batch_size=11,
+        eval_batch_size=4, augment=augment,
+    )  # fmt: skip
+    dataset = ip.load(config)
+    assert (dataset.train.size, dataset.eval.size) == (11, 11)
+    with pytest.raises(ip.DatasetError, match="could not be decoded.*corrupt_images='skip'"):
+        next(ip.train_batches(dataset, config, seed=0))
+    with pytest.raises(ip.DatasetError, match="evaluation split could not be decoded"):
+        list(ip.eval_batches(dataset, config))
+
+    config.corrupt_images = "skip"
+    batch = next(ip.train_batches(dataset, config, seed=0))  # one batch: the whole epoch
+    assert batch["image"].shape == (11, 16, 16, 3)
+    assert batch["mask"].sum() == 9  # the two bad images are kept in place, with weight 0
+    assert np.all(batch["image"][batch["mask"] == 0] == 0)
+    evals = list(ip.eval_batches(dataset, config))
+    assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 9
