@@ -239,7 +239,9 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
     process 1 alone stops both after the same step with one checkpoint written together;
     the restarted pair restores it and ends where 1 process × 4 devices does, given the
     same global batches (the data order depends on the number of reading processes)."""
-    steps, config_arg = 8, "steps=8,checkpoint_every=1000"
+    # Enough steps after the signal for JAX's preemption sync (a background exchange
+    # through the coordinator) to settle on a step before the run would end anyway.
+    steps, config_arg = 30, "steps=30,checkpoint_every=1000"
     single = subprocesses.Process(
         ["-m", "tests.two_shard_reference", str(tmp_path / "single"), config_arg],
         subprocesses.environment(devices=4),

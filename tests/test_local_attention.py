@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 from sasa_flax import local_attention, local_attention_weights
 from tests import reference
 
-IMPLS = ["patches", "shifted"]
+IMPLS = ["patches", "shifted", "dense"]
 
 # (batch, height, width, heads, head_dim, value_dim): square, non-square, and
 # smaller than the largest kernel.
@@ -94,7 +94,7 @@ def test_gradients_float64(rng, impl, padding, kernel_size, terms):
 
         assert f(*args).dtype == jnp.float64
         # custom_vjp implementations have no forward mode (a JAX limitation).
-        modes = ("fwd", "rev") if impl == "patches" else ("rev",)
+        modes = ("rev",) if impl == "shifted" else ("fwd", "rev")
         check_grads(f, tuple(map(jnp.asarray, args)), order=1, modes=modes, atol=1e-6, rtol=1e-6)
 
 
@@ -270,13 +270,18 @@ def test_bad_arguments_raise_a_clear_error(overrides, match):
         local_attention(q, k, v, args.pop("rel_row"), args.pop("rel_col"), **args)
 
 
-FAST_IMPLS = ["shifted"]
+FAST_IMPLS = ["shifted", "dense"]
 
 
-def test_auto_dispatches_to_a_checked_implementation(rng):
-    q, k, v, rel_row, rel_col = make_inputs(rng, (1, 5, 6, 2, 4, 4), 3, TERMS[0])
-    run = functools.partial(local_attention, q, k, v, rel_row, rel_col, kernel_size=3)
-    np.testing.assert_array_equal(run(impl="auto"), run(impl="shifted"))
+@pytest.mark.parametrize(
+    "size,kernel_size,chosen",
+    [(6, 3, "shifted"), (3, 3, "dense"), (7, 7, "dense"), (14, 7, "shifted")],
+)
+def test_auto_dispatches_to_a_checked_implementation(rng, size, kernel_size, chosen):
+    """Dense where H·W ≤ 2·k² (the window covers much of the image), else shifted."""
+    q, k, v, rel_row, rel_col = make_inputs(rng, (1, size, size, 2, 4, 4), kernel_size, TERMS[0])
+    run = functools.partial(local_attention, q, k, v, rel_row, rel_col, kernel_size=kernel_size)
+    np.testing.assert_array_equal(run(impl="auto"), run(impl=chosen))
 
 
 def _random_case(seed):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sasa_flax.ops import patches, shifted
+from sasa_flax.ops import dense, patches, shifted
 
 PADDINGS = ("mask", "zeros")
 
@@ -27,6 +27,7 @@ PADDINGS = ("mask", "zeros")
 _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "patches": patches.local_attention,
     "shifted": shifted.local_attention,
+    "dense": dense.local_attention,
 }
 IMPLEMENTATIONS = ("auto", *_IMPLEMENTATIONS)
 
@@ -60,8 +61,9 @@ def local_attention(
       impl: ``"patches"`` (the reference expression: k×k neighbourhoods gathered,
         then einsum; memory-hungry), ``"shifted"`` (k² static shifts with a
         hand-written backward that gathers no k×k neighbourhoods; reverse-mode only,
-        like every ``custom_vjp``) or ``"auto"`` (the best for the backend and
-        shape; currently ``"shifted"``).
+        like every ``custom_vjp``), ``"dense"`` (the whole image as one block with a
+        window mask: (H·W)² work in matmuls, for images not much larger than the
+        window) or ``"auto"``: ``"dense"`` when H·W ≤ 2·k², else ``"shifted"``.
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed
@@ -73,7 +75,7 @@ def local_attention(
         padding / impl. Raised at trace time, before anything is compiled.
     """
     validate_arguments(q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding)
-    return _implementation(impl)(
+    return _implementation(impl, *q.shape[1:3], kernel_size)(
         q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding
     )
 
@@ -101,11 +103,12 @@ def local_attention_weights(
     return weights.reshape(*weights.shape[:-1], kernel_size, kernel_size)
 
 
-def _implementation(impl: str) -> Callable[..., jax.Array]:
+def _implementation(impl: str, height: int, width: int, kernel_size: int) -> Callable:
     if impl == "auto":
-        # "shifted" is faster than "patches" at every shape measured on CPU, with
-        # fewer temporaries (benchmarks/local_attention.py).
-        impl = "shifted"
+        # Measured on CPU (benchmarks/local_attention.py): "shifted" beats "patches"
+        # everywhere; "dense" beats "shifted" where the window covers much of the image
+        # (7×7 at k = 7), and loses as (H·W)² outgrows H·W·k² (14×14 at k = 7).
+        impl = "dense" if height * width <= 2 * kernel_size**2 else "shifted"
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")
     return _IMPLEMENTATIONS[impl]
