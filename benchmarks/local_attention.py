@@ -85,7 +85,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="56x64,28x128,14x256,7x512", help="SIZExCHANNELS,...")
     parser.add_argument("--kernel-sizes", default="3,7,11")
-    parser.add_argument("--impls", default="shifted,patches")
+    parser.add_argument("--impls", default="shifted,dense,patches")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
@@ -129,6 +129,8 @@ def main():
             layer_args = (x, w_qkv, rel, rel)
             attention_flops, _ = layer_flops(size, channels, kernel_size, args.heads)
             for impl in impls:
+                if impl == "dense" and size * size > 4 * kernel_size**2:
+                    continue  # (H·W)² logits: gigabytes at 56², and never the faster there
                 layer = attention_layer(impl, kernel_size, args.heads)
                 fwd, _ = measure(layer, layer_args, args.repeats)
                 both, temp = measure(forward_and_backward(layer), layer_args, args.repeats)

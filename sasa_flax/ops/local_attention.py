@@ -63,7 +63,7 @@ def local_attention(
         hand-written backward that gathers no k×k neighbourhoods; reverse-mode only,
         like every ``custom_vjp``), ``"dense"`` (the whole image as one block with a
         window mask: (H·W)² work in matmuls, for images not much larger than the
-        window) or ``"auto"``: ``"dense"`` when H·W ≤ 2·k², else ``"shifted"``.
+        window) or ``"auto"``: ``"dense"`` when H·W ≤ 4·k², else ``"shifted"``.
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed
@@ -105,10 +105,11 @@ def local_attention_weights(
 
 def _implementation(impl: str, height: int, width: int, kernel_size: int) -> Callable:
     if impl == "auto":
-        # Measured on CPU (benchmarks/local_attention.py): "shifted" beats "patches"
-        # everywhere; "dense" beats "shifted" where the window covers much of the image
-        # (7×7 at k = 7), and loses as (H·W)² outgrows H·W·k² (14×14 at k = 7).
-        impl = "dense" if height * width <= 2 * kernel_size**2 else "shifted"
+        # Measured on CPU (benchmarks/local_attention.py, fwd+bwd ÷ 3×3 conv): "shifted"
+        # beats "patches" everywhere; "dense" beats "shifted" where the window covers a
+        # good part of the image: 7²×512 at k = 7 0.33× vs 1.46×, 14²×256 2.32× vs 3.70×;
+        # at k = 3 and larger images its (H·W)² work loses.
+        impl = "dense" if height * width <= 4 * kernel_size**2 else "shifted"
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")
     return _IMPLEMENTATIONS[impl]
