@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, train_lib
+from sasa_flax import checkpointing, config_lib, train_lib
 from tests import subprocesses
 from tests.test_train import final_params, tiny_config
 
@@ -239,9 +239,10 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
     process 1 alone stops both after the same step with one checkpoint written together;
     the restarted pair restores it and ends where 1 process × 4 devices does, given the
     same global batches (the data order depends on the number of reading processes)."""
-    # Enough steps after the signal for JAX's preemption sync (a background exchange
-    # through the coordinator) to settle on a step before the run would end anyway.
-    steps, config_arg = 30, "steps=30,checkpoint_every=1000"
+    # Batches of 128 make steps slow enough for JAX's preemption sync (a background
+    # exchange through the coordinator) to settle on a step before the run ends, and few
+    # enough that round-off differences between the two set-ups stay at round-off level.
+    steps, config_arg = 10, "steps=10,checkpoint_every=1000,batch=128"
     single = subprocesses.Process(
         ["-m", "tests.two_shard_reference", str(tmp_path / "single"), config_arg],
         subprocesses.environment(devices=4),
@@ -250,11 +251,11 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
 
     workdir = tmp_path / "pair"
     pair = _two_processes(workdir, config_arg)
-    pair[0].wait_for(rf"step 3/{steps}")
+    pair[0].wait_for(rf"step 2/{steps}")
     pair[1].popen.send_signal(signal.SIGTERM)
     assert [p.finish() for p in pair] == [0, 0], pair[0].output + pair[1].output
     stopped = {int(p.wait_for(r"stopped by .* after step (\d+)", timeout=1)[1]) for p in pair}
-    assert len(stopped) == 1 and 3 <= stopped.pop() < steps  # the same step on both
+    assert len(stopped) == 1 and 2 <= stopped.pop() < steps  # the same step on both
     assert "step 1/" not in pair[1].output  # process 1 logs nothing
 
     pair = _two_processes(workdir, config_arg)
@@ -262,10 +263,17 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
     assert "resumed from step" in pair[0].output
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 2  # process 0's, once per run
 
-    config, devices = tiny_config(num_steps=steps), jax.devices()[:4]
+    config, devices = (
+        config_lib.load_config(f"tests/tiny_config.py:{config_arg}"),
+        jax.devices()[:4],
+    )
     step_a, params_a = final_params(config, str(workdir), devices)
     step_b, params_b = final_params(config, str(tmp_path / "single"), devices)
     assert step_a == step_b == steps
-    # Same data and math; cross-process reductions may add in another order.
-    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    # Same data and math, but reductions across processes (gloo) add in another order
+    # than within one, and SGD amplifies round-off step by step: compare the whole
+    # parameter vector. (Different global batches move it by several percent.)
+    flat_a, flat_b = (np.concatenate([x.ravel() for x in jax.tree.leaves(p)])
+                      for p in (params_a, params_b))  # fmt: skip
+    difference = np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_b)
+    assert difference < 5e-3, difference

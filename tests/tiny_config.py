@@ -8,10 +8,10 @@ from sasa_flax import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, steps=6, checkpoint_every=2)
+    args = config_lib.parse_arg(arg, steps=6, checkpoint_every=2, batch=32)
     config = config_lib.load_config("configs/digits.py")
     config.model.update(width=0.125, num_heads=2, spatial=("conv", "conv", "conv", "attention"))
-    config.input.update(image_size=16, batch_size=32, eval_batch_size=40)
+    config.input.update(image_size=16, batch_size=args.batch, eval_batch_size=40)
     config.train.update(
         num_steps=args.steps,
         warmup_epochs=0.0,
