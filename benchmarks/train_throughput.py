@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sasa_flax import config_lib, train_lib
 
@@ -34,23 +33,8 @@ def make_setup(depth: int, variant: str, args) -> train_lib.Setup:
     config.input.update(image_size=args.image_size, batch_size=args.batch)
     config.train.update(compute_dtype=args.dtype, num_steps=1000, warmup_epochs=0.0)
     config.model.attention_impl = args.impl
-    devices = jax.devices()
-    dtype = train_lib.compute_dtype(args.dtype)
-    abstract = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=dtype))
-    abstract.train()
-    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=1000, total_steps=1000)
-    return train_lib.Setup(
-        config=config,
-        mesh=jax.make_mesh(
-            (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-        ),
-        dataset=None,
-        train_graphdef=nnx.graphdef(abstract),
-        eval_graphdef=None,
-        tx=train_lib.make_optimizer(config, schedule),
-        schedule=schedule,
-        steps_per_epoch=1000,
-        total_steps=1000,
+    return train_lib.model_setup(
+        config, jax.devices(), dataset=None, steps_per_epoch=1000, total_steps=1000
     )
 
 

@@ -155,6 +155,14 @@ def make_setup(config, *, devices=None, process_index=None, process_count=None) 
     total_steps = config.train.num_steps or int(
         math.ceil(config.train.num_epochs * steps_per_epoch)
     )
+    return model_setup(
+        config, devices, dataset=dataset, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+
+
+def model_setup(config, devices, *, dataset, steps_per_epoch: int, total_steps: int) -> Setup:
+    """The model, optimizer and mesh half of ``make_setup``, for a dataset already opened
+    (or none: benchmarks feed their own batches)."""
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     dtype = compute_dtype(config.train.compute_dtype)
     abstract = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=dtype))
