@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 from sasa_flax import local_attention, local_attention_weights
 from tests import reference
 
-IMPLS = ["patches", "shifted", "dense"]
+IMPLS = ["patches", "shifted", "dense", "pallas"]
 
 # (batch, height, width, heads, head_dim, value_dim): square, non-square, and
 # smaller than the largest kernel.
@@ -94,7 +94,7 @@ def test_gradients_float64(rng, impl, padding, kernel_size, terms):
 
         assert f(*args).dtype == jnp.float64
         # custom_vjp implementations have no forward mode (a JAX limitation).
-        modes = ("rev",) if impl == "shifted" else ("fwd", "rev")
+        modes = ("rev",) if impl in ("shifted", "pallas") else ("fwd", "rev")
         check_grads(f, tuple(map(jnp.asarray, args)), order=1, modes=modes, atol=1e-6, rtol=1e-6)
 
 

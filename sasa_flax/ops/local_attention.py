@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sasa_flax.ops import dense, patches, shifted
+from sasa_flax.ops import dense, fused, patches, shifted
 
 PADDINGS = ("mask", "zeros")
 
@@ -28,6 +28,7 @@ _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "patches": patches.local_attention,
     "shifted": shifted.local_attention,
     "dense": dense.local_attention,
+    "pallas": fused.local_attention,
 }
 IMPLEMENTATIONS = ("auto", *_IMPLEMENTATIONS)
 
@@ -63,7 +64,11 @@ def local_attention(
         hand-written backward that gathers no k×k neighbourhoods; reverse-mode only,
         like every ``custom_vjp``), ``"dense"`` (the whole image as one block with a
         window mask: (H·W)² work in matmuls, for images not much larger than the
-        window) or ``"auto"``: ``"dense"`` when H·W ≤ 4·k², else ``"shifted"``.
+        window), ``"pallas"`` (fused Pallas kernels with an online softmax and their
+        own backward; lowered through Triton on GPU, interpreted on CPU, where it
+        is exact but slow) or ``"auto"``: ``"dense"`` when H·W ≤ 4·k², else
+        ``"shifted"``. ``"auto"`` does not pick ``"pallas"`` yet: it lowers for GPU
+        in the tests but has not been timed on one (benchmarks/RESULTS.md).
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed

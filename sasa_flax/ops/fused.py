@@ -1,0 +1,436 @@
+"""Local attention as fused Pallas kernels: online softmax, no attention matrix stored.
+
+Layout. Each image is zero-padded by r = k // 2 on every side and flattened row by
+row, with width Wp = W + 2r, into one "frame" per (batch, head). In that frame the
+neighbour (dy, dx) of any pixel is a constant distance away,
+
+    shift(dy, dx) = (dy - r) * Wp + (dx - r),
+
+so every kernel reads a tile of T consecutive frame positions and, for each of the
+k² offsets, the tile ``shift`` positions away: contiguous loads of (T, d), no
+gathers, no k×k neighbourhood anywhere. Tiles cover whole padded rows, so about
+2r / Wp of the work lands on padding columns and is discarded (11% at 56², k = 7).
+A window never wraps to the next row because the padding columns separate rows.
+
+Kernels (one program per (batch·head, tile)):
+  forward:  for each offset, the logit q·(k_o + r_o) (the relative term folded into
+            the key read), masked outside the image under ``"mask"``, then an online
+            softmax update of (max, normaliser, weighted sum). Writes y and the
+            log-sum-exp; never the (T, k²) weights.
+  dq:       recomputes p_o = exp(logit_o - lse), accumulates dq = Σ_o ds_o (k_o + r_o)
+            and the per-offset Σ ds_o q for the relative tables (summed outside).
+  dk, dv:   one program per key tile gathers from the queries that see it: query at
+            key - shift_o, so dk = Σ_o ds_o q_o and dv = Σ_o p_o dy_o, without atomics.
+with ds_o = p_o (dy·v_o - Σ dy·y), as in FlashAttention's backward.
+
+Lowering. On GPU the kernels lower through Pallas' Triton backend, which wants
+power-of-two tiles: head widths are zero-padded to a power of two (the extra
+columns contribute exact zeros). ``tests/test_fused.py`` checks that the kernels
+lower to Triton IR for CUDA (``jax.export``, no GPU needed); they have not yet been
+compiled and timed on a GPU (see benchmarks/RESULTS.md). On CPU they run in Pallas'
+interpret mode: exact, and slow (a correctness tool, not a CPU implementation).
+TPU (Mosaic) is not supported yet: its loads want aligned starts.
+
+Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from sasa_flax.ops.patches import accumulation_dtype
+
+# Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
+# on a GPU; tests pass small tiles to exercise many tiles and their edges.
+DEFAULT_TILE = 128
+
+# Logit of a neighbour outside the image under "mask". Finite, so that a tile whose
+# first offsets are all outside never computes exp(-inf - -inf) = nan: once an
+# in-image neighbour arrives, exp(_EXCLUDED - max) underflows to exactly 0.
+_EXCLUDED = -1e30
+
+# Selects Pallas' Triton lowering on GPU (jax 0.10 defaults to Mosaic GPU, whose bulk
+# copies take at most 256 rows: our kernels index whole frames).
+_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=1)
+
+
+def local_attention(
+    q,
+    k,
+    v,
+    rel_row,
+    rel_col,
+    *,
+    kernel_size: int,
+    padding: str,
+    tile: int = DEFAULT_TILE,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
+
+    ``tile``: frame positions per program, a power of two. ``interpret``: run the
+    kernels in Pallas' interpreter; by default on CPU only (``False`` on CPU is for
+    lowering to another platform with ``jax.export``).
+    """
+    platform = jax.default_backend()
+    if interpret is None and platform not in ("gpu", "cpu"):
+        raise ValueError(
+            f'impl="pallas" compiles for GPUs (Triton) and runs interpreted on CPU; the '
+            f'{platform!r} backend is not supported yet. Use impl="auto" or "shifted".'
+        )
+    if tile < 1 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two; got {tile}.")
+    rel = None if rel_row is None else (rel_row, rel_col)
+    frame = _Frame.of(q.shape, kernel_size, tile)
+    config = _KernelConfig(
+        kernel_size=kernel_size,
+        padding=padding,
+        has_key=k is not None,
+        has_rel=rel is not None,
+        frame=frame,
+        dtype=accumulation_dtype(q, v),
+        interpret=platform == "cpu" if interpret is None else interpret,
+    )
+    return _attention(q, k, v, rel, config)
+
+
+class _Frame(NamedTuple):
+    """Geometry of the padded, flattened image shared by all kernels."""
+
+    batch: int
+    height: int
+    width: int
+    heads: int
+    radius: int
+    tile: int
+
+    @classmethod
+    def of(cls, q_shape, kernel_size, tile):
+        batch, height, width, heads, _ = q_shape
+        return cls(batch, height, width, heads, kernel_size // 2, tile)
+
+    @property
+    def padded_width(self) -> int:
+        return self.width + 2 * self.radius
+
+    @property
+    def num_tiles(self) -> int:
+        # Tiles cover the H padded rows that hold queries (and in-image keys).
+        return pl.cdiv(self.height * self.padded_width, self.tile)
+
+    @property
+    def first(self) -> int:
+        """Frame index of tile 0's first position: the front margin r, then r padded rows."""
+        return self.radius + self.radius * self.padded_width
+
+    @property
+    def length(self) -> int:
+        """Frame length: tiles plus a margin of the largest shift on both sides."""
+        return 2 * self.first + self.num_tiles * self.tile
+
+    def shift(self, offset):
+        """Frame distance from a pixel to its neighbour number ``offset`` (row-major)."""
+        size = 2 * self.radius + 1
+        # lax.div/rem (C semantics; offset ≥ 0): Python's floor // and % add sign fix-ups
+        # that Triton's lowering rejects.
+        dy, dx = jax.lax.div(offset, size), jax.lax.rem(offset, size)
+        return (dy - self.radius) * self.padded_width + (dx - self.radius)
+
+    def to_frame(self, x: jax.Array, width: int | None = None) -> jax.Array:
+        """(B, H, W, N, c) -> (B·N, length, c'), zeros outside the image; c' = ``width`` or c."""
+        r, c = self.radius, x.shape[-1]
+        x = jnp.pad(x, [(0, 0), (r, r), (r, r), (0, 0), (0, (width or c) - c)])
+        x = jnp.moveaxis(x, 3, 1).reshape(self.batch * self.heads, -1, width or c)
+        tail = self.length - r - x.shape[1]
+        return jnp.pad(x, [(0, 0), (r, tail), (0, 0)])
+
+    def from_tiles(self, x: jax.Array, channels: int) -> jax.Array:
+        """(B·N, num_tiles·T, c) tile outputs -> (B, H, W, N, channels)."""
+        r, pw = self.radius, self.padded_width
+        x = x[:, : self.height * pw, :channels]
+        x = x.reshape(self.batch, self.heads, self.height, pw, channels)[
+            :, :, :, r : r + self.width
+        ]
+        return jnp.moveaxis(x, 1, 3)
+
+    def tiles_to_frame(self, x: jax.Array) -> jax.Array:
+        """(B·N, num_tiles·T) per-position tile outputs -> (B·N, length)."""
+        return jnp.pad(x, [(0, 0), (self.first, self.length - self.first - x.shape[1])])
+
+    def inside(self) -> jax.Array:
+        """(length,) 1.0 at frame positions of in-image pixels, else 0.0."""
+        ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
+        return self._replace(batch=1, heads=1).to_frame(ones)[0, :, 0]
+
+
+class _KernelConfig(NamedTuple):
+    kernel_size: int
+    padding: str
+    has_key: bool
+    has_rel: bool
+    frame: _Frame
+    dtype: jnp.dtype  # of logits, softmax and sums: float32, or float64 for float64 inputs
+    interpret: bool
+
+
+def _padded_width(n: int) -> int:
+    """Head widths go to the next power of two (Triton's tiles must be)."""
+    return max(pl.next_power_of_2(n), 1)
+
+
+def _offset_vectors(rel, kernel_size, width, dtype) -> jax.Array:
+    """r_o = concat(rel_row[dy], rel_col[dx]) per offset: (k², width), zero-padded."""
+    if rel is None:
+        return jnp.zeros((kernel_size**2, width), dtype)
+    rel_row, rel_col = (t.astype(dtype) for t in rel)
+    rows = jnp.repeat(rel_row, kernel_size, axis=0)
+    cols = jnp.tile(rel_col, (kernel_size, 1))
+    vectors = jnp.concatenate([rows, cols], axis=-1)
+    return jnp.pad(vectors, [(0, 0), (0, width - vectors.shape[1])])
+
+
+def _full_key(config, key, offset_vector):
+    """k_o + r_o, the vector a query is dotted with for offset o: (T, d), or (1, d)
+    when there are no keys (position only)."""
+    if not config.has_key:
+        return offset_vector
+    return key + offset_vector if config.has_rel else key
+
+
+def _load(config, ref, g, start):
+    """(T, c) rows start, ..., start + T - 1 of frame g, in the accumulation dtype."""
+    return ref[g, pl.ds(start, config.frame.tile), :].astype(config.dtype)
+
+
+def _offset_row(offsets_ref, o):
+    return offsets_ref[pl.ds(o, 1), :]  # (1, d), already in the accumulation dtype
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, y_ref, lse_ref):
+    frame, tile = config.frame, config.frame.tile
+    g, start = pl.program_id(0), frame.first + pl.program_id(1) * tile
+    q = _load(config, q_ref, g, start)
+    dv = v_ref.shape[-1]
+
+    def step(o, carry):
+        running_max, normaliser, acc = carry
+        at = start + frame.shift(o)
+        key = _load(config, k_ref, g, at) if config.has_key else None
+        logit = jnp.sum(q * _full_key(config, key, _offset_row(offsets_ref, o)), axis=-1)
+        if config.padding == "mask":
+            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, _EXCLUDED)
+        new_max = jnp.maximum(running_max, logit)
+        rescale, weight = jnp.exp(running_max - new_max), jnp.exp(logit - new_max)
+        acc = acc * rescale[:, None] + weight[:, None] * _load(config, v_ref, g, at)
+        return new_max, normaliser * rescale + weight, acc
+
+    init = (
+        jnp.full((tile,), _EXCLUDED, config.dtype),
+        jnp.zeros((tile,), config.dtype),
+        jnp.zeros((tile, dv), config.dtype),
+    )
+    running_max, normaliser, acc = jax.lax.fori_loop(0, config.kernel_size**2, step, init)
+    y_ref[...] = (acc / normaliser[:, None]).astype(y_ref.dtype)
+    lse_ref[...] = running_max + jnp.log(normaliser)
+
+
+def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
+    frame = config.frame
+    groups, tiles, dv = q_frame.shape[0], frame.num_tiles, v_frame.shape[-1]
+    whole = pl.no_block_spec
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, config),
+        grid=(groups, tiles),
+        in_specs=[whole] * 5,
+        out_specs=[
+            pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
+            pl.BlockSpec((None, frame.tile), lambda g, t: (g, t)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((groups, tiles * frame.tile, dv), config.dtype),
+            jax.ShapeDtypeStruct((groups, tiles * frame.tile), config.dtype),
+        ],
+        interpret=config.interpret,
+        compiler_params=_TRITON,
+        name="sasa_local_attention_fwd",
+    )(q_frame, k_frame, v_frame, offsets, inside)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(
+    config,
+    q_ref,
+    k_ref,
+    v_ref,
+    offsets_ref,
+    inside_ref,
+    dy_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    doff_ref,
+):
+    frame, tile = config.frame, config.frame.tile
+    g, start = pl.program_id(0), frame.first + pl.program_id(1) * tile
+    q, dy = _load(config, q_ref, g, start), _load(config, dy_ref, g, start)
+    lse = lse_ref[g, pl.ds(start, tile)]
+    delta = delta_ref[g, pl.ds(start, tile)]
+
+    def step(o, dq):
+        at = start + frame.shift(o)
+        key = _load(config, k_ref, g, at) if config.has_key else None
+        full_key = _full_key(config, key, _offset_row(offsets_ref, o))
+        logit = jnp.sum(q * full_key, axis=-1)
+        if config.padding == "mask":
+            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, _EXCLUDED)
+        p = jnp.exp(logit - lse)
+        ds = p * (jnp.sum(dy * _load(config, v_ref, g, at), axis=-1) - delta)
+        # Queries outside the image have dy = 0 and delta = 0, hence ds = 0: they
+        # add nothing to the relative tables' gradient.
+        doff_ref[pl.ds(o, 1), :] = jnp.sum(ds[:, None] * q, axis=0, keepdims=True)
+        return dq + ds[:, None] * full_key
+
+    dq = jax.lax.fori_loop(0, config.kernel_size**2, step, jnp.zeros_like(q))
+    dq_ref[...] = dq
+
+
+def _dkv_kernel(
+    config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, dy_ref, lse_ref, delta_ref, dk_ref, dv_ref
+):
+    frame, tile = config.frame, config.frame.tile
+    g, start = pl.program_id(0), frame.first + pl.program_id(1) * tile
+    key = _load(config, k_ref, g, start) if config.has_key else None
+    value = _load(config, v_ref, g, start)
+
+    def step(o, carry):
+        dk, dv = carry
+        at = start - frame.shift(o)  # the query that sees this key through offset o
+        q, dy = _load(config, q_ref, g, at), _load(config, dy_ref, g, at)
+        logit = jnp.sum(q * _full_key(config, key, _offset_row(offsets_ref, o)), axis=-1)
+        # Keys of this tile that are in the image are never masked for a query that
+        # sees them; keys outside it are not inputs (their rows are discarded).
+        p = jnp.exp(logit - lse_ref[g, pl.ds(at, tile)]) * inside_ref[pl.ds(at, tile)]
+        dv = dv + p[:, None] * dy
+        if config.has_key:
+            ds = p * (jnp.sum(dy * value, axis=-1) - delta_ref[g, pl.ds(at, tile)])
+            dk = dk + ds[:, None] * q
+        return dk, dv
+
+    init = (jnp.zeros(dk_ref.shape, config.dtype), jnp.zeros_like(value))
+    dk, dv = jax.lax.fori_loop(0, config.kernel_size**2, step, init)
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+
+
+def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
+    q_frame, k_frame, v_frame, offsets, inside = residuals
+    frame = config.frame
+    groups, tiles, tile = q_frame.shape[0], frame.num_tiles, frame.tile
+    d, dv = q_frame.shape[-1], v_frame.shape[-1]
+    offsets_rows = pl.next_power_of_2(config.kernel_size**2)
+    whole = pl.no_block_spec
+    per_tile = lambda c: pl.BlockSpec((None, tile, c), lambda g, t: (g, t, 0))  # noqa: E731
+    inputs = (q_frame, k_frame, v_frame, offsets, inside, dy_frame, lse_frame, delta_frame)
+    dq, d_offsets = pl.pallas_call(
+        functools.partial(_dq_kernel, config),
+        grid=(groups, tiles),
+        in_specs=[whole] * len(inputs),
+        out_specs=[
+            per_tile(d),
+            pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
+            jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype),
+        ],
+        interpret=config.interpret,
+        compiler_params=_TRITON,
+        name="sasa_local_attention_dq",
+    )(*inputs)
+    dk, dv_out = pl.pallas_call(
+        functools.partial(_dkv_kernel, config),
+        grid=(groups, tiles),
+        in_specs=[whole] * len(inputs),
+        out_specs=[per_tile(d), per_tile(dv)],
+        out_shape=[
+            jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
+            jax.ShapeDtypeStruct((groups, tiles * tile, dv), config.dtype),
+        ],
+        interpret=config.interpret,
+        compiler_params=_TRITON,
+        name="sasa_local_attention_dkv",
+    )(*inputs)
+    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1))[: config.kernel_size**2]
+
+
+# ------------------------------------------------------------------------ custom VJP
+
+
+def _prepare(q, k, v, rel, config):
+    frame = config.frame
+    d, dv = _padded_width(q.shape[-1]), _padded_width(v.shape[-1])
+    q_frame = frame.to_frame(q, d)
+    # Without keys the kernels never read k; a one-position dummy keeps the signature.
+    k_frame = frame.to_frame(k, d) if k is not None else jnp.zeros((1, 1, d), q.dtype)
+    v_frame = frame.to_frame(v, dv)
+    offsets = _offset_vectors(rel, config.kernel_size, d, config.dtype)
+    offsets = jnp.pad(
+        offsets, [(0, pl.next_power_of_2(offsets.shape[0]) - offsets.shape[0]), (0, 0)]
+    )
+    return q_frame, k_frame, v_frame, offsets, frame.inside()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, rel, config):
+    return _attention_fwd(q, k, v, rel, config)[0]
+
+
+def _attention_fwd(q, k, v, rel, config):
+    residuals = _prepare(q, k, v, rel, config)
+    y_tiles, lse_tiles = _run_forward(config, *residuals)
+    y = config.frame.from_tiles(y_tiles, v.shape[-1])
+    return y.astype(v.dtype), (residuals, y, lse_tiles, q, k, v, rel)
+
+
+def _attention_bwd(config, saved, dy):
+    residuals, y, lse_tiles, q, k, v, rel = saved
+    frame = config.frame
+    dy = dy.astype(config.dtype)
+    delta = jnp.sum(dy * y, axis=-1, keepdims=True)  # Σ_o p_o dy·v_o, per query
+    dy_frame = frame.to_frame(dy, residuals[2].shape[-1])
+    delta_frame = frame.to_frame(delta)[..., 0]
+    dq, dk, dv, d_offsets = _run_backward(
+        config, residuals, dy_frame, frame.tiles_to_frame(lse_tiles), delta_frame
+    )
+    d, kernel_size = q.shape[-1], config.kernel_size
+    grads_q = frame.from_tiles(dq, d).astype(q.dtype)
+    grads_k = None if k is None else frame.from_tiles(dk, d).astype(k.dtype)
+    grads_v = frame.from_tiles(dv, v.shape[-1]).astype(v.dtype)
+    d_rel = None
+    if rel is not None:
+        per_offset = d_offsets[:, :d].reshape(kernel_size, kernel_size, d)
+        d_rel = (
+            per_offset[..., : d // 2].sum(axis=1).astype(rel[0].dtype),  # over dx
+            per_offset[..., d // 2 :].sum(axis=0).astype(rel[1].dtype),  # over dy
+        )
+    return grads_q, grads_k, grads_v, d_rel
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def frame_overhead(height: int, width: int, kernel_size: int, tile: int = DEFAULT_TILE) -> float:
+    """Positions computed per in-image pixel (≥ 1): padding columns and the last tile."""
+    frame = _Frame(1, height, width, 1, kernel_size // 2, tile)
+    return frame.num_tiles * tile / (height * width)

@@ -1,0 +1,144 @@
+"""The Pallas kernels (impl="pallas") at tile sizes that split images into many tiles.
+
+On CPU the kernels run in Pallas' interpret mode, which executes exactly the kernel
+code a GPU would (loads, masks, online softmax, the three backward programs) one
+program at a time. ``test_local_attention.py`` runs the shared property tests on
+"pallas" with its default tile; here tiles of 4 and 16 positions put tile edges
+inside rows, at borders and in the padding columns.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from sasa_flax.ops import fused, patches
+from tests import reference
+from tests.test_local_attention import TERMS, _random_case, make_inputs, relative_error
+
+TILES = [4, 16]
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("seed", range(10))
+def test_forward_matches_reference(tile, seed):
+    rng, shape, kernel_size, terms, padding = _random_case(seed)
+    q, k, v, rel_row, rel_col = make_inputs(rng, shape, kernel_size, terms)
+    y = fused.local_attention(
+        q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding, tile=tile
+    )
+    y_ref, _ = reference.local_attention(q, k, v, rel_row, rel_col, kernel_size, padding)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert relative_error(y, y_ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "padding,kernel_size,terms", list(itertools.product(["mask", "zeros"], [3, 5], TERMS))
+)
+def test_gradients_float64(rng, padding, kernel_size, terms):
+    """Reverse-mode gradients of every input against finite differences."""
+    with jax.enable_x64(True):
+        inputs = make_inputs(rng, (2, 4, 5, 2, 4, 3), kernel_size, terms, np.float64)
+        present = [i for i, x in enumerate(inputs) if x is not None]
+
+        def f(*arrays):
+            full = list(inputs)
+            for i, a in zip(present, arrays, strict=True):
+                full[i] = a
+            return fused.local_attention(*full, kernel_size=kernel_size, padding=padding, tile=4)
+
+        args = tuple(jnp.asarray(inputs[i]) for i in present)
+        assert f(*args).dtype == jnp.float64
+        check_grads(f, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("seed", range(10, 18))
+def test_gradients_agree_with_patches(dtype, seed):
+    """Output and all gradients against the reference expression, random cases."""
+    rng, shape, kernel_size, terms, padding = _random_case(seed)
+    inputs = [
+        None if x is None else jnp.asarray(x, dtype)
+        for x in make_inputs(rng, shape, kernel_size, terms)
+    ]
+    present = [i for i, x in enumerate(inputs) if x is not None]
+    cotangent = jnp.asarray(rng.standard_normal(shape[:4] + (shape[5],)), jnp.float32)
+
+    def loss(attention, *arrays):
+        full = list(inputs)
+        for i, a in zip(present, arrays, strict=True):
+            full[i] = a
+        y = attention(*full, kernel_size=kernel_size, padding=padding)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    grad = jax.grad(loss, argnums=tuple(range(1, len(present) + 1)), has_aux=True)
+    args = [inputs[i] for i in present]
+    fused_grads, fused_y = grad(functools.partial(fused.local_attention, tile=16), *args)
+    ref_grads, ref_y = grad(patches.local_attention, *args)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert fused_y.dtype == jnp.dtype(dtype)
+    assert relative_error(fused_y, np.asarray(ref_y, np.float64)) < tol
+    for ours, ref in zip(fused_grads, ref_grads, strict=True):
+        assert ours.dtype == ref.dtype
+        # Relative to the gradient's scale, floored at the unit scale of the inputs:
+        # where the exact gradient is 0 (k = 1, a softmax over one neighbour) ours is
+        # float32 round-off (~1e-6), because Σ_o p_o dy·v_o is taken as dy·y
+        # (FlashAttention's backward) and the two sums round differently.
+        scale = max(float(np.max(np.abs(np.asarray(ref, np.float64)))), 1.0)
+        assert float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref)))) < tol * scale
+
+
+def _triton_kernels(fn, *avals) -> int:
+    """Lowers ``fn`` for CUDA (no GPU needed) and counts the Triton kernels in it.
+
+    Pallas' Triton lowering runs here in full, with its checks (power-of-two
+    blocks, supported ops, dtypes); only Triton's own PTX compilation is left to
+    the GPU.
+    """
+    triton_call = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(fn),
+        platforms=("cuda",),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton_call)],
+    )(*avals)
+    return exported.mlir_module().count(f"@{triton_call}")
+
+
+@pytest.mark.parametrize(
+    "shape,kernel_size,padding,terms,dtype",
+    [
+        ((8, 56, 56, 8, 8, 8), 7, "mask", TERMS[0], jnp.bfloat16),  # ResNet-50 stage 2
+        ((2, 14, 14, 8, 32, 32), 11, "zeros", TERMS[0], jnp.float32),
+        ((2, 9, 5, 3, 6, 5), 3, "mask", TERMS[1], jnp.float32),  # widths padded to 8
+        ((1, 7, 7, 2, 4, 4), 1, "zeros", TERMS[2], jnp.bfloat16),  # position only
+    ],
+)
+def test_kernels_lower_to_triton_for_gpu(shape, kernel_size, padding, terms, dtype):
+    batch, height, width, heads, d, dv = shape
+    aval = lambda *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    q = aval(batch, height, width, heads, d)
+    k = q if "content" in terms else None
+    table = aval(kernel_size, d // 2) if "relative" in terms else None
+    attention = functools.partial(
+        fused.local_attention, kernel_size=kernel_size, padding=padding, interpret=False
+    )
+
+    def loss(q, v, k=None, rel_row=None, rel_col=None):
+        return jnp.sum(attention(q, k, v, rel_row, rel_col).astype(jnp.float32))
+
+    args = [q, aval(batch, height, width, heads, dv)] + [k, table, table]
+    assert _triton_kernels(lambda *a: attention(a[0], a[2], a[1], a[3], a[4]), *args) == 1
+    # Forward (recomputed for the residuals), dq and dk/dv.
+    assert _triton_kernels(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args) == 3
+
+
+def test_tile_must_be_a_power_of_two(rng):
+    q, k, v, rel_row, rel_col = make_inputs(rng, (1, 4, 4, 1, 4, 4), 3, TERMS[0])
+    with pytest.raises(ValueError, match="tile must be a power of two; got 12"):
+        fused.local_attention(q, k, v, rel_row, rel_col, kernel_size=3, padding="mask", tile=12)
