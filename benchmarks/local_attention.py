@@ -85,14 +85,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="56x64,28x128,14x256,7x512", help="SIZExCHANNELS,...")
     parser.add_argument("--kernel-sizes", default="3,7,11")
-    parser.add_argument("--impls", default="shifted,dense,patches")
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="default: pallas,shifted,dense,patches on GPU; shifted,dense,patches on CPU "
+        "(pallas runs interpreted there: a correctness tool, not timed)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    impls = args.impls.split(",")
+    on_cpu = jax.default_backend() == "cpu"
+    impls = (
+        args.impls or ("shifted,dense,patches" if on_cpu else "pallas,shifted,dense,patches")
+    ).split(",")
+    if on_cpu and "pallas" in impls:
+        parser.error("impl pallas runs in Pallas' interpreter on CPU; time it on a GPU.")
 
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "

@@ -95,7 +95,9 @@ def test_gradients_float64(rng, impl, padding, kernel_size, terms):
         assert f(*args).dtype == jnp.float64
         # custom_vjp implementations have no forward mode (a JAX limitation).
         modes = ("rev",) if impl in ("shifted", "pallas") else ("fwd", "rev")
-        check_grads(f, tuple(map(jnp.asarray, args)), order=1, modes=modes, atol=1e-6, rtol=1e-6)
+        check_grads(
+            jax.jit(f), tuple(map(jnp.asarray, args)), order=1, modes=modes, atol=1e-6, rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("padding", ["mask", "zeros"])
