@@ -1,7 +1,7 @@
 r"""One SASA layer against the 3×3 convolution it replaces, side by side in one run.
 
-    python benchmarks/local_attention.py     # ResNet-50 stage shapes, k = 3, 7, 11
-    python benchmarks/local_attention.py --shapes 56x64 --kernel-sizes 7 --impls shifted,patches
+    python -m benchmarks.local_attention     # ResNet-50 stage shapes, k = 3, 7, 11
+    python -m benchmarks.local_attention --shapes 56x64 --kernel-sizes 7 --impls shifted,patches
 
 For each stage shape (H×W×C, batch 8 by default, 8 heads) and window k, it times
 forward and forward+backward (median of --repeats runs after a warm-up, with

@@ -1,7 +1,7 @@
 r"""Whole-model training throughput: SASA ResNets against the conv ResNets, in one run.
 
-    python benchmarks/train_throughput.py                       # ResNet-26, 128², batch 8
-    python benchmarks/train_throughput.py --depths 26,50 --image-size 224 --batch 32
+    python -m benchmarks.train_throughput                       # ResNet-26, 128², batch 8
+    python -m benchmarks.train_throughput --depths 26,50 --image-size 224 --batch 32
 
 For every depth and variant (``configs/imagenet.py``: ``baseline`` = conv ResNet,
 ``conv_stem_attention``, ``full_attention``) it compiles the trainer's own jitted train
@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--impl", default="auto", help="config.model.attention_impl")
     parser.add_argument("--dtype", default="auto", help="config.train.compute_dtype")
     args = parser.parse_args()
+    if args.impl == "pallas" and jax.default_backend() == "cpu":
+        parser.error("impl pallas runs in Pallas' interpreter on CPU; time it on a GPU.")
 
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}) × "
