@@ -5,8 +5,9 @@ r"""One SASA layer against the 3×3 convolution it replaces, side by side in one
 
 For each stage shape (H×W×C, batch 8 by default, 8 heads) and window k, it times
 forward and forward+backward (median of --repeats runs after a warm-up, with
-``block_until_ready``) of the whole layer: Q/K/V projections + local attention,
-differentiated w.r.t. the input and every weight; the convolution is
+``block_until_ready``) of the whole layer, the product's ``SelfAttention2D`` (Q/K/V
+projections, relative tables, local attention), differentiated w.r.t. the input
+and every weight; the convolution is
 ``lax.conv_general_dilated`` with a C×C 3×3 kernel, differentiated the same way.
 It reports compiled temporary memory (``memory_analysis().temp_size_in_bytes``) and
 achieved GFLOP/s (analytic FLOPs of ``sasa_flax.flops``, paper convention, ×3 for
@@ -24,22 +25,29 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 
-from sasa_flax import flops, local_attention
+from sasa_flax import flops
+from sasa_flax.layers import SelfAttention2D
 
 
-def attention_layer(impl: str, kernel_size: int, heads: int):
-    def layer(x, w_qkv, rel_row, rel_col):
-        b, h, w, c = x.shape
-        qkv = (x.reshape(-1, c) @ w_qkv).reshape(b, h, w, 3, heads, c // heads)
-        q = qkv[..., 0, :, :] * (c // heads) ** -0.5
-        y = local_attention(
-            q, qkv[..., 1, :, :], qkv[..., 2, :, :], rel_row, rel_col,
-            kernel_size=kernel_size, impl=impl,
-        )  # fmt: skip
-        return y.reshape(b, h, w, c)
+def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtype):
+    """The product's own ``SelfAttention2D`` as a pure function of (x, params).
 
-    return layer
+    Returns (layer, params): ``layer(x, params)`` runs the module (W_Q, W_K, W_V,
+    relative tables, local attention) from ``nnx.split`` state, so ``jax.grad``
+    differentiates w.r.t. the input and every weight, as the trainer does.
+    """
+    module = SelfAttention2D(
+        channels, channels, num_heads=heads, kernel_size=kernel_size, impl=impl,
+        dtype=dtype, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params = nnx.split(module)
+
+    def layer(x, params):
+        return nnx.merge(graphdef, params)(x)
+
+    return layer, params
 
 
 def conv_layer(x, kernel):
@@ -52,7 +60,7 @@ def forward_and_backward(layer):
     def loss(*args):
         return jnp.sum(layer(*args) ** 2)
 
-    return jax.grad(loss, argnums=tuple(range(layer.__code__.co_argcount)))
+    return jax.grad(loss, argnums=(0, 1))
 
 
 def measure(fn, args, repeats: int) -> tuple[float, int]:
@@ -133,17 +141,13 @@ def main():
             f"| 1.00 | {conv_temp / 2**20:.0f} | {conv_gflops:.0f} |"
         )
         for kernel_size in map(int, args.kernel_sizes.split(",")):
-            head_dim = channels // args.heads
-            w_qkv = jax.random.normal(key, (channels, 3 * channels), dtype) * channels**-0.5
-            rel = jax.random.normal(key, (kernel_size, head_dim // 2), dtype) * 0.1
-            layer_args = (x, w_qkv, rel, rel)
             attention_flops, _ = layer_flops(size, channels, kernel_size, args.heads)
             for impl in impls:
                 if impl == "dense" and size * size > 4 * kernel_size**2:
                     continue  # (H·W)² logits: gigabytes at 56², and never the faster there
-                layer = attention_layer(impl, kernel_size, args.heads)
-                fwd, _ = measure(layer, layer_args, args.repeats)
-                both, temp = measure(forward_and_backward(layer), layer_args, args.repeats)
+                layer, params = attention_layer(impl, kernel_size, args.heads, channels, dtype)
+                fwd, _ = measure(layer, (x, params), args.repeats)
+                both, temp = measure(forward_and_backward(layer), (x, params), args.repeats)
                 gflops = 3 * attention_flops * args.batch / both / 1e9
                 print(
                     f"| {size}²×{channels} | {kernel_size} | {impl} | {fwd * 1e3:.1f} "
