@@ -428,9 +428,3 @@ def _attention_bwd(config, saved, dy):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def frame_overhead(height: int, width: int, kernel_size: int, tile: int = DEFAULT_TILE) -> float:
-    """Positions computed per in-image pixel (≥ 1): padding columns and the last tile."""
-    frame = _Frame(1, height, width, 1, kernel_size // 2, tile)
-    return frame.num_tiles * tile / (height * width)
