@@ -135,13 +135,32 @@ def _forward(q, k, v, rel, kernel_size, padding):
     return y, att
 
 
+def _per_image(fn, *batched):
+    """fn applied to one image at a time (``lax.map`` over the batch axis), stacked.
+
+    ``fn`` takes and returns arrays with a leading batch axis of 1 (None passes).
+
+    Why, for the forward: one image's k² shifted slices and logits stay in cache
+    instead of k² passes over the whole batch. Layer forward at k = 7, batch 8 on
+    CPU: 92 → 77 ms at 56²×64, 67 → 29 ms at 28²×128, 32 → 14 ms at 14²×256. The
+    backward is not mapped: per image it took fwd+bwd at 56² from 320 to 626 ms.
+    """
+
+    def one(arrays):
+        outputs = fn(*(None if a is None else a[None] for a in arrays))
+        return jax.tree.map(lambda x: x[0], outputs)
+
+    return jax.lax.map(one, batched)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, rel, kernel_size, padding):
-    return _forward(q, k, v, rel, kernel_size, padding)[0]
+    return _attention_fwd(q, k, v, rel, kernel_size, padding)[0]
 
 
 def _attention_fwd(q, k, v, rel, kernel_size, padding):
-    y, att = _forward(q, k, v, rel, kernel_size, padding)
+    forward = lambda q, k, v: _forward(q, k, v, rel, kernel_size, padding)  # noqa: E731
+    y, att = _per_image(forward, q, k, v)
     # Inputs are saved in their own dtype (bfloat16 stays small); the backward casts.
     return y, (q, k, v, rel, att)
 
@@ -169,12 +188,11 @@ def _attention_bwd(kernel_size, padding, saved, dy):
 
     d_rel = None
     if rel is not None:
-        rel_row, rel_col = rel
         per_offset = jnp.einsum("bhwno,bhwnd->od", d_logits, q)  # (k², d)
         per_offset = per_offset.reshape(kernel_size, kernel_size, d)
         d_rel = (
-            per_offset[..., : d // 2].sum(axis=1).astype(rel_row.dtype),  # over dx
-            per_offset[..., d // 2 :].sum(axis=0).astype(rel_col.dtype),  # over dy
+            per_offset[..., : d // 2].sum(axis=1).astype(rel[0].dtype),  # over dx
+            per_offset[..., d // 2 :].sum(axis=0).astype(rel[1].dtype),  # over dy
         )
     return dq.astype(q_in.dtype), dk, dv, d_rel
 
