@@ -66,7 +66,7 @@ def local_attention(
         window mask: (H·W)² work in matmuls, for images not much larger than the
         window), ``"pallas"`` (fused Pallas kernels with an online softmax and their
         own backward; lowered through Triton on GPU, interpreted on CPU, where it
-        is exact but slow) or ``"auto"``: ``"dense"`` when H·W ≤ 4·k², else
+        is exact but slow) or ``"auto"``: ``"dense"`` when H·W < 4·k², else
         ``"shifted"``. ``"auto"`` does not pick ``"pallas"`` yet: it lowers for GPU
         in the tests but has not been timed on one (benchmarks/RESULTS.md).
 
@@ -110,11 +110,12 @@ def local_attention_weights(
 
 def _implementation(impl: str, height: int, width: int, kernel_size: int) -> Callable:
     if impl == "auto":
-        # Measured on CPU (benchmarks/local_attention.py, fwd+bwd ÷ 3×3 conv): "shifted"
-        # beats "patches" everywhere; "dense" beats "shifted" where the window covers a
-        # good part of the image: 7²×512 at k = 7 0.33× vs 1.46×, 14²×256 2.32× vs 3.70×;
-        # at k = 3 and larger images its (H·W)² work loses.
-        impl = "dense" if height * width <= 4 * kernel_size**2 else "shifted"
+        # Measured on CPU, side by side (benchmarks/local_attention.py, layer fwd+bwd ÷
+        # 3×3 conv, 2026-11-25): "shifted" beats "patches" everywhere; "dense" beats
+        # "shifted" where the window covers most of the image: 7²×512 at k = 7 0.36× vs
+        # 0.95×, 14²×256 at k = 11 2.53× vs 5.51×; at 14²×256, k = 7 (H·W = 4·k²)
+        # "shifted" wins, 2.17× vs 2.43×; at k = 3 and larger images (H·W)² work loses.
+        impl = "dense" if height * width < 4 * kernel_size**2 else "shifted"
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")
     return _IMPLEMENTATIONS[impl]
