@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from sasa_flax.ops import shifted
 from sasa_flax.ops.patches import accumulation_dtype
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
@@ -91,10 +92,12 @@ def local_attention(
     config = _KernelConfig(
         kernel_size=kernel_size,
         padding=padding,
-        has_key=k is not None,
         has_rel=rel is not None,
         frame=frame,
         dtype=accumulation_dtype(q, v),
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
+        input_dtypes=(q.dtype, None if k is None else k.dtype, v.dtype),
         interpret=platform == "cpu" if interpret is None else interpret,
     )
     return _attention(q, k, v, rel, config)
@@ -172,27 +175,22 @@ class _Frame(NamedTuple):
 class _KernelConfig(NamedTuple):
     kernel_size: int
     padding: str
-    has_key: bool
     has_rel: bool
     frame: _Frame
     dtype: jnp.dtype  # of logits, softmax and sums: float32, or float64 for float64 inputs
+    head_dim: int  # d and dv before padding to powers of two
+    value_dim: int
+    input_dtypes: tuple  # of q, k (None without keys), v: the gradients' dtypes
     interpret: bool
+
+    @property
+    def has_key(self) -> bool:
+        return self.input_dtypes[1] is not None
 
 
 def _padded_width(n: int) -> int:
     """Head widths go to the next power of two (Triton's tiles must be)."""
-    return max(pl.next_power_of_2(n), 1)
-
-
-def _offset_vectors(rel, kernel_size, width, dtype) -> jax.Array:
-    """r_o = concat(rel_row[dy], rel_col[dx]) per offset: (k², width), zero-padded."""
-    if rel is None:
-        return jnp.zeros((kernel_size**2, width), dtype)
-    rel_row, rel_col = (t.astype(dtype) for t in rel)
-    rows = jnp.repeat(rel_row, kernel_size, axis=0)
-    cols = jnp.tile(rel_col, (kernel_size, 1))
-    vectors = jnp.concatenate([rows, cols], axis=-1)
-    return jnp.pad(vectors, [(0, 0), (0, width - vectors.shape[1])])
+    return pl.next_power_of_2(n)
 
 
 def _full_key(config, key, offset_vector):
@@ -379,15 +377,17 @@ def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
 
 def _prepare(q, k, v, rel, config):
     frame = config.frame
-    d, dv = _padded_width(q.shape[-1]), _padded_width(v.shape[-1])
+    d, dv = _padded_width(config.head_dim), _padded_width(config.value_dim)
     q_frame = frame.to_frame(q, d)
     # Without keys the kernels never read k; a one-position dummy keeps the signature.
     k_frame = frame.to_frame(k, d) if k is not None else jnp.zeros((1, 1, d), q.dtype)
     v_frame = frame.to_frame(v, dv)
-    offsets = _offset_vectors(rel, config.kernel_size, d, config.dtype)
-    offsets = jnp.pad(
-        offsets, [(0, pl.next_power_of_2(offsets.shape[0]) - offsets.shape[0]), (0, 0)]
-    )
+    # r_o per offset, zero-padded to (next power of two ≥ k², d) for Triton's blocks;
+    # all zero without relative tables (the kernels then never add them).
+    offsets = jnp.zeros((pl.next_power_of_2(config.kernel_size**2), d), config.dtype)
+    if rel is not None:
+        r_o = shifted.offset_vectors(rel, config.kernel_size, config.dtype)
+        offsets = offsets.at[: r_o.shape[0], : r_o.shape[1]].set(r_o)
     return q_frame, k_frame, v_frame, offsets, frame.inside()
 
 
@@ -399,13 +399,15 @@ def _attention(q, k, v, rel, config):
 def _attention_fwd(q, k, v, rel, config):
     residuals = _prepare(q, k, v, rel, config)
     y_tiles, lse_tiles = _run_forward(config, *residuals)
-    y = config.frame.from_tiles(y_tiles, v.shape[-1])
-    return y.astype(v.dtype), (residuals, y, lse_tiles, q, k, v, rel)
+    y = config.frame.from_tiles(y_tiles, config.value_dim)
+    # The frames are the saved inputs: q, k and v themselves are not kept as well.
+    return y.astype(v.dtype), (residuals, y, lse_tiles, rel)
 
 
 def _attention_bwd(config, saved, dy):
-    residuals, y, lse_tiles, q, k, v, rel = saved
+    residuals, y, lse_tiles, rel = saved
     frame = config.frame
+    q_dtype, k_dtype, v_dtype = config.input_dtypes
     dy = dy.astype(config.dtype)
     delta = jnp.sum(dy * y, axis=-1, keepdims=True)  # Σ_o p_o dy·v_o, per query
     dy_frame = frame.to_frame(dy, residuals[2].shape[-1])
@@ -413,17 +415,10 @@ def _attention_bwd(config, saved, dy):
     dq, dk, dv, d_offsets = _run_backward(
         config, residuals, dy_frame, frame.tiles_to_frame(lse_tiles), delta_frame
     )
-    d, kernel_size = q.shape[-1], config.kernel_size
-    grads_q = frame.from_tiles(dq, d).astype(q.dtype)
-    grads_k = None if k is None else frame.from_tiles(dk, d).astype(k.dtype)
-    grads_v = frame.from_tiles(dv, v.shape[-1]).astype(v.dtype)
-    d_rel = None
-    if rel is not None:
-        per_offset = d_offsets[:, :d].reshape(kernel_size, kernel_size, d)
-        d_rel = (
-            per_offset[..., : d // 2].sum(axis=1).astype(rel[0].dtype),  # over dx
-            per_offset[..., d // 2 :].sum(axis=0).astype(rel[1].dtype),  # over dy
-        )
+    grads_q = frame.from_tiles(dq, config.head_dim).astype(q_dtype)
+    grads_k = None if k_dtype is None else frame.from_tiles(dk, config.head_dim).astype(k_dtype)
+    grads_v = frame.from_tiles(dv, config.value_dim).astype(v_dtype)
+    d_rel = None if rel is None else shifted.relative_table_grads(d_offsets, rel)
     return grads_q, grads_k, grads_v, d_rel
 
 

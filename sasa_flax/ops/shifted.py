@@ -52,15 +52,34 @@ def _window(padded: jax.Array, dy: int, dx: int, height: int, width: int) -> jax
     return padded[:, dy : dy + height, dx : dx + width]
 
 
-def _offset_vectors(rel, kernel_size: int, dtype) -> jax.Array:
-    """r_o for every offset: (k², d) = concat(rel_row[dy], rel_col[dx])."""
+def offset_vectors(rel, kernel_size: int, dtype) -> jax.Array:
+    """r_o for every offset: (k², d) = concat(rel_row[dy], rel_col[dx]).
+
+    Shared with the Pallas kernels (``fused``), which fold r_o the same way.
+    """
     rel_row, rel_col = (t.astype(dtype) for t in rel)
     rows = jnp.repeat(rel_row, kernel_size, axis=0)  # o -> dy
     cols = jnp.tile(rel_col, (kernel_size, 1))  # o -> dx
     return jnp.concatenate([rows, cols], axis=-1)
 
 
-def _neighbour_dots(x, y, kernel_size, offset_vectors=None, *, unrolled=False):
+def relative_table_grads(per_offset: jax.Array, rel) -> tuple[jax.Array, jax.Array]:
+    """Gradients of (rel_row, rel_col) from the gradient of every r_o, (k², ≥ d).
+
+    r_o = concat(rel_row[dy], rel_col[dx]), so rel_row[dy] collects the first d/2
+    entries over dx and rel_col[dx] the last d/2 over dy. Columns past d (padding)
+    are ignored. Returned in the tables' dtypes.
+    """
+    rel_row, rel_col = rel
+    kernel_size, half = rel_row.shape
+    per_offset = per_offset[:, : 2 * half].reshape(kernel_size, kernel_size, 2 * half)
+    return (
+        per_offset[..., :half].sum(axis=1).astype(rel_row.dtype),  # over dx
+        per_offset[..., half:].sum(axis=0).astype(rel_col.dtype),  # over dy
+    )
+
+
+def _neighbour_dots(x, y, kernel_size, offsets=None, *, unrolled=False):
     """(B, H, W, N, k²): x_ij · (y[i+dy, j+dx] + r_o) for every offset o, zeros outside.
 
     ``unrolled`` writes each dot product as a chain of d elementwise adds instead of a
@@ -75,8 +94,8 @@ def _neighbour_dots(x, y, kernel_size, offset_vectors=None, *, unrolled=False):
     columns = []
     for o, (dy, dx) in enumerate(_offsets(kernel_size)):
         neighbour = _window(y_pad, dy, dx, height, width)
-        if offset_vectors is not None:
-            neighbour = neighbour + offset_vectors[o]
+        if offsets is not None:
+            neighbour = neighbour + offsets[o]
         product = x * neighbour
         if unrolled:
             columns.append(functools.reduce(jnp.add, [product[..., i] for i in range(d)]))
@@ -88,7 +107,7 @@ def _neighbour_dots(x, y, kernel_size, offset_vectors=None, *, unrolled=False):
 def _logits(q, k, rel, kernel_size, padding):
     """(B, H, W, N, k²) logits in q's dtype (already the accumulation dtype)."""
     _, height, width, _, _ = q.shape
-    offsets = None if rel is None else _offset_vectors(rel, kernel_size, q.dtype)
+    offsets = None if rel is None else offset_vectors(rel, kernel_size, q.dtype)
     if k is None:  # position only: one small matmul against the k² offset vectors
         logits = jnp.einsum("bhwnd,od->bhwno", q, offsets)
     else:
@@ -170,7 +189,6 @@ def _attention_bwd(kernel_size, padding, saved, dy):
     acc = att.dtype
     q, v = q_in.astype(acc), v_in.astype(acc)
     k = None if k_in is None else k_in.astype(acc)
-    d = q.shape[-1]
     dy = dy.astype(acc)
 
     # d(att_o) = dy · v_o, then the softmax backward.
@@ -180,7 +198,7 @@ def _attention_bwd(kernel_size, padding, saved, dy):
     # dq = Σ_o dlogits_o (k_o + r_o); excluded neighbours have att = 0, so dlogits = 0.
     dq = jnp.zeros_like(q)
     if rel is not None:
-        dq += jnp.einsum("bhwno,od->bhwnd", d_logits, _offset_vectors(rel, kernel_size, acc))
+        dq += jnp.einsum("bhwno,od->bhwnd", d_logits, offset_vectors(rel, kernel_size, acc))
     if k is not None:
         dq += _weighted_sum(d_logits, k, kernel_size)
     dk = None if k is None else _scatter_back(d_logits, q, kernel_size).astype(k_in.dtype)
@@ -189,11 +207,7 @@ def _attention_bwd(kernel_size, padding, saved, dy):
     d_rel = None
     if rel is not None:
         per_offset = jnp.einsum("bhwno,bhwnd->od", d_logits, q)  # (k², d)
-        per_offset = per_offset.reshape(kernel_size, kernel_size, d)
-        d_rel = (
-            per_offset[..., : d // 2].sum(axis=1).astype(rel[0].dtype),  # over dx
-            per_offset[..., d // 2 :].sum(axis=0).astype(rel[1].dtype),  # over dy
-        )
+        d_rel = relative_table_grads(per_offset, rel)
     return dq.astype(q_in.dtype), dk, dv, d_rel
 
 
