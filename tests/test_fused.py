@@ -18,9 +18,16 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sasa_flax.ops import fused, patches
+from sasa_flax.ops import fused
 from tests import reference
-from tests.test_local_attention import TERMS, _random_case, make_inputs, relative_error
+from tests.test_local_attention import (
+    TERMS,
+    _random_case,
+    make_inputs,
+    of_present_inputs,
+    outputs_and_gradients,
+    relative_error,
+)
 
 TILES = [4, 16]
 
@@ -45,15 +52,12 @@ def test_gradients_float64(rng, padding, kernel_size, terms):
     """Reverse-mode gradients of every input against finite differences."""
     with jax.enable_x64(True):
         inputs = make_inputs(rng, (2, 4, 5, 2, 4, 3), kernel_size, terms, np.float64)
-        present = [i for i, x in enumerate(inputs) if x is not None]
-
-        def f(*arrays):
-            full = list(inputs)
-            for i, a in zip(present, arrays, strict=True):
-                full[i] = a
-            return fused.local_attention(*full, kernel_size=kernel_size, padding=padding, tile=4)
-
-        args = tuple(jnp.asarray(inputs[i]) for i in present)
+        f, args = of_present_inputs(
+            functools.partial(
+                fused.local_attention, kernel_size=kernel_size, padding=padding, tile=4
+            ),
+            inputs,
+        )
         assert f(*args).dtype == jnp.float64
         check_grads(jax.jit(f), args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
@@ -62,27 +66,8 @@ def test_gradients_float64(rng, padding, kernel_size, terms):
 @pytest.mark.parametrize("seed", range(10, 18))
 def test_gradients_agree_with_patches(dtype, seed):
     """Output and all gradients against the reference expression, random cases."""
-    rng, shape, kernel_size, terms, padding = _random_case(seed)
-    inputs = [
-        None if x is None else jnp.asarray(x, dtype)
-        for x in make_inputs(rng, shape, kernel_size, terms)
-    ]
-    present = [i for i, x in enumerate(inputs) if x is not None]
-    cotangent = jnp.asarray(rng.standard_normal(shape[:4] + (shape[5],)), jnp.float32)
-
-    def loss(attention, *arrays):
-        full = list(inputs)
-        for i, a in zip(present, arrays, strict=True):
-            full[i] = a
-        y = attention(*full, kernel_size=kernel_size, padding=padding)
-        return jnp.sum(y.astype(jnp.float32) * cotangent), y
-
-    grad = jax.grad(loss, argnums=tuple(range(1, len(present) + 1)), has_aux=True)
-    args = [inputs[i] for i in present]
-    fused_grads, fused_y = jax.jit(
-        functools.partial(grad, functools.partial(fused.local_attention, tile=16))
-    )(*args)
-    ref_grads, ref_y = jax.jit(functools.partial(grad, patches.local_attention))(*args)
+    attention = functools.partial(fused.local_attention, tile=16)
+    (fused_y, fused_grads), (ref_y, ref_grads) = outputs_and_gradients(attention, seed, dtype)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert fused_y.dtype == jnp.dtype(dtype)
     assert relative_error(fused_y, np.asarray(ref_y, np.float64)) < tol

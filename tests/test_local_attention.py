@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from sasa_flax import local_attention, local_attention_weights
+from sasa_flax.ops import patches
 from tests import reference
 
 IMPLS = ["patches", "shifted", "dense", "pallas"]
@@ -37,6 +38,20 @@ def relative_error(actual, expected):
     """max |actual - expected| relative to the scale of expected (which may be all zero)."""
     scale = max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
     return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / scale
+
+
+def of_present_inputs(attention, inputs):
+    """(f, args): ``attention(*inputs)`` as a function of the inputs that are not None
+    (k and the tables may be absent), for ``jax.grad`` and ``check_grads``."""
+    present = [i for i, x in enumerate(inputs) if x is not None]
+
+    def f(*arrays):
+        full = list(inputs)
+        for i, a in zip(present, arrays, strict=True):
+            full[i] = a
+        return attention(*full)
+
+    return f, tuple(jnp.asarray(inputs[i]) for i in present)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -80,24 +95,16 @@ def test_matches_reference_bfloat16(rng, impl, padding, kernel_size, shape):
 @pytest.mark.parametrize("kernel_size,terms", [(3, TERMS[0]), (5, TERMS[0]), (3, TERMS[2])])
 def test_gradients_float64(rng, impl, padding, kernel_size, terms):
     with jax.enable_x64(True):
-        q, k, v, rel_row, rel_col = make_inputs(
-            rng, (1, 4, 5, 2, 4, 3), kernel_size, terms, np.float64
-        )
+        inputs = make_inputs(rng, (1, 4, 5, 2, 4, 3), kernel_size, terms, np.float64)
         # Differentiate w.r.t. every array argument that is present.
-        args = [x for x in (q, k, v, rel_row, rel_col) if x is not None]
-        present = [x is not None for x in (q, k, v, rel_row, rel_col)]
-
-        def f(*arrays):
-            it = iter(arrays)
-            full = [next(it) if p else None for p in present]
-            return local_attention(*full, kernel_size=kernel_size, padding=padding, impl=impl)
-
+        f, args = of_present_inputs(
+            functools.partial(local_attention, kernel_size=kernel_size, padding=padding, impl=impl),
+            inputs,
+        )
         assert f(*args).dtype == jnp.float64
         # custom_vjp implementations have no forward mode (a JAX limitation).
         modes = ("rev",) if impl in ("shifted", "pallas") else ("fwd", "rev")
-        check_grads(
-            jax.jit(f), tuple(map(jnp.asarray, args)), order=1, modes=modes, atol=1e-6, rtol=1e-6
-        )
+        check_grads(jax.jit(f), args, order=1, modes=modes, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("padding", ["mask", "zeros"])
@@ -298,30 +305,42 @@ def _random_case(seed):
     return rng, shape, kernel_size, terms, padding
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("seed", range(12))
-def test_fast_implementation_agrees_with_patches(impl, dtype, seed):
-    """Outputs and all gradients, over random shapes, windows, paddings and terms."""
+def outputs_and_gradients(attention, seed, dtype):
+    """Random case ``seed`` (``_random_case``) in ``dtype``: (y, gradients of every
+    present input) of ``attention`` and of ``"patches"``, for the loss Σ y·c with a
+    random cotangent c.
+
+    ``attention`` takes (q, k, v, rel_row, rel_col, *, kernel_size, padding).
+    """
     rng, shape, kernel_size, terms, padding = _random_case(seed)
     inputs = [
         None if x is None else jnp.asarray(x, dtype)
         for x in make_inputs(rng, shape, kernel_size, terms)
     ]
-    present = [i for i, x in enumerate(inputs) if x is not None]
     cotangent = jnp.asarray(rng.standard_normal(shape[:4] + (shape[5],)), dtype)
 
-    def loss(impl_name, *arrays):
-        full = list(inputs)
-        for i, a in zip(present, arrays, strict=True):
-            full[i] = a
-        y = local_attention(*full, kernel_size=kernel_size, padding=padding, impl=impl_name)
-        return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)), y
+    def y_and_gradients(fn):
+        f, args = of_present_inputs(
+            functools.partial(fn, kernel_size=kernel_size, padding=padding), inputs
+        )
 
-    args = [inputs[i] for i in present]
-    grad = jax.grad(loss, argnums=tuple(range(1, len(args) + 1)), has_aux=True)
-    (fast_grads, fast_y) = jax.jit(functools.partial(grad, impl))(*args)
-    (ref_grads, ref_y) = jax.jit(functools.partial(grad, "patches"))(*args)
+        def loss(*arrays):
+            y = f(*arrays)
+            return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)), y
+
+        grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+        return y, grads
+
+    return y_and_gradients(attention), y_and_gradients(patches.local_attention)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_implementation_agrees_with_patches(impl, dtype, seed):
+    """Outputs and all gradients, over random shapes, windows, paddings and terms."""
+    attention = functools.partial(local_attention, impl=impl)
+    (fast_y, fast_grads), (ref_y, ref_grads) = outputs_and_gradients(attention, seed, dtype)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert fast_y.dtype == ref_y.dtype == jnp.dtype(dtype)
     assert relative_error(fast_y, np.asarray(ref_y, np.float64)) < tol
