@@ -6,15 +6,34 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import tempfile
+import pathlib
 import zlib
 
 import jax
 import numpy as np
 import pytest
 
-# Training tests compile the same step in several runs: share the compiled executables.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sasa-jax-cache-"))
+
+def compilation_cache_dir() -> pathlib.Path:
+    """Where the tests keep XLA's compiled executables between runs.
+
+    ``$SASA_FLAX_TEST_CACHE`` if set, else ``$XDG_CACHE_HOME/sasa_flax/jax-tests`` (default
+    ``~/.cache/sasa_flax/jax-tests``). Safe to delete at any time: a missing or emptied
+    cache only makes the next run compile again. JAX keys each entry on the program, the
+    jax/jaxlib versions, the backend and XLA_FLAGS, so stale entries are never used.
+    """
+    override = os.environ.get("SASA_FLAX_TEST_CACHE")
+    if override:
+        return pathlib.Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "sasa_flax" / "jax-tests"
+
+
+# Tests compile the same programs run after run (and the training tests the same step in
+# several runs and subprocesses): keep every compiled executable, however small.
+_cache = compilation_cache_dir()
+_cache.mkdir(parents=True, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

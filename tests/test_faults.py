@@ -1,5 +1,9 @@
 """Preemption, crashes and bad steps: real signals to real train.py processes, real kills
-in the middle of checkpoint writes, and exact resumption checked to the bit."""
+in the middle of checkpoint writes, and exact resumption checked to the bit.
+
+Every test here is in the slow selection (real processes, several trainings each) except
+the unwritable-workdir check; the default selection's training path is tests/test_train.py.
+"""
 
 import pathlib
 import signal
@@ -11,10 +15,12 @@ import numpy as np
 import pytest
 
 from sasa_flax import checkpointing, config_lib, train_lib
-from tests import subprocesses
-from tests.test_train import final_params, tiny_config
+from tests import helpers
+from tests.helpers import final_params, tiny_config
 
 STEPS = 24
+
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +29,7 @@ def uninterrupted(tmp_path_factory):
     train.py process that nothing stops (a process, not this one: XLA's CPU numerics
     depend on how many host devices the platform was started with)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    run = subprocesses.train(workdir, f"steps={STEPS}")
+    run = helpers.train(workdir, f"steps={STEPS}")
     assert run.finish() == 0, run.output
     return final_params(tiny_config(num_steps=STEPS), str(workdir), jax.devices()[:1])[1]
 
@@ -39,12 +45,13 @@ def complete_steps(workdir) -> list[int]:
     return sorted(checkpointing.manager(str(workdir), read_only=True).all_steps())
 
 
+@slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_resumes_exactly(
     signum, uninterrupted, tmp_path, rng
 ):
     config_arg = f"steps={STEPS},checkpoint_every=1000"  # no periodic checkpoint in the way
-    run = subprocesses.train(tmp_path, config_arg)
+    run = helpers.train(tmp_path, config_arg)
     at = int(rng.integers(2, STEPS // 2))
     run.wait_for(rf"step {at}/{STEPS}")
     run.popen.send_signal(signum)
@@ -52,17 +59,16 @@ def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_resumes_exactly(
     stopped = int(run.wait_for(rf"stopped by {signum.name} after step (\d+)", timeout=1)[1])
     assert at <= stopped < STEPS
     assert complete_steps(tmp_path)[-1] == stopped  # written at the signal, and durable
-    rerun = subprocesses.train(tmp_path, config_arg)
+    rerun = helpers.train(tmp_path, config_arg)
     assert rerun.finish() == 0, rerun.output
     assert f"resumed from step {stopped} " in rerun.output
     assert_same_final_parameters(tmp_path, uninterrupted)
 
 
+@slow
 def test_a_second_sigint_exits_at_once(tmp_path):
     # Batches of 512 (about half a second a step) leave time for the second Ctrl-C.
-    run = subprocesses.train(
-        tmp_path, "steps=200,checkpoint_every=5", "--config.input.batch_size=512"
-    )
+    run = helpers.train(tmp_path, "steps=200,checkpoint_every=5", "--config.input.batch_size=512")
     run.wait_for(r"step 6/200")
     run.popen.send_signal(signal.SIGINT)
     run.wait_for("press Ctrl-C again")
@@ -97,6 +103,7 @@ def _kill_while_writing(run, checkpoints: pathlib.Path, point: str, timeout: flo
     raise AssertionError(f"never saw a checkpoint being written:\n{run.output}")
 
 
+@slow
 def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
     uninterrupted, tmp_path
 ):
@@ -104,7 +111,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
     checkpoints = tmp_path / checkpointing.CHECKPOINT_DIR
     config_arg = f"steps={STEPS},checkpoint_every=1"
     for point in ("temporary directory created", "model item written", "2 ms into the write"):
-        run = subprocesses.train(tmp_path, config_arg)
+        run = helpers.train(tmp_path, config_arg)
         interrupted = _kill_while_writing(run, checkpoints, point)
         step_being_written = int(interrupted.name.split(".")[0])
         steps = complete_steps(tmp_path)
@@ -117,7 +124,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
                 mngr, steps[-1], model=abstract.model_item(), train=abstract.train_item()
             )
             assert int(item["train"]["step"]) == steps[-1]
-    rerun = subprocesses.train(tmp_path, config_arg)
+    rerun = helpers.train(tmp_path, config_arg)
     assert rerun.finish() == 0, rerun.output
     assert not _tmp_dirs(checkpoints)  # the leftovers were cleaned up
     assert_same_final_parameters(tmp_path, uninterrupted)
@@ -136,6 +143,7 @@ def _poison_batch(monkeypatch, at_step: int):
     monkeypatch.setattr(train_lib.input_pipeline, "train_batches", poisoned)
 
 
+@slow
 def test_a_non_finite_step_stops_the_run_without_saving_it(monkeypatch, tmp_path):
     _poison_batch(monkeypatch, at_step=4)
     with pytest.raises(
@@ -147,6 +155,7 @@ def test_a_non_finite_step_stops_the_run_without_saving_it(monkeypatch, tmp_path
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
+@slow
 def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, tmp_path):
     _poison_batch(monkeypatch, at_step=4)
     config = tiny_config(on_nonfinite="skip")
@@ -167,6 +176,7 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
+@slow
 @pytest.mark.parametrize(
     "change,names",
     [
@@ -193,6 +203,7 @@ def test_an_unwritable_workdir_is_refused_before_anything_is_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
+@slow
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -204,7 +215,7 @@ def test_an_unwritable_workdir_is_refused_before_anything_is_written(tmp_path):
 def test_a_bad_config_ends_train_py_with_one_message_and_writes_nothing(
     tmp_path, override, message
 ):
-    run = subprocesses.train(tmp_path / "run", "steps=2", override)
+    run = helpers.train(tmp_path / "run", "steps=2", override)
     assert run.finish() == 1
     assert message in run.output and "Traceback" not in run.output
     assert not (tmp_path / "run").exists()
@@ -216,11 +227,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, config_arg: str) -> list[subprocesses.Process]:
+def _two_processes(workdir, config_arg: str) -> list[helpers.Process]:
     """train.py as 2 processes of 2 CPU devices each, joined by a coordinator on 127.0.0.1."""
     address = f"127.0.0.1:{_free_port()}"
     return [
-        subprocesses.train(
+        helpers.train(
             workdir,
             config_arg,
             "--distributed=on",
@@ -234,6 +245,7 @@ def _two_processes(workdir, config_arg: str) -> list[subprocesses.Process]:
     ]
 
 
+@slow
 def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
     """2 processes × 2 devices: each reads its shard, only process 0 logs; SIGTERM to
     process 1 alone stops both after the same step with one checkpoint written together;
@@ -243,9 +255,9 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
     # exchange through the coordinator) to settle on a step before the run ends, and few
     # enough that round-off differences between the two set-ups stay at round-off level.
     steps, config_arg = 10, "steps=10,checkpoint_every=1000,batch=128"
-    single = subprocesses.Process(
+    single = helpers.Process(
         ["-m", "tests.two_shard_reference", str(tmp_path / "single"), config_arg],
-        subprocesses.environment(devices=4),
+        helpers.environment(devices=4),
     )
     assert single.finish() == 0, single.output
 

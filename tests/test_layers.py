@@ -8,10 +8,7 @@ from flax import nnx
 
 from sasa_flax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
 from tests import reference
-
-
-def param_count(module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+from tests.helpers import param_count
 
 
 def param_names(module) -> set[str]:

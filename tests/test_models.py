@@ -9,17 +9,13 @@ from flax import nnx
 from sasa_flax import config_lib, flops
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from sasa_flax.models import resnet
-from tests.shipped_configs import CONFIG_DIR, shipped_config_specs
+from tests.helpers import CONFIG_DIR, default_and_slow, param_count, shipped_config_specs
 
 SPECS = shipped_config_specs()
 
 
 def abstract_model(config):
     return nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0)))
-
-
-def param_count(model) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def abstract_forward(model, batch, size):
@@ -34,7 +30,18 @@ def test_every_config_is_covered():
     assert len(SPECS) >= 9 + 8 + 5 + 3 + 2 + 3
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.split("configs/")[-1])
+# By default one config per family (the paper's largest model, the small ones); every
+# shipped config in the slow selection.
+DEFAULT_SPECS = [
+    spec
+    for spec in SPECS
+    if spec.endswith(("imagenet.py:depth=50,variant=full_attention", "digits.py", "cifar10.py"))
+]
+
+
+@pytest.mark.parametrize(
+    "spec", default_and_slow(SPECS, DEFAULT_SPECS), ids=lambda s: s.split("configs/")[-1]
+)
 def test_every_config_builds_counts_and_runs(spec):
     config = config_lib.load_config(spec)
     # The analytic count (flops.py) equals the built model's, at the config's size.
@@ -107,6 +114,7 @@ def test_last_batch_norm_scale_initialisation(zero_init):
     assert all(np.all(np.asarray(b.bn1.scale[...]) == 1.0) for b in model.blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
 def test_compiled_forward_runs_and_trains_batch_norm(variant):
     config = config_lib.imagenet_config(26, variant, runlocal=True)
@@ -127,6 +135,7 @@ def test_compiled_forward_runs_and_trains_batch_norm(variant):
     assert float(jnp.max(jnp.abs(model.stem.bn.mean[...]))) == 0.0
 
 
+@pytest.mark.slow
 def test_bfloat16_forward():
     config = config_lib.imagenet_config(26, "full_attention", runlocal=True)
     model = config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from sasa_flax import config_lib, flops
-from tests.shipped_configs import CONFIG_DIR
+from tests.helpers import CONFIG_DIR
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "depth,width,size,stem", [(26, 1.0, 64, "conv"), (50, 1.0, 224, "conv"), (26, 0.5, 32, "cifar")]
 )

@@ -8,22 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, config_lib, train_lib
-
-
-def tiny_config(**train):
-    """tests/tiny_config.py: cheap to compile, six steps, a checkpoint every two."""
-    config = config_lib.load_config("tests/tiny_config.py")
-    config.train.update(**train)
-    return config
-
-
-def final_params(config, workdir, devices):
-    setup = train_lib.make_setup(config, devices=devices)
-    mngr = checkpointing.manager(workdir, read_only=True)
-    step = checkpointing.step_to_restore(mngr, workdir, None)
-    item = checkpointing.restore(mngr, step, model=train_lib.abstract_state(setup).model_item())
-    return step, jax.device_get(item["model"])
+from sasa_flax import checkpointing, train_lib
+from tests.helpers import final_params, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +34,7 @@ def test_end_to_end_trains_evaluates_and_checkpoints(eight_device_run):
     assert (pathlib.Path(workdir) / "eval_results_step_6.json").exists()
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_parameters(eight_device_run, tmp_path):
     config, workdir8, _ = eight_device_run
     workdir1 = str(tmp_path / "run1")
@@ -126,6 +113,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_eval_py_on_an_empty_workdir_prints_one_line(tmp_path):
     result = subprocess.run(
         [

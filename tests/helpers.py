@@ -1,0 +1,247 @@
+"""Helpers shared by the test modules: one place, imported by tests, never by each other.
+
+- attention inputs and comparisons (``make_inputs``, ``relative_error``, ``random_case``,
+  ``outputs_and_gradients``);
+- the tiny training config and restoring its final parameters;
+- every shipped config spec;
+- real ``train.py`` processes for the fault tests (``Process``, ``train``).
+
+The float64 loop references live apart, in ``tests/reference.py``: they are the oracle,
+written independently of sasa_flax and of these helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_flax import checkpointing, config_lib, train_lib
+from sasa_flax.ops import patches
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+# --- attention inputs -----------------------------------------------------------------
+
+TERMS = [("content", "relative"), ("content",), ("relative",)]  # k / tables present
+
+
+def make_inputs(rng, shape, kernel_size, terms, dtype=np.float32):
+    """(q, k, v, rel_row, rel_col) for shape (batch, height, width, heads, d, dv); k and
+    the tables are None where ``terms`` leaves them out."""
+    batch, height, width, heads, d, dv = shape
+    normal = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    q = normal(batch, height, width, heads, d)
+    k = normal(batch, height, width, heads, d) if "content" in terms else None
+    v = normal(batch, height, width, heads, dv)
+    rel_row = normal(kernel_size, d // 2) if "relative" in terms else None
+    rel_col = normal(kernel_size, d // 2) if "relative" in terms else None
+    return q, k, v, rel_row, rel_col
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| relative to the scale of expected (which may be all zero)."""
+    scale = max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / scale
+
+
+def of_present_inputs(attention, inputs):
+    """(f, args): ``attention(*inputs)`` as a function of the inputs that are not None
+    (k and the tables may be absent), for ``jax.grad`` and ``check_grads``."""
+    present = [i for i, x in enumerate(inputs) if x is not None]
+
+    def f(*arrays):
+        full = list(inputs)
+        for i, a in zip(present, arrays, strict=True):
+            full[i] = a
+        return attention(*full)
+
+    return f, tuple(jnp.asarray(inputs[i]) for i in present)
+
+
+def random_case(seed):
+    """A random shape / option combination, borders and odd sizes included:
+    (rng, shape, kernel_size, terms, padding)."""
+    rng = np.random.default_rng(seed)
+    kernel_size = int(rng.choice([1, 3, 5, 7, 9]))
+    height, width = (int(x) for x in rng.integers(1, 11, size=2))
+    heads, half = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+    terms = TERMS[int(rng.integers(len(TERMS)))]
+    padding = str(rng.choice(["mask", "zeros"]))
+    shape = (int(rng.integers(1, 3)), height, width, heads, 2 * half, int(rng.integers(1, 7)))
+    return rng, shape, kernel_size, terms, padding
+
+
+def outputs_and_gradients(attention, seed, dtype):
+    """Random case ``seed`` (``random_case``) in ``dtype``: (y, gradients of every
+    present input) of ``attention`` and of ``"patches"``, for the loss Σ y·c with a
+    random cotangent c.
+
+    ``attention`` takes (q, k, v, rel_row, rel_col, *, kernel_size, padding).
+    """
+    rng, shape, kernel_size, terms, padding = random_case(seed)
+    inputs = [
+        None if x is None else jnp.asarray(x, dtype)
+        for x in make_inputs(rng, shape, kernel_size, terms)
+    ]
+    cotangent = jnp.asarray(rng.standard_normal(shape[:4] + (shape[5],)), dtype)
+
+    def y_and_gradients(fn):
+        f, args = of_present_inputs(
+            functools.partial(fn, kernel_size=kernel_size, padding=padding), inputs
+        )
+
+        def loss(*arrays):
+            y = f(*arrays)
+            return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)), y
+
+        grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+        return y, grads
+
+    return y_and_gradients(attention), y_and_gradients(patches.local_attention)
+
+
+# --- models and training ----------------------------------------------------------------
+
+
+def param_count(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def tiny_config(**train):
+    """tests/tiny_config.py: cheap to compile, six steps, a checkpoint every two."""
+    config = config_lib.load_config("tests/tiny_config.py")
+    config.train.update(**train)
+    return config
+
+
+def final_params(config, workdir, devices):
+    """(step, parameters) of the newest checkpoint in ``workdir``, on the host."""
+    setup = train_lib.make_setup(config, devices=devices)
+    mngr = checkpointing.manager(workdir, read_only=True)
+    step = checkpointing.step_to_restore(mngr, workdir, None)
+    item = checkpointing.restore(mngr, step, model=train_lib.abstract_state(setup).model_item())
+    return step, jax.device_get(item["model"])
+
+
+def shipped_config_specs() -> list[str]:
+    """Every shipped config spec (file:arg), for tests that must cover them all."""
+    specs = []
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        module = config_lib.load_config_module(str(path))
+        rows = getattr(module, "PAPER_ROWS", None)
+        specs += [f"{path}:{arg}" for arg in rows] if rows else [str(path)]
+    return specs
+
+
+# --- real train.py processes --------------------------------------------------------------
+
+
+def environment(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The test's environment with ``devices`` fake CPU devices and the tests' compilation
+    cache (so that each process compiles the tiny model's step once per suite)."""
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+class Process:
+    """A subprocess whose merged stdout/stderr is collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        """Blocks until a line matches ``pattern``; fails with the output so far if the
+        process ends or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if match := re.search(pattern, line):
+                return match
+        self.popen.kill()
+        raise AssertionError(f"no line matching {pattern!r} in:\n{self.output}")
+
+    def finish(self, timeout: float = 180) -> int:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{self.output}") from None
+        time.sleep(0.05)  # let the reader thread drain the pipe
+        return code
+
+
+def train(workdir, config_arg: str, *flags: str, devices: int = 1, **env: str) -> Process:
+    """``python train.py --config tests/tiny_config.py:<config_arg> --workdir <workdir>``."""
+    args = ["train.py", "--config", f"tests/tiny_config.py:{config_arg}", "--workdir"]
+    return Process([*args, str(workdir), *flags], environment(devices, **env))
+
+
+# --- default and slow selections ----------------------------------------------------------
+
+
+def default_and_slow(cases, default):
+    """``cases`` for ``pytest.mark.parametrize``: those in ``default`` run in the default
+    selection, every other one is marked ``slow`` (it runs in CI with ``-m slow``).
+
+    Each case is a tuple of parameter values (or one value for a single parameter).
+    Raises if ``default`` names a case that is not in ``cases``, so that a default subset
+    cannot silently drift out of the grid it is taken from.
+    """
+    cases, default = list(cases), list(default)
+    missing = [case for case in default if case not in cases]
+    if missing:
+        raise ValueError(f"default cases {missing} are not in the grid")
+    return [
+        case
+        if case in default
+        else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+        for case in cases
+    ]
