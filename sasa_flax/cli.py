@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
 
 from absl import app, flags, logging
 
@@ -28,6 +29,29 @@ def _user_error_in(error: BaseException | None) -> UserError | None:
     return None
 
 
+def _flag_machinery(filename: str) -> bool:
+    """Frames of the flag parser and config loader, not of the user's code."""
+    parts = ("/ml_collections/", "/absl/", "/importlib/", "<frozen ")
+    return any(p in filename for p in parts) or filename == __file__
+
+
+def _raised_in_user_code(error: BaseException) -> str | None:
+    """If ``error`` (or an exception it wraps) was raised inside a config file or code it
+    imports, not by the override parser: that traceback, from the first such frame."""
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        user = [frame for frame in frames if not _flag_machinery(frame.filename)]
+        if user:
+            where = user[-1]  # the innermost line of the user's own code
+            return (
+                f"{type(error).__name__} in {where.filename}, line {where.lineno}, while "
+                f"loading --config: {_innermost_message(error)}\n"
+                + "".join(traceback.format_list(frames[frames.index(user[0]) :])).rstrip()
+            )
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing where a bad config file argument or a misspelt ``--config.x=y``
     override ends with one message naming it (exit status 1), not a traceback."""
@@ -41,11 +65,13 @@ def parse_flags(argv: list[str]) -> list[str]:
             line.strip() for line in str(e).splitlines()[1:] if line.strip()
         )
     except (KeyError, AttributeError) as e:
+        if in_config_file := _raised_in_user_code(e):
+            sys.exit(f"error: {in_config_file}")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         message = (
             f"unknown config field in {' '.join(overrides) or 'the overrides'}: "
-            f"{_innermost_message(e)} The fields are listed in sasa_flax/config_lib.py "
-            "(base_config)."
+            f"{_innermost_message(e)} The fields are the model's arguments "
+            "(sasa_flax/models) and config_lib.base_config()'s input and train sections."
         )
     except flags.Error as e:
         message = str(_user_error_in(e) or e)

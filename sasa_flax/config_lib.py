@@ -2,13 +2,18 @@
 
 A config is a Python file with ``get_config(arg=None)`` returning an
 ``ml_collections.ConfigDict``; ``arg`` is the string after the colon in
-``--config configs/imagenet.py:depth=50,variant=full_attention``. The field names
-of ``config.model`` are the public interface (they are also ``ResNet``'s
-arguments); ``validate_config`` checks every one of them before anything is built.
+``--config configs/imagenet.py:depth=50,variant=full_attention``.
+
+``config.model.name`` names a registered model (``sasa_flax.models``; default
+``"sasa_resnet"``) and the other fields of ``config.model`` are its keyword arguments.
+The model checks its own arguments: ``validate_config`` builds it abstractly (nothing is
+computed or compiled) and reports the model's ``ArgumentError`` as the config field's.
+What is not about the model (input, training) is checked here.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import pathlib
 from typing import Any
@@ -16,10 +21,10 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from sasa_flax.errors import UserError
-from sasa_flax.layers import POS_ENCODINGS, RELATIVE_TABLES, STEM_VARIANTS
-from sasa_flax.models import resnet
-from sasa_flax.ops import IMPLEMENTATIONS, PADDINGS
+from sasa_flax import models
+from sasa_flax.errors import ArgumentError, UserError
+
+DEFAULT_MODEL = "sasa_resnet"
 
 # Table 1 variants: which stem and which spatial layer in each of the four groups.
 VARIANTS = {
@@ -74,30 +79,19 @@ def _convert(key: str, raw: str, default: Any) -> Any:
         ) from None
 
 
+def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
+    """``config.model`` for registered model ``name``: every argument at its default,
+    then ``fields``."""
+    config = ml_collections.ConfigDict(dict(name=name, **models.arguments(name)))
+    config.update(fields)
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """Every field a config has, at ImageNet / paper defaults."""
+    """Every field a config has, at ImageNet / paper defaults (the SASA ResNet's model
+    fields; ``config.model = model_config("other")`` switches model)."""
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(
-        dict(
-            depth=50,
-            width=1.0,
-            stem="conv",
-            stem_variant="spatially_aware",
-            spatial=("conv",) * 4,
-            kernel_size=7,
-            num_heads=8,
-            pos_encoding="relative",
-            content=True,
-            padding="mask",
-            relative_tables="shared",
-            scale_queries=True,
-            attention_impl="auto",
-            num_classes=1000,
-            zero_init_last_bn=True,
-            bn_momentum=0.9,
-            bn_epsilon=1e-5,
-        )
-    )
+    config.model = model_config(DEFAULT_MODEL)
     config.input = ml_collections.ConfigDict(
         dict(
             # "digits" (offline), "folder" (class subfolders under data_dir), or any TFDS
@@ -195,109 +189,80 @@ def _one_of(config, field: str, choices) -> None:
         raise _field_error(field, value, f"must be one of {tuple(choices)}.")
 
 
+def _unknown_fields(section: str, given, known) -> ConfigError | None:
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    hints = [
+        f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name)
+        for name in unknown
+        for match in [difflib.get_close_matches(name, list(known), n=1)]
+    ]
+    return ConfigError(
+        f"config.{section} has unknown field(s) {unknown}: {', '.join(hints)}; known "
+        f"fields: {', '.join(sorted(known))}."
+    )
+
+
+def model_fields(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+    """(model name, keyword arguments) from ``config.model``."""
+    fields = config.model.to_dict()
+    return fields.pop("name", DEFAULT_MODEL), fields
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every model/input field; raises ConfigError naming the field and the fix.
+    """Checks every field; raises ConfigError naming the field and the fix.
 
     Returns the config unchanged, so that ``build(validate_config(config))`` reads well.
+    """
+    check(config)
+    return config
+
+
+def check(config: ml_collections.ConfigDict, dtype: Any = None):
+    """Checks every field as ``validate_config`` does and returns the abstract model it
+    built to check the model's fields (``abstract_model``), to be reused.
+
+    The input and training fields are checked here; the model's by building it
+    abstractly (its constructor checks its own arguments) and asking it about the image
+    size.
     """
     known = base_config()
     for section in ("model", "input", "train"):
         if section not in config:
             raise ConfigError(f"config.{section} is missing; start from config_lib.base_config().")
-        unknown = set(config[section].keys()) - set(known[section].keys())
-        if unknown:
-            raise ConfigError(
-                f"config.{section} has unknown field(s) {sorted(unknown)}; known fields: "
-                f"{', '.join(sorted(known[section].keys()))}."
-            )
-    m = config.model
-    if m.depth not in resnet.BLOCKS_PER_GROUP:
-        raise _field_error(
-            "model.depth", m.depth, f"must be one of {tuple(resnet.BLOCKS_PER_GROUP)}."
-        )
-    if not isinstance(m.width, int | float) or isinstance(m.width, bool) or m.width <= 0:
-        raise _field_error("model.width", m.width, "must be a positive number (1.0 = the paper's).")
-    _one_of(config, "model.stem", resnet.STEMS)
-    _one_of(config, "model.stem_variant", STEM_VARIANTS)
-    spatial = m.spatial
-    if isinstance(spatial, str) or not hasattr(spatial, "__len__") or len(spatial) != 4:
-        raise _field_error(
-            "model.spatial",
-            spatial,
-            "must be a tuple of four, one per group, each 'conv' or 'attention', "
-            "e.g. ('conv', 'conv', 'attention', 'attention').",
-        )
-    for group, layer in enumerate(spatial, start=1):
-        if layer not in resnet.SPATIAL_LAYERS:
-            raise _field_error(
-                "model.spatial",
-                tuple(spatial),
-                f"group {group} is {layer!r}; use 'conv' or 'attention'.",
-            )
-    kernel = m.kernel_size
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise _field_error(
-            "model.kernel_size",
-            kernel,
-            "must be a positive odd integer (3, 5, 7, ...): the window is centred on the pixel.",
-        )
-    _one_of(config, "model.pos_encoding", POS_ENCODINGS)
-    _one_of(config, "model.padding", PADDINGS)
-    _one_of(config, "model.relative_tables", RELATIVE_TABLES)
-    _one_of(config, "model.attention_impl", IMPLEMENTATIONS)
-    for flag in ("content", "scale_queries", "zero_init_last_bn"):
-        if not isinstance(m[flag], bool):
-            raise _field_error(f"model.{flag}", m[flag], "must be True or False.")
-    if not m.content and m.pos_encoding == "none":
-        raise ConfigError(
-            "config.model.content=False with config.model.pos_encoding='none' leaves no "
-            "attention logit; use pos_encoding='relative' (the paper's Table 6 ablation)."
-        )
-    if not isinstance(m.num_heads, int) or m.num_heads < 1:
-        raise _field_error("model.num_heads", m.num_heads, "must be a positive integer.")
-    for spec in resnet.block_specs(m.depth, m.width, tuple(spatial)):
-        if spec.spatial != "attention" or spec.index:
-            continue
-        head_dim, remainder = divmod(spec.width, m.num_heads)
-        if remainder:
-            raise _field_error(
-                "model.num_heads",
-                m.num_heads,
-                f"must divide the {spec.width} channels of group {spec.group + 1} "
-                f"(config.model.width={m.width}); change num_heads or width.",
-            )
-        if m.pos_encoding != "none" and head_dim % 2:
-            raise _field_error(
-                "model.num_heads",
-                m.num_heads,
-                f"gives heads of odd width {head_dim} in group {spec.group + 1}; positional "
-                "encodings need an even head width (half rows, half columns).",
-            )
-    if m.stem == "attention":
-        stem_width = resnet.scaled(resnet.STEM_WIDTH, m.width)
-        heads = resnet.ATTENTION_STEM_HEADS
-        if stem_width % heads or (stem_width // heads) % 2:
-            raise _field_error(
-                "model.width",
-                m.width,
-                f"gives an attention stem of {stem_width} channels, which {heads} heads of "
-                "even width cannot split; use a width that is a multiple of 1/8.",
-            )
-    if not isinstance(m.num_classes, int) or m.num_classes < 1:
-        raise _field_error("model.num_classes", m.num_classes, "must be a positive integer.")
-    if not 0.0 <= m.bn_momentum < 1.0:
-        raise _field_error("model.bn_momentum", m.bn_momentum, "must be in [0, 1).")
+    for section in ("input", "train"):
+        if error := _unknown_fields(section, config[section].keys(), known[section].keys()):
+            raise error
+    name, fields = model_fields(config)
+    try:
+        known_model = models.arguments(name)
+    except ArgumentError as e:
+        raise ConfigError(e.as_field("config.model.")) from None
+    if error := _unknown_fields("model", fields, known_model):
+        raise error
     size = config.input.image_size
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise _field_error("input.image_size", size, "must be a positive integer (pixels).")
-    if m.stem == "attention" and size % 4:
-        raise _field_error(
-            "input.image_size",
-            size,
-            "must be a multiple of 4 with the attention stem (4×4 blocks).",
-        )
+    model = abstract_model(config, dtype)
+    if hasattr(model, "check_image_size"):
+        try:
+            model.check_image_size(size, size)
+        except ArgumentError as e:
+            raise ConfigError(e.as_field("config.input.")) from None
     _validate_input_and_train(config)
-    return config
+    return model
+
+
+def abstract_model(config: ml_collections.ConfigDict, dtype: Any = None):
+    """The config's model with abstract parameters (``nnx.eval_shape``): shapes only, built
+    in well under a second. The model's ArgumentError becomes a ConfigError naming the
+    field."""
+    name, fields = model_fields(config)
+    try:
+        return nnx.eval_shape(lambda: models.build(name, fields, rngs=nnx.Rngs(0), dtype=dtype))
+    except ArgumentError as e:
+        raise ConfigError(e.as_field("config.model.")) from None
 
 
 def _positive(config, field: str, kind=(int, float), allow_zero: bool = False) -> None:
@@ -318,7 +283,8 @@ def _validate_input_and_train(config) -> None:
             "config.input.dataset='folder' needs config.input.data_dir: a directory with one "
             "subfolder of images per class."
         )
-    _one_of(config, "input.augment", ("inception", "pad"))
+    if not isinstance(i.augment, str) or not i.augment:
+        raise _field_error("input.augment", i.augment, "must name an augmentation, e.g. 'pad'.")
     _one_of(config, "input.corrupt_images", ("fail", "skip"))
     _one_of(config, "train.on_nonfinite", ("stop", "skip"))
     for field in ("input.batch_size", "input.eval_batch_size", "input.shuffle_buffer"):
@@ -339,16 +305,8 @@ def _validate_input_and_train(config) -> None:
     _one_of(config, "train.compute_dtype", ("auto", "float32", "bfloat16"))
 
 
-def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """config.model as ``ResNet`` keyword arguments."""
-    kwargs = model_config.to_dict()
-    kwargs["spatial"] = tuple(kwargs["spatial"])
-    return kwargs
-
-
-def build_model(
-    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None
-) -> resnet.ResNet:
-    """Validates ``config`` and builds its ResNet (use ``nnx.eval_shape`` for an abstract one)."""
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None):
+    """Validates ``config`` and builds its model (``abstract_model`` for an abstract one)."""
     validate_config(config)
-    return resnet.ResNet(**model_kwargs(config.model), dtype=dtype, rngs=rngs)
+    name, fields = model_fields(config)
+    return models.build(name, fields, rngs=rngs, dtype=dtype)

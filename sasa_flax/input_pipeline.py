@@ -1,5 +1,11 @@
 """Datasets → tf.data → per-process NumPy batches.
 
+Sources and augmentations are registries: ``@register_source("name")`` makes a function
+``(input_config, process_index, process_count) -> Dataset`` the dataset ``name``, and
+``register_augmentation("name", train=..., eval=...)`` the value of
+``config.input.augment``. A new dataset or augmentation is one function here (or in a
+module the config imports) and its registration.
+
 Sources (``config.input.dataset``):
   - any TFDS image-classification dataset by name (``imagenet2012``, ``cifar10``,
     ``cifar100``, ``imagenette``, ...), read from ``config.input.data_dir`` (may be gs://);
@@ -25,7 +31,7 @@ import dataclasses
 import math
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -67,15 +73,32 @@ class Dataset:
 
 # --- sources -----------------------------------------------------------------------
 
+# name -> (input_config, process_index, process_count) -> Dataset. Any other name is TFDS's.
+SOURCES: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_source(name: str):
+    """Decorator: ``fn(input_config, process_index, process_count) -> Dataset`` becomes
+    ``config.input.dataset = name``. ``fn`` reads this process's 1/process_count of each
+    split (``Split.make``) and reports the whole split's size; it raises DatasetError
+    with the fix when the data is missing."""
+
+    def decorate(fn):
+        SOURCES[name] = fn
+        return fn
+
+    return decorate
+
 
 def load(input_config, *, process_index: int = 0, process_count: int = 1) -> Dataset:
     """Opens config.input's dataset; raises DatasetError with a fix if it cannot."""
-    name = input_config.dataset
-    if name == "digits":
-        return _digits(input_config, process_index, process_count)
-    if name == "folder":
-        return _folder(input_config, process_index, process_count)
-    return _tfds(input_config, process_index, process_count)
+    if input_config.augment not in AUGMENTATIONS:
+        raise DatasetError(
+            f"config.input.augment={input_config.augment!r}: must be one of "
+            f"{tuple(AUGMENTATIONS)} (register_augmentation adds one)."
+        )
+    source = SOURCES.get(input_config.dataset, _tfds)
+    return source(input_config, process_index, process_count)
 
 
 def _shard(n: int, process_index: int, process_count: int) -> slice:
@@ -84,6 +107,7 @@ def _shard(n: int, process_index: int, process_count: int) -> slice:
     return slice(bounds[process_index], bounds[process_index + 1])
 
 
+@register_source("digits")
 def _digits(input_config, process_index, process_count) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -118,6 +142,7 @@ def _array_split(images, labels, process_index, process_count) -> Split:
     )
 
 
+@register_source("folder")
 def _folder(input_config, process_index, process_count) -> Dataset:
     root = pathlib.Path(input_config.data_dir)
     if not root.is_dir():
@@ -314,6 +339,34 @@ def _pad_crop(image, size: int, seed):
     return tf.image.stateless_random_crop(image, (size, size, 3), seed=seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """``train(image, split, size, seed) -> (size, size, 3)`` float pixels in [0, 255], drawn
+    from the stateless ``seed`` (a (2,) int64 tensor); ``eval(image, split, size)`` the
+    deterministic evaluation view. ``image`` is as ``split`` stores it (``_decode``)."""
+
+    train: Callable
+    eval: Callable
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {}
+
+
+def register_augmentation(name: str, *, train: Callable, eval: Callable) -> None:  # noqa: A002
+    """Makes ``config.input.augment = name`` use ``train`` / ``eval`` (see Augmentation)."""
+    AUGMENTATIONS[name] = Augmentation(train, eval)
+
+
+# ImageNet's: a random-area crop (8%-100%) resized, then the central crop of a resize.
+register_augmentation("inception", train=_inception_crop, eval=_centre_crop)
+# Small images (CIFAR): resize, reflect-pad by 4 and crop at random; eval resizes.
+register_augmentation(
+    "pad",
+    train=lambda image, split, size, seed: _pad_crop(_resize(image, split, size), size, seed),
+    eval=_resize,
+)
+
+
 def _normalise(image):
     image = (tf.cast(image, tf.float32) - MEAN_RGB) / STDDEV_RGB
     image.set_shape([None, None, 3])
@@ -327,10 +380,7 @@ def _train_preprocess(input_config, split: Split, seed: int, epoch: int):
         image, label = example
         key = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, index])
         keys = tf.random.experimental.stateless_split(key, 2)
-        if input_config.augment == "inception":
-            image = _inception_crop(image, split, size, keys[0])
-        else:
-            image = _pad_crop(_resize(image, split, size), size, keys[0])
+        image = AUGMENTATIONS[input_config.augment].train(image, split, size, keys[0])
         if input_config.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
         return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
@@ -342,10 +392,7 @@ def _eval_preprocess(input_config, split: Split):
     size = input_config.image_size
 
     def fn(image, label):
-        if input_config.augment == "inception":
-            image = _centre_crop(image, split, size)
-        else:
-            image = _resize(image, split, size)
+        image = AUGMENTATIONS[input_config.augment].eval(image, split, size)
         return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
 
     return fn

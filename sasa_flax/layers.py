@@ -6,7 +6,9 @@ each one that a researcher could reasonably want otherwise is an argument.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,18 +16,92 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sasa_flax.costs import register_cost
+from sasa_flax.errors import ArgumentError, check_one_of, check_options
 from sasa_flax.ops import block_local_attention, local_attention
-from sasa_flax.ops.local_attention import (
-    IMPLEMENTATIONS,
-    validate_kernel_size,
-    validate_padding,
-)
+from sasa_flax.ops.local_attention import validate_impl, validate_kernel_size, validate_padding
 
 POS_ENCODINGS = ("relative", "absolute", "none")
 RELATIVE_TABLES = ("shared", "per_head")
 STEM_VARIANTS = ("spatially_aware", "stand_alone", "conv_values")
 
 Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Every option of ``SelfAttention2D``, checked once, here, when it is made.
+
+    Frozen and typed: a model passes one object to every attention layer it builds, so an
+    option cannot reach one layer and miss another. ``SelfAttention2D`` documents each
+    field; the model config names them the same (``impl`` is ``attention_impl`` there).
+    """
+
+    num_heads: int = 8
+    kernel_size: int = 7
+    pos_encoding: str = "relative"
+    content: bool = True
+    padding: str = "mask"
+    relative_tables: str = "shared"
+    scale_queries: bool = True
+    impl: str = "auto"
+
+    def __post_init__(self):
+        check_options(self)
+        if self.num_heads < 1:
+            raise ArgumentError("num_heads", self.num_heads, "must be a positive integer")
+        validate_kernel_size(self.kernel_size)
+        validate_padding(self.padding)
+        check_one_of("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        check_one_of("relative_tables", self.relative_tables, RELATIVE_TABLES)
+        validate_impl(self.impl)
+        if not self.content and self.pos_encoding == "none":
+            raise ArgumentError(
+                "content",
+                self.content,
+                "must be True when pos_encoding='none': content=False with "
+                "pos_encoding='none' leaves no attention logit; use pos_encoding='relative' "
+                "(the paper's Table 6 ablation) or content=True",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class StemOptions:
+    """Every option of ``AttentionStem`` (which documents them), checked once, here.
+
+    The model config names them with a ``stem_`` prefix (``stem_block_size``, ...).
+    """
+
+    variant: str = "spatially_aware"
+    num_heads: int = 4
+    block_size: int = 4
+    pool_size: int = 4
+    num_mixtures: int = 4
+    value_kernel_size: int = 3
+
+    def __post_init__(self):
+        check_options(self)
+        check_one_of("variant", self.variant, STEM_VARIANTS)
+        for name in ("num_heads", "block_size", "pool_size", "num_mixtures"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(name, getattr(self, name), "must be a positive integer")
+        validate_kernel_size(self.value_kernel_size, "value_kernel_size")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this."""
+        return int(np.lcm(self.block_size, self.pool_size))
+
+    def check_image_size(self, height: int, width: int) -> None:
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ArgumentError(
+                "image_size",
+                (height, width) if height != width else height,
+                f"must be a multiple of {multiple} with the attention stem: height and width "
+                f"must be multiples of {multiple} (block_size={self.block_size}, "
+                f"pool_size={self.pool_size}); resize or crop the images",
+            )
 
 
 def sinusoidal_2d(height: int, width: int, dim: int) -> np.ndarray:
@@ -93,13 +169,25 @@ def _check_input(x: jax.Array, in_features: int, module: str) -> None:
         )
 
 
-def _check_heads(out_features: int, num_heads: int) -> int:
-    if num_heads < 1 or out_features % num_heads:
-        raise ValueError(
-            f"out_features={out_features} must be divisible by num_heads={num_heads}; "
-            "choose num_heads among its divisors."
+def _head_width(out_features: int, num_heads: int, pos_encoding: str = "relative") -> int:
+    """d = out_features / num_heads; even where a positional encoding splits it."""
+    if out_features % num_heads:
+        raise ArgumentError(
+            "num_heads",
+            num_heads,
+            f"must divide the {out_features} channels of {{where}} (out_features={out_features} "
+            f"is not divisible by num_heads={num_heads}); change num_heads or the width",
         )
-    return out_features // num_heads
+    head_dim = out_features // num_heads
+    if pos_encoding != "none" and head_dim % 2:
+        raise ArgumentError(
+            "num_heads",
+            num_heads,
+            f"gives heads of odd width {head_dim} in {{where}}: the head width out_features / "
+            f"num_heads = {head_dim} must be even for pos_encoding={pos_encoding!r} (half "
+            "encodes rows, half columns); change num_heads or the width",
+        )
+    return head_dim
 
 
 class SelfAttention2D(nnx.Module):
@@ -116,6 +204,8 @@ class SelfAttention2D(nnx.Module):
 
     Args:
       in_features, out_features: channels in and out.
+      options: an ``AttentionOptions``; ``**option_fields`` (any of its fields, e.g.
+        ``kernel_size=5``) replace its values. Its fields:
       num_heads: N; must divide ``out_features``.
       kernel_size: odd spatial extent k of the neighbourhood.
       pos_encoding: ``"relative"`` (learned row/column offset embeddings, Eq. 3;
@@ -147,53 +237,22 @@ class SelfAttention2D(nnx.Module):
         self,
         in_features: int,
         out_features: int,
+        options: AttentionOptions | None = None,
         *,
-        num_heads: int = 8,
-        kernel_size: int = 7,
-        pos_encoding: str = "relative",
-        content: bool = True,
-        padding: str = "mask",
-        scale_queries: bool = True,
-        relative_tables: str = "shared",
-        impl: str = "auto",
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
+        **option_fields,
     ):
-        head_dim = _check_heads(out_features, num_heads)
-        validate_kernel_size(kernel_size)
-        validate_padding(padding)
-        if pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}; got {pos_encoding!r}.")
-        if relative_tables not in RELATIVE_TABLES:
-            raise ValueError(
-                f"relative_tables must be one of {RELATIVE_TABLES}; got {relative_tables!r}."
-            )
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")
-        if not content and pos_encoding == "none":
-            raise ValueError(
-                "content=False with pos_encoding='none' leaves no logit at all; use "
-                "pos_encoding='relative' (the paper's position-only ablation) or content=True."
-            )
-        if pos_encoding != "none" and head_dim % 2:
-            raise ValueError(
-                f"the head width out_features / num_heads = {head_dim} must be even for "
-                f"pos_encoding={pos_encoding!r} (half encodes rows, half columns); change "
-                "out_features or num_heads."
-            )
+        options = dataclasses.replace(options or AttentionOptions(), **option_fields)
+        head_dim = _head_width(out_features, options.num_heads, options.pos_encoding)
+        self.options = options
         self.in_features = in_features
         self.out_features = out_features
-        self.num_heads = num_heads
         self.head_dim = head_dim
-        self.kernel_size = kernel_size
-        self.pos_encoding = pos_encoding
-        self.content = content
-        self.padding = padding
-        self.scale_queries = scale_queries
-        self.relative_tables = relative_tables
-        self.impl = impl
         self.dtype = dtype
+        num_heads, kernel_size, content = options.num_heads, options.kernel_size, options.content
+        pos_encoding, relative_tables = options.pos_encoding, options.relative_tables
 
         linear = functools.partial(_projection, in_features, out_features, dtype, param_dtype, rngs)
         self.query = linear()
@@ -208,6 +267,15 @@ class SelfAttention2D(nnx.Module):
             self.rel_col = nnx.Param(init(rngs.params(), shape, param_dtype))
         else:
             self.rel_row = self.rel_col = None
+
+    num_heads = property(lambda self: self.options.num_heads)
+    kernel_size = property(lambda self: self.options.kernel_size)
+    pos_encoding = property(lambda self: self.options.pos_encoding)
+    content = property(lambda self: self.options.content)
+    padding = property(lambda self: self.options.padding)
+    scale_queries = property(lambda self: self.options.scale_queries)
+    relative_tables = property(lambda self: self.options.relative_tables)
+    impl = property(lambda self: self.options.impl)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, in_features) -> (B, H, W, out_features)."""
@@ -247,6 +315,42 @@ def _per_head(attend, q, k, v, rel_row, rel_col):
     return jax.vmap(one_head, in_axes=(3, k_axis, 3, 0, 0), out_axes=3)(q, k, v, rel_row, rel_col)
 
 
+def attention_cost(
+    options: AttentionOptions, in_features: int, out_features: int, height: int, width: int
+) -> tuple[int, int]:
+    """(parameters, FLOPs) of a ``SelfAttention2D`` at H×W, in the paper's convention:
+
+        2·H·W·[ (3 or 2)·d_in·d_out        Q, K, V projections (no K without content)
+              + k²·d_out · (#logit terms)   q·k and q·r, each a d-wide dot per neighbour
+              + k²·d_out ]                  the weighted sum of values
+
+    The relative term is counted as Eq. 3 writes it, a full q·r dot per neighbour. (The
+    implementation factors it as q_row·rel_row + q_col·rel_col, k·d_out instead; counted
+    that way ResNet-50 with attention would come to 6.8 B instead of the paper's 7.0 B,
+    outside Table 1's precision, so the paper counts it per neighbour.) Absolute
+    encoding adds p to the keys: one dot, like q·k.
+    """
+    o, k = options, options.kernel_size
+    projections = (3 if o.content else 2) * in_features * out_features
+    logit_terms = int(o.content or o.pos_encoding == "absolute") + int(o.pos_encoding == "relative")
+    per_pixel = projections + k * k * out_features * logit_terms + k * k * out_features
+    params = projections
+    if o.pos_encoding == "relative":
+        tables = k * (out_features // o.num_heads)  # row and column tables, k × d/2 each
+        params += tables * (o.num_heads if o.relative_tables == "per_head" else 1)
+    return params, 2 * height * width * per_pixel
+
+
+@register_cost(SelfAttention2D)
+def _attention_rule(layer: SelfAttention2D, in_shape, *, in_image_taps_only: bool):
+    del in_image_taps_only  # every neighbour is computed, masked or not
+    batch, height, width, _ = in_shape
+    params, flops = attention_cost(
+        layer.options, layer.in_features, layer.out_features, height, width
+    )
+    return params, flops, (batch, height, width, layer.out_features)
+
+
 class AttentionStem(nnx.Module):
     """The attention stem (paper §3.2, A.1, Table 7): (B, H, W, 3) -> (B, H/4, W/4, 64).
 
@@ -271,42 +375,39 @@ class AttentionStem(nnx.Module):
     LeCun-normal over the input channels each; a 3×3 value convolution for
     ``"conv_values"``; BatchNorm momentum 0.9 (the ResNet body's setting);
     H and W must be multiples of the block and pool sizes.
+
+    Args:
+      in_features, out_features: channels in and out.
+      options: a ``StemOptions`` (variant, num_heads, block_size, pool_size,
+        num_mixtures, value_kernel_size); ``**option_fields`` replace its values.
+      norm: the normalisation after attention, ``norm(features, rngs=...)``; default
+        ``nnx.BatchNorm`` with ``bn_momentum`` (a model passes its own, so that its
+        BatchNorm settings reach the stem too).
+      dtype, param_dtype, rngs: as ``SelfAttention2D``.
     """
 
     def __init__(
         self,
         in_features: int = 3,
         out_features: int = 64,
+        options: StemOptions | None = None,
         *,
-        variant: str = "spatially_aware",
-        num_heads: int = 4,
-        block_size: int = 4,
-        pool_size: int = 4,
-        num_mixtures: int = 4,
-        value_kernel_size: int = 3,
+        norm: Callable[..., nnx.Module] | None = None,
         bn_momentum: float = 0.9,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
+        **option_fields,
     ):
-        if variant not in STEM_VARIANTS:
-            raise ValueError(f"variant must be one of {STEM_VARIANTS}; got {variant!r}.")
-        head_dim = _check_heads(out_features, num_heads)
-        if head_dim % 2:
-            raise ValueError(
-                f"the head width out_features / num_heads = {head_dim} must be even "
-                "(half for row offsets, half for column offsets)."
-            )
-        if num_mixtures < 1:
-            raise ValueError(f"num_mixtures must be at least 1; got {num_mixtures}.")
+        options = dataclasses.replace(options or StemOptions(), **option_fields)
+        head_dim = _head_width(out_features, options.num_heads)
+        self.options = options
         self.in_features = in_features
         self.out_features = out_features
-        self.variant = variant
-        self.num_heads = num_heads
         self.head_dim = head_dim
-        self.block_size = block_size
-        self.pool_size = pool_size
         self.dtype = dtype
+        variant, block_size = options.variant, options.block_size
+        num_mixtures, value_kernel_size = options.num_mixtures, options.value_kernel_size
 
         linear = functools.partial(_projection, in_features, out_features, dtype, param_dtype, rngs)
         self.query = linear()
@@ -346,9 +447,16 @@ class AttentionStem(nnx.Module):
             self.mixture_logit_vectors = nnx.Param(jnp.zeros((num_mixtures, head_dim), param_dtype))
         else:
             self.value_mixture = self.emb_row = self.emb_col = self.mixture_logit_vectors = None
-        self.bn = nnx.BatchNorm(
-            out_features, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        if norm is None:
+            norm = functools.partial(
+                nnx.BatchNorm, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype
+            )
+        self.bn = norm(out_features, rngs=rngs)
+
+    variant = property(lambda self: self.options.variant)
+    num_heads = property(lambda self: self.options.num_heads)
+    block_size = property(lambda self: self.options.block_size)
+    pool_size = property(lambda self: self.options.pool_size)
 
     def mixture_weights(self) -> jax.Array:
         """p(a, b, m): (block_size, block_size, num_mixtures), summing to 1 over m."""
@@ -374,14 +482,7 @@ class AttentionStem(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, in_features) -> (B, H / pool_size, W / pool_size, out_features)."""
         _check_input(x, self.in_features, "AttentionStem")
-        height, width = x.shape[1:3]
-        multiple = np.lcm(self.block_size, self.pool_size)
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"AttentionStem needs height and width that are multiples of {multiple} "
-                f"(block_size={self.block_size}, pool_size={self.pool_size}); got "
-                f"{height}×{width}. Resize or crop the images."
-            )
+        self.options.check_image_size(*x.shape[1:3])
         split = functools.partial(_split_heads, num_heads=self.num_heads)
         q = split(_project(self.query, x))
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
@@ -398,3 +499,39 @@ class AttentionStem(nnx.Module):
         y = nnx.relu(self.bn(y))
         window = (self.pool_size, self.pool_size)
         return nnx.max_pool(y, window_shape=window, strides=window)
+
+
+def stem_cost(
+    options: StemOptions, in_features: int, out_features: int, height: int, width: int
+) -> tuple[int, int]:
+    """(parameters, FLOPs) of an ``AttentionStem`` at H×W (its BatchNorm included), in the
+    paper's convention: the terms of ``attention_cost`` with block_size² neighbours;
+    spatially-aware values cost m·d_in·d_out per pixel for the m value projections plus
+    m·d_out to mix them; "conv_values" a value_kernel_size² convolution. The mixture
+    weights p(a, b, m) (once per block position) are not counted."""
+    o = options
+    head_dim = out_features // o.num_heads
+    neighbours = o.block_size**2
+    params = 2 * in_features * out_features + 2 * (2 * o.block_size - 1) * (head_dim // 2)
+    per_pixel = 2 * in_features * out_features + neighbours * out_features * 3
+    if o.variant == "stand_alone":
+        params += in_features * out_features
+        per_pixel += in_features * out_features
+    elif o.variant == "conv_values":
+        params += o.value_kernel_size**2 * in_features * out_features
+        per_pixel += o.value_kernel_size**2 * in_features * out_features
+    else:
+        m = o.num_mixtures
+        params += m * in_features * out_features + 2 * o.block_size * head_dim + m * head_dim
+        per_pixel += m * in_features * out_features + m * out_features
+    batch_norm = 2 * out_features
+    return params + batch_norm, 2 * height * width * per_pixel
+
+
+@register_cost(AttentionStem)
+def _stem_rule(stem: AttentionStem, in_shape, *, in_image_taps_only: bool):
+    del in_image_taps_only
+    batch, height, width, _ = in_shape
+    params, flops = stem_cost(stem.options, stem.in_features, stem.out_features, height, width)
+    pool = stem.options.pool_size
+    return params, flops, (batch, height // pool, width // pool, stem.out_features)

@@ -9,6 +9,12 @@ Stages of ``train_and_evaluate`` (one process per host; every host runs the same
      metrics, periodic evaluation, asynchronous checkpoints.
   5. Final checkpoint and evaluation, printed and written to the workdir.
 
+The trainer assumes nothing about the model beyond ``(B, H, W, 3) images -> (B, classes)
+logits``: its state is split with filters over the whole ``nnx.state`` into parameters
+(``nnx.Param``), RNG streams (``nnx.RngState``: reseeded every step from (seed, step), so
+Dropout and stochastic depth resume bit-exactly; not checkpointed) and everything else
+(``model_state``: BatchNorm statistics if any, any other ``nnx.Variable``).
+
 BatchNorm statistics are over the global batch: under ``jax.jit`` with the batch sharded,
 the mean over the batch axis is a global reduction. No pmap, no pjit.
 """
@@ -38,8 +44,6 @@ from jax.sharding import PartitionSpec as P
 from sasa_flax import checkpointing, config_lib, input_pipeline, preemption
 from sasa_flax.errors import UserError
 
-DECAYED_PARAMETERS = ("kernel", "value_mixture")  # convolution / projection kernels
-
 # Progress and results go to stdout on their own logger, whatever absl's verbosity
 # (orbax logs every file it writes at INFO).
 log = logging.getLogger("sasa_flax")
@@ -55,18 +59,22 @@ class TrainError(UserError):
     """The run cannot start as configured; the message says why and what to change."""
 
 
+# The model's state that is neither a parameter nor an RNG stream.
+MODEL_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: dict
-    batch_stats: dict
+    model_state: dict  # BatchNorm statistics and any other non-parameter variable
     opt_state: Any
     ema_params: dict | None
     nonfinite_steps: jax.Array  # steps skipped for a non-finite loss or gradient
 
     def model_item(self) -> dict:
         """What evaluation needs, as checkpointed under ``model``."""
-        return dict(params=self.params, batch_stats=self.batch_stats, ema_params=self.ema_params)
+        return dict(params=self.params, model_state=self.model_state, ema_params=self.ema_params)
 
     def train_item(self) -> dict:
         return dict(step=self.step, opt_state=self.opt_state, nonfinite_steps=self.nonfinite_steps)
@@ -81,6 +89,8 @@ class Setup:
     dataset: input_pipeline.Dataset
     train_graphdef: Any
     eval_graphdef: Any
+    rng_template: Any  # the model's RNG streams (abstract); reseeded at every step
+    decay_mask: Any  # params -> pytree of bool
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     steps_per_epoch: int
@@ -122,14 +132,14 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
     return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), total_steps, 0.0)
 
 
-def decay_mask(params: dict) -> dict:
-    """True for the parameters weight decay applies to: kernels, not BN, biases or tables."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in DECAYED_PARAMETERS, params
-    )
+def default_decay_mask(params) -> Any:
+    """Weight decay on every parameter with ndim > 1 (kernels and embeddings), not on
+    biases, norms' scales and other vectors. A model overrides it with a ``decay_mask``
+    method of its own (the SASA ResNet decays kernels only)."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
+def make_optimizer(config, schedule, decay_mask=default_decay_mask) -> optax.GradientTransformation:
     t = config.train
     return optax.chain(
         optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
@@ -138,7 +148,7 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
 
 
 def make_setup(config, *, devices=None, process_index=None, process_count=None) -> Setup:
-    config_lib.validate_config(config)
+    abstract = config_lib.check(config, dtype=compute_dtype(config.train.compute_dtype))
     devices = list(devices or jax.devices())
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -156,20 +166,25 @@ def make_setup(config, *, devices=None, process_index=None, process_count=None) 
         math.ceil(config.train.num_epochs * steps_per_epoch)
     )
     return model_setup(
-        config, devices, dataset=dataset, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
+        config, devices, dataset=dataset, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, abstract=abstract,
+    )  # fmt: skip
 
 
-def model_setup(config, devices, *, dataset, steps_per_epoch: int, total_steps: int) -> Setup:
+def model_setup(
+    config, devices, *, dataset, steps_per_epoch: int, total_steps: int, abstract=None
+) -> Setup:
     """The model, optimizer and mesh half of ``make_setup``, for a dataset already opened
-    (or none: benchmarks feed their own batches)."""
+    (or none: benchmarks feed their own batches). ``abstract``: the config's abstract
+    model in the compute dtype, if already built."""
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    dtype = compute_dtype(config.train.compute_dtype)
-    abstract = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=dtype))
+    if abstract is None:
+        abstract = config_lib.abstract_model(config, compute_dtype(config.train.compute_dtype))
     abstract.train()
     train_graphdef = nnx.graphdef(abstract)
     abstract.eval()
     eval_graphdef = nnx.graphdef(abstract)
+    decay_mask = getattr(abstract, "decay_mask", default_decay_mask)
     return Setup(
         config=config,
         # Auto axes: XLA propagates the batch sharding (BatchNorm means and the rel-table
@@ -180,7 +195,9 @@ def model_setup(config, devices, *, dataset, steps_per_epoch: int, total_steps: 
         dataset=dataset,
         train_graphdef=train_graphdef,
         eval_graphdef=eval_graphdef,
-        tx=make_optimizer(config, schedule),
+        rng_template=nnx.state(abstract, nnx.RngState),
+        decay_mask=decay_mask,
+        tx=make_optimizer(config, schedule, decay_mask),
         schedule=schedule,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -192,12 +209,12 @@ def _init_state(setup: Setup) -> TrainState:
     model = config_lib.build_model(
         config, rngs=nnx.Rngs(config.train.seed), dtype=compute_dtype(config.train.compute_dtype)
     )
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=batch_stats,
+        model_state=model_state,
         opt_state=setup.tx.init(params),
         ema_params=params if config.train.ema_decay > 0 else None,
         nonfinite_steps=jnp.zeros((), jnp.int32),
@@ -227,6 +244,26 @@ def _cross_entropy(logits, labels, num_classes, smoothing):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def merged_model(setup: Setup, graphdef, params, model_state, step) -> nnx.Module:
+    """The model with these variables and its RNG streams seeded from (seed, step): the
+    same keys whether or not the run was resumed in between."""
+    rngs = jax.tree.map(_placeholder, setup.rng_template)
+    model = nnx.merge(graphdef, params, rngs, model_state, copy=True)
+    streams = {m.tag for _, m in nnx.iter_graph(model) if isinstance(m, nnx.RngStream)}
+    if streams:
+        key = jax.random.fold_in(jax.random.key(setup.config.train.seed), step)
+        nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in
+                             enumerate(sorted(streams))})  # fmt: skip
+    return model
+
+
+def _placeholder(x):
+    """A value of ``x``'s shape and dtype (typed PRNG keys included), overwritten by reseed."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
+    return jnp.zeros(x.shape, x.dtype)
+
+
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One SGD step on a global batch. ``batch["mask"]`` is 0 for images that could not be
     decoded (config.input.corrupt_images='skip'): they carry no loss.
@@ -240,13 +277,13 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     count = jnp.maximum(jnp.sum(mask), 1.0)
 
     def loss_fn(params):
-        model = nnx.merge(setup.train_graphdef, params, state.batch_stats, copy=True)
+        model = merged_model(setup, setup.train_graphdef, params, state.model_state, state.step)
         logits = model(batch["image"])
         losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
         loss = jnp.sum(losses * mask) / count
-        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, MODEL_STATE)))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -255,7 +292,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
         ema = optax.incremental_update(params, ema, 1.0 - t.ema_decay)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = state.replace(
-        params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema
+        params=params, model_state=model_state, opt_state=opt_state, ema_params=ema
     )
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     new_state = kept.replace(
@@ -273,9 +310,9 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     return new_state, metrics
 
 
-def eval_step(setup: Setup, params: dict, batch_stats: dict, batch: dict) -> dict:
+def eval_step(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
     """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
-    model = nnx.merge(setup.eval_graphdef, params, batch_stats)
+    model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
     logits = model(batch["image"])
     mask = batch["mask"]
     num_classes = setup.config.model.num_classes
@@ -314,14 +351,14 @@ def compile_steps(setup: Setup, abstract: TrainState):
     return train, evaluate_fn
 
 
-def evaluate(setup: Setup, eval_fn, params: dict, batch_stats: dict) -> dict:
+def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     """Top-1, top-5 (%) and loss over every example of the eval split, exactly once."""
     totals = None
     batches = input_pipeline.eval_batches(
         setup.dataset, setup.config.input, process_count=jax.process_count()
     )
     for local in batches:
-        sums = eval_fn(params, batch_stats, global_batch(setup, local))
+        sums = eval_fn(params, model_state, global_batch(setup, local))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
@@ -338,10 +375,23 @@ def evaluate(setup: Setup, eval_fn, params: dict, batch_stats: dict) -> dict:
 
 
 def eval_weights(state_or_item) -> tuple[dict, dict]:
-    """(params to evaluate, batch stats): the EMA when the run keeps one."""
+    """(params to evaluate, model state): the EMA when the run keeps one."""
     item = state_or_item if isinstance(state_or_item, dict) else state_or_item.model_item()
     params = item["ema_params"] if item.get("ema_params") is not None else item["params"]
-    return params, item["batch_stats"]
+    return params, item["model_state"]
+
+
+def log_weight_decay(setup: Setup, abstract: TrainState) -> None:
+    """One line: how many parameters (and tensors) weight decay applies to."""
+    mask = jax.tree.leaves(setup.decay_mask(abstract.params))
+    sizes = [x.size for x in jax.tree.leaves(abstract.params)]
+    decayed = sum(size for size, m in zip(sizes, mask, strict=True) if m)
+    if jax.process_index() == 0:
+        log.info(
+            "weight decay %g on %d of %d parameter tensors (%s of %s parameters)",
+            setup.config.train.weight_decay, sum(map(bool, mask)), len(sizes),
+            f"{decayed:,}", f"{sum(sizes):,}",
+        )  # fmt: skip
 
 
 # --- the loop -----------------------------------------------------------------------
@@ -479,6 +529,7 @@ def train_and_evaluate(
     setup = make_setup(config, devices=devices)
     ensure_writable(workdir)
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
+    log_weight_decay(setup, abstract)
     train_fn, eval_fn = compile_steps(setup, abstract)
     t = config.train
     mngr = checkpointing.manager(

@@ -65,6 +65,7 @@ def test_report_json_with_an_override():
     assert (out["params"], out["flops"]) == flops.count(config)
 
 
+@pytest.mark.slow  # builds all 30 shipped ImageNet models abstractly: about 30 s
 def test_report_all_reproduces_table1():
     result = run_report("--all")
     assert result.returncode == 0, result.stderr

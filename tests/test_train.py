@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sasa_flax import checkpointing, train_lib
+from sasa_flax.models import resnet
 from tests.helpers import final_params, tiny_config
 
 
@@ -94,7 +95,7 @@ def test_batch_not_divisible_by_the_devices_is_refused_before_compiling(tmp_path
 
 def test_weight_decay_applies_to_kernels_only():
     params = {"conv": {"kernel": 1.0}, "bn": {"scale": 1.0, "bias": 1.0}, "attn": {"rel_row": 1.0}}
-    mask = train_lib.decay_mask(params)
+    mask = resnet.ResNet.decay_mask(params)
     assert mask == {
         "conv": {"kernel": True},
         "bn": {"scale": False, "bias": False},

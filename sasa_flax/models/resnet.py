@@ -11,6 +11,11 @@ downsamples, by a 2×2 average pool with stride 2 (paper §3.1). Downsampling is
 the spatial layer, not the first 1×1 (ResNet v1.5), and the shortcut is a strided
 1×1 conv + BN where the shape changes. Everything is NHWC.
 
+The spatial layer of each group is built by a registered factory (``SPATIAL_LAYERS``:
+"conv" and "attention"; ``register_spatial_layer`` adds one), from the convolution and
+normalisation factories and the ``AttentionOptions`` the model was given, so that every
+option reaches every layer it names.
+
 Initialisation: convolutions He normal (fan-out, as torchvision), the last BN
 scale of each block zero (``zero_init_last_bn``) so each block starts as the
 identity, the classifier LeCun normal; attention layers as ``SelfAttention2D``
@@ -21,22 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_flax.layers import AttentionStem, SelfAttention2D
+from sasa_flax.errors import ArgumentError, check_one_of
+from sasa_flax.layers import AttentionOptions, AttentionStem, SelfAttention2D, StemOptions
+from sasa_flax.models.registry import register
 
 BLOCKS_PER_GROUP = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 GROUP_WIDTHS = (64, 128, 256, 512)
 STEM_WIDTH = 64
 EXPANSION = 4
 STEMS = ("conv", "attention", "cifar")
-SPATIAL_LAYERS = ("conv", "attention")
-ATTENTION_STEM_HEADS = 4
 
 Dtype = Any
 
@@ -49,15 +54,74 @@ def scaled(channels: int, width: float) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Parts:
+    """What every layer of a ResNet is made of, passed whole to each spatial-layer factory.
+
+    conv: ``conv(in, out, kernel_size, strides=..., padding=..., rngs=...)`` (bias-free,
+      He-initialised ``nnx.Conv``); norm: ``norm(features, rngs=...)`` (BatchNorm with the
+      model's momentum and epsilon); attention: the options of every attention layer.
+    """
+
+    conv: Callable[..., nnx.Module]
+    norm: Callable[..., nnx.Module]
+    attention: AttentionOptions
+    dtype: Dtype | None
+    param_dtype: Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialLayer:
+    """A bottleneck's spatial layer: ``build(width, stride, parts, rngs)`` returns a module
+    (B, H, W, width) -> (B, H', W', width). ``downsamples``: the module applies the stride
+    itself (H' = ceil(H / stride)); otherwise it keeps H×W and the block follows it with
+    a 2×2 average pool when the stride is 2 (paper §3.1)."""
+
+    build: Callable[[int, int, Parts, nnx.Rngs], nnx.Module]
+    downsamples: bool
+
+
+SPATIAL_LAYERS: dict[str, SpatialLayer] = {}
+
+
+def register_spatial_layer(name: str, *, downsamples: bool):
+    """Decorator: ``build(width, stride, parts, rngs)`` becomes the spatial layer ``name``,
+    usable in ``config.model.spatial``."""
+
+    def decorate(build):
+        SPATIAL_LAYERS[name] = SpatialLayer(build, downsamples)
+        return build
+
+    return decorate
+
+
+@register_spatial_layer("conv", downsamples=True)
+def conv_3x3(width: int, stride: int, parts: Parts, rngs: nnx.Rngs) -> nnx.Module:
+    return parts.conv(width, width, (3, 3), strides=stride, padding=((1, 1), (1, 1)), rngs=rngs)
+
+
+@register_spatial_layer("attention", downsamples=False)
+def local_self_attention(width: int, stride: int, parts: Parts, rngs: nnx.Rngs) -> nnx.Module:
+    del stride  # the block pools
+    return SelfAttention2D(
+        width,
+        width,
+        parts.attention,
+        dtype=parts.dtype,
+        param_dtype=parts.param_dtype,
+        rngs=rngs,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """One bottleneck block: the structure the model builds and ``flops`` counts."""
+    """One bottleneck block: the structure the model builds."""
 
     group: int  # 0..3
     index: int  # position within the group
     in_features: int
     width: int  # bottleneck width; output is EXPANSION * width
     stride: int
-    spatial: str  # "conv" or "attention"
+    spatial: str  # a SPATIAL_LAYERS name: "conv", "attention", ...
 
     @property
     def out_features(self) -> int:
@@ -84,28 +148,17 @@ def block_specs(depth: int, width: float, spatial: Sequence[str]) -> list[BlockS
 
 
 class Bottleneck(nnx.Module):
-    """A bottleneck block whose spatial layer is a 3×3 conv or local self-attention."""
+    """A bottleneck block whose spatial layer is any registered ``SpatialLayer``."""
 
-    def __init__(
-        self,
-        spec: BlockSpec,
-        *,
-        attention: dict,
-        zero_init_last_bn: bool,
-        norm: functools.partial,
-        conv: functools.partial,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, spec: BlockSpec, *, parts: Parts, zero_init_last_bn: bool, rngs: nnx.Rngs):
         self.spec = spec
-        width = spec.width
+        width, conv, norm = spec.width, parts.conv, parts.norm
         self.conv1 = conv(spec.in_features, width, (1, 1), rngs=rngs)
         self.bn1 = norm(width, rngs=rngs)
-        if spec.spatial == "conv":
-            self.spatial = conv(
-                width, width, (3, 3), strides=spec.stride, padding=((1, 1), (1, 1)), rngs=rngs
-            )
-        else:
-            self.spatial = SelfAttention2D(width, width, **attention, rngs=rngs)
+        try:
+            self.spatial = SPATIAL_LAYERS[spec.spatial].build(width, spec.stride, parts, rngs)
+        except ArgumentError as e:
+            raise e.at(f"group {spec.group + 1}") from None
         self.bn2 = norm(width, rngs=rngs)
         self.conv3 = conv(width, spec.out_features, (1, 1), rngs=rngs)
         last_scale = nnx.initializers.zeros if zero_init_last_bn else nnx.initializers.ones
@@ -121,7 +174,7 @@ class Bottleneck(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = self.spatial(y)
-        if self.spec.spatial == "attention" and self.spec.stride > 1:
+        if self.spec.stride > 1 and not SPATIAL_LAYERS[self.spec.spatial].downsamples:
             s = self.spec.stride
             # SAME + excluded padding: ceil(n / 2) outputs, as the strided 1×1
             # shortcut gives, so odd resolutions work; identical to VALID for even n.
@@ -157,6 +210,34 @@ class CifarStem(nnx.Module):
         return nnx.relu(self.bn(self.conv(x)))
 
 
+def _check_arguments(depth, width, stem, spatial, num_classes, zero_init_last_bn, bn_momentum):
+    check_one_of("depth", depth, BLOCKS_PER_GROUP)
+    if not isinstance(width, int | float) or isinstance(width, bool) or width <= 0:
+        raise ArgumentError("width", width, "must be a positive number (1.0 = the paper's)")
+    check_one_of("stem", stem, STEMS)
+    if isinstance(spatial, str) or not isinstance(spatial, Sequence) or len(spatial) != 4:
+        raise ArgumentError(
+            "spatial",
+            spatial,
+            f"must be a tuple of four, one per group, each one of {tuple(SPATIAL_LAYERS)}, "
+            "e.g. ('conv', 'conv', 'attention', 'attention')",
+        )
+    for group, layer in enumerate(spatial, start=1):
+        if layer not in SPATIAL_LAYERS:
+            raise ArgumentError(
+                "spatial",
+                tuple(spatial),
+                f"must name a spatial layer in every group: group {group} is {layer!r}; use "
+                f"one of {tuple(SPATIAL_LAYERS)} (register_spatial_layer adds one)",
+            )
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ArgumentError("num_classes", num_classes, "must be a positive integer")
+    if not isinstance(zero_init_last_bn, bool):
+        raise ArgumentError("zero_init_last_bn", zero_init_last_bn, "must be True or False")
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ArgumentError("bn_momentum", bn_momentum, "must be in [0, 1)")
+
+
 class ResNet(nnx.Module):
     """SASA ResNet: (B, H, W, 3) images -> (B, num_classes) float32 logits.
 
@@ -165,13 +246,15 @@ class ResNet(nnx.Module):
       width: multiplier on every channel count (stem, bottlenecks, outputs).
       stem: ``"conv"`` (7×7/2 + max pool), ``"attention"`` (``AttentionStem``),
         ``"cifar"`` (3×3/1 conv, no pool; for 32×32 and smaller inputs).
-      stem_variant: the attention stem's values (``AttentionStem`` variants).
-      spatial: per group, ``"conv"`` or ``"attention"`` (paper Table 3).
-      kernel_size, num_heads, pos_encoding, content, padding, relative_tables,
-      scale_queries, attention_impl: passed to every ``SelfAttention2D``.
+      spatial: per group, a ``SPATIAL_LAYERS`` name: ``"conv"`` or ``"attention"``
+        (paper Table 3).
+      attention: the ``AttentionOptions`` of every ``SelfAttention2D`` (default: its
+        defaults).
+      stem_options: the ``StemOptions`` of the attention stem (default: its defaults).
       num_classes: classifier outputs.
       zero_init_last_bn: start each block's last BN scale at zero.
-      bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon.
+      bn_momentum, bn_epsilon: every BatchNorm's running-average decay and epsilon
+        (the attention stem's included).
       dtype: compute dtype (e.g. bfloat16); parameters stay ``param_dtype``.
     """
 
@@ -181,16 +264,9 @@ class ResNet(nnx.Module):
         depth: int = 50,
         width: float = 1.0,
         stem: str = "conv",
-        stem_variant: str = "spatially_aware",
         spatial: Sequence[str] = ("conv",) * 4,
-        kernel_size: int = 7,
-        num_heads: int = 8,
-        pos_encoding: str = "relative",
-        content: bool = True,
-        padding: str = "mask",
-        relative_tables: str = "shared",
-        scale_queries: bool = True,
-        attention_impl: str = "auto",
+        attention: AttentionOptions | None = None,
+        stem_options: StemOptions | None = None,
         num_classes: int = 1000,
         zero_init_last_bn: bool = True,
         bn_momentum: float = 0.9,
@@ -199,6 +275,9 @@ class ResNet(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        _check_arguments(depth, width, stem, spatial, num_classes, zero_init_last_bn, bn_momentum)
+        attention = attention or AttentionOptions()
+        stem_options = stem_options or StemOptions()
         norm = functools.partial(
             nnx.BatchNorm,
             momentum=bn_momentum,
@@ -209,47 +288,33 @@ class ResNet(nnx.Module):
         conv = functools.partial(
             nnx.Conv, use_bias=False, kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype
         )
-        attention = dict(
-            num_heads=num_heads,
-            kernel_size=kernel_size,
-            pos_encoding=pos_encoding,
-            content=content,
-            padding=padding,
-            relative_tables=relative_tables,
-            scale_queries=scale_queries,
-            impl=attention_impl,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        parts = Parts(conv, norm, attention, dtype, param_dtype)
         stem_width = scaled(STEM_WIDTH, width)
+        self.stem_options = stem_options
         if stem == "conv":
             self.stem = ConvStem(stem_width, norm=norm, conv=conv, rngs=rngs)
         elif stem == "cifar":
             self.stem = CifarStem(stem_width, norm=norm, conv=conv, rngs=rngs)
-        elif stem == "attention":
-            self.stem = AttentionStem(
-                3,
-                stem_width,
-                variant=stem_variant,
-                num_heads=ATTENTION_STEM_HEADS,
-                bn_momentum=bn_momentum,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
         else:
-            raise ValueError(f"stem must be one of {STEMS}; got {stem!r}.")
+            try:
+                self.stem = AttentionStem(
+                    3, stem_width, stem_options, norm=norm, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs,
+                )  # fmt: skip
+            except ArgumentError as e:
+                if e.argument != "num_heads":
+                    raise
+                raise ArgumentError(
+                    "width",
+                    width,
+                    f"gives an attention stem of {stem_width} channels, which "
+                    f"{stem_options.num_heads} heads of even width cannot split; use a width "
+                    "that is a multiple of 1/8, or change the stem's num_heads",
+                ) from None
         specs = block_specs(depth, width, tuple(spatial))
         self.blocks = nnx.List(
             [
-                Bottleneck(
-                    spec,
-                    attention=attention,
-                    zero_init_last_bn=zero_init_last_bn,
-                    norm=norm,
-                    conv=conv,
-                    rngs=rngs,
-                )
+                Bottleneck(spec, parts=parts, zero_init_last_bn=zero_init_last_bn, rngs=rngs)
                 for spec in specs
             ]
         )
@@ -263,3 +328,85 @@ class ResNet(nnx.Module):
             x = block(x)
         x = jnp.mean(x, axis=(1, 2))
         return self.head(x).astype(jnp.float32)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raises ArgumentError("image_size", ...) for a size the stem cannot take."""
+        if isinstance(self.stem, AttentionStem):
+            self.stem.options.check_image_size(height, width)
+
+    @staticmethod
+    def decay_mask(params) -> Any:
+        """Weight decay on convolution / projection kernels and the stem's value matrices
+        only: not on BatchNorm, biases, relative tables or the stem's embeddings
+        (Choice: the paper does not say; tables and embeddings are positional logits)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) in DECAYED_PARAMETERS, params
+        )
+
+
+DECAYED_PARAMETERS = ("kernel", "value_mixture")
+
+
+@register("sasa_resnet")
+def sasa_resnet(
+    *,
+    depth: int = 50,
+    width: float = 1.0,
+    stem: str = "conv",
+    stem_variant: str = "spatially_aware",
+    stem_num_heads: int = 4,
+    stem_block_size: int = 4,
+    stem_pool_size: int = 4,
+    stem_num_mixtures: int = 4,
+    stem_value_kernel_size: int = 3,
+    spatial: Sequence[str] = ("conv",) * 4,
+    kernel_size: int = 7,
+    num_heads: int = 8,
+    pos_encoding: str = "relative",
+    content: bool = True,
+    padding: str = "mask",
+    relative_tables: str = "shared",
+    scale_queries: bool = True,
+    attention_impl: str = "auto",
+    num_classes: int = 1000,
+    zero_init_last_bn: bool = True,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> ResNet:
+    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments, with the
+    ``AttentionOptions`` fields as they are (``impl`` as ``attention_impl``) and the
+    ``StemOptions`` fields prefixed ``stem_``."""
+    try:
+        attention = AttentionOptions(
+            num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
+            content=content, padding=padding, relative_tables=relative_tables,
+            scale_queries=scale_queries, impl=attention_impl,
+        )  # fmt: skip
+    except ArgumentError as e:
+        raise e.renamed("attention_impl" if e.argument == "impl" else e.argument) from None
+    try:
+        stem_options = StemOptions(
+            variant=stem_variant, num_heads=stem_num_heads, block_size=stem_block_size,
+            pool_size=stem_pool_size, num_mixtures=stem_num_mixtures,
+            value_kernel_size=stem_value_kernel_size,
+        )  # fmt: skip
+    except ArgumentError as e:
+        raise e.renamed(f"stem_{e.argument}") from None
+    return ResNet(
+        depth=depth,
+        width=width,
+        stem=stem,
+        spatial=tuple(spatial) if isinstance(spatial, list | tuple) else spatial,
+        attention=attention,
+        stem_options=stem_options,
+        num_classes=num_classes,
+        zero_init_last_bn=zero_init_last_bn,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )

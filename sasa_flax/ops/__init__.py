@@ -4,14 +4,18 @@ from sasa_flax.ops.block_attention import block_local_attention
 from sasa_flax.ops.local_attention import (
     IMPLEMENTATIONS,
     PADDINGS,
+    implementations,
     local_attention,
     local_attention_weights,
+    register_implementation,
 )
 
 __all__ = [
     "IMPLEMENTATIONS",
     "PADDINGS",
     "block_local_attention",
+    "implementations",
+    "register_implementation",
     "local_attention",
     "local_attention_weights",
 ]

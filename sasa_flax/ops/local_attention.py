@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.ops import dense, fused, patches, shifted
 
 PADDINGS = ("mask", "zeros")
@@ -30,7 +31,28 @@ _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dense": dense.local_attention,
     "pallas": fused.local_attention,
 }
-IMPLEMENTATIONS = ("auto", *_IMPLEMENTATIONS)
+
+
+def register_implementation(name: str, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """Makes ``fn`` available as ``impl=name`` here, in ``SelfAttention2D`` and as
+    ``config.model.attention_impl``.
+
+    ``fn(q, k, v, rel_row, rel_col, *, kernel_size, padding)`` must compute exactly
+    ``local_attention``'s function (check it with the tests' float64 reference); the
+    arguments reach it already validated. Returns ``fn``.
+    """
+    if name == "auto" or (name in _IMPLEMENTATIONS and _IMPLEMENTATIONS[name] is not fn):
+        raise ValueError(f"impl {name!r} is already defined; choose another name.")
+    _IMPLEMENTATIONS[name] = fn
+    return fn
+
+
+def implementations() -> tuple[str, ...]:
+    """Every valid ``impl``: "auto" and the registered implementations."""
+    return ("auto", *_IMPLEMENTATIONS)
+
+
+IMPLEMENTATIONS = implementations()  # the built-in ones; see implementations()
 
 
 def local_attention(
@@ -116,9 +138,12 @@ def _implementation(impl: str, height: int, width: int, kernel_size: int) -> Cal
         # 0.95×, 14²×256 at k = 11 2.53× vs 5.51×; at 14²×256, k = 7 (H·W = 4·k²)
         # "shifted" wins, 2.17× vs 2.43×; at k = 3 and larger images (H·W)² work loses.
         impl = "dense" if height * width < 4 * kernel_size**2 else "shifted"
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}.")
+    validate_impl(impl)
     return _IMPLEMENTATIONS[impl]
+
+
+def validate_impl(impl) -> None:
+    check_one_of("impl", impl, implementations())
 
 
 def validate_kernel_size(kernel_size, name: str = "kernel_size") -> None:
@@ -129,15 +154,16 @@ def validate_kernel_size(kernel_size, name: str = "kernel_size") -> None:
         or kernel_size < 1
         or kernel_size % 2 == 0
     ):
-        raise ValueError(
-            f"{name} must be a positive odd integer (the window is centred on the "
-            f"query pixel); got {kernel_size!r}. Use e.g. 3, 5 or 7."
+        raise ArgumentError(
+            name,
+            kernel_size,
+            "must be a positive odd integer (3, 5, 7, ...): the window is centred on the "
+            "query pixel",
         )
 
 
 def validate_padding(padding, name: str = "padding") -> None:
-    if padding not in PADDINGS:
-        raise ValueError(f"{name} must be one of {PADDINGS}; got {padding!r}.")
+    check_one_of(name, padding, PADDINGS)
 
 
 def validate_arguments(q, k, v, rel_row, rel_col, *, kernel_size, padding) -> None:

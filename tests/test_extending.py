@@ -1,0 +1,191 @@
+"""A model that is not a ResNet, defined and registered in this file only, through the
+real trainer: LayerNorm instead of BatchNorm (no model state), Dropout (RNG streams),
+``SelfAttention2D`` as its token mixer.
+
+This file is also a config file, so that ``train.py`` and ``eval.py`` can run the model:
+
+    python train.py --config tests/test_extending.py:steps=6 --workdir /tmp/vit
+"""
+
+import signal
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_flax import config_lib, flops, models, train_lib
+from sasa_flax.errors import ArgumentError
+from sasa_flax.layers import SelfAttention2D
+
+
+@models.register("tiny_vit_for_tests")
+class TinyViT(nnx.Module):
+    """Patches of patch_size² -> ``depth`` pre-norm blocks of local self-attention and an
+    MLP, each with Dropout -> mean pool -> classifier."""
+
+    def __init__(
+        self,
+        *,
+        patch_size: int = 4,
+        width: int = 16,
+        depth: int = 2,
+        num_heads: int = 2,
+        kernel_size: int = 3,
+        dropout: float = 0.2,
+        num_classes: int = 10,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if not 0.0 <= dropout < 1.0:
+            raise ArgumentError("dropout", dropout, "must be in [0, 1)")
+        patch = (patch_size, patch_size)
+        self.embed = nnx.Conv(3, width, patch, strides=patch_size, dtype=dtype, rngs=rngs)
+        self.norms1 = nnx.List([nnx.LayerNorm(width, dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.mixers = nnx.List(
+            [
+                SelfAttention2D(
+                    width,
+                    width,
+                    num_heads=num_heads,
+                    kernel_size=kernel_size,
+                    dtype=dtype,
+                    rngs=rngs,
+                )  # fmt: skip
+                for _ in range(depth)
+            ]
+        )
+        self.norms2 = nnx.List([nnx.LayerNorm(width, dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.mlps = nnx.List(
+            [nnx.Linear(width, width, dtype=dtype, rngs=rngs) for _ in range(depth)]
+        )
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, images):
+        x = self.embed(images)
+        for norm1, mixer, norm2, mlp in zip(
+            self.norms1, self.mixers, self.norms2, self.mlps, strict=True
+        ):
+            x = x + self.dropout(mixer(norm1(x)))
+            x = x + self.dropout(nnx.gelu(mlp(norm2(x))))
+        return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+def get_config(arg=None):
+    """Digits at 16², the tiny ViT, a few steps with an EMA."""
+    args = config_lib.parse_arg(arg, steps=6, checkpoint_every=2)
+    config = config_lib.load_config("configs/digits.py")
+    config.model = config_lib.model_config("tiny_vit_for_tests")
+    config.input.update(image_size=16, batch_size=32, eval_batch_size=40)
+    config.train.update(
+        num_steps=args.steps, warmup_epochs=0.0, base_learning_rate=0.4, ema_decay=0.5,
+        log_every_steps=1, checkpoint_every_steps=args.checkpoint_every,
+    )  # fmt: skip
+    return config
+
+
+def test_the_model_checks_its_own_fields_as_config_fields():
+    config = get_config()
+    config.model.num_heads = 3
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.model\.num_heads=3: must divide the 16 channels"
+    ):
+        config_lib.validate_config(config)
+    config = get_config()
+    config.model.dropout = 1.5
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.dropout=1\.5: must be in"):
+        config_lib.validate_config(config)
+    config = get_config()
+    config.model.widht = 8
+    with pytest.raises(config_lib.ConfigError, match=r"'widht' \(did you mean 'width'\?\)"):
+        config_lib.validate_config(config)
+
+
+def test_the_report_counts_what_it_can_and_names_what_it_cannot():
+    layers, uncounted = flops.report(get_config())
+    names = {layer.name for layer in layers}
+    assert {"embed", "mixers/0", "mixers/1", "mlps/0", "head"} <= names
+    # LayerNorm has no cost rule: named, not silently dropped.
+    assert sorted(uncounted) == ["norms1/0", "norms1/1", "norms2/0", "norms2/1"]
+    counted = sum(layer.params for layer in layers)
+    model = config_lib.abstract_model(get_config())
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert total - counted == 4 * 2 * 16  # exactly the LayerNorms' scales and biases
+
+
+def test_default_weight_decay_is_on_matrices_only():
+    setup = train_lib.model_setup(get_config(), jax.devices()[:1], dataset=None,
+                                  steps_per_epoch=10, total_steps=10)  # fmt: skip
+    params = train_lib.abstract_state(setup).params
+    mask = setup.decay_mask(params)
+    flat = {"/".join(map(str, k)): v for k, v in flax.traverse_util.flatten_dict(mask).items()}
+    assert flat["embed/kernel"] and flat["mlps/0/kernel"] and flat["mixers/0/rel_row"]
+    assert not flat["embed/bias"] and not flat["norms1/0/scale"] and not flat["head/bias"]
+
+
+def test_dropout_keys_come_from_the_seed_and_the_step():
+    config = get_config()
+    setup = train_lib.model_setup(config, jax.devices()[:1], dataset=None,
+                                  steps_per_epoch=10, total_steps=10)  # fmt: skip
+    state = train_lib.init_state(setup, train_lib.abstract_state(setup))
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+
+    def forward(step):
+        model = train_lib.merged_model(
+            setup, setup.train_graphdef, state.params, state.model_state, step
+        )
+        return np.asarray(model(images))
+
+    np.testing.assert_array_equal(forward(3), forward(3))  # a step's masks are fixed
+    assert not np.allclose(forward(3), forward(4))  # and differ from step to step
+
+
+def test_trains_checkpoints_resumes_exactly_and_evaluates(tmp_path):
+    config = get_config()
+    uninterrupted = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+    assert uninterrupted["step"] == 6 and uninterrupted["num_examples"] == 360
+    losses = [loss for _, loss in uninterrupted["train_log"]]
+    assert np.isfinite(losses).all()
+    stopped = train_lib.train_and_evaluate(config, str(tmp_path / "b"), stop_after_step=3)
+    assert stopped["step"] == 3
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+    assert [s for s, _ in resumed["train_log"]] == [4, 5, 6]
+    assert resumed["top1"] == uninterrupted["top1"] and resumed["loss"] == uninterrupted["loss"]
+    again = train_lib.evaluate_checkpoint(config, str(tmp_path / "b"))
+    assert again["top1"] == pytest.approx(resumed["top1"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_train_py_sigterm_resume_and_eval_py(tmp_path):
+    """The real entry points on this file as the config: SIGTERM, resume, eval.py."""
+    from tests.helpers import Process, environment, final_params
+
+    def train_py(workdir, arg):
+        args = ["train.py", "--config", f"tests/test_extending.py:{arg}", "--workdir"]
+        return Process([*args, str(workdir)], environment(1))
+
+    reference = train_py(tmp_path / "reference", "steps=24,checkpoint_every=1000")
+    assert reference.finish() == 0, reference.output
+    run = train_py(tmp_path / "run", "steps=24,checkpoint_every=1000")
+    run.wait_for(r"step 5/24")
+    run.popen.send_signal(signal.SIGTERM)
+    assert run.finish() == 0, run.output
+    assert "stopped by SIGTERM" in run.output
+    rerun = train_py(tmp_path / "run", "steps=24,checkpoint_every=1000")
+    assert rerun.finish() == 0, rerun.output
+    assert "resumed from step" in rerun.output
+    config = get_config("steps=24,checkpoint_every=1000")
+    _, a = final_params(config, str(tmp_path / "reference"), jax.devices()[:1])
+    _, b = final_params(config, str(tmp_path / "run"), jax.devices()[:1])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    evaluation = Process(
+        ["eval.py", "--config", "tests/test_extending.py:steps=24", "--workdir",
+         str(tmp_path / "run")],
+        environment(1),
+    )  # fmt: skip
+    assert evaluation.finish() == 0, evaluation.output
+    assert "step 24: top-1" in evaluation.output
