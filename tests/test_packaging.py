@@ -1,0 +1,56 @@
+"""sasa_flax as a library: pip-installable, and its layers import without the trainer's
+dependencies (TensorFlow above all)."""
+
+import pathlib
+import subprocess
+import sys
+import venv
+
+import pytest
+
+from tests.helpers import ROOT
+
+_IMPORT_LAYERS = """
+import sys
+import sasa_flax, sasa_flax.layers, sasa_flax.models
+from sasa_flax.layers import SelfAttention2D
+for heavy in ("tensorflow", "ml_collections", "orbax", "tensorflow_datasets"):
+    assert heavy not in sys.modules, f"importing the layers imported {heavy}"
+print("FROM", sasa_flax.__file__)
+"""
+_METADATA = 'import importlib.metadata; print("REQUIRES", importlib.metadata.requires("sasa_flax"))'
+
+
+def test_the_layers_import_without_the_trainer():
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_LAYERS], cwd=ROOT, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_pip_install_in_a_fresh_venv(tmp_path, editable):
+    # The venv sees this interpreter's packages (jax, flax: nothing is downloaded) but
+    # not this checkout; pip installs the project from its pyproject.toml alone.
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    target = ["-e", str(ROOT)] if editable else [str(ROOT)]
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *target],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    # Run outside the source tree, so that the installed package is the one imported.
+    out = subprocess.run(
+        [python, "-c", _IMPORT_LAYERS + _METADATA], capture_output=True, text=True,
+        check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    source = pathlib.Path(out.stdout.split("FROM ")[1].split()[0])
+    assert (source.parent == ROOT / "sasa_flax") == editable
+    requires = out.stdout.split("REQUIRES ")[1]
+    for name in ("jax", "flax", "numpy", "tensorflow-cpu", "orbax-checkpoint"):
+        assert name in requires
+    assert 'extra == "train"' in requires
