@@ -258,9 +258,8 @@ def abstract_model(config: ml_collections.ConfigDict, dtype: Any = None):
     """The config's model with abstract parameters (``nnx.eval_shape``): shapes only, built
     in well under a second. The model's ArgumentError becomes a ConfigError naming the
     field."""
-    name, fields = model_fields(config)
     try:
-        return nnx.eval_shape(lambda: models.build(name, fields, rngs=nnx.Rngs(0), dtype=dtype))
+        return nnx.eval_shape(lambda: instantiate(config, rngs=nnx.Rngs(0), dtype=dtype))
     except ArgumentError as e:
         raise ConfigError(e.as_field("config.model.")) from None
 
@@ -308,5 +307,11 @@ def _validate_input_and_train(config) -> None:
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None):
     """Validates ``config`` and builds its model (``abstract_model`` for an abstract one)."""
     validate_config(config)
+    return instantiate(config, rngs=rngs, dtype=dtype)
+
+
+def instantiate(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None):
+    """Builds the model of a config already validated (``check``), without checking it
+    again."""
     name, fields = model_fields(config)
     return models.build(name, fields, rngs=rngs, dtype=dtype)

@@ -206,7 +206,7 @@ def model_setup(
 
 def _init_state(setup: Setup) -> TrainState:
     config = setup.config
-    model = config_lib.build_model(
+    model = config_lib.instantiate(  # make_setup validated the config
         config, rngs=nnx.Rngs(config.train.seed), dtype=compute_dtype(config.train.compute_dtype)
     )
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
