@@ -133,11 +133,14 @@ def test_dropout_keys_come_from_the_seed_and_the_step():
     state = train_lib.init_state(setup, train_lib.abstract_state(setup))
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
 
-    def forward(step):
+    @jax.jit
+    def run(step):
         model = train_lib.merged_model(
             setup, setup.train_graphdef, state.params, state.model_state, step
         )
-        return np.asarray(model(images))
+        return model(images)
+
+    forward = lambda step: np.asarray(run(step))  # noqa: E731
 
     np.testing.assert_array_equal(forward(3), forward(3))  # a step's masks are fixed
     assert not np.allclose(forward(3), forward(4))  # and differ from step to step
