@@ -195,10 +195,10 @@ def trace(
             finally:
                 inside_counted[0] -= 1
 
-        ruled = {cls for m in paths_modules(module) for cls in type(m).__mro__ if cls in _RULES}
+        ruled = {cls for m in _modules(module) for cls in type(m).__mro__ if cls in _RULES}
         with _counting_calls(ruled, on_call):
             module(x)
-        for m in paths_modules(module):
+        for m in _modules(module):
             path = paths[id(m)]
             covered = any(path == c or path.startswith(c + "/") or not c for c in counted)
             if _owns_parameters(m) and not covered:
@@ -209,7 +209,7 @@ def trace(
     return costs, uncounted
 
 
-def paths_modules(module) -> list[nnx.Module]:
+def _modules(module) -> list[nnx.Module]:
     return [m for _, m in nnx.iter_graph(module) if isinstance(m, nnx.Module)]
 
 

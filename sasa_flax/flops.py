@@ -12,11 +12,14 @@ shipped config): BatchNorm scale and bias count, running statistics do not.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from sasa_flax import config_lib, costs
 from sasa_flax.costs import LayerCost, conv
 from sasa_flax.layers import AttentionOptions, attention_cost
+from sasa_flax.models import resnet
 
 __all__ = ["LayerCost", "attention", "conv", "count", "layer_costs", "report", "uncounted_layers"]
 
@@ -56,9 +59,9 @@ def attention(
     name: str, m: ml_collections.ConfigDict, d_in: int, d_out: int, hw: tuple[int, int]
 ) -> LayerCost:
     """A ``SelfAttention2D`` configured by a SASA ResNet's config.model ``m`` at hw."""
-    options = AttentionOptions(
-        num_heads=m.num_heads, kernel_size=m.kernel_size, pos_encoding=m.pos_encoding,
-        content=m.content, padding=m.padding, relative_tables=m.relative_tables,
-        scale_queries=m.scale_queries, impl=m.attention_impl,
-    )  # fmt: skip
+    fields = dataclasses.fields(AttentionOptions)
+    options = resnet.attention_options(
+        attention_impl=m.attention_impl,
+        **{f.name: m[f.name] for f in fields if f.name != "impl"},
+    )
     return LayerCost(name, *attention_cost(options, d_in, d_out, *hw))

@@ -347,6 +347,15 @@ class ResNet(nnx.Module):
 DECAYED_PARAMETERS = ("kernel", "value_mixture")
 
 
+def attention_options(*, attention_impl: str, **fields) -> AttentionOptions:
+    """``AttentionOptions`` from the config's names (``attention_impl`` is its ``impl``);
+    an error names the config field."""
+    try:
+        return AttentionOptions(impl=attention_impl, **fields)
+    except ArgumentError as e:
+        raise e.renamed("attention_impl" if e.argument == "impl" else e.argument) from None
+
+
 @register("sasa_resnet")
 def sasa_resnet(
     *,
@@ -379,14 +388,11 @@ def sasa_resnet(
     """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments, with the
     ``AttentionOptions`` fields as they are (``impl`` as ``attention_impl``) and the
     ``StemOptions`` fields prefixed ``stem_``."""
-    try:
-        attention = AttentionOptions(
-            num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
-            content=content, padding=padding, relative_tables=relative_tables,
-            scale_queries=scale_queries, impl=attention_impl,
-        )  # fmt: skip
-    except ArgumentError as e:
-        raise e.renamed("attention_impl" if e.argument == "impl" else e.argument) from None
+    attention = attention_options(
+        num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
+        content=content, padding=padding, relative_tables=relative_tables,
+        scale_queries=scale_queries, attention_impl=attention_impl,
+    )  # fmt: skip
     try:
         stem_options = StemOptions(
             variant=stem_variant, num_heads=stem_num_heads, block_size=stem_block_size,
