@@ -5,7 +5,11 @@ r"""The offline quickstart: scikit-learn's handwritten digits upsampled to 32².
 
 A SASA ResNet-26 with attention in every group, the ``cifar`` stem and width 0.25
 (4 heads of width 4 in the first group), k = 3. Real data (1,797 images, 10 classes; a
-fixed 80/20 split) that needs no download; a few minutes on two CPU cores.
+fixed 80/20 split) that needs no download; a few minutes on two CPU cores. Evaluated on
+the 360 held-out test digits.
+
+Recipe: ``config_lib.small_recipe`` (the small-image base) with batch 32 (44 steps per
+epoch), 12 epochs, 1 warm-up epoch, lr 0.2, weight decay 5e-4, no flips, no EMA.
 """
 
 from sasa_flax import config_lib
@@ -13,7 +17,7 @@ from sasa_flax import config_lib
 
 def get_config(arg=None):
     config_lib.parse_arg(arg)
-    config = config_lib.base_config()
+    config = config_lib.small_base_config()
     config.model.update(
         depth=26,
         width=0.25,

@@ -15,7 +15,8 @@ Paper Table 1 (FLOPs in billions at 224², parameters in millions, ImageNet top-
 | conv_stem_attention | 4.5 B, 10.3 M, 75.8 | 5.7 B, 14.1 M, 77.1 | 7.0 B, 18.0 M, 77.4 |
 | full_attention | 4.7 B, 10.3 M, 74.8 | 6.0 B, 14.1 M, 76.9 | 7.2 B, 18.0 M, 77.6 |
 
-`python -m sasa_flax.report --all` prints our counts beside these.
+`python -m sasa_flax.report --all` prints our counts beside these. Top-1 is on ImageNet's
+validation set, where this config evaluates.
 """
 
 from sasa_flax import config_lib

@@ -7,6 +7,9 @@ r"""Paper Table 7: the attention stem (ResNet-50, full attention).
 | top-1 | 76.2 | 77.2 | 77.6 |
 
 See ``AttentionStem`` for each variant and the choices the paper leaves open.
+
+The paper does not say which split these were measured on; evaluated on ImageNet's
+validation set (set ``--config.input.tuning_split=True`` for the held-out 4%).
 """
 
 from sasa_flax import config_lib

@@ -101,6 +101,35 @@ def load(input_config, *, process_index: int = 0, process_count: int = 1) -> Dat
     return source(input_config, process_index, process_count)
 
 
+TUNING_FRACTION = 0.04  # the paper's held-out share of the training set (Tables 3, 5)
+
+
+def tuning_holdout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices of a training split: a fixed random 4% (round(0.04·N),
+    at least 1) drawn class by class, so that the held-out part has the training split's
+    class mix (each class gets its share, apportioned by largest remainder).
+
+    TFDS datasets use the slice ``train[96%:]`` instead: TFDS writes the records of a
+    dataset in a shuffled order when it prepares it, so the last 4% is a random sample.
+    """
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    total = max(1, int(round(TUNING_FRACTION * len(labels))))
+    quotas = counts * total / len(labels)
+    shares = np.floor(quotas).astype(int)
+    by_remainder = np.argsort(-(quotas - shares), kind="stable")
+    shares[by_remainder[: total - shares.sum()]] += 1
+    rng = np.random.default_rng(0)
+    held = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(labels == c))[:n]
+            for c, n in zip(classes, shares, strict=True)
+        ]
+    )
+    held = np.sort(held)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
 def _shard(n: int, process_index: int, process_count: int) -> slice:
     """The examples of an n-element split that this process reads (as even_splits does)."""
     bounds = [round(i * n / process_count) for i in range(process_count + 1)]
@@ -122,8 +151,8 @@ def _digits(input_config, process_index, process_count) -> Dataset:
     cut = int(0.8 * len(labels))
     train, test = order[:cut], order[cut:]
     if input_config.tuning_split:
-        held = int(round(0.04 * len(train)))
-        train, test = train[:-held], train[-held:]
+        kept, held = tuning_holdout(labels[train])
+        train, test = train[kept], train[held]
     return Dataset(
         train=_array_split(images[train], labels[train], process_index, process_count),
         eval=_array_split(images[test], labels[test], process_index, process_count),
@@ -182,13 +211,10 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             files[order[:cut]], labels[order[:cut]], files[order[cut:]], labels[order[cut:]]
         )  # fmt: skip
     if input_config.tuning_split:
-        held = max(1, int(round(0.04 * len(files))))
+        kept, held = tuning_holdout(labels)
         files, labels, eval_files, eval_labels = (
-            files[:-held],
-            labels[:-held],
-            files[-held:],
-            labels[-held:],
-        )
+            files[kept], labels[kept], files[held], labels[held]
+        )  # fmt: skip
 
     def split(files, labels):
         part = _shard(len(files), process_index, process_count)
@@ -223,7 +249,7 @@ def _tfds(input_config, process_index, process_count) -> Dataset:
     train_name = "train"
     eval_name = next((s for s in ("validation", "test") if s in splits), None)
     if input_config.tuning_split:
-        train_name, eval_name = "train[:96%]", "train[96%:]"
+        train_name, eval_name = "train[:96%]", "train[96%:]"  # see tuning_holdout
     if eval_name is None:
         raise DatasetError(
             f"{name} has no validation or test split; set config.input.tuning_split=True."

@@ -264,6 +264,18 @@ def _placeholder(x):
     return jnp.zeros(x.shape, x.dtype)
 
 
+def ema_decay(train_config, step) -> jax.Array:
+    """The EMA decay at ``step`` (updates done so far): ``ema_decay``, or with
+    ``ema_warmup`` min(ema_decay, (1 + step) / (10 + step)), so that in a short run the
+    average is not mostly its random initialisation (0.9999^1560 ≈ 0.86 of it would
+    remain after 1,560 steps without warm-up)."""
+    decay = jnp.asarray(train_config.ema_decay, jnp.float32)
+    if not train_config.ema_warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One SGD step on a global batch. ``batch["mask"]`` is 0 for images that could not be
     decoded (config.input.corrupt_images='skip'): they carry no loss.
@@ -289,7 +301,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-        ema = optax.incremental_update(params, ema, 1.0 - t.ema_decay)
+        ema = optax.incremental_update(params, ema, 1.0 - ema_decay(t, state.step))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = state.replace(
         params=params, model_state=model_state, opt_state=opt_state, ema_params=ema
@@ -302,7 +314,9 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     metrics = dict(
         loss=loss,
         top1=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count,
-        learning_rate=setup.schedule(state.step),
+        # The rate this update applied: the optimizer's own count, which a skipped
+        # (non-finite) step does not advance, unlike state.step.
+        learning_rate=setup.schedule(optax.tree_utils.tree_get(state.opt_state, "count")),
         grad_norm=grad_norm,
         finite=finite,
         skipped_images=jnp.sum(1.0 - mask),
@@ -409,6 +423,19 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+# The fields that shape the learning-rate schedule or the data stream of a run: a resumed
+# run must have the checkpoint's values (or config.train.allow_schedule_change=True).
+SCHEDULE_FIELDS = (
+    "train.num_epochs", "train.num_steps", "train.base_learning_rate", "train.warmup_epochs",
+    "train.seed", "input.batch_size", "input.dataset", "input.data_dir",
+    "input.tuning_split", "input.augment",
+)  # fmt: skip
+
+
+def _schedule_fields(config) -> dict:
+    return {f: config[f.split(".")[0]][f.split(".")[1]] for f in SCHEDULE_FIELDS}
+
+
 def _meta(setup: Setup, step: int) -> dict:
     return dict(
         step=step,
@@ -417,6 +444,29 @@ def _meta(setup: Setup, step: int) -> dict:
         global_batch_size=setup.config.input.batch_size,
         dataset=setup.config.input.dataset,
         seed=setup.config.train.seed,
+        total_steps=setup.total_steps,
+        schedule=_schedule_fields(setup.config),
+    )
+
+
+def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
+    """Refuses a resume whose schedule or data fields differ from the checkpoint's, naming
+    each field with its old and new value, unless config.train.allow_schedule_change."""
+    saved = dict(meta.get("schedule") or {"input.batch_size": meta.get("global_batch_size")})
+    now = _schedule_fields(setup.config)
+    changed = [f for f in saved if f in now and saved[f] != now[f]]
+    if not changed:
+        return
+    listing = ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
+    if setup.config.train.allow_schedule_change:
+        log.warning("resuming with a changed schedule (%s): it continues from step %d of "
+                    "the new one", listing, meta["step"])  # fmt: skip
+        return
+    raise TrainError(
+        f"{workdir} was trained with a different schedule or data stream: {listing}. "
+        "Resuming would silently change the run; use the original values, a new workdir, or "
+        "--config.train.allow_schedule_change=True to continue from step "
+        f"{meta['step']} with the new schedule (e.g. to extend a finished run)."
     )
 
 
@@ -448,13 +498,7 @@ def _restore_for_training(setup: Setup, mngr, workdir: str, step: int, abstract:
     restored = checkpointing.restore(
         mngr, step, model=abstract.model_item(), train=abstract.train_item()
     )
-    trained_with = restored["meta"]["global_batch_size"]
-    if trained_with != setup.config.input.batch_size:
-        raise TrainError(
-            f"{workdir} was trained with config.input.batch_size={trained_with}; resuming with "
-            f"{setup.config.input.batch_size} would change the data order. Use the original "
-            "batch size or a new workdir."
-        )
+    check_schedule_unchanged(setup, restored["meta"], workdir)
     return TrainState(**restored["model"], **restored["train"])
 
 
