@@ -168,7 +168,9 @@ def imagenet_config(
         small_recipe(config)
         config.model.width = 0.25
         config.input.update(image_size=64, augment="inception", random_flip=True)
-        config.train.update(num_steps=20, log_every_steps=5, checkpoint_every_steps=10)
+        config.train.update(
+            num_steps=20, warmup_epochs=0.0, log_every_steps=5, checkpoint_every_steps=10
+        )
     return config
 
 

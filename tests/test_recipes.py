@@ -46,6 +46,8 @@ def test_small_configs_do_not_inherit_the_imagenet_recipe():
     for spec in ("configs/cifar10.py", "configs/imagenet.py:runlocal=true"):
         config = unvalidated(spec)
         assert config.input.batch_size <= 128 < imagenet.input.batch_size
+        steps = config.train.num_steps or config.train.num_epochs * 390
+        assert config.train.warmup_epochs * 390 < steps / 2
     cifar = unvalidated("configs/cifar10.py")
     assert (cifar.input.augment, cifar.train.weight_decay) == ("pad", 5e-4)
     assert cifar.train.num_epochs >= 100 and cifar.train.ema_warmup
