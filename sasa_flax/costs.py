@@ -185,6 +185,8 @@ def trace(
                 return original(layer, x, *args, **kwargs)
             params, flops, out_shape = rule(layer, x.shape, in_image_taps_only=in_image_taps_only)
             path = paths[id(layer)]
+            if path in counted:  # called again (weights shared): its parameters once
+                params = 0
             costs.append(LayerCost(path or type(layer).__name__, params, flops))
             counted.append(path)
             if out_shape is not None:
