@@ -210,3 +210,39 @@ def test_small_configs_train_on_generated_data_with_their_own_recipe(tmp_path, s
     results = train_lib.train_and_evaluate(config, str(tmp_path / "run"), stop_after_step=2)
     assert results["step"] == 2
     assert all(np.isfinite(loss) for _, loss in results["train_log"])
+
+
+def test_tfds_tuning_split_has_the_class_mix_of_train(tmp_path):
+    """TFDS's held-out 4% is the slice train[96%:]: a random sample, because TFDS shuffles
+    the records when it prepares a dataset. Checked on a real TFDS dataset built here whose
+    examples are generated sorted by class, so an unshuffled slice would be one class."""
+    import tensorflow_datasets as tfds
+
+    class SortedByClass(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"image": tfds.features.Image(shape=(4, 4, 3)),
+                     "label": tfds.features.ClassLabel(num_classes=4)}
+                ),
+                supervised_keys=("image", "label"),
+            )  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(1000), "test": self._generate_examples(40)}
+
+        def _generate_examples(self, n):
+            for i in range(n):  # classes 0, 0, ..., 1, 1, ..., 3
+                yield i, {"image": np.zeros((4, 4, 3), np.uint8), "label": 4 * i // n}
+
+    config = config_lib.base_config().input
+    config.update(dataset="sorted_by_class", data_dir=str(tmp_path), image_size=4,
+                  tuning_split=True)  # fmt: skip
+    dataset = input_pipeline.load(config)
+    train, held = _labels(dataset.train), _labels(dataset.eval)
+    assert len(held) == 40 and len(train) == 960
+    observed = np.bincount(held, minlength=4)
+    assert np.all(np.abs(observed - 10) <= 4 * np.sqrt(10 * 0.96)), observed  # binomial, 4σ
