@@ -11,12 +11,19 @@ asynchronously: training continues while the arrays are written.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from sasa_flax.errors import UserError
+
+# orbax warns "Given directory is read only" whenever a read-only manager opens a workdir,
+# i.e. on every evaluation, which is exactly what eval.py asks for.
+logging.getLogger("absl").addFilter(
+    lambda record: "Given directory is read only" not in record.getMessage()
+)
 
 CHECKPOINT_DIR = "checkpoints"
 

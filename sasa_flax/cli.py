@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 
@@ -82,6 +83,11 @@ def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
 
 
+flags.DEFINE_bool(
+    "verbose", False, "Full tracebacks instead of one-line errors (also SASA_FLAX_VERBOSE=1)."
+)
+
+
 def start(argv, distributed_mode: str) -> None:
     """Rejects stray arguments, joins the other hosts if any, quiets absl's INFO logging
     (orbax logs every file it writes; progress lines have their own logger)."""
@@ -98,6 +104,8 @@ def user_errors():
     try:
         yield
     except UserError as e:
+        if _verbose():
+            raise
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(
@@ -106,3 +114,17 @@ def user_errors():
             file=sys.stderr,
         )
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - any other fatal error: one line, exit 1
+        if _verbose():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        sys.exit(
+            f"error: {type(e).__name__}: {first}\n(rerun with --verbose, or set "
+            "SASA_FLAX_VERBOSE=1, for the full traceback to put in a bug report)"
+        )
+
+
+def _verbose() -> bool:
+    return bool(os.environ.get("SASA_FLAX_VERBOSE")) or (
+        "verbose" in flags.FLAGS and flags.FLAGS["verbose"].present and flags.FLAGS.verbose
+    )

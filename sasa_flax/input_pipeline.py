@@ -10,7 +10,7 @@ Sources (``config.input.dataset``):
   - any TFDS image-classification dataset by name (``imagenet2012``, ``cifar10``,
     ``cifar100``, ``imagenette``, ...), read from ``config.input.data_dir`` (may be gs://);
   - ``"folder"``: ``data_dir/<class>/*.{jpg,png,...}``, or ``data_dir/train/<class>`` with
-    ``data_dir/val`` (or ``validation``/``test``) beside it;
+    ``data_dir/val`` (or ``valid``/``validation``/``test``) beside it;
   - ``"digits"``: scikit-learn's bundled handwritten digits (1,797 real 8×8 images, 10
     classes) upsampled to the configured size, fixed 80/20 split. Needs no download.
 
@@ -29,24 +29,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+# isort: off
+from sasa_flax.quiet_tensorflow import tf  # first: TensorFlow's start-up lines silenced
+import tensorflow_datasets as tfds
+
+# isort: on
 from sasa_flax.errors import UserError
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-# tf.data must not take the accelerator from JAX.
-tf.config.set_visible_devices([], "GPU")
 
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# Folder names of a "folder" dataset's evaluation split, beside train/ (the first found).
+EVAL_FOLDERS = ("val", "valid", "validation", "test")
 
 
 class DatasetError(UserError):
@@ -179,9 +178,16 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             f"config.input.data_dir={str(root)!r} is not a directory; point it at a folder "
             "with one subfolder of images per class."
         )
-    eval_dir = next((root / n for n in ("val", "validation", "test") if (root / n).is_dir()), None)
+    eval_dir = next((root / n for n in EVAL_FOLDERS if (root / n).is_dir()), None)
     train_dir = root / "train" if eval_dir is not None and (root / "train").is_dir() else root
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    split_like = sorted(set(classes) & {"train", *EVAL_FOLDERS})
+    if split_like:
+        raise DatasetError(
+            f"{train_dir} has class folder(s) named like splits: {split_like}. Lay the data "
+            "out as data_dir/<class>/<images>, or as data_dir/train/<class>/<images> beside "
+            f"data_dir/<{'|'.join(EVAL_FOLDERS)}>/<class>/<images>."
+        )
     if len(classes) < 2:
         raise DatasetError(
             f"{train_dir} has {len(classes)} class subfolder(s); a classifier needs at least "

@@ -29,6 +29,10 @@ import math
 import time
 from typing import Any
 
+# isort: off
+import sasa_flax.quiet_tensorflow  # noqa: F401 - first: before clu imports TensorFlow
+
+# isort: on
 import flax
 import jax
 import jax.numpy as jnp
@@ -41,7 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import checkpointing, config_lib, input_pipeline, preemption
+from sasa_flax import checkpointing, config_lib, input_pipeline, preemption, workdir_lock
 from sasa_flax.errors import UserError
 
 # Progress and results go to stdout on their own logger, whatever absl's verbosity
@@ -432,8 +436,24 @@ SCHEDULE_FIELDS = (
 )  # fmt: skip
 
 
+# The fields that change what an evaluation means: recorded at training time, and
+# eval.py evaluates that setting unless told otherwise (--other_setting).
+EVAL_FIELDS = (
+    "input.dataset", "input.data_dir", "input.tuning_split", "input.image_size",
+    "input.augment", "model.num_classes",
+)  # fmt: skip
+
+
+def _fields(config, names) -> dict:
+    return {f: config[f.split(".")[0]].get(f.split(".")[1]) for f in names}
+
+
 def _schedule_fields(config) -> dict:
-    return {f: config[f.split(".")[0]][f.split(".")[1]] for f in SCHEDULE_FIELDS}
+    return _fields(config, SCHEDULE_FIELDS)
+
+
+def _changes(saved: dict, now: dict) -> list[str]:
+    return [f for f in saved if f in now and saved[f] != now[f]]
 
 
 def _meta(setup: Setup, step: int) -> dict:
@@ -446,6 +466,7 @@ def _meta(setup: Setup, step: int) -> dict:
         seed=setup.config.train.seed,
         total_steps=setup.total_steps,
         schedule=_schedule_fields(setup.config),
+        eval_setting=_fields(setup.config, EVAL_FIELDS),
     )
 
 
@@ -454,7 +475,7 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
     each field with its old and new value, unless config.train.allow_schedule_change."""
     saved = dict(meta.get("schedule") or {"input.batch_size": meta.get("global_batch_size")})
     now = _schedule_fields(setup.config)
-    changed = [f for f in saved if f in now and saved[f] != now[f]]
+    changed = _changes(saved, now)
     if not changed:
         return
     listing = ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
@@ -470,11 +491,12 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
     )
 
 
-def write_eval_results(workdir: str, step: int, results: dict) -> None:
+def write_eval_results(workdir: str, step: int, results: dict, setting: str = "") -> None:
+    """``eval_results_step_{step}.json``, or ``..._{setting}.json`` for another setting."""
     if jax.process_index() != 0:
         return
     # epath: local paths and gs:// alike.
-    path = epath.Path(workdir) / f"eval_results_step_{step}.json"
+    path = epath.Path(workdir) / f"eval_results_step_{step}{setting and '_' + setting}.json"
     path.write_text(json.dumps(dict(step=step, **results), indent=2))
 
 
@@ -569,9 +591,16 @@ def train_and_evaluate(
     """Trains (resuming from workdir's latest checkpoint), evaluates, returns the final
     eval metrics. It returns early, after a durable checkpoint, with ``stopped_by`` set
     on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``."""
-    # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before).
+    # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
+    # by this run alone while it trains.
     setup = make_setup(config, devices=devices)
     ensure_writable(workdir)
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(setup, workdir, stop_after_step)
+
+
+def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None) -> dict:
+    config = setup.config
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
     train_fn, eval_fn = compile_steps(setup, abstract)
@@ -652,23 +681,49 @@ def train_and_evaluate(
     return dict(step=final_step, train_log=progress.lines, **results)
 
 
+def eval_setting_suffix(meta: dict, config, workdir: str, other_setting: bool) -> str:
+    """ "" when ``config`` evaluates the setting the run was trained for (``meta``'s);
+    otherwise refuses, or with ``other_setting`` names the setting for its results file."""
+    saved = meta.get("eval_setting") or {}
+    now = _fields(config, EVAL_FIELDS)
+    changed = _changes(saved, now)
+    if not changed:
+        return ""
+    listing = ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
+    if not other_setting:
+        raise TrainError(
+            f"{workdir} was trained for another evaluation setting: {listing}. Pass the run's "
+            "own settings, or --other_setting to evaluate this one on purpose (its results "
+            "go to a file named for it; the run's own results file is kept)."
+        )
+    return "-".join(f"{f.split('.')[1]}={str(now[f]).replace('/', '_')}" for f in changed)
+
+
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None, devices=None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    devices=None,
+    other_setting: bool = False,
 ) -> dict:
-    """Restores a checkpoint's model item (no optimizer state) and evaluates it."""
+    """Restores a checkpoint's model item (no optimizer state) and evaluates it, in the
+    evaluation setting the run was trained for unless ``other_setting`` (see
+    ``EVAL_FIELDS``; checked before anything is compiled)."""
     setup = make_setup(config, devices=devices)
     mngr = checkpointing.manager(workdir, read_only=True)
     step = checkpointing.step_to_restore(mngr, workdir, step)
     abstract = abstract_state(setup)
     checkpointing.check_architecture(mngr, step, abstract.model_item(), "this config")
     restored = checkpointing.restore(mngr, step, model=abstract.model_item())
+    setting = eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     _, eval_fn = compile_steps(setup, abstract)
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
-    write_eval_results(workdir, step, results)
+    write_eval_results(workdir, step, results, setting)
     if jax.process_index() == 0:
         writer = metric_writers.create_default_writer(
             f"{workdir.rstrip('/')}/eval", asynchronous=False
         )
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         writer.flush()
-    return dict(step=step, **results)
+    return dict(step=step, setting=setting or "the run's own", **results)

@@ -133,3 +133,19 @@ def test_eval_py_on_an_empty_workdir_prints_one_line(tmp_path):
     assert result.returncode != 0
     assert "error: no checkpoint in" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "none").exists()  # nothing written
+
+
+def test_eval_of_another_setting_is_refused_or_written_apart(eight_device_run):
+    config, workdir, _ = eight_device_run
+    own_file = pathlib.Path(workdir) / "eval_results_step_6.json"
+    own = own_file.read_text()
+    other = tiny_config()
+    other.input.image_size = 24
+    with pytest.raises(
+        train_lib.TrainError, match=r"config\.input\.image_size 16 -> 24.*--other_setting"
+    ):
+        train_lib.evaluate_checkpoint(other, workdir)
+    again = train_lib.evaluate_checkpoint(other, workdir, other_setting=True)
+    assert again["setting"] == "image_size=24" and again["num_examples"] == 360
+    assert (pathlib.Path(workdir) / "eval_results_step_6_image_size=24.json").exists()
+    assert own_file.read_text() == own  # the run's own results are never overwritten

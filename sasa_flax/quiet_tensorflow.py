@@ -1,0 +1,37 @@
+"""TensorFlow (for tf.data and TFDS only), imported once with its start-up lines silenced.
+
+TensorFlow's C++ start-up lines (oneDNN, "absl::InitializeLog") go to file descriptor 2
+before any Python logging applies; they are dropped here unless SASA_FLAX_VERBOSE is set.
+A failing import still raises its Python exception, after stderr is restored. Import this
+before anything that imports TensorFlow (clu, tfds).
+"""
+
+import contextlib
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    if os.environ.get("SASA_FLAX_VERBOSE"):
+        yield
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _quiet_stderr():
+    import tensorflow as tf
+
+    tf.constant(0)  # the runtime starts (and logs) on first use
+    # tf.data must not take the accelerator from JAX.
+    tf.config.set_visible_devices([], "GPU")
+
+__all__ = ["tf"]
