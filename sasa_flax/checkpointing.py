@@ -12,12 +12,48 @@ asynchronously: training continues while the arrays are written.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sasa_flax.errors import UserError
+
+log = logging.getLogger("sasa_flax")
+
+
+def _is_read_aftermath(exc: BaseException | None) -> bool:
+    """The errors orbax's abandoned reads raise after a damaged checkpoint failed to load:
+    already reported in one line by ``restore_verified``."""
+    text = str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and "Event loop is closed" in text
+        or ("Encountered error while reading array" in text)
+    )
+
+
+_unraisable, _excepthook = sys.unraisablehook, sys.excepthook
+
+
+def _quiet_unraisable(info):
+    if not _is_read_aftermath(info.exc_value):
+        _unraisable(info)
+
+
+def _quiet_excepthook(kind, value, tb):
+    if not _is_read_aftermath(value):
+        _excepthook(kind, value, tb)
+
+
+sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
+logging.getLogger("asyncio").addFilter(
+    lambda record: "Encountered error while reading array" not in record.getMessage()
+)
 
 # orbax warns "Given directory is read only" whenever a read-only manager opens a workdir,
 # i.e. on every evaluation, which is exactly what eval.py asks for.
@@ -60,6 +96,30 @@ def manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
+@jax.jit
+def _checksums(tree) -> Any:
+    """One uint32 per array, computed where the array lives (no host copy): the sum of
+    its bits, each word weighted by a multiplicative hash of its position, modulo 2^32.
+    A flipped byte, a swapped or a zeroed block changes it."""
+
+    def checksum(x):
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+        position = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761)
+        return jnp.sum(words * (position | jnp.uint32(1)), dtype=jnp.uint32)
+
+    return jax.tree.map(checksum, tree)
+
+
+def checksums(**items: Any) -> dict[str, int]:
+    """{"item/path/to/array": checksum} of every array of ``items``."""
+    sums = jax.device_get(_checksums(items))
+    return {path: int(value) for path, value in _by_path(sums).items()}
+
+
 def save(
     mngr: ocp.CheckpointManager,
     step: int,
@@ -69,7 +129,11 @@ def save(
     meta: dict,
     force: bool = False,
 ) -> bool:
-    """Starts an asynchronous save of step (if due, or ``force``); True if one started."""
+    """Starts an asynchronous save of step (if due, or ``force``); True if one started.
+    ``meta`` gets a checksum of every array (``verify`` checks them at restore)."""
+    if not (force or mngr.should_save(step)):
+        return False
+    meta = dict(meta, checksums=checksums(model=model, train=train))
     return mngr.save(
         step,
         args=ocp.args.Composite(
@@ -92,19 +156,106 @@ def restore(
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
 
 
-def _shapes_by_path(tree) -> dict[str, tuple]:
+def _by_path(tree) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
         for path, leaf in leaves
     }
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    return {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
+
+
+def verify(step: int, restored: dict) -> None:
+    """Raises CheckpointError naming what is wrong with restored checkpoint ``step``: an
+    array whose checksum differs from the one recorded at save (damaged on disk), or
+    non-finite parameters."""
+    recorded = (restored.get("meta") or {}).get("checksums")
+    items = {k: v for k, v in restored.items() if k in ("model", "train")}
+    if recorded:  # checkpoints written before checksums existed have none
+        now = checksums(**items)
+        bad = [path for path, value in now.items() if recorded.get(path) != value]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged: {len(bad)} array(s) fail their checksum "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            )
+    for path, leaf in _by_path(items.get("model", {})).items():
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise CheckpointError(f"checkpoint step {step} holds non-finite values in {path}")
+
+
+def restore_verified(mngr: ocp.CheckpointManager, step: int, **abstract: Any) -> dict:
+    """``restore`` then ``verify``: a checkpoint that cannot be read, lacks an item, or
+    fails its checks raises one CheckpointError naming the step and what is wrong."""
+    try:
+        restored = restore(mngr, step, **abstract)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        first = first.split(" See full TensorStore details")[0][:300]
+        raise CheckpointError(
+            f"checkpoint step {step} cannot be read ({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(restored.get("meta"), dict):
+        raise CheckpointError(f"checkpoint step {step} lacks its meta item")
+    verify(step, restored)
+    return restored
+
+
+def move_aside(workdir: str, step: int) -> str:
+    """Moves a damaged checkpoint out of the run (never deletes it); returns where."""
+    source = epath.Path(checkpoint_dir(workdir)) / str(step)
+    target = epath.Path(workdir) / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    return str(target)
+
+
+def newest_good(
+    mngr: ocp.CheckpointManager, workdir: str, *, move_bad: bool, **abstract: Any
+) -> tuple[int, dict | None]:
+    """(step, restored) of the newest checkpoint that verifies, or (0, None) if none.
+    Each bad one on the way is reported in one line and, with ``move_bad``, moved aside."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    moved = False
+    try:
+        for step in steps:
+            try:
+                check_architecture(mngr, step, abstract["model"], "this config")
+                return step, restore_verified(mngr, step, **abstract)
+            except CheckpointError as e:
+                if "does not match the model" in str(e):
+                    raise
+                where = ""
+                if move_bad:
+                    where, moved = f"; moved to {move_aside(workdir, step)}", True
+                log.warning("%s%s; falling back to the checkpoint before it", e, where)
+    finally:
+        if moved:
+            mngr.reload()
+    if steps:
+        raise CheckpointError(
+            f"no checkpoint of {checkpoint_dir(workdir)} verifies (steps {sorted(steps)}; see "
+            "the lines above). Start a new run in another workdir, or restore the files."
+        )
+    return 0, None
 
 
 def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what: str) -> None:
     """Raises CheckpointError naming the parameters where checkpoint ``step``'s model item
     and the abstract ``model`` tree differ (missing, unexpected, or of another shape).
     Reads metadata only, before anything is restored or compiled."""
-    saved = _shapes_by_path(mngr.item_metadata(step)["model"])
+    try:
+        saved = _shapes_by_path(mngr.item_metadata(step)["model"])
+    except Exception as e:  # noqa: BLE001 - a damaged or incomplete step
+        raise CheckpointError(
+            f"checkpoint step {step} cannot be read ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+        ) from None
     wanted = _shapes_by_path(model)
     problems = [f"{p}: in the config's model but not in the checkpoint" for p in wanted
                 if p not in saved]  # fmt: skip

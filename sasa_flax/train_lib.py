@@ -515,15 +515,6 @@ def ensure_writable(workdir: str) -> None:
         ) from None
 
 
-def _restore_for_training(setup: Setup, mngr, workdir: str, step: int, abstract: TrainState):
-    checkpointing.check_architecture(mngr, step, abstract.model_item(), "this config")
-    restored = checkpointing.restore(
-        mngr, step, model=abstract.model_item(), train=abstract.train_item()
-    )
-    check_schedule_unchanged(setup, restored["meta"], workdir)
-    return TrainState(**restored["model"], **restored["train"])
-
-
 class _ProgressLog:
     """Averages the per-step metrics between log lines; images/sec excludes compilation."""
 
@@ -609,10 +600,15 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
     )
 
-    # 3. State: restored (only ever from a complete checkpoint) or born sharded.
-    start_step = mngr.latest_step() or 0
-    if start_step:
-        state = _restore_for_training(setup, mngr, workdir, start_step, abstract)
+    # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
+    # aside, saying so), or born sharded.
+    start_step, restored = checkpointing.newest_good(
+        mngr, workdir, move_bad=jax.process_index() == 0,
+        model=abstract.model_item(), train=abstract.train_item(),
+    )  # fmt: skip
+    if restored is not None:
+        check_schedule_unchanged(setup, restored["meta"], workdir)
+        state = TrainState(**restored["model"], **restored["train"])
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
         state = init_state(setup, abstract)
@@ -712,10 +708,23 @@ def evaluate_checkpoint(
     ``EVAL_FIELDS``; checked before anything is compiled)."""
     setup = make_setup(config, devices=devices)
     mngr = checkpointing.manager(workdir, read_only=True)
-    step = checkpointing.step_to_restore(mngr, workdir, step)
+    requested = checkpointing.step_to_restore(mngr, workdir, step)
     abstract = abstract_state(setup)
-    checkpointing.check_architecture(mngr, step, abstract.model_item(), "this config")
-    restored = checkpointing.restore(mngr, step, model=abstract.model_item())
+    if step is None:  # the newest checkpoint that verifies
+        step, restored = checkpointing.newest_good(
+            mngr, workdir, move_bad=False, model=abstract.model_item()
+        )
+    else:
+        checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
+        try:
+            restored = checkpointing.restore_verified(mngr, requested, model=abstract.model_item())
+        except checkpointing.CheckpointError as e:
+            good, _ = checkpointing.newest_good(
+                mngr, workdir, move_bad=False, model=abstract.model_item()
+            )
+            raise checkpointing.CheckpointError(
+                f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
+            ) from None
     setting = eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     _, eval_fn = compile_steps(setup, abstract)
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
