@@ -12,8 +12,11 @@ asynchronously: training continues while the arrays are written.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -61,6 +64,32 @@ logging.getLogger("absl").addFilter(
     lambda record: "Given directory is read only" not in record.getMessage()
 )
 
+
+def _not_orbax_background_noise(record: logging.LogRecord) -> bool:
+    """orbax logs a failed background write (a full disk) with its whole traceback from
+    each of its threads, and asyncio logs the futures it abandons; the same error is then
+    raised by the next save or wait, and the trainer reports it in one line. Kept with
+    SASA_FLAX_VERBOSE=1."""
+    if os.environ.get("SASA_FLAX_VERBOSE") or record.levelno < logging.ERROR:
+        return True
+    from_orbax = "/orbax/" in (record.pathname or "")
+    abandoned = record.name == "asyncio" or "never retrieved" in record.getMessage()
+    return not (from_orbax or abandoned)
+
+
+for _name in ("absl", "asyncio", ""):
+    logging.getLogger(_name).addFilter(_not_orbax_background_noise)
+
+
+def _quiet_thread_excepthook(args, _default=threading.excepthook):
+    tb = args.exc_traceback
+    frames = [] if tb is None else [f.filename for f, _ in traceback.walk_tb(tb)]
+    if os.environ.get("SASA_FLAX_VERBOSE") or not any("/orbax/" in f for f in frames):
+        _default(args)
+
+
+threading.excepthook = _quiet_thread_excepthook
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -71,6 +100,21 @@ class CheckpointError(UserError):
 def checkpoint_dir(workdir: str) -> str:
     """workdir/checkpoints, for local paths and gs:// alike."""
     return f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
+
+
+def remove_partial_checkpoints(workdir: str) -> list[str]:
+    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed save left (never a
+    complete checkpoint); returns their paths. Run before anything else is written."""
+    root = epath.Path(checkpoint_dir(workdir))
+    if not root.exists():
+        return []
+    partial = [p for p in root.iterdir() if "orbax-checkpoint-tmp" in p.name]
+    for path in partial:
+        path.rmtree() if path.is_dir() else path.unlink()
+    if partial:
+        log.warning("removed %d partial checkpoint(s) a stopped run left: %s",
+                    len(partial), ", ".join(p.name for p in partial))  # fmt: skip
+    return [str(p) for p in partial]
 
 
 def manager(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 from collections.abc import Callable, Iterator
 
@@ -61,6 +62,8 @@ class Split:
     size: int  # examples in the whole split (all processes)
     encoded: bool  # images are encoded bytes
     jpeg: bool  # ... and JPEG, so that decode_and_crop_jpeg applies
+    name: str = ""  # how an error names the split's source ("train[:96%] of imagenet2012")
+    files: tuple[str, ...] = ()  # this process's files, in order, where the source has files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +225,16 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             files[kept], labels[kept], files[held], labels[held]
         )  # fmt: skip
 
+    # Scanned once, both splits, before any training: an empty file fails now, not after
+    # the last epoch when the evaluation reads it.
+    empty = [f for f in (*files, *eval_files) if os.path.getsize(f) == 0]
+    if empty and input_config.corrupt_images == "fail":
+        raise DatasetError(
+            f"{len(empty)} empty (0-byte) image file(s) under {root}: "
+            f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}. Replace or remove them, "
+            "or set config.input.corrupt_images='skip' to skip them."
+        )
+
     def split(files, labels):
         part = _shard(len(files), process_index, process_count)
         mine = (files[part], labels[part])
@@ -230,7 +243,7 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             ds = tf.data.Dataset.from_tensor_slices(mine)
             return ds.map(lambda f, y: (tf.io.read_file(f), y))
 
-        return Split(make=make, size=len(files), encoded=True, jpeg=False)
+        return Split(make=make, size=len(files), encoded=True, jpeg=False, files=tuple(mine[0]))
 
     return Dataset(split(files, labels), split(eval_files, eval_labels), len(classes))
 
@@ -274,7 +287,10 @@ def _tfds(input_config, process_index, process_count) -> Dataset:
             )
             return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
-        return Split(make=make, size=_split_size(builder, split_name), encoded=True, jpeg=jpeg)
+        return Split(
+            make=make, size=_split_size(builder, split_name), encoded=True, jpeg=jpeg,
+            name=f"split {split_name!r} of TFDS {name} (data_dir {builder.data_dir})",
+        )  # fmt: skip
 
     return Dataset(split(train_name), split(eval_name), info.features["label"].num_classes)
 
@@ -451,8 +467,19 @@ def _map_images(ds, fn, input_config, label_of):
     return ds.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _as_numpy(ds, what: str) -> Iterator[dict[str, np.ndarray]]:
-    """Batches as NumPy; a decode error becomes one DatasetError with the fix."""
+def _first_undecodable(files) -> str | None:
+    """The first of ``files`` that TensorFlow cannot decode (only on the error path)."""
+    for f in files:
+        try:
+            tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+            return f
+    return None
+
+
+def _as_numpy(ds, what: str, split: Split) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as NumPy; a decode error becomes one DatasetError naming the file (or the
+    split) and the fix."""
     iterator = iter(tfds.as_numpy(ds))
     while True:
         try:
@@ -461,10 +488,12 @@ def _as_numpy(ds, what: str) -> Iterator[dict[str, np.ndarray]]:
             return
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
             reason = (e.message or str(e)).strip().splitlines()[0]
+            bad = _first_undecodable(split.files) if split.files else None
+            where = bad or f"a file of {split.name or 'the ' + what + ' split'}"
             raise DatasetError(
-                f"an image of the {what} split could not be decoded ({reason}): a corrupt or "
-                "truncated file. Set config.input.corrupt_images='skip' to skip such images "
-                "(they are counted in the logs), or replace the file."
+                f"an image of the {what} split could not be decoded ({reason}): {where} is "
+                "corrupt or truncated. Set config.input.corrupt_images='skip' to skip such "
+                "images (they are counted in the logs), or replace the file."
             ) from None
         yield batch
 
@@ -511,7 +540,7 @@ def train_batches(
             label_of=lambda index, example: example[1],
         )
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
-        yield from _as_numpy(ds, "training")
+        yield from _as_numpy(ds, "training", dataset.train)
         epoch, step_in_epoch = epoch + 1, 0
 
 
@@ -539,7 +568,7 @@ def eval_batches(
     )
     ds = ds.batch(local_batch).prefetch(2)
     count = 0
-    for batch in _as_numpy(ds, "evaluation"):
+    for batch in _as_numpy(ds, "evaluation", dataset.eval):
         n = len(batch["label"])
         yield _pad_batch(batch, n, local_batch)
         count += 1

@@ -21,6 +21,7 @@ the mean over the batch axis is a global reduction. No pmap, no pjit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -585,6 +586,8 @@ def train_and_evaluate(
     # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
     # by this run alone while it trains.
     setup = make_setup(config, devices=devices)
+    if jax.process_index() == 0:  # a killed run's partial checkpoint may be what fills the disk
+        checkpointing.remove_partial_checkpoints(workdir)
     ensure_writable(workdir)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
         return _train_and_evaluate(setup, workdir, stop_after_step)
@@ -633,31 +636,43 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
         setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
     )
     progress = _ProgressLog(setup, writer, start_step)
-    with preemption.stop_on_signals() as stop_request:
-        for step in range(start_step, end_step):
-            state, metrics = train_fn(state, global_batch(setup, next(batches)))
-            done = step + 1
-            # One scalar read per step, only when a bad step must stop the run before it
-            # is checkpointed ('skip' keeps the device queue full).
-            if t.on_nonfinite == "stop" and not bool(metrics["finite"]):
-                raise _nonfinite_error(mngr, done, jax.device_get(metrics))
-            stopping = stop_request.should_stop(done)
-            progress.add(done, metrics, force=done == end_step or stopping)
-            if t.eval_every_steps and done % t.eval_every_steps == 0 and done != setup.total_steps:
-                results = evaluate(setup, eval_fn, *eval_weights(state))
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
-            checkpointing.save(
-                mngr, done, model=state.model_item(), train=state.train_item(),
-                meta=_meta(setup, done), force=done == end_step or stopping,
-            )  # fmt: skip
-            if stopping:
-                mngr.wait_until_finished()
-                writer.flush()
-                log.info(
-                    "%s: stopped after step %d with its checkpoint written; run the same "
-                    "command to resume.", stop_request.reason, done,
+    try:
+        with preemption.stop_on_signals() as stop_request:
+            for step in range(start_step, end_step):
+                state, metrics = train_fn(state, global_batch(setup, next(batches)))
+                done = step + 1
+                # One scalar read per step, only when a bad step must stop the run before it
+                # is checkpointed ('skip' keeps the device queue full).
+                if t.on_nonfinite == "stop" and not bool(metrics["finite"]):
+                    raise _nonfinite_error(mngr, done, jax.device_get(metrics))
+                stopping = stop_request.should_stop(done)
+                progress.add(done, metrics, force=done == end_step or stopping)
+                if (
+                    t.eval_every_steps
+                    and done % t.eval_every_steps == 0
+                    and done != setup.total_steps
+                ):
+                    results = evaluate(setup, eval_fn, *eval_weights(state))
+                    writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
+                checkpointing.save(
+                    mngr, done, model=state.model_item(), train=state.train_item(),
+                    meta=_meta(setup, done), force=done == end_step or stopping,
                 )  # fmt: skip
-                return dict(step=done, train_log=progress.lines, stopped_by=stop_request.reason)
+                if stopping:
+                    mngr.wait_until_finished()
+                    writer.flush()
+                    log.info(
+                        "%s: stopped after step %d with its checkpoint written; run the same "
+                        "command to resume.", stop_request.reason, done,
+                    )  # fmt: skip
+                    return dict(step=done, train_log=progress.lines, stopped_by=stop_request.reason)
+    except Exception:
+        # A fatal error mid-run (a corrupt image, a full disk): let the checkpoint being
+        # written finish, or fail, before the error ends the program, so that orbax is not
+        # shut down under it; the newest complete checkpoint stays the last good one.
+        with contextlib.suppress(Exception):
+            mngr.wait_until_finished()
+        raise
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))

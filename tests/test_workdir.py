@@ -1,5 +1,7 @@
 """A workdir is one run: the lock, stale locks, and folder datasets' split names."""
 
+import contextlib
+import itertools
 import json
 import os
 import socket
@@ -87,3 +89,126 @@ def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
     with pytest.raises(input_pipeline.DatasetError, match=r"named like splits: \['train'\]"):
         input_pipeline.load(config)
+
+
+def test_an_empty_eval_image_is_reported_at_load_naming_the_file(tmp_path):
+    _folder(tmp_path / "train", ["cat", "dog"], images=4)
+    _folder(tmp_path / "val", ["cat", "dog"], images=1)
+    (tmp_path / "val" / "dog" / "empty.png").write_bytes(b"")
+    config = config_lib.base_config().input
+    config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
+    with pytest.raises(input_pipeline.DatasetError, match=r"1 empty .*val/dog/empty\.png"):
+        input_pipeline.load(config)
+    config.corrupt_images = "skip"
+    assert input_pipeline.load(config).eval.size == 3  # skipped later, and counted
+
+
+def test_an_undecodable_training_image_is_named_by_path(tmp_path):
+    _folder(tmp_path, ["cat", "dog"], images=4)
+    (tmp_path / "dog" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    config = config_lib.base_config().input
+    config.update(dataset="folder", data_dir=str(tmp_path), image_size=4, batch_size=8,
+                  augment="pad")  # fmt: skip
+    dataset = input_pipeline.load(config)
+    with pytest.raises(input_pipeline.DatasetError, match=r"dog/garbage\.png is corrupt"):
+        list(itertools.islice(input_pipeline.train_batches(dataset, config, seed=0), 3))
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tmp_path):
+    from sasa_flax import checkpointing
+    from tests.helpers import train
+
+    _folder(tmp_path / "data" / "train", [f"c{i}" for i in range(10)], images=8)
+    _folder(tmp_path / "data" / "val", [f"c{i}" for i in range(10)], images=1)
+    (tmp_path / "data" / "train" / "c3" / "bad.png").write_bytes(b"\x89PNG" + bytes(60))
+    run = train(
+        tmp_path / "run", "steps=30,checkpoint_every=1,batch=8",
+        "--config.input.dataset=folder", f"--config.input.data_dir={tmp_path / 'data'}",
+    )  # fmt: skip
+    assert run.finish() == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "c3/bad.png is corrupt" in errors[0]
+    assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
+    mngr = checkpointing.manager(str(tmp_path / "run"), read_only=True)
+    steps = sorted(mngr.all_steps())
+    assert steps, run.output  # the bad image is in a later batch than the first
+    for step in steps:  # every listed checkpoint is complete
+        assert (tmp_path / "run" / "checkpoints" / str(step) / "meta").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(small_disk):
+    from sasa_flax import checkpointing
+    from tests.helpers import train
+
+    workdir = small_disk / "run"
+    run = train(workdir, "steps=200,checkpoint_every=1")
+    run.wait_for(r"step 3/200")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):  # fill it to the last byte
+        while True:
+            f.write(bytes(1 << 16))
+            f.flush()
+    assert run.finish() == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left" in run.output, run.output[-3000:]
+    assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
+    steps = sorted(checkpointing.manager(str(workdir), read_only=True).all_steps())
+    assert steps  # the newest complete checkpoint is listed, and intact:
+    assert (workdir / "checkpoints" / str(steps[-1]) / "meta").exists()
+    filler.unlink()
+    rerun = train(workdir, "steps=200,checkpoint_every=1")
+    rerun.wait_for(r"removed \d+ partial checkpoint")  # before the writable check
+    rerun.wait_for(rf"resumed from step {steps[-1]} ")
+    rerun.popen.kill()
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_the_second_refuses_in_one_line(tmp_path):
+    from tests.helpers import train
+
+    first = train(tmp_path, "steps=200,checkpoint_every=5", "--config.input.batch_size=256")
+    first.wait_for(r"step 2/200")
+    second = train(tmp_path, "steps=200,checkpoint_every=5", "--config.input.batch_size=256")
+    assert second.finish() == 1, second.output
+    assert f"in use by another trainer (pid {first.popen.pid} on" in second.output
+    assert "Traceback" not in second.output
+    first.popen.terminate()  # SIGTERM: the first stops cleanly, unharmed by the second
+    assert first.finish() == 0, first.output
+    assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_eval_py_in_another_setting_refuses_or_writes_apart(tmp_path):
+    from tests.helpers import Process, environment, train
+
+    assert train(tmp_path, "steps=2").finish() == 0
+    own = (tmp_path / "eval_results_step_2.json").read_text()
+
+    def eval_py(*flags):
+        args = ["eval.py", "--config", "tests/tiny_config.py:steps=2", "--workdir", str(tmp_path)]
+        return Process([*args, *flags], environment(1))
+
+    refused = eval_py("--config.input.image_size=24")
+    assert refused.finish() == 1, refused.output
+    assert "config.input.image_size 16 -> 24" in refused.output
+    assert "Traceback" not in refused.output
+    other = eval_py("--config.input.image_size=24", "--other_setting")
+    assert other.finish() == 0, other.output
+    assert "setting: image_size=24" in other.output
+    assert (tmp_path / "eval_results_step_2_image_size=24.json").exists()
+    assert (tmp_path / "eval_results_step_2.json").read_text() == own
