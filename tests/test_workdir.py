@@ -196,7 +196,8 @@ def test_the_same_command_twice_the_second_refuses_in_one_line(tmp_path):
 def test_eval_py_in_another_setting_refuses_or_writes_apart(tmp_path):
     from tests.helpers import Process, environment, train
 
-    assert train(tmp_path, "steps=2").finish() == 0
+    trained = train(tmp_path, "steps=2")
+    assert trained.finish() == 0, trained.output
     own = (tmp_path / "eval_results_step_2.json").read_text()
 
     def eval_py(*flags):
@@ -212,3 +213,6 @@ def test_eval_py_in_another_setting_refuses_or_writes_apart(tmp_path):
     assert "setting: image_size=24" in other.output
     assert (tmp_path / "eval_results_step_2_image_size=24.json").exists()
     assert (tmp_path / "eval_results_step_2.json").read_text() == own
+    for run in (trained, refused, other):  # quiet logs: no TensorFlow or orbax start-up noise
+        assert "oneDNN" not in run.output and "absl::InitializeLog" not in run.output
+        assert "read only" not in run.output
