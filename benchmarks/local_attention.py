@@ -24,11 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from sasa_flax import flops
-from sasa_flax.layers import SelfAttention2D
+from sasa_flax import costs
+from sasa_flax.layers import AttentionOptions, SelfAttention2D, attention_cost
 
 
 def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtype):
@@ -78,14 +77,9 @@ def measure(fn, args, repeats: int) -> tuple[float, int]:
 
 def layer_flops(size: int, channels: int, kernel_size: int, heads: int) -> tuple[int, int]:
     """(attention FLOPs, 3×3 conv FLOPs) per image, paper convention."""
-    m = ml_collections.ConfigDict(
-        dict(
-            kernel_size=kernel_size, num_heads=heads, content=True,
-            pos_encoding="relative", relative_tables="shared",
-        )
-    )  # fmt: skip
-    attention = flops.attention("a", m, channels, channels, (size, size)).flops
-    conv = flops.conv("c", 3, channels, channels, size, pad=1).flops
+    options = AttentionOptions(kernel_size=kernel_size, num_heads=heads)  # the paper's layer
+    _, attention = attention_cost(options, channels, channels, size, size)
+    conv = costs.conv("c", 3, channels, channels, size, pad=1).flops
     return attention, conv
 
 
