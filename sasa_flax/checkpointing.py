@@ -31,13 +31,12 @@ log = logging.getLogger("sasa_flax")
 
 def _is_read_aftermath(exc: BaseException | None) -> bool:
     """The errors orbax's abandoned reads raise after a damaged checkpoint failed to load:
-    already reported in one line by ``restore_verified``."""
+    already reported in one line by ``restore_verified``. Kept with SASA_FLAX_VERBOSE=1."""
+    if os.environ.get("SASA_FLAX_VERBOSE"):
+        return False
     text = str(exc)
-    return (
-        isinstance(exc, RuntimeError)
-        and "Event loop is closed" in text
-        or ("Encountered error while reading array" in text)
-    )
+    closed_loop = isinstance(exc, RuntimeError) and "Event loop is closed" in text
+    return closed_loop or "Encountered error while reading array" in text
 
 
 _unraisable, _excepthook = sys.unraisablehook, sys.excepthook
@@ -54,31 +53,29 @@ def _quiet_excepthook(kind, value, tb):
 
 
 sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
-logging.getLogger("asyncio").addFilter(
-    lambda record: "Encountered error while reading array" not in record.getMessage()
-)
-
-# orbax warns "Given directory is read only" whenever a read-only manager opens a workdir,
-# i.e. on every evaluation, which is exactly what eval.py asks for.
-logging.getLogger("absl").addFilter(
-    lambda record: "Given directory is read only" not in record.getMessage()
-)
 
 
-def _not_orbax_background_noise(record: logging.LogRecord) -> bool:
-    """orbax logs a failed background write (a full disk) with its whole traceback from
-    each of its threads, and asyncio logs the futures it abandons; the same error is then
-    raised by the next save or wait, and the trainer reports it in one line. Kept with
-    SASA_FLAX_VERBOSE=1."""
+def _keep_log_record(record: logging.LogRecord) -> bool:
+    """Drops what orbax and asyncio log around a failure the trainer reports in one line:
+
+    - orbax's "Given directory is read only" warning, which every evaluation triggers
+      (eval.py asks for exactly that);
+    - the tracebacks orbax logs from each background thread when a write fails (a full
+      disk) and asyncio's abandoned futures and tasks (a damaged checkpoint's reads): the
+      same error is raised by the next save, wait or restore. Kept with SASA_FLAX_VERBOSE=1.
+    """
+    message = record.getMessage()
+    if "Given directory is read only" in message:
+        return False
     if os.environ.get("SASA_FLAX_VERBOSE") or record.levelno < logging.ERROR:
         return True
     from_orbax = "/orbax/" in (record.pathname or "")
-    abandoned = record.name == "asyncio" or "never retrieved" in record.getMessage()
+    abandoned = record.name == "asyncio" or "never retrieved" in message
     return not (from_orbax or abandoned)
 
 
 for _name in ("absl", "asyncio", ""):
-    logging.getLogger(_name).addFilter(_not_orbax_background_noise)
+    logging.getLogger(_name).addFilter(_keep_log_record)
 
 
 def _quiet_thread_excepthook(args, _default=threading.excepthook):

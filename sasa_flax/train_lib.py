@@ -457,6 +457,10 @@ def _changes(saved: dict, now: dict) -> list[str]:
     return [f for f in saved if f in now and saved[f] != now[f]]
 
 
+def _listing(saved: dict, now: dict, changed: list[str]) -> str:
+    return ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
+
+
 def _meta(setup: Setup, step: int) -> dict:
     return dict(
         step=step,
@@ -479,7 +483,7 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
     changed = _changes(saved, now)
     if not changed:
         return
-    listing = ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
+    listing = _listing(saved, now, changed)
     if setup.config.train.allow_schedule_change:
         log.warning("resuming with a changed schedule (%s): it continues from step %d of "
                     "the new one", listing, meta["step"])  # fmt: skip
@@ -700,7 +704,7 @@ def eval_setting_suffix(meta: dict, config, workdir: str, other_setting: bool) -
     changed = _changes(saved, now)
     if not changed:
         return ""
-    listing = ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
+    listing = _listing(saved, now, changed)
     if not other_setting:
         raise TrainError(
             f"{workdir} was trained for another evaluation setting: {listing}. Pass the run's "
