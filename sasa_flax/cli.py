@@ -93,6 +93,8 @@ def start(argv, distributed_mode: str) -> None:
     (orbax logs every file it writes; progress lines have their own logger)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.verbose:  # one switch for every quieting hook (checkpointing's too)
+        os.environ["SASA_FLAX_VERBOSE"] = "1"
     distributed.maybe_initialize(distributed_mode)
     logging.set_verbosity(logging.WARNING)
 
@@ -125,6 +127,6 @@ def user_errors():
 
 
 def _verbose() -> bool:
-    return bool(os.environ.get("SASA_FLAX_VERBOSE")) or (
-        "verbose" in flags.FLAGS and flags.FLAGS["verbose"].present and flags.FLAGS.verbose
-    )
+    """SASA_FLAX_VERBOSE=1, or --verbose (which ``start`` turns into it)."""
+    flag = "verbose" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.verbose
+    return bool(os.environ.get("SASA_FLAX_VERBOSE") or flag)
