@@ -184,7 +184,8 @@ def small_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     per 256 images), cosine decay over 200 epochs after 1 warm-up epoch, weight decay
     5e-4, BatchNorm decay 0.9, and an EMA of decay 0.999 with warm-up.
     """
-    config.model.bn_momentum = 0.9
+    if "bn_momentum" in config.model:  # a registered model without BatchNorm has none
+        config.model.bn_momentum = 0.9
     config.input.update(
         batch_size=128,
         eval_batch_size=512,
@@ -339,6 +340,11 @@ def _validate_input_and_train(config) -> None:
         )
     if not isinstance(i.augment, str) or not i.augment:
         raise _field_error("input.augment", i.augment, "must name an augmentation, e.g. 'pad'.")
+    if i.augment == "pad" and isinstance(i.image_size, int) and i.image_size <= 4:
+        raise _field_error(
+            "input.image_size", i.image_size,
+            "must be more than 4 with config.input.augment='pad' (it reflect-pads by 4 pixels).",
+        )  # fmt: skip
     _one_of(config, "input.corrupt_images", ("fail", "skip"))
     _one_of(config, "train.on_nonfinite", ("stop", "skip"))
     for field in ("input.batch_size", "input.eval_batch_size", "input.shuffle_buffer"):

@@ -29,3 +29,24 @@ def maybe_initialize(mode: str) -> None:
         if "JAX_PROCESS_ID" in os.environ:
             explicit["process_id"] = int(os.environ["JAX_PROCESS_ID"])
         jax.distributed.initialize(**explicit)
+
+
+# A process waiting for process 0 (e.g. while it builds a TFDS dataset) waits this long.
+SHARE_TIMEOUT_HOURS = 48
+
+
+def share_from_process_0(key: str, value: str | None) -> str | None:
+    """Process 0's ``value`` on every process; the others block until process 0 has set
+    it, so this is also a barrier. Uses the coordination service's key-value store, not
+    a device collective, so that a wait of hours (building a dataset) does not time out a
+    collective. With one JAX process (tests simulating several) it returns ``value``."""
+    if jax.process_count() == 1:
+        return value
+    from jax._src import distributed as jax_distributed  # the only way to the KV store
+
+    client = jax_distributed.global_state.client
+    key = f"sasa_flax/{key}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, value or "")
+        return value
+    return client.blocking_key_value_get(key, SHARE_TIMEOUT_HOURS * 3600 * 1000)

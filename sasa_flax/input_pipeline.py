@@ -1,10 +1,11 @@
-"""Datasets → tf.data → per-process NumPy batches.
+"""Datasets → tf.data → per-process NumPy batches of uint8 images.
 
 Sources and augmentations are registries: ``@register_source("name")`` makes a function
 ``(input_config, process_index, process_count) -> Dataset`` the dataset ``name``, and
 ``register_augmentation("name", train=..., eval=...)`` the value of
 ``config.input.augment``. A new dataset or augmentation is one function here (or in a
-module the config imports) and its registration.
+module the config imports) and its registration; ``array_split`` and ``file_split``
+build a source's splits from arrays or files.
 
 Sources (``config.input.dataset``):
   - any TFDS image-classification dataset by name (``imagenet2012``, ``cifar10``,
@@ -14,19 +15,32 @@ Sources (``config.input.dataset``):
   - ``"digits"``: scikit-learn's bundled handwritten digits (1,797 real 8×8 images, 10
     classes) upsampled to the configured size, fixed 80/20 split. Needs no download.
 
-Determinism and resumption: the training stream is a pure function of (seed, step).
-Epoch e is shuffled with a seed derived from (seed, e); every augmentation draws from
-stateless random ops keyed on (seed, e, example id). ``train_batches(..., start_step=s)``
-skips the examples already consumed, before any decoding, so a resumed run sees exactly
-the batches an uninterrupted run would.
+Mixing. A split is read one of two ways (``Split``):
+  - random access (arrays, folders): every epoch is a fresh permutation of the *whole*
+    split, drawn from (seed, epoch) and dealt out batch by batch to the processes, so the
+    stream is perfectly mixed however large the split is (ImageNet as a class-sorted folder
+    tree: 1.28M files) and needs no shuffle buffer. All epochs are one tf.data pipeline,
+    so an epoch boundary is not a pause.
+  - streaming (TFDS record files): each process reads its own 1/P of the split, its files
+    in an order drawn from (seed, epoch), 16 files interleaved record by record and
+    decoded in parallel, through a ``config.input.shuffle_buffer`` shuffle. TFDS writes
+    records in a random order when it prepares a dataset, so this is well mixed too. The
+    next epoch's pipeline is built, and its buffer filled, while this one is read.
 
-Multi-process: each process reads its own 1/P of every split (``tfds.even_splits``) and
-yields batches of global_batch / P; an epoch has floor(N / global_batch) steps on every
-process, so processes never disagree on the number of steps.
+Determinism and resumption: the training stream is a pure function of (seed, step).
+Every augmentation draws from stateless random ops keyed on (seed, position of the example
+in the *global* stream), so no two examples of a run share a draw whatever the number of
+processes. ``train_batches(..., start_step=s)`` skips the examples already consumed,
+before any decoding, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Batches: {"image": (b, S, S, 3) uint8, "label": (b,) int32, "mask": (b,) float32}, b =
+global batch / process count; images are normalised on the device (``normalise``), so a
+quarter of float32's bytes cross to it. An epoch has floor(N / global batch) steps.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -47,6 +61,9 @@ STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 # Folder names of a "folder" dataset's evaluation split, beside train/ (the first found).
 EVAL_FOLDERS = ("val", "valid", "validation", "test")
+# Files a streaming (TFDS) split reads at once, record by record.
+INTERLEAVED_FILES = 16
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
 
 
 class DatasetError(UserError):
@@ -55,15 +72,27 @@ class DatasetError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split, read by this process: examples are (image, label) with image either
-    encoded bytes (``encoded=True``) or uint8 (H, W, 3)."""
+    """One split. An example is ``(image, label, id)``: the image as encoded bytes
+    (``encoded=True``) or uint8 (H, W, 3), an int32 label, and a string that names the
+    example in error messages (its path, TFDS record id, or index).
 
-    make: object  # () -> tf.data.Dataset of (image, label), this process's shard, file order
+    Exactly one of:
+      - ``read(index)``: random access to example ``index`` (int64 scalar tensor) of the
+        *whole* split. The pipeline permutes the split each epoch and deals it out to
+        the processes (see the module docstring);
+      - ``stream(shuffle_seed)``: this process's share of the split as a tf.data.Dataset,
+        its files in an order drawn from ``shuffle_seed`` (None: stored order).
+    """
+
     size: int  # examples in the whole split (all processes)
-    encoded: bool  # images are encoded bytes
-    jpeg: bool  # ... and JPEG, so that decode_and_crop_jpeg applies
-    name: str = ""  # how an error names the split's source ("train[:96%] of imagenet2012")
-    files: tuple[str, ...] = ()  # this process's files, in order, where the source has files
+    encoded: bool  # images are encoded bytes (any format TensorFlow decodes)
+    name: str = ""  # how an error names the split ("split 'train[:96%]' of TFDS imagenet2012")
+    read: Callable | None = None
+    stream: Callable | None = None
+
+    def __post_init__(self):
+        if (self.read is None) == (self.stream is None):
+            raise ValueError("a Split has exactly one of read= and stream=")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +100,28 @@ class Dataset:
     train: Split
     eval: Split
     num_classes: int
+    process_index: int = 0  # the process whose share this reads
+    process_count: int = 1
+
+
+def array_split(images: np.ndarray, labels: np.ndarray, name: str = "") -> Split:
+    """A random-access split of uint8 images (N, H, W, 3) held in memory."""
+    images_t, labels_t = tf.constant(images), tf.constant(labels, tf.int32)
+
+    def read(index):
+        return images_t[index], labels_t[index], tf.strings.format("example {}", index)
+
+    return Split(size=len(labels), encoded=False, name=name, read=read)
+
+
+def file_split(files, labels, name: str = "") -> Split:
+    """A random-access split of encoded image files (paths, local or gs://)."""
+    files_t, labels_t = tf.constant(np.asarray(files, str)), tf.constant(labels, tf.int32)
+
+    def read(index):
+        return tf.io.read_file(files_t[index]), labels_t[index], files_t[index]
+
+    return Split(size=len(files), encoded=True, name=name, read=read)
 
 
 # --- sources -----------------------------------------------------------------------
@@ -81,9 +132,10 @@ SOURCES: dict[str, Callable[..., Dataset]] = {}
 
 def register_source(name: str):
     """Decorator: ``fn(input_config, process_index, process_count) -> Dataset`` becomes
-    ``config.input.dataset = name``. ``fn`` reads this process's 1/process_count of each
-    split (``Split.make``) and reports the whole split's size; it raises DatasetError
-    with the fix when the data is missing."""
+    ``config.input.dataset = name``. ``fn`` gives each split random access to the whole
+    split (``array_split``, ``file_split``) or streams this process's 1/process_count of
+    it (``Split.stream``), with the whole split's size; it raises DatasetError with the
+    fix when the data is missing."""
 
     def decorate(fn):
         SOURCES[name] = fn
@@ -93,14 +145,16 @@ def register_source(name: str):
 
 
 def load(input_config, *, process_index: int = 0, process_count: int = 1) -> Dataset:
-    """Opens config.input's dataset; raises DatasetError with a fix if it cannot."""
+    """Opens config.input's dataset for one process of ``process_count``; raises
+    DatasetError with a fix if it cannot."""
     if input_config.augment not in AUGMENTATIONS:
         raise DatasetError(
             f"config.input.augment={input_config.augment!r}: must be one of "
             f"{tuple(AUGMENTATIONS)} (register_augmentation adds one)."
         )
     source = SOURCES.get(input_config.dataset, _tfds)
-    return source(input_config, process_index, process_count)
+    dataset = source(input_config, process_index, process_count)
+    return dataclasses.replace(dataset, process_index=process_index, process_count=process_count)
 
 
 TUNING_FRACTION = 0.04  # the paper's held-out share of the training set (Tables 3, 5)
@@ -132,12 +186,6 @@ def tuning_holdout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(len(labels)), held), held
 
 
-def _shard(n: int, process_index: int, process_count: int) -> slice:
-    """The examples of an n-element split that this process reads (as even_splits does)."""
-    bounds = [round(i * n / process_count) for i in range(process_count + 1)]
-    return slice(bounds[process_index], bounds[process_index + 1])
-
-
 @register_source("digits")
 def _digits(input_config, process_index, process_count) -> Dataset:
     from sklearn.datasets import load_digits
@@ -156,20 +204,9 @@ def _digits(input_config, process_index, process_count) -> Dataset:
         kept, held = tuning_holdout(labels[train])
         train, test = train[kept], train[held]
     return Dataset(
-        train=_array_split(images[train], labels[train], process_index, process_count),
-        eval=_array_split(images[test], labels[test], process_index, process_count),
+        train=array_split(images[train], labels[train], "the digits training split"),
+        eval=array_split(images[test], labels[test], "the digits evaluation split"),
         num_classes=10,
-    )
-
-
-def _array_split(images, labels, process_index, process_count) -> Split:
-    part = _shard(len(labels), process_index, process_count)
-    mine_images, mine_labels = images[part], labels[part]
-    return Split(
-        make=lambda: tf.data.Dataset.from_tensor_slices((mine_images, mine_labels)),
-        size=len(labels),
-        encoded=False,
-        jpeg=False,
     )
 
 
@@ -235,20 +272,14 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             "or set config.input.corrupt_images='skip' to skip them."
         )
 
-    def split(files, labels):
-        part = _shard(len(files), process_index, process_count)
-        mine = (files[part], labels[part])
-
-        def make():
-            ds = tf.data.Dataset.from_tensor_slices(mine)
-            return ds.map(lambda f, y: (tf.io.read_file(f), y))
-
-        return Split(make=make, size=len(files), encoded=True, jpeg=False, files=tuple(mine[0]))
-
-    return Dataset(split(files, labels), split(eval_files, eval_labels), len(classes))
+    return Dataset(
+        file_split(files, labels, f"the training split of {root}"),
+        file_split(eval_files, eval_labels, f"the evaluation split of {root}"),
+        len(classes),
+    )
 
 
-def _tfds(input_config, process_index, process_count) -> Dataset:
+def _tfds(input_config, process_index, process_count, share=None) -> Dataset:
     name = input_config.dataset
     data_dir = input_config.data_dir or None
     try:
@@ -258,7 +289,8 @@ def _tfds(input_config, process_index, process_count) -> Dataset:
             f"config.input.dataset={name!r} is not a TFDS dataset; use a name from "
             "https://www.tensorflow.org/datasets/catalog, 'folder' or 'digits'."
         ) from None
-    _prepare(builder, input_config)
+    if _prepare(builder, input_config, process_index, process_count, share):
+        builder = tfds.builder(name, data_dir=data_dir)  # process 0 built it meanwhile
     info = builder.info
     if "image" not in info.features or "label" not in info.features:
         raise DatasetError(
@@ -273,38 +305,63 @@ def _tfds(input_config, process_index, process_count) -> Dataset:
         raise DatasetError(
             f"{name} has no validation or test split; set config.input.tuning_split=True."
         )
-    jpeg = info.features["image"].encoding_format == "jpeg"  # None means PNG
 
     def split(split_name):
         mine = tfds.even_splits(split_name, n=process_count, drop_remainder=False)[process_index]
+        described = f"split {split_name!r} of TFDS {name} (data_dir {builder.data_dir})"
 
-        def make():
+        def stream(shuffle_seed=None):
             ds = builder.as_dataset(
                 split=mine,
-                shuffle_files=False,
+                shuffle_files=shuffle_seed is not None,
                 decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(interleave_cycle_length=1),
+                read_config=tfds.ReadConfig(
+                    shuffle_seed=shuffle_seed,
+                    interleave_cycle_length=INTERLEAVED_FILES,
+                    interleave_block_length=1,
+                    add_tfds_id=True,
+                ),
             )
-            return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+            def example(position, ex):
+                share = f" of process {process_index}'s share of split {split_name!r}"
+                record = tf.strings.join(["record ", tf.strings.as_string(position), share])
+                return ex["image"], tf.cast(ex["label"], tf.int32), ex.get("tfds_id", record)
+
+            return ds.enumerate().map(example)
 
         return Split(
-            make=make, size=_split_size(builder, split_name), encoded=True, jpeg=jpeg,
-            name=f"split {split_name!r} of TFDS {name} (data_dir {builder.data_dir})",
-        )  # fmt: skip
+            size=_split_size(builder, split_name), encoded=True, name=described, stream=stream
+        )
 
     return Dataset(split(train_name), split(eval_name), info.features["label"].num_classes)
 
 
-def _prepare(builder, input_config) -> None:
-    """Builds the dataset once if it is not there; a clear error where that cannot work."""
+def _prepare(builder, input_config, process_index, process_count, share=None) -> bool:
+    """Builds the dataset if it is not there: process 0 alone, while the others wait for
+    it; a failure is raised on every process with the same message. True if it was built."""
+    message = _prepare_here(builder, input_config) if process_index == 0 else None
+    if process_count > 1:
+        from sasa_flax import distributed
+
+        message = (share or distributed.share_from_process_0)(
+            f"prepare/{builder.name}/{builder.data_dir}", message
+        )
+    if message and message != "built":
+        raise DatasetError(message)
+    return message == "built"
+
+
+def _prepare_here(builder, input_config) -> str:
+    """ "" if prepared already, "built" once built, else the error message."""
     try:
         builder.as_dataset(split="train")
-        return
+        return ""
     except AssertionError:  # TFDS: "could not find data in ..."
         pass
     name = input_config.dataset
     if name == "imagenet2012" and not input_config.manual_dir:
-        raise DatasetError(
+        return (
             f"imagenet2012 is not prepared in data_dir={builder.data_dir!r}. Download "
             "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, then set "
             "config.input.manual_dir to their directory (it is built once), or set "
@@ -315,12 +372,13 @@ def _prepare(builder, input_config) -> None:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )
+        return "built"
     except Exception as e:  # noqa: BLE001 - report any download/build failure the same way
-        raise DatasetError(
+        return (
             f"{name} is not prepared in data_dir={builder.data_dir!r} and building it failed "
             f"({type(e).__name__}: {e}). Prepare it on a machine with internet access "
             f"(`tfds build {name} --data_dir=DIR`) and set config.input.data_dir=DIR."
-        ) from None
+        )
 
 
 def _split_size(builder, split_name: str) -> int:
@@ -344,26 +402,33 @@ def _decode(image, split: Split):
 
 def _inception_crop(image, split: Split, size: int, seed):
     """Random crop of 8%-100% of the area, aspect 3/4-4/3, resized to size² (decoding
-    only the crop for JPEGs)."""
-    shape = tf.image.extract_jpeg_shape(image) if split.jpeg else tf.shape(_decode(image, split))
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape,
-        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-        seed=seed,
-        min_object_covered=0.1,
-        aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(0.08, 1.0),
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
-    )
-    y, x, _ = tf.unstack(begin)
-    h, w, _ = tf.unstack(crop_size)
-    if split.jpeg:
-        crop = tf.image.decode_and_crop_jpeg(image, tf.stack([y, x, h, w]), channels=3)
-    else:
-        crop = tf.image.crop_to_bounding_box(_decode(image, split), y, x, h, w)
-    # Bicubic rings outside [0, 255] at sharp edges; clip back to pixel values.
-    return tf.clip_by_value(tf.image.resize(crop, (size, size), method="bicubic"), 0.0, 255.0)
+    only the crop of a JPEG, whatever its file name says)."""
+
+    def crop_box(shape):
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+            seed=seed,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        return tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+
+    def jpeg_crop():
+        box = crop_box(tf.image.extract_jpeg_shape(image))
+        return tf.cast(tf.image.decode_and_crop_jpeg(image, box, channels=3), tf.float32)
+
+    def any_crop():
+        decoded = _decode(image, split)
+        y, x, h, w = tf.unstack(crop_box(tf.shape(decoded)))
+        return tf.cast(tf.image.crop_to_bounding_box(decoded, y, x, h, w), tf.float32)
+
+    crop = tf.cond(tf.io.is_jpeg(image), jpeg_crop, any_crop) if split.encoded else any_crop()
+    crop.set_shape([None, None, 3])
+    return tf.image.resize(crop, (size, size), method="bicubic")
 
 
 def _centre_crop(image, split: Split, size: int):
@@ -372,7 +437,7 @@ def _centre_crop(image, split: Split, size: int):
     shape = tf.shape(image)
     scale = (size / 0.875) / tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
     new_hw = tf.cast(tf.round(tf.cast(shape[:2], tf.float32) * scale), tf.int32)
-    image = tf.clip_by_value(tf.image.resize(image, new_hw, method="bicubic"), 0.0, 255.0)
+    image = tf.image.resize(image, new_hw, method="bicubic")
     top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
     return image[top : top + size, left : left + size]
 
@@ -389,9 +454,11 @@ def _pad_crop(image, size: int, seed):
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """``train(image, split, size, seed) -> (size, size, 3)`` float pixels in [0, 255], drawn
-    from the stateless ``seed`` (a (2,) int64 tensor); ``eval(image, split, size)`` the
-    deterministic evaluation view. ``image`` is as ``split`` stores it (``_decode``)."""
+    """``train(image, split, size, seed) -> (size, size, 3)`` float pixels, drawn from the
+    stateless ``seed`` (a (2,) int64 tensor); ``eval(image, split, size)`` the
+    deterministic evaluation view. ``image`` is as ``split`` stores it (``_decode``).
+    The pipeline rounds and clips the result to uint8 (bicubic resizing rings past
+    [0, 255] at sharp edges)."""
 
     train: Callable
     eval: Callable
@@ -415,23 +482,32 @@ register_augmentation(
 )
 
 
-def _normalise(image):
-    image = (tf.cast(image, tf.float32) - MEAN_RGB) / STDDEV_RGB
+def _pixels(image):
+    """Float pixels -> uint8 (H, W, 3), what crosses to the device."""
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
     image.set_shape([None, None, 3])
     return image
 
 
-def _train_preprocess(input_config, split: Split, seed: int, epoch: int):
+def normalise(images, dtype=np.float32):
+    """uint8 images -> (x - ImageNet mean) / std, in ``dtype``: run on the device (jnp or
+    np arrays alike)."""
+    return ((images.astype(np.float32) - MEAN_RGB) / STDDEV_RGB).astype(dtype)
+
+
+def _train_preprocess(input_config, split: Split, seed: int):
     size = input_config.image_size
 
-    def fn(index, example):
-        image, label = example
-        key = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, index])
+    def fn(image, label, example_id, position):
+        del example_id
+        # Keyed on the example's position in the global stream: no two examples of a
+        # run, on any process, share a draw.
+        key = tf.stack([tf.constant(seed, tf.int64), position])
         keys = tf.random.experimental.stateless_split(key, 2)
         image = AUGMENTATIONS[input_config.augment].train(image, split, size, keys[0])
         if input_config.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
-        return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
+        return {"image": _pixels(image), "label": label, "mask": tf.constant(1.0)}
 
     return fn
 
@@ -439,17 +515,18 @@ def _train_preprocess(input_config, split: Split, seed: int, epoch: int):
 def _eval_preprocess(input_config, split: Split):
     size = input_config.image_size
 
-    def fn(image, label):
+    def fn(image, label, example_id):
+        del example_id
         image = AUGMENTATIONS[input_config.augment].eval(image, split, size)
-        return {"image": _normalise(image), "label": label, "mask": tf.constant(1.0)}
+        return {"image": _pixels(image), "label": label, "mask": tf.constant(1.0)}
 
     return fn
 
 
-def _map_images(ds, fn, input_config, label_of):
-    """``ds.map(fn)`` in order. Under ``corrupt_images='skip'``, an element ``fn`` fails on
-    (an image that does not decode) becomes a zero image with ``mask`` 0, so that batches,
-    step counts and resumption stay exactly as they would be without it."""
+def _map_images(ds, fn, input_config):
+    """``ds.map(fn)`` in order, in parallel. Under ``corrupt_images='skip'``, an element
+    ``fn`` fails on (an image that does not decode) becomes a zero image with ``mask`` 0,
+    so that batches, step counts and resumption stay exactly as they would be without it."""
     if input_config.corrupt_images == "fail":
         return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     size = input_config.image_size
@@ -457,8 +534,8 @@ def _map_images(ds, fn, input_config, label_of):
     def one(*element):
         decoded = tf.data.Dataset.from_tensors(element).map(fn).ignore_errors()
         placeholder = {
-            "image": tf.zeros((size, size, 3), tf.float32),
-            "label": label_of(*element),
+            "image": tf.zeros((size, size, 3), tf.uint8),
+            "label": element[1],
             "mask": tf.constant(0.0),
         }
         return decoded.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
@@ -467,34 +544,36 @@ def _map_images(ds, fn, input_config, label_of):
     return ds.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _first_undecodable(files) -> str | None:
-    """The first of ``files`` that TensorFlow cannot decode (only on the error path)."""
-    for f in files:
+def _first_undecodable(elements, fn, limit: int = 100_000) -> str | None:
+    """The id of the first of ``elements`` (undecoded) that ``fn`` fails on, run eagerly,
+    one by one: the error path only, to name the file."""
+    for element in elements.take(limit):
         try:
-            tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
-            return f
+            fn(*element)
+        except DECODE_ERRORS:
+            return element[2].numpy().decode(errors="replace")
     return None
 
 
-def _as_numpy(ds, what: str, split: Split) -> Iterator[dict[str, np.ndarray]]:
-    """Batches as NumPy; a decode error becomes one DatasetError naming the file (or the
-    split) and the fix."""
+def _as_numpy(ds, what: str, split: Split, locate) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as NumPy; a decode error becomes one DatasetError naming the example
+    (``locate(batches_done)`` finds it) and the fix."""
     iterator = iter(tfds.as_numpy(ds))
+    done = 0
     while True:
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        except DECODE_ERRORS as e:
             reason = (e.message or str(e)).strip().splitlines()[0]
-            bad = _first_undecodable(split.files) if split.files else None
-            where = bad or f"a file of {split.name or 'the ' + what + ' split'}"
+            where = locate(done) or f"an image of {split.name or 'the ' + what + ' split'}"
             raise DatasetError(
                 f"an image of the {what} split could not be decoded ({reason}): {where} is "
                 "corrupt or truncated. Set config.input.corrupt_images='skip' to skip such "
                 "images (they are counted in the logs), or replace the file."
             ) from None
+        done += 1
         yield batch
 
 
@@ -511,73 +590,167 @@ def steps_per_epoch(dataset: Dataset, global_batch_size: int) -> int:
     return steps
 
 
-def train_batches(
-    dataset: Dataset,
-    input_config,
-    *,
-    seed: int,
-    start_step: int = 0,
-    process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless per-process training batches {"image": (b, S, S, 3) float32, "label": (b,)},
-    b = global batch / process count, starting at global step ``start_step``."""
-    global_batch = input_config.batch_size
-    local_batch = global_batch // process_count
-    steps = steps_per_epoch(dataset, global_batch)
-    epoch, step_in_epoch = divmod(start_step, steps)
-    while True:
-        ds = dataset.train.make().enumerate()
-        ds = ds.shuffle(
-            min(input_config.shuffle_buffer, dataset.train.size),
-            seed=seed * 1_000_003 + epoch,
-            reshuffle_each_iteration=False,
-        )
-        ds = ds.take(steps * local_batch).skip(step_in_epoch * local_batch)
-        ds = _map_images(
-            ds,
-            _train_preprocess(input_config, dataset.train, seed, epoch),
-            input_config,
-            label_of=lambda index, example: example[1],
-        )
-        ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
-        yield from _as_numpy(ds, "training", dataset.train)
-        epoch, step_in_epoch = epoch + 1, 0
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where this process's examples sit in the global stream."""
+
+    steps: int  # per epoch
+    global_batch: int
+    local_batch: int
+    process_index: int
+
+    def positions(self, epoch):
+        """(steps · local_batch,) int64: the global positions of this process's examples
+        of ``epoch``, in the order it reads them."""
+        j = tf.range(self.steps * self.local_batch, dtype=tf.int64)
+        step, i = j // self.local_batch, j % self.local_batch
+        first = tf.cast(epoch, tf.int64) * self.steps * self.global_batch
+        return first + step * self.global_batch + self.process_index * self.local_batch + i
 
 
-def num_eval_batches(dataset: Dataset, eval_batch_size: int, process_count: int = 1) -> int:
-    """The same on every process: enough for the largest per-process shard."""
-    local_batch = eval_batch_size // process_count
-    return math.ceil(math.ceil(dataset.eval.size / process_count) / local_batch)
+def _epoch_seed(seed: int, epoch):
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
 
 
-def eval_batches(
-    dataset: Dataset, input_config, *, process_count: int = 1
-) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once: the last batch is padded and ``mask`` is 0 on padding
-    (and on corrupt images skipped under ``corrupt_images='skip'``).
-
-    Yields exactly ``num_eval_batches`` batches of eval_batch_size / process_count.
-    """
-    local_batch = input_config.eval_batch_size // process_count
-    size = input_config.image_size
-    ds = _map_images(
-        dataset.eval.make(),
-        _eval_preprocess(input_config, dataset.eval),
-        input_config,
-        label_of=lambda image, label: label,
+def _random_access_epoch(split: Split, layout: _Layout, seed: int, epoch):
+    """(index, position) of this process's examples of ``epoch``: a permutation of the
+    whole split, cut into global batches, this process's slice of each."""
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(split.size, dtype=tf.int64), seed=_epoch_seed(seed, epoch)
     )
-    ds = ds.batch(local_batch).prefetch(2)
+    per_step = tf.reshape(order[: layout.steps * layout.global_batch], [layout.steps, -1])
+    start = layout.process_index * layout.local_batch
+    mine = tf.reshape(per_step[:, start : start + layout.local_batch], [-1])
+    return tf.data.Dataset.from_tensor_slices((mine, layout.positions(epoch)))
+
+
+def _stream_epoch(split: Split, layout: _Layout, seed: int, epoch: int, shuffle_buffer: int):
+    """(image, label, id, position) of this process's examples of ``epoch``: its files in
+    an order drawn from (seed, epoch), through a shuffle buffer with the same seed."""
+    epoch_seed = seed * 1_000_003 + epoch
+    ds = split.stream(epoch_seed)
+    share = math.ceil(split.size * layout.local_batch / layout.global_batch)
+    ds = ds.shuffle(
+        max(1, min(shuffle_buffer, share)), seed=epoch_seed, reshuffle_each_iteration=False
+    )
+    ds = ds.take(layout.steps * layout.local_batch)
+    positions = tf.data.Dataset.from_tensor_slices(layout.positions(epoch))
+    return tf.data.Dataset.zip(ds, positions).map(lambda example, position: (*example, position))
+
+
+def _epochs_overlapped(make_epoch: Callable[[int], Iterator], first_epoch: int) -> Iterator:
+    """The items of epochs first_epoch, first_epoch + 1, ...; epoch e + 1's iterator is
+    made, and its first item fetched (which fills its shuffle buffer), on a background
+    thread while epoch e is read, so that crossing an epoch does not wait for it."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+
+    def start(epoch):
+        iterator = make_epoch(epoch)
+        return next(iterator, None), iterator
+
+    try:
+        upcoming = pool.submit(start, first_epoch)
+        for epoch in range(first_epoch + 1, 2**62):
+            first, iterator = upcoming.result()
+            upcoming = pool.submit(start, epoch)
+            if first is not None:
+                yield first
+                yield from iterator
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def train_batches(
+    dataset: Dataset, input_config, *, seed: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches of this process (see the module docstring for their
+    format and order), starting at global step ``start_step``."""
+    split = dataset.train
+    global_batch = input_config.batch_size
+    layout = _Layout(
+        steps=steps_per_epoch(dataset, global_batch),
+        global_batch=global_batch,
+        local_batch=global_batch // dataset.process_count,
+        process_index=dataset.process_index,
+    )
+    first_epoch, step_in_epoch = divmod(start_step, layout.steps)
+    skip = step_in_epoch * layout.local_batch  # before any decoding
+    preprocess = _train_preprocess(input_config, split, seed)
+
+    def batches(elements, skip_batches=0):
+        ds = _map_images(elements, preprocess, input_config)
+        ds = ds.batch(layout.local_batch, drop_remainder=True).prefetch(2)
+
+        def locate(done):
+            rest = elements.skip((done + skip_batches) * layout.local_batch)
+            return _first_undecodable(rest, preprocess)
+
+        return _as_numpy(ds, "training", split, locate)
+
+    if split.read is not None:  # one pipeline over every epoch: no pause at the boundary
+
+        def read(index, position):
+            return (*split.read(index), position)
+
+        first = _random_access_epoch(split, layout, seed, first_epoch).skip(skip)
+        later = tf.data.Dataset.range(first_epoch + 1, 2**62)
+        later = later.flat_map(lambda epoch: _random_access_epoch(split, layout, seed, epoch))
+        return batches(first.concatenate(later).map(read))
+
+    def epoch_batches(epoch):
+        elements = _stream_epoch(split, layout, seed, epoch, input_config.shuffle_buffer)
+        if epoch == first_epoch:
+            return batches(elements.skip(skip))
+        return batches(elements)
+
+    return _epochs_overlapped(epoch_batches, first_epoch)
+
+
+def num_eval_batches(dataset: Dataset, eval_batch_size: int) -> int:
+    """The same on every process: enough for the largest per-process shard."""
+    local_batch = eval_batch_size // dataset.process_count
+    return math.ceil(math.ceil(dataset.eval.size / dataset.process_count) / local_batch)
+
+
+def _shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The [start, stop) of an n-element split that a process reads (as even_splits does)."""
+    bounds = [round(i * n / process_count) for i in range(process_count + 1)]
+    return bounds[process_index], bounds[process_index + 1]
+
+
+def examples(split: Split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """A process's share of ``split`` in stored order, undecoded: (image, label, id)."""
+    if split.read is None:
+        return split.stream(None)
+    start, stop = _shard(split.size, process_index, process_count)
+    return tf.data.Dataset.range(start, stop).map(split.read)
+
+
+def eval_batches(dataset: Dataset, input_config) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, over all processes: the last batch is padded and
+    ``mask`` is 0 on padding (and on corrupt images skipped under
+    ``corrupt_images='skip'``). Yields exactly ``num_eval_batches`` batches of
+    eval_batch_size / process_count."""
+    split = dataset.eval
+    local_batch = input_config.eval_batch_size // dataset.process_count
+    size = input_config.image_size
+    elements = examples(split, dataset.process_index, dataset.process_count)
+    preprocess = _eval_preprocess(input_config, split)
+    ds = _map_images(elements, preprocess, input_config).batch(local_batch).prefetch(2)
+
+    def locate(done):
+        return _first_undecodable(elements.skip(done * local_batch), preprocess)
+
     count = 0
-    for batch in _as_numpy(ds, "evaluation", dataset.eval):
-        n = len(batch["label"])
-        yield _pad_batch(batch, n, local_batch)
+    for batch in _as_numpy(ds, "evaluation", split, locate):
+        yield _pad_batch(batch, len(batch["label"]), local_batch)
         count += 1
     empty = {
-        "image": np.zeros((0, size, size, 3), np.float32),
+        "image": np.zeros((0, size, size, 3), np.uint8),
         "label": np.zeros((0,), np.int32),
         "mask": np.zeros((0,), np.float32),
     }
-    for _ in range(count, num_eval_batches(dataset, input_config.eval_batch_size, process_count)):
+    for _ in range(count, num_eval_batches(dataset, input_config.eval_batch_size)):
         yield _pad_batch(empty, 0, local_batch)
 
 

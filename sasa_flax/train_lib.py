@@ -27,6 +27,8 @@ import functools
 import json
 import logging
 import math
+import queue
+import threading
 import time
 from typing import Any
 
@@ -295,7 +297,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
 
     def loss_fn(params):
         model = merged_model(setup, setup.train_graphdef, params, state.model_state, state.step)
-        logits = model(batch["image"])
+        logits = model(input_pipeline.normalise(batch["image"]))
         losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
         loss = jnp.sum(losses * mask) / count
         return loss, (logits, nnx.to_pure_dict(nnx.state(model, MODEL_STATE)))
@@ -332,7 +334,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
 def eval_step(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
     """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
     model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
-    logits = model(batch["image"])
+    logits = model(input_pipeline.normalise(batch["image"]))
     mask = batch["mask"]
     num_classes = setup.config.model.num_classes
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -350,6 +352,73 @@ def global_batch(setup: Setup, local: dict) -> dict:
         key: jax.make_array_from_process_local_data(setup.data_sharded, value)
         for key, value in local.items()
     }
+
+
+class DevicePrefetch:
+    """Global batches put on the devices ``ahead`` steps before the loop asks for them, by
+    a background thread, so that the host's input work and the transfer overlap the
+    running steps. ``waited`` is the time the loop spent blocked on it: input-bound time.
+    An error of the input pipeline is raised by ``next`` in the loop's thread."""
+
+    def __init__(self, setup: Setup, batches, ahead: int = 2):
+        self.waited = 0.0
+        self._queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(setup, batches), daemon=True, name="device-prefetch"
+        )
+        self._thread.start()
+
+    def _fill(self, setup, batches) -> None:
+        try:
+            for local in batches:
+                item = global_batch(setup, local)
+                while not self._put(item):
+                    if self._stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the loop's thread
+            while not self._put(_Failed(e)) and not self._stop.is_set():
+                pass
+
+    def _put(self, item) -> bool:
+        try:
+            self._queue.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        item = self._queue.get()
+        self.waited += time.perf_counter() - start
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def abstract_batch(setup: Setup, batch_size: int) -> dict:
+    """The global batch the steps are compiled for (uint8 images, see input_pipeline)."""
+    size = setup.config.input.image_size
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharded)
+
+    return dict(
+        image=spec((batch_size, size, size, 3), jnp.uint8),
+        label=spec((batch_size,), jnp.int32),
+        mask=spec((batch_size,), jnp.float32),
+    )
 
 
 def compile_steps(setup: Setup, abstract: TrainState):
@@ -373,9 +442,7 @@ def compile_steps(setup: Setup, abstract: TrainState):
 def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     """Top-1, top-5 (%) and loss over every example of the eval split, exactly once."""
     totals = None
-    batches = input_pipeline.eval_batches(
-        setup.dataset, setup.config.input, process_count=jax.process_count()
-    )
+    batches = input_pipeline.eval_batches(setup.dataset, setup.config.input)
     for local in batches:
         sums = eval_fn(params, model_state, global_batch(setup, local))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -521,31 +588,46 @@ def ensure_writable(workdir: str) -> None:
 
 
 class _ProgressLog:
-    """Averages the per-step metrics between log lines; images/sec excludes compilation."""
+    """Averages the per-step metrics between log lines and reports where the time went:
+    seconds per step, the share of it the loop waited for input ("data wait"; large means
+    input-bound), images/s in total and per device. Reads the device only at log lines
+    and when asked for the first non-finite step."""
 
-    def __init__(self, setup: Setup, writer, start_step: int):
-        self.setup, self.writer = setup, writer
-        self.history, self.lines = [], []  # lines: (step, mean loss since the previous one)
-        self.timer_start, self.timer_step = None, start_step
+    def __init__(self, setup: Setup, writer, start_step: int, prefetch: DevicePrefetch):
+        self.setup, self.writer, self.prefetch = setup, writer, prefetch
+        self.history = []  # (step, metrics on device) since the previous line
+        self.lines = []  # (step, mean loss since the previous line)
+        self._start, self._step, self._waited = time.perf_counter(), start_step, 0.0
 
-    def add(self, done: int, metrics: dict, force: bool) -> None:
-        self.history.append(metrics)
-        if self.timer_start is None:
-            jax.block_until_ready(metrics)
-            self.timer_start, self.timer_step = time.perf_counter(), done
-        if done % self.setup.config.train.log_every_steps and not force:
-            return
-        history = jax.device_get(self.history)
+    def add(self, done: int, metrics: dict) -> None:
+        self.history.append((done, metrics))
+
+    def due(self, done: int) -> bool:
+        return done % self.setup.config.train.log_every_steps == 0
+
+    def first_nonfinite(self) -> tuple[int, dict] | None:
+        """(step, metrics) of the first non-finite step since the previous line, if any."""
+        finite = jax.device_get([m["finite"] for _, m in self.history])
+        bad = next((i for i, ok in enumerate(finite) if not ok), None)
+        return None if bad is None else (self.history[bad][0], jax.device_get(self.history[bad][1]))
+
+    def write(self, done: int) -> None:
+        history = jax.device_get([m for _, m in self.history])
         self.history = []
         summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         summary["skipped_images"] = float(sum(m["skipped_images"] for m in history))
         summary["nonfinite_steps"] = float(sum(not m["finite"] for m in history))
         del summary["finite"]
         self.lines.append((done, summary["loss"]))
-        elapsed, steps = time.perf_counter() - self.timer_start, done - self.timer_step
+        now, waited = time.perf_counter(), self.prefetch.waited
+        elapsed, steps = now - self._start, done - self._step
+        data_wait = (waited - self._waited) / elapsed if elapsed > 0 else float("nan")
+        self._start, self._step, self._waited = now, done, waited
         batch, total = self.setup.config.input.batch_size, self.setup.total_steps
         eta = float("nan")
         if steps > 0 and elapsed > 0:
+            summary["seconds_per_step"] = elapsed / steps
+            summary["data_wait_fraction"] = data_wait
             summary["images_per_sec"] = steps * batch / elapsed
             summary["images_per_sec_per_device"] = summary["images_per_sec"] / self.setup.mesh.size
             eta = (total - done) * elapsed / steps
@@ -557,21 +639,28 @@ class _ProgressLog:
             for k in ("skipped_images", "nonfinite_steps")
             if summary[k]
         )
+        speed = "?"
+        if "seconds_per_step" in summary:
+            speed = (
+                f"{summary['seconds_per_step']:.3g} s/step, {summary['images_per_sec']:.0f} img/s "
+                f"({summary['images_per_sec_per_device']:.0f}/device), data wait "
+                f"{100 * summary['data_wait_fraction']:.0f}%"
+            )
         log.info(
-            "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s img/s | ETA %s%s",
+            "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s | ETA %s%s",
             done, total, done / self.setup.steps_per_epoch, total / self.setup.steps_per_epoch,
-            summary["loss"], 100 * summary["top1"], summary["learning_rate"],
-            f"{summary.get('images_per_sec', float('nan')):.0f}",
+            summary["loss"], 100 * summary["top1"], summary["learning_rate"], speed,
             "?" if math.isnan(eta) else _format_duration(eta), skipped,
         )  # fmt: skip
 
 
-def _nonfinite_error(mngr, done: int, metrics: dict) -> TrainError:
-    mngr.wait_until_finished()  # the last good checkpoint is complete; this step is not saved
+def _nonfinite_error(mngr, bad: int, metrics: dict, done: int) -> TrainError:
+    mngr.wait_until_finished()  # the last good checkpoint is complete; no later one is saved
     loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
+    unsaved = f"step {bad}" if bad == done else f"steps {bad}-{done}"
     return TrainError(
-        f"step {done}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
-        f"without saving step {done}. The newest checkpoint is step {mngr.latest_step()}. "
+        f"step {bad}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
+        f"without saving {unsaved}. The newest checkpoint is step {mngr.latest_step()}. "
         "Lower config.train.base_learning_rate or lengthen warm-up, or set "
         "config.train.on_nonfinite='skip' to skip such steps and count them."
     )
@@ -628,39 +717,54 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
             }
         )
 
-    # 4. Loop.
+    # 4. Loop. The train step is compiled first (timed once); batches are put on the
+    # devices two steps ahead by a background thread; the loop reads from the devices
+    # only at log lines, evaluations and saves, never once per step.
+    batch_size = config.input.batch_size
+    compile_start = time.perf_counter()
+    train_fn = train_fn.lower(abstract, abstract_batch(setup, batch_size)).compile()
+    compile_seconds = time.perf_counter() - compile_start
+    writer.write_scalars(start_step, {"train/compile_seconds": compile_seconds})
+    if jax.process_index() == 0:
+        log.info("compiled the train step in %s", _format_duration(compile_seconds))
     batches = input_pipeline.train_batches(
-        setup.dataset,
-        config.input,
-        seed=t.seed,
-        start_step=start_step,
-        process_count=jax.process_count(),
+        setup.dataset, config.input, seed=t.seed, start_step=start_step
     )
     end_step = (
         setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
     )
-    progress = _ProgressLog(setup, writer, start_step)
+    prefetch = DevicePrefetch(setup, batches)
+    progress = _ProgressLog(setup, writer, start_step, prefetch)
     try:
         with preemption.stop_on_signals() as stop_request:
             for step in range(start_step, end_step):
-                state, metrics = train_fn(state, global_batch(setup, next(batches)))
+                state, metrics = train_fn(state, next(prefetch))
                 done = step + 1
-                # One scalar read per step, only when a bad step must stop the run before it
-                # is checkpointed ('skip' keeps the device queue full).
-                if t.on_nonfinite == "stop" and not bool(metrics["finite"]):
-                    raise _nonfinite_error(mngr, done, jax.device_get(metrics))
+                progress.add(done, metrics)
                 stopping = stop_request.should_stop(done)
-                progress.add(done, metrics, force=done == end_step or stopping)
-                if (
+                force = done == end_step or stopping
+                evaluating = bool(
                     t.eval_every_steps
                     and done % t.eval_every_steps == 0
                     and done != setup.total_steps
-                ):
+                )
+                saving = force or mngr.should_save(done)
+                writing = force or progress.due(done)
+                # A non-finite step left the state as it was, on device; under 'stop' it
+                # is looked for before anything is logged, evaluated or saved, so that it
+                # is never checkpointed and the run stops naming it.
+                if t.on_nonfinite == "stop" and (saving or writing or evaluating):
+                    bad = progress.first_nonfinite()
+                    if bad is not None:
+                        raise _nonfinite_error(mngr, *bad, done)
+                if writing:
+                    progress.write(done)
+                if evaluating:
                     results = evaluate(setup, eval_fn, *eval_weights(state))
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 checkpointing.save(
                     mngr, done, model=state.model_item(), train=state.train_item(),
-                    meta=_meta(setup, done), force=done == end_step or stopping,
+                    meta=_meta(setup, done), force=force,
                 )  # fmt: skip
                 if stopping:
                     mngr.wait_until_finished()
@@ -677,6 +781,8 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
         with contextlib.suppress(Exception):
             mngr.wait_until_finished()
         raise
+    finally:
+        prefetch.close()
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))

@@ -131,13 +131,14 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
 
 
 def _poison_batch(monkeypatch, at_step: int):
-    """Training batch number ``at_step`` (1-based) gets a NaN pixel."""
+    """Training batch number ``at_step`` (1-based) gets a NaN loss weight (images are
+    uint8 and cannot hold a NaN)."""
     batches = train_lib.input_pipeline.train_batches
 
     def poisoned(*args, start_step=0, **kwargs):
         for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
             if step + 1 == at_step:
-                batch["image"][0, 0, 0, 0] = np.nan
+                batch["mask"][0] = np.nan
             yield batch
 
     monkeypatch.setattr(train_lib.input_pipeline, "train_batches", poisoned)

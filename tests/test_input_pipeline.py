@@ -15,10 +15,6 @@ def input_config(**fields):
     return config
 
 
-def unnormalise(images):
-    return images * ip.STDDEV_RGB + ip.MEAN_RGB
-
-
 @pytest.mark.parametrize("augment", ["inception", "pad"])
 def test_imagenet_on_mock_data(augment):
     config = input_config(
@@ -27,13 +23,12 @@ def test_imagenet_on_mock_data(augment):
     )  # fmt: skip
     with tfds.testing.mock_data(num_examples=20):
         dataset = ip.load(config)
-        assert dataset.num_classes == 1000 and dataset.train.jpeg
+        assert dataset.num_classes == 1000 and dataset.train.stream is not None
         batch = next(ip.train_batches(dataset, config, seed=0))
         evals = list(ip.eval_batches(dataset, config))
-    assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (8,) and np.all((batch["label"] >= 0) & (batch["label"] < 1000))
-    pixels = unnormalise(batch["image"])  # normalised with the ImageNet mean / std
-    assert pixels.min() >= -1.0 and pixels.max() <= 256.0 and pixels.std() > 10
+    assert batch["image"].std() > 10  # real pixels (normalised later, on the device)
     assert len(evals) == 3 and [int(e["mask"].sum()) for e in evals] == [8, 8, 4]
     assert all(e["image"].shape == (8, 64, 64, 3) for e in evals)
 
@@ -50,9 +45,9 @@ def test_digits_split_and_normalisation():
     dataset = ip.load(config)
     assert (dataset.train.size, dataset.eval.size, dataset.num_classes) == (1437, 360, 10)
     batch = next(ip.train_batches(dataset, config, seed=0))
-    assert batch["image"].shape == (64, 32, 32, 3)
-    pixels = unnormalise(batch["image"])
-    assert pixels.min() > -1.0 and pixels.max() < 256.0
+    assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8
+    normalised = ip.normalise(batch["image"])  # what the train step does on the device
+    np.testing.assert_allclose(normalised * ip.STDDEV_RGB + ip.MEAN_RGB, batch["image"], atol=1e-3)
 
 
 def test_resuming_mid_epoch_gives_the_same_batches():
@@ -76,8 +71,8 @@ def test_processes_read_disjoint_shards_that_cover_the_split():
     labels, sizes = [], []
     for index in range(3):
         dataset = ip.load(config, process_index=index, process_count=3)
-        batches = list(ip.eval_batches(dataset, config, process_count=3))
-        assert len(batches) == ip.num_eval_batches(dataset, 50, 3)  # same count everywhere
+        batches = list(ip.eval_batches(dataset, config))
+        assert len(batches) == ip.num_eval_batches(dataset, 50)  # same count everywhere
         sizes.append(int(sum(b["mask"].sum() for b in batches)))
         labels.append(np.concatenate([b["label"][b["mask"] > 0] for b in batches]))
     assert sum(sizes) == 360  # every eval example exactly once over the processes
@@ -168,3 +163,151 @@ def test_corrupt_images_fail_with_the_fix_or_are_skipped_and_counted(tmp_path, a
     assert np.all(batch["image"][batch["mask"] == 0] == 0)
     evals = list(ip.eval_batches(dataset, config))
     assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 9
+
+
+# --- mixing, keys and epochs (issue 16) ------------------------------------------------
+
+
+def test_a_class_sorted_folder_many_times_the_buffer_is_well_mixed(tmp_path):
+    """ImageNet as a class-folder tree is 1.28M files sorted by class against a 16k
+    buffer; here 600 files against a buffer of 8. Every batch must still mix the classes."""
+    write_image_folder(tmp_path, classes=[f"c{i}" for i in range(10)], per_class=60, size=(8, 8))
+    config = input_config(
+        dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=40,
+        augment="pad", shuffle_buffer=8,
+    )  # fmt: skip
+    dataset = ip.load(config)
+    stream = ip.train_batches(dataset, config, seed=0)
+    steps = ip.steps_per_epoch(dataset, 40)
+    epoch = [next(stream)["label"] for _ in range(steps)]
+    # A uniform draw of 40 from 10 classes misses a class with probability ~1.5%.
+    assert min(len(np.unique(labels)) for labels in epoch) >= 7
+    assert np.bincount(np.concatenate(epoch), minlength=10).min() >= 40  # of about 54 each
+    second = [next(stream)["label"] for _ in range(steps)]
+    assert not np.array_equal(np.concatenate(epoch), np.concatenate(second))
+
+
+def _key_probe(image, split, size, seed):
+    """An 'augmentation' whose output is a function of its random key only."""
+    del image, split
+    return tf.random.stateless_uniform((size, size, 3), seed, 0, 255)
+
+
+def test_training_images_keep_their_labels(monkeypatch):
+    """Through the shuffled, multi-epoch training path every image arrives with its own
+    label: with an augmentation that only resizes, each training image is one of the
+    split's, under that image's label."""
+    monkeypatch.setitem(ip.AUGMENTATIONS, "none", ip.Augmentation(
+        lambda image, split, size, seed: ip._resize(image, split, size), ip._resize))  # fmt: skip
+    config = input_config(
+        dataset="digits", image_size=8, batch_size=500, augment="none", random_flip=False
+    )
+    dataset = ip.load(config)
+    label_of = {}
+    for image, label, _ in ip.examples(dataset.train).as_numpy_iterator():
+        resized = tf.cast(tf.round(tf.image.resize(image, (8, 8))), tf.uint8).numpy()
+        label_of.setdefault(resized.tobytes(), set()).add(int(label))
+    stream = ip.train_batches(dataset, config, seed=0, start_step=1)  # crosses an epoch
+    for batch in (next(stream) for _ in range(3)):
+        for image, label in zip(batch["image"], batch["label"], strict=True):
+            assert int(label) in label_of[image.tobytes()]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_global_batches_and_keys_do_not_depend_on_the_process_count(monkeypatch, processes):
+    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, ip._resize))
+    config = input_config(dataset="digits", image_size=8, batch_size=60, augment="key_probe")
+    single = ip.train_batches(ip.load(config), config, seed=1, start_step=22)  # epoch 0 ends at 23
+    shards = [
+        ip.train_batches(
+            ip.load(config, process_index=i, process_count=processes), config, seed=1, start_step=22
+        )  # fmt: skip
+        for i in range(processes)
+    ]
+    seen = set()
+    for _ in range(3):
+        expected = next(single)
+        parts = [next(shard) for shard in shards]
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+        # No two examples of the run share an augmentation draw: every image is distinct.
+        seen.update(image.tobytes() for image in expected["image"])
+    assert len(seen) == 3 * 60
+
+
+def test_tfds_processes_never_share_an_augmentation_key(monkeypatch):
+    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, ip._resize))
+    config = input_config(
+        dataset="imagenet2012", image_size=8, batch_size=8, shuffle_buffer=4, augment="key_probe"
+    )
+    with tfds.testing.mock_data(num_examples=24):
+        shards = [
+            ip.train_batches(ip.load(config, process_index=i, process_count=2), config, seed=0)
+            for i in range(2)
+        ]
+        images = [next(shard)["image"] for _ in range(4) for shard in shards]
+    assert len({image.tobytes() for batch in images for image in batch}) == 4 * 8
+
+
+def test_only_process_0_prepares_and_every_process_reports_its_failure():
+    class Builder:
+        name, data_dir, built = "toy", "/data", 0
+
+        def as_dataset(self, split):
+            raise AssertionError("not prepared")
+
+        def download_and_prepare(self, download_config):
+            self.built += 1
+            raise OSError("no internet")
+
+    config = input_config(dataset="toy")
+    shared = {}
+
+    def share(key, message):  # process 0's message, handed to everyone (as distributed's)
+        shared.setdefault(key, message)
+        return shared[key]
+
+    errors = []
+    builders = [Builder(), Builder()]
+    for index, builder in enumerate(builders):
+        with pytest.raises(ip.DatasetError) as raised:
+            ip._prepare(builder, config, index, 2, share)
+        errors.append(str(raised.value))
+    assert [b.built for b in builders] == [1, 0]  # process 1 waited, it did not build
+    assert errors[0] == errors[1] and "building it failed (OSError: no internet)" in errors[0]
+
+
+@pytest.mark.slow
+def test_crossing_an_epoch_does_not_wait_for_the_next_shuffle_buffer(monkeypatch):
+    """A streamed split whose shuffle buffer takes ~1 s to fill, read by a loop whose steps
+    take 50 ms: the first batch waits for the fill; later epochs' first batches must not
+    (their buffers fill in the background while the previous epoch is read)."""
+    import time
+
+    def slow_record(i):
+        tf.py_function(lambda: time.sleep(0.005), [], [])
+        return tf.zeros((8, 8, 3), tf.uint8), tf.cast(i % 2, tf.int32), tf.strings.as_string(i)
+
+    def source(input_config, process_index, process_count):
+        def stream(shuffle_seed=None):
+            return tf.data.Dataset.range(240).map(slow_record)
+
+        split = ip.Split(size=240, encoded=False, name="slow", stream=stream)
+        return ip.Dataset(split, split, num_classes=2)
+
+    monkeypatch.setitem(ip.SOURCES, "slow_stream", source)
+    config = input_config(
+        dataset="slow_stream", image_size=8, batch_size=4, augment="pad", shuffle_buffer=200
+    )
+    dataset = ip.load(config)
+    steps = ip.steps_per_epoch(dataset, 4)  # 60
+    stream = ip.train_batches(dataset, config, seed=0)
+    waits = []
+    for _ in range(3 * steps):
+        start = time.perf_counter()
+        next(stream)
+        waits.append(time.perf_counter() - start)
+        time.sleep(0.05)  # the training step
+    assert waits[0] > 0.8  # the fill is slow: the test can see a stall
+    boundaries = [waits[steps], waits[2 * steps]]
+    assert max(boundaries) < 0.4, (boundaries, np.median(waits))

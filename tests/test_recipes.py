@@ -157,7 +157,8 @@ def _class_mix_ok(train_labels, held_labels, total):
 
 
 def _labels(split) -> np.ndarray:
-    return np.concatenate([y for _, y in split.make().batch(4096).as_numpy_iterator()])
+    batches = input_pipeline.examples(split).batch(4096).as_numpy_iterator()
+    return np.concatenate([labels for _, labels, _ in batches])
 
 
 def test_digits_tuning_split_has_the_class_mix_of_train():

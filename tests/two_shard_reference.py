@@ -15,14 +15,13 @@ from sasa_flax import config_lib, input_pipeline, train_lib
 _load, _train_batches = input_pipeline.load, input_pipeline.train_batches
 
 
-def two_shard_batches(dataset, input_config, *, seed, start_step=0, process_count=1):
+def two_shard_batches(dataset, input_config, *, seed, start_step=0):
     shards = [
         _train_batches(
             _load(input_config, process_index=i, process_count=2),
             input_config,
             seed=seed,
             start_step=start_step,
-            process_count=2,
         )  # fmt: skip
         for i in range(2)
     ]
