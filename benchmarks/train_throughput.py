@@ -47,7 +47,7 @@ def measure(setup: train_lib.Setup, steps: int) -> dict:
     batch = train_lib.global_batch(
         setup,
         {
-            "image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
+            "image": rng.integers(0, 256, (b, s, s, 3), np.uint8),
             "label": rng.integers(0, 1000, b).astype(np.int32),
             "mask": np.ones(b, np.float32),
         },

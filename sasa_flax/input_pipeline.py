@@ -45,6 +45,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -64,6 +65,7 @@ EVAL_FOLDERS = ("val", "valid", "validation", "test")
 # Files a streaming (TFDS) split reads at once, record by record.
 INTERLEAVED_FILES = 16
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
+_STREAM_LOCK = threading.Lock()
 
 
 class DatasetError(UserError):
@@ -628,7 +630,8 @@ def _stream_epoch(split: Split, layout: _Layout, seed: int, epoch: int, shuffle_
     """(image, label, id, position) of this process's examples of ``epoch``: its files in
     an order drawn from (seed, epoch), through a shuffle buffer with the same seed."""
     epoch_seed = seed * 1_000_003 + epoch
-    ds = split.stream(epoch_seed)
+    with _STREAM_LOCK:  # built on background threads; a source need not be thread-safe
+        ds = split.stream(epoch_seed)
     share = math.ceil(split.size * layout.local_batch / layout.global_batch)
     ds = ds.shuffle(
         max(1, min(shuffle_buffer, share)), seed=epoch_seed, reshuffle_each_iteration=False
