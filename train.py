@@ -22,7 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     cli.start(argv, _DISTRIBUTED.value)
     with cli.user_errors():
-        results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        results = train_lib.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, command=cli.config_arguments()
+        )
     if "stopped_by" in results:
         print(
             f"stopped by {results['stopped_by']} after step {results['step']}, checkpoint "

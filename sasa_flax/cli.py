@@ -53,6 +53,21 @@ def _raised_in_user_code(error: BaseException) -> str | None:
     return None
 
 
+def config_arguments(argv: list[str] | None = None) -> dict:
+    """The ``--config`` value and the ``--config.x=y`` overrides of a command line, as
+    given: what ``report --results`` shows as the run's config."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec, overrides = "", []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[2:] if "=" in arg else f"{arg[2:]}={argv[i + 1]}")
+    return dict(config_spec=spec, overrides=overrides)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing where a bad config file argument or a misspelt ``--config.x=y``
     override ends with one message naming it (exit status 1), not a traceback."""

@@ -45,6 +45,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import threading
 from collections.abc import Callable, Iterator
 
@@ -328,7 +329,9 @@ def _tfds(input_config, process_index, process_count, share=None) -> Dataset:
             def example(position, ex):
                 share = f" of process {process_index}'s share of split {split_name!r}"
                 record = tf.strings.join(["record ", tf.strings.as_string(position), share])
-                return ex["image"], tf.cast(ex["label"], tf.int32), ex.get("tfds_id", record)
+                tfds_id = ex.get("tfds_id")  # mock data has none
+                named = record if tfds_id is None else tf.strings.join(["TFDS record ", tfds_id])
+                return ex["image"], tf.cast(ex["label"], tf.int32), named
 
             return ds.enumerate().map(example)
 
@@ -569,6 +572,7 @@ def _as_numpy(ds, what: str, split: Split, locate) -> Iterator[dict[str, np.ndar
             return
         except DECODE_ERRORS as e:
             reason = (e.message or str(e)).strip().splitlines()[0]
+            reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", reason)  # TF's op name
             where = locate(done) or f"an image of {split.name or 'the ' + what + ' split'}"
             raise DatasetError(
                 f"an image of the {what} split could not be decoded ({reason}): {where} is "

@@ -18,7 +18,7 @@ from flax import nnx
 
 from sasa_flax.costs import register_cost
 from sasa_flax.errors import ArgumentError, check_one_of, check_options
-from sasa_flax.ops import block_local_attention, local_attention
+from sasa_flax.ops import block_local_attention, local_attention, patches
 from sasa_flax.ops.local_attention import validate_impl, validate_kernel_size, validate_padding
 
 POS_ENCODINGS = ("relative", "absolute", "none")
@@ -277,10 +277,10 @@ class SelfAttention2D(nnx.Module):
     relative_tables = property(lambda self: self.options.relative_tables)
     impl = property(lambda self: self.options.impl)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, H, W, in_features) -> (B, H, W, out_features)."""
+    def _qkv(self, x: jax.Array):
+        """q (scaled), k (with the absolute encoding, or None), v: (B, H, W, N, d)."""
         _check_input(x, self.in_features, "SelfAttention2D")
-        batch, height, width, _ = x.shape
+        _, height, width, _ = x.shape
         q = _split_heads(_project(self.query, x), self.num_heads)
         if self.scale_queries:
             q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
@@ -290,6 +290,26 @@ class SelfAttention2D(nnx.Module):
             p = jnp.asarray(sinusoidal_2d(height, width, self.head_dim), q.dtype)
             p = jnp.broadcast_to(p[None, :, :, None, :], q.shape)
             k = p if k is None else k + p
+        return q, k, v
+
+    def attention_weights(self, x: jax.Array, positions) -> tuple[jax.Array, np.ndarray]:
+        """The softmax weights of the query pixels ``positions`` = [(i, j), ...]:
+        (B, P, N, k, k), and the (P, k, k) mask of neighbours inside the image. Lean
+        (no whole-image patches), for any ``impl``: what ``sasa_flax.visualize`` draws."""
+        q, k, _ = self._qkv(x)
+        rel = (
+            (None, None)
+            if self.rel_row is None
+            else _in_dtype(self.dtype, self.rel_row, self.rel_col)
+        )
+        return patches.weights_at(
+            q, k, *rel, positions, kernel_size=self.kernel_size, padding=self.padding
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, in_features) -> (B, H, W, out_features)."""
+        batch, height, width, _ = x.shape
+        q, k, v = self._qkv(x)
         attend = functools.partial(
             local_attention, kernel_size=self.kernel_size, padding=self.padding, impl=self.impl
         )
@@ -316,7 +336,13 @@ def _per_head(attend, q, k, v, rel_row, rel_col):
 
 
 def attention_cost(
-    options: AttentionOptions, in_features: int, out_features: int, height: int, width: int
+    options: AttentionOptions,
+    in_features: int,
+    out_features: int,
+    height: int,
+    width: int,
+    *,
+    factored_relative: bool = False,
 ) -> tuple[int, int]:
     """(parameters, FLOPs) of a ``SelfAttention2D`` at H×W, in the paper's convention:
 
@@ -325,17 +351,24 @@ def attention_cost(
               + k²·d_out ]                  the weighted sum of values
 
     The relative term is counted as Eq. 3 writes it, a full q·r dot per neighbour. (The
-    implementation factors it as q_row·rel_row + q_col·rel_col, k·d_out instead; counted
-    that way ResNet-50 with attention would come to 6.8 B instead of the paper's 7.0 B,
-    outside Table 1's precision, so the paper counts it per neighbour.) Absolute
-    encoding adds p to the keys: one dot, like q·k.
+    implementation factors it as q_row·rel_row + q_col·rel_col, k·d_out instead, which
+    ``factored_relative=True`` counts; counted that way ResNet-50 with attention would come
+    to 6.8 B instead of the paper's 7.0 B, outside Table 1's precision, so the paper counts
+    it per neighbour.) Absolute encoding adds p to the keys: one dot, like q·k.
     """
     o, k = options, options.kernel_size
     projections = (3 if o.content else 2) * in_features * out_features
-    logit_terms = int(o.content or o.pos_encoding == "absolute") + int(o.pos_encoding == "relative")
-    per_pixel = projections + k * k * out_features * logit_terms + k * k * out_features
+    content_terms = int(o.content or o.pos_encoding == "absolute")
+    relative = o.pos_encoding == "relative"
+    relative_taps = (k if factored_relative else k * k) if relative else 0
+    per_pixel = (
+        projections
+        + k * k * out_features * content_terms
+        + relative_taps * out_features
+        + k * k * out_features
+    )
     params = projections
-    if o.pos_encoding == "relative":
+    if relative:
         tables = k * (out_features // o.num_heads)  # row and column tables, k × d/2 each
         params += tables * (o.num_heads if o.relative_tables == "per_head" else 1)
     return params, 2 * height * width * per_pixel

@@ -5,6 +5,8 @@ r"""Parameter and FLOP report of a config's model, checkable against the paper.
         --config.model.kernel_size=9 --json
     python -m sasa_flax.report --config configs/cifar10.py --layers
     python -m sasa_flax.report --all        # every shipped ImageNet config beside the paper
+    python -m sasa_flax.report --scaling [--plot cost.png] [--json]   # attention vs conv
+    python -m sasa_flax.report --results WORKDIR [WORKDIR ...] [--json | --csv]  # a sweep
 
 Counts are analytic (``sasa_flax.flops`` documents each formula), at the config's
 input size, a multiply-add counted as 2 FLOPs; nothing is built or compiled.
@@ -19,7 +21,8 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from sasa_flax import cli, config_lib, costs, flops
+from sasa_flax import cli, config_lib, costs, flops, results, scaling
+from sasa_flax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,6 +30,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
 _ALL = flags.DEFINE_bool("all", False, "Markdown table of every shipped ImageNet config.")
 _LAYERS = flags.DEFINE_bool("layers", False, "Also list every counted layer.")
+_SCALING = flags.DEFINE_bool(
+    "scaling", False, "One layer's cost, attention vs convolution, as k grows (C = 64..512)."
+)
+_RESULTS = flags.DEFINE_bool(
+    "results", False, "One table over the training workdirs given as arguments."
+)
+_CSV = flags.DEFINE_bool("csv", False, "With --results: CSV instead of markdown.")
+_PLOT = flags.DEFINE_string("plot", None, "With --scaling: also draw it into this PNG file.")
 
 
 def summary(config) -> dict:
@@ -75,13 +86,32 @@ def markdown_table(rows) -> str:
 
 
 def main(argv):
+    if _RESULTS.value:
+        if len(argv) < 2:
+            raise app.UsageError("--results needs one or more training workdirs.")
+        with cli.user_errors():
+            try:
+                runs = results.table(argv[1:])
+            except FileNotFoundError as e:
+                raise UserError(str(e)) from None
+        formats = {True: results.to_json, False: results.markdown}
+        print(results.to_csv(runs) if _CSV.value else formats[_JSON.value](runs))
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _ALL.value:
         print(markdown_table(shipped_imagenet_rows()))
         return
+    if _SCALING.value:
+        result = scaling.summary()
+        if _PLOT.value:
+            scaling.plot(result, _PLOT.value)
+        print(json.dumps(result) if _JSON.value else scaling.markdown(result))
+        return
+    if _PLOT.value:
+        raise app.UsageError("--plot draws the --scaling report; pass --scaling too.")
     if _CONFIG.value is None:
-        raise app.UsageError("pass --config path/to/config.py[:arg], or --all.")
+        raise app.UsageError("pass --config path/to/config.py[:arg], --all or --scaling.")
     with cli.user_errors():
         result = summary(_CONFIG.value)
     if _JSON.value:

@@ -326,7 +326,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
         learning_rate=setup.schedule(optax.tree_utils.tree_get(state.opt_state, "count")),
         grad_norm=grad_norm,
         finite=finite,
-        skipped_images=jnp.sum(1.0 - mask),
+        skipped_images=jnp.sum(mask == 0),
     )
     return new_state, metrics
 
@@ -563,6 +563,33 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
     )
 
 
+RUN_RECORD = "run.json"
+
+
+def write_run_record(setup: Setup, workdir: str, command: dict) -> None:
+    """``run.json``: the command's config argument, the whole config, the model's size
+    and the devices; rewritten at every (re)start. ``report --results`` reads it."""
+    if jax.process_index() != 0:
+        return
+    from sasa_flax import flops  # the cost rules: only here, not on the training path
+
+    try:
+        params, total_flops = flops.count(setup.config)
+    except Exception:  # noqa: BLE001 - a registered model without cost rules: no counts
+        params = total_flops = None
+    record = dict(
+        **command,
+        config=json.loads(setup.config.to_json_best_effort()),
+        params=params,
+        flops=total_flops,
+        devices=setup.mesh.size,
+        device_kind=jax.devices()[0].device_kind,
+        total_steps=setup.total_steps,
+        steps_per_epoch=setup.steps_per_epoch,
+    )
+    (epath.Path(workdir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
+
+
 def write_eval_results(workdir: str, step: int, results: dict, setting: str = "") -> None:
     """``eval_results_step_{step}.json``, or ``..._{setting}.json`` for another setting."""
     if jax.process_index() != 0:
@@ -672,17 +699,21 @@ def train_and_evaluate(
     *,
     devices=None,
     stop_after_step: int | None = None,
+    command: dict | None = None,
 ) -> dict:
     """Trains (resuming from workdir's latest checkpoint), evaluates, returns the final
     eval metrics. It returns early, after a durable checkpoint, with ``stopped_by`` set
-    on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``."""
+    on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``. ``command``:
+    the config file argument and overrides (``cli.config_arguments``), for ``run.json``."""
     # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
     # by this run alone while it trains.
     setup = make_setup(config, devices=devices)
     if jax.process_index() == 0:  # a killed run's partial checkpoint may be what fills the disk
+        workdir_lock.check_free(workdir)  # ... but never a live run's save in progress
         checkpointing.remove_partial_checkpoints(workdir)
     ensure_writable(workdir)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+        write_run_record(setup, workdir, command or {})
         return _train_and_evaluate(setup, workdir, stop_after_step)
 
 
@@ -820,6 +851,27 @@ def eval_setting_suffix(meta: dict, config, workdir: str, other_setting: bool) -
     return "-".join(f"{f.split('.')[1]}={str(now[f]).replace('/', '_')}" for f in changed)
 
 
+def restore_model_item(setup: Setup, abstract: TrainState, workdir: str, step: int | None):
+    """(step, restored items: "model" and "meta") of a checkpoint, verified: the newest
+    that verifies, or ``step`` (refused naming the newest good one if it does not)."""
+    mngr = checkpointing.manager(workdir, read_only=True)
+    requested = checkpointing.step_to_restore(mngr, workdir, step)
+    if step is None:  # the newest checkpoint that verifies
+        return checkpointing.newest_good(mngr, workdir, move_bad=False, model=abstract.model_item())
+    checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
+    try:
+        return requested, checkpointing.restore_verified(
+            mngr, requested, model=abstract.model_item()
+        )
+    except checkpointing.CheckpointError as e:
+        good, _ = checkpointing.newest_good(
+            mngr, workdir, move_bad=False, model=abstract.model_item()
+        )
+        raise checkpointing.CheckpointError(
+            f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
+        ) from None
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -832,24 +884,8 @@ def evaluate_checkpoint(
     evaluation setting the run was trained for unless ``other_setting`` (see
     ``EVAL_FIELDS``; checked before anything is compiled)."""
     setup = make_setup(config, devices=devices)
-    mngr = checkpointing.manager(workdir, read_only=True)
-    requested = checkpointing.step_to_restore(mngr, workdir, step)
     abstract = abstract_state(setup)
-    if step is None:  # the newest checkpoint that verifies
-        step, restored = checkpointing.newest_good(
-            mngr, workdir, move_bad=False, model=abstract.model_item()
-        )
-    else:
-        checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
-        try:
-            restored = checkpointing.restore_verified(mngr, requested, model=abstract.model_item())
-        except checkpointing.CheckpointError as e:
-            good, _ = checkpointing.newest_good(
-                mngr, workdir, move_bad=False, model=abstract.model_item()
-            )
-            raise checkpointing.CheckpointError(
-                f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
-            ) from None
+    step, restored = restore_model_item(setup, abstract, workdir, step)
     setting = eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     _, eval_fn = compile_steps(setup, abstract)
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))

@@ -82,6 +82,23 @@ def _create(path: epath.Path, content: str) -> bool:
     return True
 
 
+def _refuse_if_held(workdir: str, path: epath.Path) -> dict | None:
+    """The lock's holder (None: no lock; {}: unreadable); raises if it is alive."""
+    holder = _read(path)
+    if holder and _alive(holder):
+        raise WorkdirLocked(
+            f"{workdir} is in use by another trainer ({_describe(holder)}; lock file "
+            f"{path}). Wait for it to finish, stop it, or use another --workdir."
+        )
+    return holder
+
+
+def check_free(workdir: str) -> None:
+    """Raises WorkdirLocked if a live trainer holds ``workdir``; writes nothing. Run it
+    before touching a workdir that ``hold`` will lock later (e.g. to clean it up)."""
+    _refuse_if_held(workdir, epath.Path(workdir) / LOCK_NAME)
+
+
 @contextlib.contextmanager
 def hold(workdir: str, *, enabled: bool = True):
     """Holds ``workdir``'s lock for the duration (only where ``enabled``: process 0)."""
@@ -96,13 +113,8 @@ def hold(workdir: str, *, enabled: bool = True):
         heartbeat=time.time(),
         token=uuid.uuid4().hex,
     )
-    holder = _read(path)
+    holder = _refuse_if_held(workdir, path)
     if holder is not None:
-        if holder and _alive(holder):
-            raise WorkdirLocked(
-                f"{workdir} is in use by another trainer ({_describe(holder)}; lock file "
-                f"{path}). Wait for it to finish, stop it, or use another --workdir."
-            )
         log.warning(
             "taking over the stale lock of %s (%s): its holder is gone",
             workdir,

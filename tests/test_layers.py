@@ -79,6 +79,7 @@ def test_module_matches_the_reference_with_its_own_weights(rng, options):
         p = np.broadcast_to(sinusoidal_2d(4, 5, d)[None, :, :, None, :], q.shape)
         k = p if k is None else k + p
     expected = np.zeros(q.shape)
+    expected_weights = np.zeros((1, 4, 5, heads, ks, ks))
     for n in range(heads):
         tables = (None, None)
         if layer.pos_encoding == "relative":
@@ -86,10 +87,19 @@ def test_module_matches_the_reference_with_its_own_weights(rng, options):
             if layer.relative_tables == "per_head":
                 tables = (tables[0][n], tables[1][n])
         one = lambda t, n=n: None if t is None else t[:, :, :, n : n + 1]
-        expected[:, :, :, n : n + 1], _ = reference.local_attention(
-            one(q), one(k), one(v), *tables, ks, layer.padding
+        expected[:, :, :, n : n + 1], expected_weights[:, :, :, n : n + 1] = (
+            reference.local_attention(one(q), one(k), one(v), *tables, ks, layer.padding)
         )
     np.testing.assert_allclose(y, expected.reshape(y.shape), atol=1e-5)
+    # The lean weights of a few pixels (sasa_flax.visualize) are the same weights, and
+    # the mask marks the neighbours outside the image.
+    positions = [(0, 0), (2, 3), (3, 4)]
+    weights, inside = layer.attention_weights(jnp.asarray(x), positions)
+    for p, (i, j) in enumerate(positions):
+        np.testing.assert_allclose(weights[:, p], expected_weights[:, i, j], atol=1e-5)
+        rows, cols = np.arange(i - 1, i + 2), np.arange(j - 1, j + 2)
+        in_image = ((rows >= 0) & (rows < 4))[:, None] & ((cols >= 0) & (cols < 5))[None, :]
+        np.testing.assert_array_equal(inside[p], in_image)
 
 
 def test_bfloat16_compute_keeps_float32_parameters(rng):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, flops
+from sasa_flax import config_lib, flops, scaling
 from tests.helpers import CONFIG_DIR
 
 
@@ -84,3 +84,50 @@ def test_report_bad_config_is_one_clear_line():
     assert result.returncode != 0
     assert "config.model.kernel_size=4" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- report --scaling (issue 18) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", scaling.CONVENTIONS)
+@pytest.mark.parametrize("conv_extent", [3, 5])
+def test_closed_form_crossover_matches_a_brute_force_count(convention, conv_extent):
+    """k* from the formula lies between the last (odd) extent at which the layers' own
+    formulas (layers.attention_cost, costs.conv) make attention cheaper than the K×K
+    convolution and the next one, at which it is not."""
+    for width in (*scaling.WIDTHS, 96, 1000):
+        conv_macs = scaling.conv_per_pixel(width, conv_extent)[1]
+        cheaper = [
+            k for k in range(1, 201, 2)
+            if scaling.attention_per_pixel(width, k, convention)[1] < conv_macs
+        ]  # fmt: skip
+        k_star = scaling.crossover(width, convention, conv_extent)
+        assert cheaper == list(range(1, cheaper[-1] + 1, 2))  # cost grows with k
+        assert cheaper[-1] <= k_star <= cheaper[-1] + 2, (width, k_star, cheaper[-1])
+
+
+def test_factored_and_per_neighbour_counts_differ_by_the_relative_term_only():
+    for width, k in [(64, 3), (128, 19), (512, 31)]:
+        per = scaling.attention_per_pixel(width, k, "per_neighbour")[1]
+        factored = scaling.attention_per_pixel(width, k, "factored")[1]
+        assert per - factored == (k * k - k) * width
+        assert per == 3 * width * width + 3 * k * k * width  # the docstring's formula
+        assert scaling.conv_per_pixel(width, k) == (k * k * width * width,) * 2
+
+
+def test_report_scaling_prints_json_and_draws_the_plot(tmp_path):
+    png = tmp_path / "scaling.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "sasa_flax.report", "--scaling", "--json", f"--plot={png}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    k_star = {(c["width"], c["convention"]): c["k_star"] for c in result["crossovers"]}
+    assert k_star[(128, "per_neighbour")] == pytest.approx(16.0)
+    assert k_star[(128, "factored")] == pytest.approx(19.35, abs=0.01)
+    assert len(result["rows"]) == len(scaling.WIDTHS) * len(scaling.EXTENTS)
+    assert "k = 19" in result["paper_k19"]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 600 and pixels.std() > 0.05

@@ -116,6 +116,43 @@ def test_an_undecodable_training_image_is_named_by_path(tmp_path):
         list(itertools.islice(input_pipeline.train_batches(dataset, config, seed=0), 3))
 
 
+def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    class WithACorruptImage(tfds.core.GeneratorBasedBuilder):
+        """12 PNGs, the 8th garbage, in both splits (raw bytes: TFDS cannot refuse it)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(), dtype=tf.string),
+                "label": tfds.features.ClassLabel(num_classes=2),
+            })  # fmt: skip
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(), "validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+            for i in range(12):
+                yield i, {"image": b"\x89PNG garbage" if i == 7 else png, "label": i % 2}
+
+    WithACorruptImage(data_dir=str(tmp_path)).download_and_prepare()
+    config = config_lib.base_config().input
+    config.update(dataset="with_a_corrupt_image", data_dir=str(tmp_path), image_size=8,
+                  batch_size=4, augment="pad")  # fmt: skip
+    dataset = input_pipeline.load(config)
+    record = r"TFDS record with_a_corrupt_image-{}\.tfrecord-00000-of-00001__\d+ is corrupt"
+    with pytest.raises(input_pipeline.DatasetError, match=record.format("train")) as raised:
+        list(itertools.islice(input_pipeline.train_batches(dataset, config, seed=0), 6))
+    assert "function_node" not in str(raised.value)  # TensorFlow's op name is left out
+    with pytest.raises(input_pipeline.DatasetError, match=record.format("validation")):
+        list(input_pipeline.eval_batches(dataset, config))
+
+
 @pytest.mark.slow
 def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tmp_path):
     from sasa_flax import checkpointing

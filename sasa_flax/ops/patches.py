@@ -130,3 +130,37 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
         preferred_element_type=accumulation_dtype(v),
     )
     return y.astype(v.dtype)
+
+
+def weights_at(q, k, rel_row, rel_col, positions, *, kernel_size: int, padding: str):
+    """Softmax weights of a few query pixels only, without any whole-image patches:
+    (B, P, N, k, k) for ``positions`` = [(i, j), ...] (static), at least float32; the
+    same weights as ``local_attention_weights`` at those pixels. ``rel_row``/``rel_col``
+    may be per head, (N, k, d/2). Memory O(B·P·N·k²·d): for pictures of a trained model.
+
+    Also returns the (P, k, k) bool mask of the neighbours inside the image.
+    """
+    b, h, w, n, d = q.shape
+    r, half = kernel_size // 2, d // 2
+    acc = accumulation_dtype(q)
+    padded = None if k is None else jnp.pad(k, ((0, 0), (r, r), (r, r), (0, 0), (0, 0)))
+    inside = in_image_mask(h, w, kernel_size).reshape(h, w, kernel_size, kernel_size)
+    weights, masks = [], []
+    for i, j in positions:
+        query = q[:, i, j]  # (B, N, d)
+        logits = jnp.zeros((b, n, kernel_size, kernel_size), acc)
+        if padded is not None:
+            window = padded[:, i : i + kernel_size, j : j + kernel_size]  # (B, k, k, N, d)
+            logits += jnp.einsum("bnd,byxnd->bnyx", query, window, preferred_element_type=acc)
+        if rel_row is not None:
+            spec = "bnc,tc->bnt" if rel_row.ndim == 2 else "bnc,ntc->bnt"
+            row = jnp.einsum(spec, query[..., :half], rel_row, preferred_element_type=acc)
+            col = jnp.einsum(spec, query[..., half:], rel_col, preferred_element_type=acc)
+            logits += row[..., :, None] + col[..., None, :]
+        mask = inside[i, j]
+        if padding == "mask":
+            logits = jnp.where(mask, logits, jnp.finfo(acc).min)
+        flat = jax.nn.softmax(logits.reshape(b, n, -1), axis=-1)
+        weights.append(flat.reshape(logits.shape))
+        masks.append(mask)
+    return jnp.stack(weights, axis=1), np.stack(masks)
