@@ -18,6 +18,9 @@ in this process, after one warm-up batch each:
   for this machine;
 - ``before/...`` (``--before REV``): the pipeline of git revision REV, loaded from git.
 
+Both pipelines get a shuffle buffer in ImageNet's proportion (16,384 of 1.28M records).
+
+Rows are timed in turn, ``--repeats`` rounds, the best of each kept (the VM is noisy).
 It prints images/s and images/s per CPU core, and the ratios to ``bare``. ``--json``
 prints ``{"pipeline_images_per_s_per_core": ..., "bare_images_per_s_per_core": ...}``
 (the folder source's pipeline) plus every row.
@@ -82,18 +85,26 @@ class SyntheticJpegs(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate(self.examples), "validation": self._generate([])}
+        return {
+            "train": self._generate_examples(self.examples),
+            "validation": self._generate_examples(self.examples[:10]),
+        }
 
-    def _generate(self, examples):
+    def _generate_examples(self, examples):
         for i, (path, label) in enumerate(examples):
             yield i, {"image": path, "label": label}
 
 
 def input_config(args, **fields):
     config = config_lib.base_config().input
+    # The shuffle buffer in ImageNet's proportion (16,384 of 1.28M records): the default
+    # 16k buffer would hold all of a few thousand images, and refilling it for the next
+    # epoch would be most of the work timed, which on ImageNet it is not.
+    buffer = max(64, round(args.images * config.shuffle_buffer / 1_281_167))
     config.update(
-        image_size=224, batch_size=args.batch, augment="inception", random_flip=True, **fields
-    )
+        image_size=224, batch_size=args.batch, augment="inception", random_flip=True,
+        shuffle_buffer=buffer, **fields,
+    )  # fmt: skip
     return config
 
 
@@ -110,8 +121,7 @@ def bare_loop(files, labels, args):
     """The same operations as the pipeline, in plain tf.data."""
     size = args.batch
 
-    def preprocess(path, label, index):
-        image = tf.io.read_file(path)
+    def preprocess(image, label, index):
         seed = tf.stack([tf.constant(0, tf.int64), index])
         begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.image.extract_jpeg_shape(image),
@@ -127,7 +137,9 @@ def bare_loop(files, labels, args):
         return {"image": image, "label": label}
 
     ds = tf.data.Dataset.from_tensor_slices((files, labels)).shuffle(len(files), seed=0)
-    ds = ds.repeat().enumerate().map(lambda i, fl: (*fl, i))
+    # Reading is its own stage: with reads inside the parallel decode map, tf.data's
+    # autotuner gave this machine about 20% fewer images/s.
+    ds = ds.repeat().enumerate().map(lambda i, fl: (tf.io.read_file(fl[0]), fl[1], i))
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return iter(tfds.as_numpy(ds.batch(size, drop_remainder=True).prefetch(2)))
 
@@ -142,6 +154,7 @@ def load_revision(revision: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("input_pipeline_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -152,6 +165,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=10, help="timed, after one warm-up")
     parser.add_argument("--before", default="", help="a git revision to time as well")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; the best is kept")
     parser.add_argument("--workdir", default="", help="where the data goes (default: temp)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -177,17 +191,21 @@ def main():
         "folder": input_config(args, dataset="folder", data_dir=str(folder)),
         "tfds": input_config(args, dataset="synthetic_jpegs", data_dir=str(root / "tfds")),
     }
-    rows = {"bare": time_batches(bare_loop(files, labels, args), args.batches, args.batch)}
+    before = load_revision(args.before) if args.before else None
+
+    def stream(module, config):
+        return module.train_batches(module.load(config), config, seed=0)
+
+    makers = {"bare": lambda: bare_loop(files, labels, args)}
     for name, config in sources.items():
-        dataset = input_pipeline.load(config)
-        stream = input_pipeline.train_batches(dataset, config, seed=0)
-        rows[f"pipeline/{name}"] = time_batches(stream, args.batches, args.batch)
-    if args.before:
-        before = load_revision(args.before)
-        for name, config in sources.items():
-            dataset = before.load(config)
-            stream = before.train_batches(dataset, config, seed=0)
-            rows[f"before/{name}"] = time_batches(stream, args.batches, args.batch)
+        makers[f"pipeline/{name}"] = lambda config=config: stream(input_pipeline, config)
+        if before is not None:
+            makers[f"before/{name}"] = lambda config=config: stream(before, config)
+    rows = {}
+    for _ in range(args.repeats):  # interleaved, best of: this VM is noisy
+        for name, make in makers.items():
+            rate = time_batches(make(), args.batches, args.batch)
+            rows[name] = max(rows.get(name, 0.0), rate)
 
     if args.json:
         per_core = {k: v / cores for k, v in rows.items()}

@@ -42,7 +42,8 @@ def _scalars(workdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for events in sorted(workdir.glob("events.out.tfevents.*")):
         try:
-            for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for record in tf.data.TFRecordDataset(str(events)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
                 for value in event.summary.value:
                     if value.HasField("tensor"):
                         array = tf.make_ndarray(value.tensor)

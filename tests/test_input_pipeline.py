@@ -50,20 +50,35 @@ def test_digits_split_and_normalisation():
     np.testing.assert_allclose(normalised * ip.STDDEV_RGB + ip.MEAN_RGB, batch["image"], atol=1e-3)
 
 
-def test_resuming_mid_epoch_gives_the_same_batches():
-    config = input_config(dataset="digits", image_size=16, batch_size=200, augment="pad")
-    dataset = ip.load(config)  # 7 steps per epoch: step 9 is in the second epoch
-    stream = ip.train_batches(dataset, config, seed=3)
-    uninterrupted = [next(stream) for _ in range(11)]
-    resumed = ip.train_batches(dataset, config, seed=3, start_step=9)
-    for expected in uninterrupted[9:]:
+def assert_resumes_exactly(dataset, config, seed, start_step, steps):
+    """Batches ``start_step`` .. ``steps`` - 1 of a stream resumed at ``start_step`` are the
+    uninterrupted stream's; returns the uninterrupted batches."""
+    stream = ip.train_batches(dataset, config, seed=seed)
+    uninterrupted = [next(stream) for _ in range(steps)]
+    resumed = ip.train_batches(dataset, config, seed=seed, start_step=start_step)
+    for expected in uninterrupted[start_step:]:
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
+    return uninterrupted
+
+
+def test_resuming_mid_epoch_gives_the_same_batches():
+    config = input_config(dataset="digits", image_size=16, batch_size=200, augment="pad")
+    dataset = ip.load(config)  # 7 steps per epoch: step 9 is in the second epoch
+    uninterrupted = assert_resumes_exactly(dataset, config, seed=3, start_step=9, steps=11)
     # epochs are reshuffled, and a different seed gives a different order
     assert not np.array_equal(uninterrupted[0]["label"], uninterrupted[7]["label"])
     other = next(ip.train_batches(dataset, config, seed=4))
     assert not np.array_equal(other["label"], uninterrupted[0]["label"])
+
+
+def test_tfds_resumes_exactly_across_epochs_with_shuffled_files():
+    config = input_config(
+        dataset="imagenet2012", image_size=8, batch_size=8, shuffle_buffer=4, augment="pad"
+    )
+    with tfds.testing.mock_data(num_examples=24):  # 3 steps per epoch
+        assert_resumes_exactly(ip.load(config), config, seed=5, start_step=4, steps=7)
 
 
 def test_processes_read_disjoint_shards_that_cover_the_split():
