@@ -376,9 +376,15 @@ class DevicePrefetch:
                 while not self._put(item):
                     if self._stop.is_set():
                         return
+                if self._stop.is_set():
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread
             while not self._put(_Failed(e)) and not self._stop.is_set():
                 pass
+        finally:
+            # Releases the tf.data iterators here, not in a daemon thread at exit (where
+            # TensorFlow aborts the process).
+            getattr(batches, "close", lambda: None)()
 
     def _put(self, item) -> bool:
         try:
@@ -398,8 +404,10 @@ class DevicePrefetch:
             raise item.error
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stops the thread and waits for it (it may be finishing one batch)."""
         self._stop.set()
+        self._thread.join(timeout)
 
 
 @dataclasses.dataclass(frozen=True)

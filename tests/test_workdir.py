@@ -198,7 +198,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(small_disk):
     run = train(workdir, "steps=200,checkpoint_every=1")
     run.wait_for(r"step 3/200")
     filler = small_disk / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):  # fill it to the last byte
+    with contextlib.suppress(OSError), open(filler, "wb") as f:  # fill it to the last byte
         while True:
             f.write(bytes(1 << 16))
             f.flush()
