@@ -22,6 +22,7 @@ from etils import epath
 
 from sasa_flax import config_lib
 
+RUN_RECORD = "run.json"  # written by train_lib.write_run_record
 _EVAL_FILE = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
 
 
@@ -75,7 +76,7 @@ def read_run(workdir: str) -> dict:
     path = epath.Path(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory; pass training workdirs.")
-    record_file = path / "run.json"
+    record_file = path / RUN_RECORD
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     evals = {}
     for f in path.iterdir():

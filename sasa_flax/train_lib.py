@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from sasa_flax import checkpointing, config_lib, input_pipeline, preemption, workdir_lock
 from sasa_flax.errors import UserError
+from sasa_flax.results import RUN_RECORD
 
 # Progress and results go to stdout on their own logger, whatever absl's verbosity
 # (orbax logs every file it writes at INFO).
@@ -378,13 +379,17 @@ class DevicePrefetch:
                         return
                 if self._stop.is_set():
                     return
+            self._put_until_stopped(_Failed(StopIteration()))  # a finite stream ended
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread
-            while not self._put(_Failed(e)) and not self._stop.is_set():
-                pass
+            self._put_until_stopped(_Failed(e))
         finally:
             # Releases the tf.data iterators here, not in a daemon thread at exit (where
             # TensorFlow aborts the process).
             getattr(batches, "close", lambda: None)()
+
+    def _put_until_stopped(self, item) -> None:
+        while not self._put(item) and not self._stop.is_set():
+            pass
 
     def _put(self, item) -> bool:
         try:
@@ -569,9 +574,6 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
         "--config.train.allow_schedule_change=True to continue from step "
         f"{meta['step']} with the new schedule (e.g. to extend a finished run)."
     )
-
-
-RUN_RECORD = "run.json"
 
 
 def write_run_record(setup: Setup, workdir: str, command: dict) -> None:

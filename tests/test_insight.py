@@ -14,6 +14,10 @@ from sasa_flax import results, train_lib, visualize
 from tests.helpers import tiny_config
 
 SPEC = "tests/tiny_config.py:steps=2"
+# The tools read trained runs; two tiny trainings cost ~40 s of a 2-core machine, so these
+# run in the slow selection (CI runs both). The formulas, the lean weights and the scaling
+# report are checked in the default run (test_report.py, test_layers.py).
+needs_runs = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,7 @@ def runs(tmp_path_factory):
     return workdirs
 
 
+@needs_runs
 def test_results_table_reads_every_run(runs):
     table = results.table(runs)
     for run, workdir in zip(table, runs, strict=True):
@@ -53,7 +58,7 @@ def test_paper_numbers_come_from_the_config_file():
     assert results.paper_numbers("") == {}
 
 
-@pytest.mark.slow
+@needs_runs
 def test_report_results_and_visualize_commands(runs, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "sasa_flax.report", "--results", "--json", *runs],
@@ -77,6 +82,7 @@ def test_report_results_and_visualize_commands(runs, tmp_path):
     assert "step 2: 3 files" in pictures.stdout and (tmp_path / "index.html").exists()
 
 
+@needs_runs
 def test_attention_pictures_of_a_trained_run(runs, tmp_path):
     queries = [(0.5, 0.5), (0.0, 0.0)]  # the corner's window is partly outside the image
     out = visualize.visualize(
@@ -97,7 +103,7 @@ def test_attention_pictures_of_a_trained_run(runs, tmp_path):
         assert pixels[..., :3].std() > 0.05  # not blank
 
 
-@pytest.mark.slow  # the weights are checked against the reference in test_layers.py
+@needs_runs
 def test_lean_weights_sum_to_one_and_vanish_outside_the_image(runs):
     config = tiny_config(num_steps=2)
     setup = train_lib.make_setup(config, devices=jax.devices()[:1])

@@ -4,6 +4,7 @@ from sasa_flax.ops.block_attention import block_local_attention
 from sasa_flax.ops.local_attention import (
     IMPLEMENTATIONS,
     PADDINGS,
+    auto_choice,
     implementations,
     local_attention,
     local_attention_weights,
@@ -13,6 +14,7 @@ from sasa_flax.ops.local_attention import (
 __all__ = [
     "IMPLEMENTATIONS",
     "PADDINGS",
+    "auto_choice",
     "block_local_attention",
     "implementations",
     "register_implementation",

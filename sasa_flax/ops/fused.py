@@ -76,8 +76,8 @@ def local_attention(
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
 
     ``tile``: frame positions per program, a power of two. ``interpret``: run the
-    kernels in Pallas' interpreter; by default on CPU only (``False`` on CPU is for
-    lowering to another platform with ``jax.export``).
+    kernels in Pallas' interpreter; by default (None) decided per platform when the
+    program is lowered: interpreted on CPU, compiled through Triton for CUDA.
     """
     platform = jax.default_backend()
     if interpret is None and platform not in ("gpu", "cpu"):
@@ -89,18 +89,27 @@ def local_attention(
         raise ValueError(f"tile must be a power of two; got {tile}.")
     rel = None if rel_row is None else (rel_row, rel_col)
     frame = _Frame.of(q.shape, kernel_size, tile)
-    config = _KernelConfig(
-        kernel_size=kernel_size,
-        padding=padding,
-        has_rel=rel is not None,
-        frame=frame,
-        dtype=accumulation_dtype(q, v),
-        head_dim=q.shape[-1],
-        value_dim=v.shape[-1],
-        input_dtypes=(q.dtype, None if k is None else k.dtype, v.dtype),
-        interpret=platform == "cpu" if interpret is None else interpret,
-    )
-    return _attention(q, k, v, rel, config)
+
+    def run(interpreted: bool):
+        config = _KernelConfig(
+            kernel_size=kernel_size,
+            padding=padding,
+            has_rel=rel is not None,
+            frame=frame,
+            dtype=accumulation_dtype(q, v),
+            head_dim=q.shape[-1],
+            value_dim=v.shape[-1],
+            input_dtypes=(q.dtype, None if k is None else k.dtype, v.dtype),
+            interpret=interpreted,
+        )
+        return lambda q, k, v, rel: _attention(q, k, v, rel, config)
+
+    if interpret is not None:
+        return run(interpret)(q, k, v, rel)
+    # Decided when the program is lowered, not when it is traced: exported or lowered
+    # for CUDA from a CPU host, the kernels compile through Triton; on CPU they are
+    # interpreted.
+    return jax.lax.platform_dependent(q, k, v, rel, cpu=run(True), default=run(False))
 
 
 class _Frame(NamedTuple):

@@ -88,9 +88,9 @@ def local_attention(
         window mask: (H·W)² work in matmuls, for images not much larger than the
         window), ``"pallas"`` (fused Pallas kernels with an online softmax and their
         own backward; lowered through Triton on GPU, interpreted on CPU, where it
-        is exact but slow) or ``"auto"``: ``"dense"`` when H·W < 4·k², else
-        ``"shifted"``. ``"auto"`` does not pick ``"pallas"`` yet: it lowers for GPU
-        in the tests but has not been timed on one (benchmarks/RESULTS.md).
+        is exact but slow) or ``"auto"``: chosen per platform when the program is
+        lowered (``auto_choice``; e.g. on CPU ``"dense"`` when H·W < 4·k², else
+        ``"shifted"``).
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed
@@ -102,7 +102,7 @@ def local_attention(
         padding / impl. Raised at trace time, before anything is compiled.
     """
     validate_arguments(q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding)
-    return _implementation(impl, *q.shape[1:3], kernel_size)(
+    return _implementation(impl)(
         q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding
     )
 
@@ -130,14 +130,54 @@ def local_attention_weights(
     return weights.reshape(*weights.shape[:-1], kernel_size, kernel_size)
 
 
-def _implementation(impl: str, height: int, width: int, kernel_size: int) -> Callable:
-    if impl == "auto":
-        # Measured on CPU, side by side (benchmarks/local_attention.py, layer fwd+bwd ÷
-        # 3×3 conv, 2026-11-25): "shifted" beats "patches" everywhere; "dense" beats
-        # "shifted" where the window covers most of the image: 7²×512 at k = 7 0.36× vs
-        # 0.95×, 14²×256 at k = 11 2.53× vs 5.51×; at 14²×256, k = 7 (H·W = 4·k²)
-        # "shifted" wins, 2.17× vs 2.43×; at k = 3 and larger images (H·W)² work loses.
-        impl = "dense" if height * width < 4 * kernel_size**2 else "shifted"
+# On TPU and GPU, images of at most this many positions (16², so ResNet-50's 14² and 7²
+# stages) attend as one masked dense block: (H·W)² work, but all of it matmuls on the
+# matrix units, for at most 256 × 256 logits per head. Chosen by rule, not timed.
+ACCELERATOR_DENSE_POSITIONS = 256
+
+
+def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str:
+    """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
+    H×W image and window k. The one table of per-platform choices (README, tests):
+
+    - cpu: "dense" when H·W < 4·k², else "shifted". Measured on CPU, side by side
+      (benchmarks/local_attention.py, layer fwd+bwd ÷ 3×3 conv, 2026-11-25): "shifted"
+      beats "patches" everywhere; "dense" beats "shifted" where the window covers most
+      of the image: 7²×512 at k = 7 0.36× vs 0.95×, 14²×256 at k = 11 2.53× vs 5.51×;
+      at 14²×256, k = 7 (H·W = 4·k²) "shifted" wins, 2.17× vs 2.43×.
+    - cuda: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the fused Triton
+      kernels: nothing of size k² per pixel is stored for the backward). By rule: the
+      kernels are lowered in CI but not yet timed on a GPU.
+    - tpu, rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else
+      "shifted" (its batched accelerator form). By rule; there is no TPU kernel yet.
+    """
+    positions = height * width
+    if platform == "cpu":
+        return "dense" if positions < 4 * kernel_size**2 else "shifted"
+    if positions <= ACCELERATOR_DENSE_POSITIONS:
+        return "dense"
+    return "pallas" if platform == "cuda" else "shifted"
+
+
+def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
+    """``auto_choice`` per platform, decided when the program is lowered (a function
+    traced on a CPU host and exported for CUDA or TPU gets that platform's choice)."""
+    height, width = q.shape[1:3]
+
+    def branch(platform):
+        impl = auto_choice(platform, height, width, kernel_size)
+        options = dict(kernel_size=kernel_size, padding=padding)
+        if impl == "pallas":  # this branch is lowered for CUDA only: compiled, never interpreted
+            options["interpret"] = False
+        return lambda *args: _IMPLEMENTATIONS[impl](*args, **options)
+
+    choices = {p: branch(p) for p in ("cpu", "cuda", "tpu")}
+    return jax.lax.platform_dependent(q, k, v, rel_row, rel_col, default=branch("other"), **choices)
+
+
+def _implementation(impl: str) -> Callable:
+    if impl == "auto":  # decided per platform, when the program is lowered
+        return _auto
     validate_impl(impl)
     return _IMPLEMENTATIONS[impl]
 

@@ -33,9 +33,18 @@ from sasa_flax.ops.patches import accumulation_dtype, in_image_mask
 
 
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
-    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
+
+    Two rewrites help only a CPU's caches and its YNNPACK fusions (``_per_image``,
+    ``_neighbour_dots(unrolled=True)``); they are chosen when the program is lowered,
+    for CPU only. On TPU and GPU the forward is batched and its dots are reductions.
+    """
     rel = None if rel_row is None else (rel_row, rel_col)
-    return _attention(q, k, v, rel, kernel_size, padding)
+
+    def run(for_cpu: bool):
+        return lambda q, k, v, rel: _attention(q, k, v, rel, kernel_size, padding, for_cpu)
+
+    return jax.lax.platform_dependent(q, k, v, rel, cpu=run(True), default=run(False))
 
 
 def _offsets(kernel_size: int) -> list[tuple[int, int]]:
@@ -104,14 +113,14 @@ def _neighbour_dots(x, y, kernel_size, offsets=None, *, unrolled=False):
     return jnp.stack(columns, axis=-1)
 
 
-def _logits(q, k, rel, kernel_size, padding):
+def _logits(q, k, rel, kernel_size, padding, for_cpu=True):
     """(B, H, W, N, k²) logits in q's dtype (already the accumulation dtype)."""
     _, height, width, _, _ = q.shape
     offsets = None if rel is None else offset_vectors(rel, kernel_size, q.dtype)
     if k is None:  # position only: one small matmul against the k² offset vectors
         logits = jnp.einsum("bhwnd,od->bhwno", q, offsets)
     else:
-        logits = _neighbour_dots(q, k, kernel_size, offsets, unrolled=True)
+        logits = _neighbour_dots(q, k, kernel_size, offsets, unrolled=for_cpu)
     if padding == "mask":
         inside = in_image_mask(height, width, kernel_size)[None, :, :, None, :]
         logits = jnp.where(inside, logits, jnp.finfo(logits.dtype).min)
@@ -145,11 +154,12 @@ def _scatter_back(per_query, values, kernel_size):
     return functools.reduce(jnp.add, terms)
 
 
-def _forward(q, k, v, rel, kernel_size, padding):
+def _forward(q, k, v, rel, kernel_size, padding, for_cpu=True):
     """Output (in v's dtype) and the attention weights (accumulation dtype)."""
     acc = accumulation_dtype(q, v)
     k_acc = None if k is None else k.astype(acc)
-    att = jax.nn.softmax(_logits(q.astype(acc), k_acc, rel, kernel_size, padding), axis=-1)
+    logits = _logits(q.astype(acc), k_acc, rel, kernel_size, padding, for_cpu)
+    att = jax.nn.softmax(logits, axis=-1)
     y = _weighted_sum(att, v.astype(acc), kernel_size).astype(v.dtype)
     return y, att
 
@@ -172,19 +182,22 @@ def _per_image(fn, *batched):
     return jax.lax.map(one, batched)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, rel, kernel_size, padding):
-    return _attention_fwd(q, k, v, rel, kernel_size, padding)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, rel, kernel_size, padding, for_cpu):
+    return _attention_fwd(q, k, v, rel, kernel_size, padding, for_cpu)[0]
 
 
-def _attention_fwd(q, k, v, rel, kernel_size, padding):
-    forward = lambda q, k, v: _forward(q, k, v, rel, kernel_size, padding)  # noqa: E731
-    y, att = _per_image(forward, q, k, v)
+def _attention_fwd(q, k, v, rel, kernel_size, padding, for_cpu):
+    forward = lambda q, k, v: _forward(q, k, v, rel, kernel_size, padding, for_cpu)  # noqa: E731
+    # One image at a time helps a CPU's caches; on an accelerator it would be a
+    # sequential loop of small kernels over the per-device batch.
+    y, att = _per_image(forward, q, k, v) if for_cpu else forward(q, k, v)
     # Inputs are saved in their own dtype (bfloat16 stays small); the backward casts.
     return y, (q, k, v, rel, att)
 
 
-def _attention_bwd(kernel_size, padding, saved, dy):
+def _attention_bwd(kernel_size, padding, for_cpu, saved, dy):
+    del for_cpu  # the backward is the same on every platform
     q_in, k_in, v_in, rel, att = saved
     acc = att.dtype
     q, v = q_in.astype(acc), v_in.astype(acc)
