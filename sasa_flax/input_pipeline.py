@@ -684,12 +684,12 @@ def train_batches(
     skip = step_in_epoch * layout.local_batch  # before any decoding
     preprocess = _train_preprocess(input_config, split, seed)
 
-    def batches(elements, skip_batches=0):
+    def batches(elements):
         ds = _map_images(elements, preprocess, input_config)
         ds = ds.batch(layout.local_batch, drop_remainder=True).prefetch(2)
 
-        def locate(done):
-            rest = elements.skip((done + skip_batches) * layout.local_batch)
+        def locate(done):  # the failing example is in batch ``done`` or soon after
+            rest = elements.skip(done * layout.local_batch)
             return _first_undecodable(rest, preprocess)
 
         return _as_numpy(ds, "training", split, locate)
