@@ -560,9 +560,12 @@ def _first_undecodable(elements, fn, limit: int = 100_000) -> str | None:
     return None
 
 
-def _as_numpy(ds, what: str, split: Split, locate) -> Iterator[dict[str, np.ndarray]]:
-    """Batches as NumPy; a decode error becomes one DatasetError naming the example
-    (``locate(batches_done)`` finds it) and the fix."""
+def _as_numpy(
+    ds, what: str, split: Split, elements, preprocess, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``ds`` (``elements`` mapped by ``preprocess`` and batched) as NumPy; a
+    decode error becomes one DatasetError naming the example and the fix. The example is
+    found by replaying ``elements`` from the failing batch, undecoded, one by one."""
     iterator = iter(tfds.as_numpy(ds))
     done = 0
     while True:
@@ -573,7 +576,8 @@ def _as_numpy(ds, what: str, split: Split, locate) -> Iterator[dict[str, np.ndar
         except DECODE_ERRORS as e:
             reason = (e.message or str(e)).strip().splitlines()[0]
             reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", reason)  # TF's op name
-            where = locate(done) or f"an image of {split.name or 'the ' + what + ' split'}"
+            bad = _first_undecodable(elements.skip(done * batch_size), preprocess)
+            where = bad or f"an image of {split.name or 'the ' + what + ' split'}"
             raise DatasetError(
                 f"an image of the {what} split could not be decoded ({reason}): {where} is "
                 "corrupt or truncated. Set config.input.corrupt_images='skip' to skip such "
@@ -687,12 +691,7 @@ def train_batches(
     def batches(elements):
         ds = _map_images(elements, preprocess, input_config)
         ds = ds.batch(layout.local_batch, drop_remainder=True).prefetch(2)
-
-        def locate(done):  # the failing example is in batch ``done`` or soon after
-            rest = elements.skip(done * layout.local_batch)
-            return _first_undecodable(rest, preprocess)
-
-        return _as_numpy(ds, "training", split, locate)
+        return _as_numpy(ds, "training", split, elements, preprocess, layout.local_batch)
 
     if split.read is not None:  # one pipeline over every epoch: no pause at the boundary
 
@@ -744,12 +743,8 @@ def eval_batches(dataset: Dataset, input_config) -> Iterator[dict[str, np.ndarra
     elements = examples(split, dataset.process_index, dataset.process_count)
     preprocess = _eval_preprocess(input_config, split)
     ds = _map_images(elements, preprocess, input_config).batch(local_batch).prefetch(2)
-
-    def locate(done):
-        return _first_undecodable(elements.skip(done * local_batch), preprocess)
-
     count = 0
-    for batch in _as_numpy(ds, "evaluation", split, locate):
+    for batch in _as_numpy(ds, "evaluation", split, elements, preprocess, local_batch):
         yield _pad_batch(batch, len(batch["label"]), local_batch)
         count += 1
     empty = {

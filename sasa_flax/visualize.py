@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from sasa_flax import cli, input_pipeline, train_lib
 from sasa_flax.errors import UserError
 from sasa_flax.layers import SelfAttention2D
+from sasa_flax.ops import patches
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -92,12 +93,8 @@ def positional_logits(layer: SelfAttention2D, x: jax.Array) -> np.ndarray | None
     q, _, _ = layer._qkv(x)  # (B, H, W, N, d)
     mean = jnp.mean(q.astype(jnp.float32), axis=(0, 1, 2))  # (N, d)
     unit = mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
-    half = unit.shape[-1] // 2
     rows, cols = layer.rel_row[...].astype(jnp.float32), layer.rel_col[...].astype(jnp.float32)
-    spec = "nc,tc->nt" if rows.ndim == 2 else "nc,ntc->nt"
-    row = jnp.einsum(spec, unit[:, :half], rows)
-    col = jnp.einsum(spec, unit[:, half:], cols)
-    return np.asarray(row[:, :, None] + col[:, None, :])
+    return np.asarray(patches.relative_logits(unit, rows, cols))
 
 
 def _layer_image(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -73,22 +73,21 @@ def in_image_mask(height: int, width: int, kernel_size: int) -> np.ndarray:
 
 
 def relative_logits(q: jax.Array, rel_row: jax.Array, rel_col: jax.Array) -> jax.Array:
-    """q_ij[:d/2]·rel_row[dy] + q_ij[d/2:]·rel_col[dx] for every offset.
+    """q[:d/2]·rel_row[dy] + q[d/2:]·rel_col[dx] for every offset (dy, dx).
 
     Args:
-      q: (B, H, W, N, d).
-      rel_row, rel_col: (k, d // 2).
+      q: (..., N, d): queries of N heads (e.g. (B, H, W, N, d)).
+      rel_row, rel_col: (k, d // 2) shared by the heads, or (N, k, d // 2) per head.
 
     Returns:
-      (B, H, W, N, k*k) in the accumulation dtype, offsets row-major as in
-      ``neighbourhoods``.
+      (..., N, k, k) in the accumulation dtype: [..., dy, dx].
     """
     half = q.shape[-1] // 2
     acc = accumulation_dtype(q, rel_row)
-    row = jnp.einsum("bhwnc,tc->bhwnt", q[..., :half], rel_row, preferred_element_type=acc)
-    col = jnp.einsum("bhwnc,tc->bhwnt", q[..., half:], rel_col, preferred_element_type=acc)
-    k = rel_row.shape[0]
-    return (row[..., :, None] + col[..., None, :]).reshape(*q.shape[:-1], k * k)
+    spec = "...nc,tc->...nt" if rel_row.ndim == 2 else "...nc,ntc->...nt"
+    row = jnp.einsum(spec, q[..., :half], rel_row, preferred_element_type=acc)
+    col = jnp.einsum(spec, q[..., half:], rel_col, preferred_element_type=acc)
+    return row[..., :, None] + col[..., None, :]
 
 
 def attention_logits(q, k, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
@@ -101,7 +100,7 @@ def attention_logits(q, k, rel_row, rel_col, *, kernel_size: int, padding: str) 
             "bhwnd,bhwndt->bhwnt", q, neighbourhoods(k, kernel_size), preferred_element_type=acc
         )
     if rel_row is not None:
-        logits += relative_logits(q, rel_row, rel_col)
+        logits += relative_logits(q, rel_row, rel_col).reshape(logits.shape)
     if padding == "mask":
         inside = in_image_mask(h, w, kernel_size)[None, :, :, None, :]
         # A finite minimum (not -inf) keeps gradients NaN-free; exp() of it
@@ -140,8 +139,8 @@ def weights_at(q, k, rel_row, rel_col, positions, *, kernel_size: int, padding: 
 
     Also returns the (P, k, k) bool mask of the neighbours inside the image.
     """
-    b, h, w, n, d = q.shape
-    r, half = kernel_size // 2, d // 2
+    b, h, w, n, _ = q.shape
+    r = kernel_size // 2
     acc = accumulation_dtype(q)
     padded = None if k is None else jnp.pad(k, ((0, 0), (r, r), (r, r), (0, 0), (0, 0)))
     inside = in_image_mask(h, w, kernel_size).reshape(h, w, kernel_size, kernel_size)
@@ -153,10 +152,7 @@ def weights_at(q, k, rel_row, rel_col, positions, *, kernel_size: int, padding: 
             window = padded[:, i : i + kernel_size, j : j + kernel_size]  # (B, k, k, N, d)
             logits += jnp.einsum("bnd,byxnd->bnyx", query, window, preferred_element_type=acc)
         if rel_row is not None:
-            spec = "bnc,tc->bnt" if rel_row.ndim == 2 else "bnc,ntc->bnt"
-            row = jnp.einsum(spec, query[..., :half], rel_row, preferred_element_type=acc)
-            col = jnp.einsum(spec, query[..., half:], rel_col, preferred_element_type=acc)
-            logits += row[..., :, None] + col[..., None, :]
+            logits += relative_logits(query, rel_row, rel_col)
         mask = inside[i, j]
         if padding == "mask":
             logits = jnp.where(mask, logits, jnp.finfo(acc).min)
