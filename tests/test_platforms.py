@@ -1,9 +1,14 @@
 """Per-platform choices are made when a program is lowered: exported from this CPU host
 for CUDA or TPU, a layer gets that platform's implementation (no GPU or TPU needed).
 
-What this proves: the programs lower, with the right kernels and no loop over the batch.
-Triton's PTX compile and XLA's TPU compile run only on the hardware.
+What this proves: the programs lower, with the right kernels, no loop over the batch and
+nothing of size k² per pixel in float32. That is, the kernels pass Pallas' lowering rules
+(for TPU, e.g. (8, 128) blocks). Triton's PTX compile and Mosaic's layout passes run only
+on the hardware.
 """
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,7 @@ from sasa_flax.layers import SelfAttention2D
 from tests.helpers import default_and_slow
 
 TRITON = "__gpu$xla.gpu.triton"
+MOSAIC = "tpu_custom_call"
 # ResNet-50's four attention stages: (H = W, channels), 8 heads, k = 7.
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
@@ -46,7 +52,7 @@ def test_the_choice_table():
     assert choices == {
         "cpu": ["shifted", "shifted", "shifted", "dense"],
         "cuda": ["pallas", "pallas", "dense", "dense"],
-        "tpu": ["shifted", "shifted", "dense", "dense"],
+        "tpu": ["pallas", "pallas", "dense", "dense"],
     }
 
 
@@ -61,9 +67,42 @@ def test_auto_exported_for_an_accelerator_gets_its_choice_and_no_batch_loop(
 ):
     module = exported_step(platform, size, channels, "auto")
     choice = ops.auto_choice(platform, size, size, 7)
-    # Forward (recomputed for the residuals), dq and dk/dv: three Triton kernels.
-    assert module.count(f"@{TRITON}") == (3 if choice == "pallas" else 0)
+    # Forward, dq and dk/dv: three kernels, Triton for CUDA and Mosaic for TPU.
+    kernels = module.count(f"@{TRITON}") + module.count(f"@{MOSAIC}")
+    assert kernels == (3 if choice == "pallas" else 0)
     assert "stablehlo.while" not in module  # no lax.map over the batch, no interpreter
+    if choice == "pallas":
+        assert largest_float32(module) < weights_size(size, 7)
+
+
+def largest_float32(module: str) -> int:
+    """Elements of the largest float32 tensor any operation of the module computes.
+
+    Scalar fills are left out: differentiating ``platform_dependent`` gives every branch
+    an output slot for each other branch's residuals, filled with a broadcast zero (the
+    CPU branch's (B, H, W, N, k²) weights among them). The branch index is a constant
+    when lowering for one platform, so XLA drops the untaken branches and the fills.
+    """
+    largest = 0
+    for line in module.splitlines():
+        op = re.match(r"\s*%[\w#:]+ = \"?([\w.]+)", line)
+        if not op or (op.group(1) == "stablehlo.broadcast_in_dim" and "(tensor<f32>)" in line):
+            continue
+        result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+        for dims in re.findall(r"tensor<((?:\d+x)+)f32>", result):
+            largest = max(largest, math.prod(int(n) for n in dims.rstrip("x").split("x")))
+    return largest
+
+
+def weights_size(size: int, kernel_size: int, batch: int = 128, heads: int = 8) -> int:
+    """Elements of the (B, H, W, N, k²) attention weights."""
+    return batch * size * size * heads * kernel_size**2
+
+
+def test_the_weights_check_can_fail():
+    """"shifted" keeps (B, H, W, N, k²) float32 weights for its backward: the check sees them."""
+    module = exported_step("tpu", 28, 128, "shifted")
+    assert largest_float32(module) >= weights_size(28, 7)
 
 
 def test_the_cpu_export_keeps_the_cpu_rewrites():
@@ -71,6 +110,9 @@ def test_the_cpu_export_keeps_the_cpu_rewrites():
     assert "stablehlo.while" in exported_step("cpu", 28, 128, "auto", batch=2)
 
 
-def test_pallas_exported_for_cuda_from_a_cpu_host_is_compiled_not_interpreted():
-    module = exported_step("cuda", 16, 32, "pallas", batch=2)
-    assert module.count(f"@{TRITON}") == 3 and "stablehlo.while" not in module
+@pytest.mark.parametrize("platform,kernel", [("cuda", TRITON), ("tpu", MOSAIC)])
+def test_pallas_exported_from_a_cpu_host_is_compiled_not_interpreted(platform, kernel):
+    module = exported_step(platform, 16, 32, "pallas", batch=2)
+    assert module.count(f"@{kernel}") == 3 and "stablehlo.while" not in module
+    other = MOSAIC if kernel == TRITON else TRITON
+    assert other not in module

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_flax.ops.patches import accumulation_dtype
+from sasa_flax.ops.common import accumulation_dtype
 
 
 def block_local_attention(

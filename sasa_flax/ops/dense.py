@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_flax.ops.patches import accumulation_dtype, in_image_mask
+from sasa_flax.ops.common import accumulation_dtype, in_image_mask
 
 
 def _placement(height: int, width: int, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sasa_flax.errors import ArgumentError, check_one_of
-from sasa_flax.ops import dense, fused, patches, shifted
+from sasa_flax.ops import dense, pallas, patches, shifted
 
 PADDINGS = ("mask", "zeros")
 
@@ -29,7 +29,7 @@ _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "patches": patches.local_attention,
     "shifted": shifted.local_attention,
     "dense": dense.local_attention,
-    "pallas": fused.local_attention,
+    "pallas": pallas.local_attention,
 }
 
 
@@ -87,8 +87,8 @@ def local_attention(
         like every ``custom_vjp``), ``"dense"`` (the whole image as one block with a
         window mask: (H·W)² work in matmuls, for images not much larger than the
         window), ``"pallas"`` (fused Pallas kernels with an online softmax and their
-        own backward; lowered through Triton on GPU, interpreted on CPU, where it
-        is exact but slow) or ``"auto"``: chosen per platform when the program is
+        own backward; Triton kernels on GPU, Mosaic kernels on TPU, the GPU kernels
+        interpreted on CPU, where they are exact but slow) or ``"auto"``: chosen per platform when the program is
         lowered (``auto_choice``; e.g. on CPU ``"dense"`` when H·W < 4·k², else
         ``"shifted"``).
 
@@ -146,17 +146,20 @@ def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str
       of the image: 7²×512 at k = 7 0.36× vs 0.95×, 14²×256 at k = 11 2.53× vs 5.51×;
       at 14²×256, k = 7 (H·W = 4·k²) "shifted" wins, 2.17× vs 2.43×.
     - cuda: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the fused Triton
-      kernels: nothing of size k² per pixel is stored for the backward). By rule: the
-      kernels are lowered in CI but not yet timed on a GPU.
-    - tpu, rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else
-      "shifted" (its batched accelerator form). By rule; there is no TPU kernel yet.
+      kernels, ``ops/pallas/gpu.py``: nothing of size k² per pixel is stored for the
+      backward). By rule: lowered in CI, not yet timed on a GPU.
+    - tpu: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the Mosaic kernels,
+      ``ops/pallas/tpu.py``). By rule: interpreted and lowered in CI, not yet compiled
+      or timed on a TPU.
+    - rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "shifted"
+      (its batched accelerator form): no kernel has been lowered for them.
     """
     positions = height * width
     if platform == "cpu":
         return "dense" if positions < 4 * kernel_size**2 else "shifted"
     if positions <= ACCELERATOR_DENSE_POSITIONS:
         return "dense"
-    return "pallas" if platform == "cuda" else "shifted"
+    return "pallas" if platform in ("cuda", "tpu") else "shifted"
 
 
 def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
@@ -167,8 +170,9 @@ def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
     def branch(platform):
         impl = auto_choice(platform, height, width, kernel_size)
         options = dict(kernel_size=kernel_size, padding=padding)
-        if impl == "pallas":  # this branch is lowered for CUDA only: compiled, never interpreted
-            options["interpret"] = False
+        if impl == "pallas":  # lowered for CUDA or TPU only: compiled, never interpreted
+            kernels = pallas.gpu if platform == "cuda" else pallas.tpu
+            return lambda *args: kernels.local_attention(*args, interpret=False, **options)
         return lambda *args: _IMPLEMENTATIONS[impl](*args, **options)
 
     choices = {p: branch(p) for p in ("cpu", "cuda", "tpu")}

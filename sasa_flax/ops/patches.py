@@ -16,15 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def accumulation_dtype(*arrays) -> jnp.dtype:
-    """float32 for bfloat16/float16/float32 inputs, float64 for float64 ones.
-
-    Logits, softmax and sums are never computed in less than float32; float64
-    inputs (the gradient tests) stay float64.
-    """
-    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
-
+from sasa_flax.ops.common import accumulation_dtype, in_image_mask
 
 # Patch extraction is a convolution with one-hot filters: at default precision
 # a GPU/TPU would round the gathered values (TF32 / bf16 passes). HIGHEST keeps
@@ -55,21 +47,6 @@ def neighbourhoods(x: jax.Array, kernel_size: int) -> jax.Array:
     )
     # conv_general_dilated_patches orders output features channel-major.
     return patches.reshape(b, h, w, n, d, kernel_size * kernel_size)
-
-
-def in_image_mask(height: int, width: int, kernel_size: int) -> np.ndarray:
-    """(H, W, k*k) bool: whether neighbour t of pixel (i, j) lies inside the image.
-
-    Computed with NumPy at trace time: it depends only on static shapes.
-    """
-    r = kernel_size // 2
-    offsets = np.arange(kernel_size) - r
-    rows = np.arange(height)[:, None] + offsets[None, :]  # (H, k)
-    cols = np.arange(width)[:, None] + offsets[None, :]  # (W, k)
-    row_ok = (rows >= 0) & (rows < height)
-    col_ok = (cols >= 0) & (cols < width)
-    mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # (H, W, k, k)
-    return mask.reshape(height, width, kernel_size * kernel_size)
 
 
 def relative_logits(q: jax.Array, rel_row: jax.Array, rel_col: jax.Array) -> jax.Array:

@@ -29,7 +29,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sasa_flax.ops.patches import accumulation_dtype, in_image_mask
+from sasa_flax.ops.common import (
+    accumulation_dtype,
+    in_image_mask,
+    offset_vectors,
+    relative_table_grads,
+)
 
 
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
@@ -59,33 +64,6 @@ def _pad(x: jax.Array, r: int) -> jax.Array:
 
 def _window(padded: jax.Array, dy: int, dx: int, height: int, width: int) -> jax.Array:
     return padded[:, dy : dy + height, dx : dx + width]
-
-
-def offset_vectors(rel, kernel_size: int, dtype) -> jax.Array:
-    """r_o for every offset: (k², d) = concat(rel_row[dy], rel_col[dx]).
-
-    Shared with the Pallas kernels (``fused``), which fold r_o the same way.
-    """
-    rel_row, rel_col = (t.astype(dtype) for t in rel)
-    rows = jnp.repeat(rel_row, kernel_size, axis=0)  # o -> dy
-    cols = jnp.tile(rel_col, (kernel_size, 1))  # o -> dx
-    return jnp.concatenate([rows, cols], axis=-1)
-
-
-def relative_table_grads(per_offset: jax.Array, rel) -> tuple[jax.Array, jax.Array]:
-    """Gradients of (rel_row, rel_col) from the gradient of every r_o, (k², ≥ d).
-
-    r_o = concat(rel_row[dy], rel_col[dx]), so rel_row[dy] collects the first d/2
-    entries over dx and rel_col[dx] the last d/2 over dy. Columns past d (padding)
-    are ignored. Returned in the tables' dtypes.
-    """
-    rel_row, rel_col = rel
-    kernel_size, half = rel_row.shape
-    per_offset = per_offset[:, : 2 * half].reshape(kernel_size, kernel_size, 2 * half)
-    return (
-        per_offset[..., :half].sum(axis=1).astype(rel_row.dtype),  # over dx
-        per_offset[..., half:].sum(axis=0).astype(rel_col.dtype),  # over dy
-    )
 
 
 def _neighbour_dots(x, y, kernel_size, offsets=None, *, unrolled=False):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sasa_flax.ops import fused
+from sasa_flax.ops.pallas import gpu as fused
 from tests import reference
 from tests.helpers import (
     TERMS,

@@ -1,4 +1,5 @@
-"""Local attention as fused Pallas kernels: online softmax, no attention matrix stored.
+"""impl="pallas" on GPUs: fused Pallas kernels lowered through Triton (online softmax,
+no attention matrix stored). Its TPU sibling is ``pallas/tpu.py``.
 
 Layout. Each image is zero-padded by r = k // 2 on every side and flattened row by
 row, with width Wp = W + 2r, into one "frame" per (batch, head). In that frame the
@@ -29,7 +30,8 @@ columns contribute exact zeros). ``tests/test_fused.py`` checks that the kernels
 lower to Triton IR for CUDA (``jax.export``, no GPU needed); they have not yet been
 compiled and timed on a GPU (see benchmarks/RESULTS.md). On CPU they run in Pallas'
 interpret mode: exact, and slow (a correctness tool, not a CPU implementation).
-TPU (Mosaic) is not supported yet: its loads want aligned starts.
+TPUs run the Mosaic kernels of ``pallas/tpu.py`` instead: these index frames at
+unaligned dynamic starts, which Mosaic refuses.
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """
@@ -44,8 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from sasa_flax.ops import shifted
-from sasa_flax.ops.patches import accumulation_dtype
+from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
 # on a GPU; tests pass small tiles to exercise many tiles and their edges.
@@ -79,12 +80,6 @@ def local_attention(
     kernels in Pallas' interpreter; by default (None) decided per platform when the
     program is lowered: interpreted on CPU, compiled through Triton for CUDA.
     """
-    platform = jax.default_backend()
-    if interpret is None and platform not in ("gpu", "cpu"):
-        raise ValueError(
-            f'impl="pallas" compiles for GPUs (Triton) and runs interpreted on CPU; the '
-            f'{platform!r} backend is not supported yet. Use impl="auto" or "shifted".'
-        )
     if tile < 1 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two; got {tile}.")
     rel = None if rel_row is None else (rel_row, rel_col)
@@ -395,7 +390,7 @@ def _prepare(q, k, v, rel, config):
     # all zero without relative tables (the kernels then never add them).
     offsets = jnp.zeros((pl.next_power_of_2(config.kernel_size**2), d), config.dtype)
     if rel is not None:
-        r_o = shifted.offset_vectors(rel, config.kernel_size, config.dtype)
+        r_o = offset_vectors(rel, config.kernel_size, config.dtype)
         offsets = offsets.at[: r_o.shape[0], : r_o.shape[1]].set(r_o)
     return q_frame, k_frame, v_frame, offsets, frame.inside()
 
@@ -427,7 +422,7 @@ def _attention_bwd(config, saved, dy):
     grads_q = frame.from_tiles(dq, config.head_dim).astype(q_dtype)
     grads_k = None if k_dtype is None else frame.from_tiles(dk, config.head_dim).astype(k_dtype)
     grads_v = frame.from_tiles(dv, config.value_dim).astype(v_dtype)
-    d_rel = None if rel is None else shifted.relative_table_grads(d_offsets, rel)
+    d_rel = None if rel is None else relative_table_grads(d_offsets, rel)
     return grads_q, grads_k, grads_v, d_rel
 
 

@@ -1,0 +1,33 @@
+"""impl="pallas": fused Pallas kernels, one module per accelerator.
+
+- ``gpu``: Triton kernels, (B·N, L, d) frames with the head width on the lanes.
+- ``tpu``: Mosaic kernels, (B·N, d, L) frames with positions on the 128 lanes.
+
+``local_attention`` picks the kernels for the platform the program is lowered for
+(``jax.lax.platform_dependent``): Triton on CUDA (and ROCm), Mosaic on TPU, and on CPU
+the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from sasa_flax.ops.pallas import gpu, tpu
+
+
+def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
+    options = dict(kernel_size=kernel_size, padding=padding)
+
+    def on_gpu(interpret: bool):
+        return lambda *args: gpu.local_attention(*args, interpret=interpret, **options)
+
+    return jax.lax.platform_dependent(
+        q, k, v, rel_row, rel_col,
+        cpu=on_gpu(True),
+        tpu=lambda *args: tpu.local_attention(*args, **options),
+        default=on_gpu(False),
+    )  # fmt: skip
+
+
+__all__ = ["gpu", "local_attention", "tpu"]

@@ -1,0 +1,559 @@
+"""impl="pallas" on TPUs: fused Pallas kernels lowered through Mosaic.
+
+The same function and the same backward as the GPU kernels (``pallas/gpu.py``):
+an online softmax per query, nothing of size k² per pixel written to HBM, and a
+backward that recomputes the weights from the saved log-sum-exp. The layout is shaped
+for the TPU's vector unit instead of copied from the GPU:
+
+Layout: (B·N, c, L) frames, channels on sublanes, positions on the 128 lanes. Each
+image is zero-padded by r = k // 2 columns on both sides and flattened row by row
+(row width Wp = W + 2r), so the neighbour (dy, dx) of every pixel is the constant
+frame distance
+
+    shift(dy, dx) = dy·Wp + dx,   |shift| ≤ reach = r·Wp + r,
+
+and a head of width 8 is exactly one sublane group of a vreg holding 128 positions.
+Sums over the head width are sublane reductions (cheap); nothing is reduced along
+lanes except the relative tables' gradient, once per offset and tile.
+
+Tiles and halos: one program per (batch·head, tile of T positions). It reads its
+tile and a halo of ``halo`` positions on each side (halo = reach rounded up to 128,
+T a multiple of halo), as three ordinary blocks of the same array, so every read is
+lane-aligned and auto-pipelined. The k² neighbour reads are then static rotations of
+that window (``pltpu.roll``, 32-bit values) followed by an aligned slice: no dynamic
+or unaligned lane offsets. A frame holds one tile of zeros in front (the first
+tile's previous halo), the tiles, then one halo of zeros.
+
+Kernels (the grid is (B·N, tiles), both dimensions parallel):
+  forward:  per offset, logit = Σ_d q·(k_o + r_o) (the relative term folded into the
+            key read), masked outside the image under "mask", online-softmax update
+            of (max, normaliser, Σ w·v). Writes y and the log-sum-exp (a (1, T) row).
+  dq:       recomputes p_o = exp(logit_o − lse), ds_o = p_o (dy·v_o − Σ dy·y);
+            dq = Σ_o ds_o (k_o + r_o) and the per-offset Σ_T ds_o q for the tables.
+  dk, dv:   per key tile, gathers from the queries that see it (query = key − shift_o),
+            reading q, dy and the (lse, Σ dy·y) rows through the same halo window.
+
+VMEM per program, double-buffered blocks plus float32 temporaries, is bounded by
+``vmem_bytes``; tiles are chosen to keep it under ``VMEM_BUDGET`` (8 MiB, half of v4's
+16 MiB per core; v5e has 128 MiB). At 56²×64, 8 heads, k = 7 the tile is 1792
+positions and the forward needs about 0.5 MiB, the dk/dv program about 0.9 MiB.
+
+Verified on CPU only: TPU interpret mode runs these kernels exactly (tests), and
+``jax.export(..., platforms=("tpu",))`` lowers them to ``tpu_custom_call`` (Pallas'
+lowering rules, e.g. (8, 128) blocks). Mosaic's layout passes and the compile run in
+libtpu on a TPU; they have not run yet, nor has anything been timed on a TPU.
+
+Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
+
+LANES = 128
+MAX_TILE = 4096  # positions per program, an upper bound for the tile search
+VMEM_BUDGET = 8 * 2**20
+
+# Logit of a masked neighbour: finite, so a query whose first offsets are all outside
+# never computes exp(-inf - -inf); exp(_EXCLUDED - max) underflows to exactly 0.
+_EXCLUDED = -1e30
+
+_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+
+
+def local_attention(
+    q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str, tile: int | None = None,
+    interpret=False,
+) -> jax.Array:  # fmt: skip
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
+
+    ``tile``: positions per program, a multiple of the halo (``Frame.halo_for``);
+    by default the tile that reads least (``choose_tile``). ``interpret``: False to
+    compile for a TPU, or ``pltpu.InterpretParams(...)`` to run the kernels exactly on
+    CPU in TPU interpret mode (the tests).
+    """
+    frame = Frame.of(q.shape, kernel_size, tile, value_dim=v.shape[-1])
+    config = _Config(
+        kernel_size=kernel_size,
+        padding=padding,
+        has_key=k is not None,
+        has_rel=rel_row is not None,
+        frame=frame,
+        dtype=accumulation_dtype(q, v),
+        input_dtypes=(q.dtype, None if k is None else k.dtype, v.dtype),
+        interpret=interpret,
+    )
+    rel = None if rel_row is None else (rel_row, rel_col)
+    return _attention(q, k, v, rel, config)
+
+
+# ------------------------------------------------------------------------------ frame
+
+
+class Frame(NamedTuple):
+    """Geometry of the (B·N, c, L) frames shared by all kernels."""
+
+    batch: int
+    height: int
+    width: int
+    heads: int
+    radius: int
+    tile: int
+    halo: int
+
+    @classmethod
+    def of(
+        cls, q_shape, kernel_size: int, tile: int | None = None, value_dim: int | None = None
+    ) -> Frame:
+        batch, height, width, heads, head_dim = q_shape
+        halo = cls.halo_for(height, width, kernel_size)
+        if tile is None:
+            tile = choose_tile(height, width, kernel_size, head_dim, value_dim or head_dim)
+        elif tile < halo or tile % halo:
+            raise ValueError(
+                f"tile must be a positive multiple of the halo, {halo} positions at "
+                f"{height}x{width}, k = {kernel_size}; got {tile}."
+            )
+        return cls(batch, height, width, heads, kernel_size // 2, tile, halo)
+
+    @staticmethod
+    def halo_for(height: int, width: int, kernel_size: int) -> int:
+        """The reach r·Wp + r rounded up to whole lanes."""
+        del height
+        r = kernel_size // 2
+        return max(LANES, _round_up(r * (width + 2 * r) + r, LANES))
+
+    @property
+    def padded_width(self) -> int:
+        return self.width + 2 * self.radius
+
+    @property
+    def positions(self) -> int:
+        """Frame positions holding query rows (with their padding columns)."""
+        return self.height * self.padded_width
+
+    @property
+    def num_tiles(self) -> int:
+        return pl.cdiv(self.positions, self.tile)
+
+    @property
+    def length(self) -> int:
+        return self.tile + self.num_tiles * self.tile + self.halo
+
+    @property
+    def halos_per_tile(self) -> int:
+        return self.tile // self.halo
+
+    def shift(self, offset: int) -> int:
+        """Static frame distance from a pixel to its neighbour number ``offset``."""
+        size = 2 * self.radius + 1
+        dy, dx = divmod(offset, size)
+        return (dy - self.radius) * self.padded_width + (dx - self.radius)
+
+    def to_frame(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, N, c) -> (B·N, c, L), zeros outside the image."""
+        r, c = self.radius, x.shape[-1]
+        x = jnp.pad(x, [(0, 0), (0, 0), (r, r), (0, 0), (0, 0)])
+        x = jnp.transpose(x, (0, 3, 4, 1, 2)).reshape(self.batch * self.heads, c, -1)
+        return jnp.pad(x, [(0, 0), (0, 0), (self.tile, self.length - self.tile - self.positions)])
+
+    def from_tiles(self, x: jax.Array) -> jax.Array:
+        """(B·N, c, tiles·T) tile outputs -> (B, H, W, N, c)."""
+        r, c = self.radius, x.shape[1]
+        x = x[:, :, : self.positions].reshape(
+            self.batch, self.heads, c, self.height, self.padded_width
+        )[..., r : r + self.width]
+        return jnp.transpose(x, (0, 3, 4, 1, 2))
+
+    def tiles_to_frame(self, x: jax.Array) -> jax.Array:
+        """(B·N, c, tiles·T) -> (B·N, c, L): the tiles in place, zeros around them."""
+        return jnp.pad(x, [(0, 0), (0, 0), (self.tile, self.halo)])
+
+    def inside(self) -> jax.Array:
+        """(1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
+        ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
+        return self._replace(batch=1, heads=1).to_frame(ones)[0]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> int:
+    """The multiple of the halo that reads the fewest positions (tile plus two halos,
+    per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
+    VMEM_BUDGET. Ties go to the larger tile (fewer programs)."""
+    halo = Frame.halo_for(height, width, kernel_size)
+    positions = height * (width + 2 * (kernel_size // 2))
+    best = None
+    for tile in range(halo, max(halo, MAX_TILE) + 1, halo):
+        if tile > halo and vmem_bytes(tile, halo, head_dim, value_dim, kernel_size) > VMEM_BUDGET:
+            break
+        cost = pl.cdiv(positions, tile) * (tile + 2 * halo)
+        if best is None or cost <= best[0]:
+            best = (cost, tile)
+        if tile >= positions:
+            break
+    return best[1]
+
+
+def vmem_bytes(tile: int, halo: int, head_dim: int, value_dim: int, kernel_size: int) -> int:
+    """An upper bound on one program's VMEM, for the largest of the three kernels (dk/dv):
+    its blocks, double-buffered, at 4 bytes per element with sublanes rounded up to 8,
+    plus its float32 temporaries (the windows, their rotations and the accumulators)."""
+    rows = lambda c: _round_up(c, 8)  # noqa: E731
+    window = tile + 2 * halo
+    blocks = (
+        (rows(head_dim) + rows(value_dim) + 2 * rows(2) + rows(1)) * window  # q, dy, stats, inside
+        + (rows(head_dim) + rows(value_dim)) * tile * 2  # k, v in; dk, dv out
+        + rows(head_dim) * _round_up(kernel_size**2, LANES)  # offsets
+    )
+    temporaries = (2 * (rows(head_dim) + rows(value_dim)) + 2 * 8) * window + 4 * (
+        rows(head_dim) + rows(value_dim)
+    ) * tile
+    return 4 * (2 * blocks + temporaries)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class _Config(NamedTuple):
+    kernel_size: int
+    padding: str
+    has_key: bool
+    has_rel: bool
+    frame: Frame
+    dtype: jnp.dtype  # of logits, softmax and sums: float32 (float64 inputs: float64)
+    input_dtypes: tuple  # of q, k (None without keys), v: the gradients' dtypes
+    interpret: object
+
+    @property
+    def offsets(self) -> range:
+        return range(self.kernel_size**2)
+
+
+def _window(config, prev_ref, tile_ref, next_ref) -> jax.Array:
+    """(c, halo + T + halo) in the accumulation dtype: a tile and its two halos."""
+    parts = (prev_ref[...], tile_ref[...], next_ref[...])
+    return jnp.concatenate([p.astype(config.dtype) for p in parts], axis=1)
+
+
+def _at(config, window: jax.Array, shift: int) -> jax.Array:
+    """(c, T): window positions halo + shift + [0, T). A static lane rotation of the
+    32-bit window, then an aligned slice."""
+    frame = config.frame
+    start = frame.halo + shift
+    rotated = pltpu.roll(window, (window.shape[1] - start) % window.shape[1], 1)
+    return rotated[:, : frame.tile]
+
+
+def _full_key(config, key, offsets, o):
+    """k_o + r_o, what a query is dotted with for offset o: (d, T), or (d, 1) without keys."""
+    r_o = offsets[:, o : o + 1] if config.has_rel else None
+    if not config.has_key:
+        return r_o
+    return key + r_o if config.has_rel else key
+
+
+def _masked(config, logit, inside):
+    if config.padding == "mask":
+        return jnp.where(inside > 0, logit, _EXCLUDED)
+    return logit
+
+
+def _forward_kernel(config, *refs):
+    refs = list(refs)
+    q_ref = refs.pop(0)
+    keys = _window(config, *[refs.pop(0) for _ in range(3)]) if config.has_key else None
+    values = _window(config, *[refs.pop(0) for _ in range(3)])
+    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    offsets = refs.pop(0)[...].astype(config.dtype)
+    y_ref, lse_ref = refs
+    frame, dtype = config.frame, config.dtype
+    q = q_ref[...].astype(dtype)
+    running_max = jnp.full((1, frame.tile), _EXCLUDED, dtype)
+    normaliser = jnp.zeros((1, frame.tile), dtype)
+    acc = jnp.zeros((values.shape[0], frame.tile), dtype)
+    for o in config.offsets:  # static: unrolled, every shift a constant
+        shift = frame.shift(o)
+        key = _at(config, keys, shift) if config.has_key else None
+        logit = jnp.sum(q * _full_key(config, key, offsets, o), axis=0, keepdims=True)
+        logit = _masked(config, logit, _at(config, inside, shift))
+        new_max = jnp.maximum(running_max, logit)
+        rescale, weight = jnp.exp(running_max - new_max), jnp.exp(logit - new_max)
+        acc = acc * rescale + weight * _at(config, values, shift)
+        normaliser = normaliser * rescale + weight
+        running_max = new_max
+    y_ref[...] = (acc / normaliser).astype(y_ref.dtype)
+    lse_ref[...] = running_max + jnp.log(normaliser)
+
+
+def _dq_kernel(config, *refs):
+    refs = list(refs)
+    q_ref, dy_ref, stats_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    keys = _window(config, *[refs.pop(0) for _ in range(3)]) if config.has_key else None
+    values = _window(config, *[refs.pop(0) for _ in range(3)])
+    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    offsets = refs.pop(0)[...].astype(config.dtype)
+    dq_ref, d_offsets_ref = refs
+    frame, dtype = config.frame, config.dtype
+    q, dy = q_ref[...].astype(dtype), dy_ref[...].astype(dtype)
+    stats = stats_ref[...]
+    lse, delta = stats[0:1], stats[1:2]
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, d_offsets_ref.shape[1]), 1)
+    dq = jnp.zeros_like(q)
+    d_offsets = jnp.zeros(d_offsets_ref.shape, dtype)
+    for o in config.offsets:
+        shift = frame.shift(o)
+        key = _at(config, keys, shift) if config.has_key else None
+        full_key = _full_key(config, key, offsets, o)
+        logit = jnp.sum(q * full_key, axis=0, keepdims=True)
+        p = jnp.exp(_masked(config, logit, _at(config, inside, shift)) - lse)
+        ds = p * (jnp.sum(dy * _at(config, values, shift), axis=0, keepdims=True) - delta)
+        dq = dq + ds * full_key
+        if config.has_rel:  # queries outside the image have ds = 0 (dy = 0, delta = 0)
+            per_offset = jnp.sum(ds * q, axis=1, keepdims=True)  # (d, 1)
+            d_offsets = d_offsets + jnp.where(column == o, per_offset, 0.0)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    d_offsets_ref[...] = d_offsets
+
+
+def _dkv_kernel(config, *refs):
+    refs = list(refs)
+    key_ref = refs.pop(0) if config.has_key else None
+    value_ref = refs.pop(0)
+    queries = _window(config, *[refs.pop(0) for _ in range(3)])
+    d_out = _window(config, *[refs.pop(0) for _ in range(3)])
+    stats = _window(config, *[refs.pop(0) for _ in range(3)])
+    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    offsets = refs.pop(0)[...].astype(config.dtype)
+    dk_ref = refs.pop(0) if config.has_key else None
+    (dv_ref,) = refs
+    frame, dtype = config.frame, config.dtype
+    key = key_ref[...].astype(dtype) if config.has_key else None
+    value = value_ref[...].astype(dtype)
+    dk = jnp.zeros_like(key) if config.has_key else None
+    dv = jnp.zeros_like(value)
+    for o in config.offsets:
+        shift = -frame.shift(o)  # the query that sees this key through offset o
+        q, dy = _at(config, queries, shift), _at(config, d_out, shift)
+        stat = _at(config, stats, shift)
+        logit = jnp.sum(q * _full_key(config, key, offsets, o), axis=0, keepdims=True)
+        # Keys of this tile inside the image are never masked for a query that sees
+        # them; keys outside it are not inputs (their rows are discarded). Queries
+        # outside the image take no part.
+        p = jnp.where(_at(config, inside, shift) > 0, jnp.exp(logit - stat[0:1]), 0.0)
+        dv = dv + p * dy
+        if config.has_key:
+            ds = p * (jnp.sum(dy * value, axis=0, keepdims=True) - stat[1:2])
+            dk = dk + ds * q
+    if config.has_key:
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+def _specs(frame: Frame, rows: int, shared: bool = False) -> list[pl.BlockSpec]:
+    """[previous halo, tile, next halo] blocks of a (G, rows, L) frame, or of a (rows, L)
+    array shared by every group (``shared``)."""
+    m, tile, halo = frame.halos_per_tile, frame.tile, frame.halo
+    if shared:
+        return [
+            pl.BlockSpec((rows, halo), lambda g, t: (0, (t + 1) * m - 1)),
+            pl.BlockSpec((rows, tile), lambda g, t: (0, t + 1)),
+            pl.BlockSpec((rows, halo), lambda g, t: (0, (t + 2) * m)),
+        ]
+    return [
+        pl.BlockSpec((None, rows, halo), lambda g, t: (g, 0, (t + 1) * m - 1)),
+        pl.BlockSpec((None, rows, tile), lambda g, t: (g, 0, t + 1)),
+        pl.BlockSpec((None, rows, halo), lambda g, t: (g, 0, (t + 2) * m)),
+    ]
+
+
+def _in_tile(frame: Frame, rows: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, rows, frame.tile), lambda g, t: (g, 0, t + 1))
+
+
+def _out_tile(frame: Frame, rows: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, rows, frame.tile), lambda g, t: (g, 0, t))
+
+
+def _whole(shape) -> pl.BlockSpec:
+    return pl.BlockSpec(shape, lambda g, t: (0,) * len(shape))
+
+
+def _call(config, kernel, name, inputs, in_specs, outputs, out_specs, cost):
+    frame = config.frame
+    return pl.pallas_call(
+        functools.partial(kernel, config),
+        grid=(frame.batch * frame.heads, frame.num_tiles),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=outputs,
+        compiler_params=_PARALLEL,
+        interpret=config.interpret,
+        cost_estimate=cost,
+        name=name,
+    )(*inputs)
+
+
+# ------------------------------------------------------------------------ accounting
+
+
+def costs(config, head_dim: int, value_dim: int, itemsize: int) -> dict[str, pl.CostEstimate]:
+    """The kernels' own FLOP, exp and HBM-byte counts (tiles, halos and padding columns
+    included): what ``pl.CostEstimate`` tells XLA and what ``benchmarks/roofline`` reads."""
+    frame = config.frame
+    programs = frame.batch * frame.heads * frame.num_tiles
+    queries = programs * frame.tile
+    window = frame.tile + 2 * frame.halo
+    k2 = config.kernel_size**2
+    d, dv = head_dim, value_dim
+    # Per query and offset: q·(k + r) 3d, softmax update ~6, acc·rescale + w·v 3dv.
+    forward = k2 * queries * (3 * d + 3 * dv + 6)
+    f_bytes = programs * (
+        d * frame.tile * itemsize
+        + (d * config.has_key + dv) * window * itemsize
+        + window * 4
+        + dv * frame.tile * itemsize
+        + frame.tile * 4
+    )
+    # dq: logit 3d, ds 2dv + 3, dq 2d, tables 2d; dk/dv: logit 3d, dv 2dv, ds 2dv + 3, dk 2d.
+    dq = k2 * queries * (7 * d + 2 * dv + 5)
+    dkv = k2 * queries * (5 * d + 4 * dv + 5)
+    dq_bytes = programs * (
+        (2 * d + dv) * frame.tile * itemsize + 8 * frame.tile
+        + (d * config.has_key + dv) * window * itemsize + window * 4
+        + d * k2 * 4
+    )  # fmt: skip
+    dkv_bytes = programs * (
+        2 * (d * config.has_key + dv) * frame.tile * itemsize
+        + (d + dv) * window * itemsize + 3 * window * 4
+    )  # fmt: skip
+    return {
+        "forward": pl.CostEstimate(int(forward), int(k2 * queries * 2), int(f_bytes)),
+        "dq": pl.CostEstimate(int(dq), int(k2 * queries), int(dq_bytes)),
+        "dkv": pl.CostEstimate(int(dkv), int(k2 * queries), int(dkv_bytes)),
+    }
+
+
+# ------------------------------------------------------------------------ custom VJP
+
+
+def _prepare(q, k, v, rel, config):
+    frame = config.frame
+    d = q.shape[-1]
+    offsets = jnp.zeros((d, config.kernel_size**2), config.dtype)
+    if rel is not None:
+        offsets = offset_vectors(rel, config.kernel_size, config.dtype).T  # (d, k²)
+    k_frame = None if k is None else frame.to_frame(k)
+    return frame.to_frame(q), k_frame, frame.to_frame(v), offsets, frame.inside()
+
+
+def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
+    frame = config.frame
+    groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
+    inputs, in_specs = [q_frame], [_in_tile(frame, d)]
+    if k_frame is not None:
+        inputs += [k_frame] * 3
+        in_specs += _specs(frame, d)
+    inputs += [v_frame] * 3 + [inside] * 3 + [offsets]
+    in_specs += _specs(frame, dv) + _specs(frame, 1, shared=True) + [_whole(offsets.shape)]
+    out_len = frame.num_tiles * frame.tile
+    cost = costs(config, d, dv, q_frame.dtype.itemsize)["forward"]
+    return _call(
+        config, _forward_kernel, "sasa_local_attention_fwd_tpu", inputs, in_specs,
+        [jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype),
+         jax.ShapeDtypeStruct((groups, 1, out_len), config.dtype)],
+        [_out_tile(frame, dv), _out_tile(frame, 1)], cost,
+    )  # fmt: skip
+
+
+def _run_backward(config, residuals, dy_frame, stats_frame):
+    q_frame, k_frame, v_frame, offsets, inside = residuals
+    frame = config.frame
+    groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
+    out_len = frame.num_tiles * frame.tile
+    k2 = config.kernel_size**2
+    cost = costs(config, d, dv, q_frame.dtype.itemsize)
+    shared = _specs(frame, 1, shared=True) + [_whole(offsets.shape)]
+
+    inputs = [q_frame, dy_frame, stats_frame]
+    in_specs = [_in_tile(frame, d), _in_tile(frame, dv), _in_tile(frame, 2)]
+    if k_frame is not None:
+        inputs += [k_frame] * 3
+        in_specs += _specs(frame, d)
+    inputs += [v_frame] * 3 + [inside] * 3 + [offsets]
+    in_specs += _specs(frame, dv) + shared
+    dq, d_offsets = _call(
+        config, _dq_kernel, "sasa_local_attention_dq_tpu", inputs, in_specs,
+        [jax.ShapeDtypeStruct((groups, d, out_len), config.dtype),
+         jax.ShapeDtypeStruct((groups, frame.num_tiles, d, k2), config.dtype)],
+        [_out_tile(frame, d),
+         pl.BlockSpec((None, None, d, k2), lambda g, t: (g, t, 0, 0))],
+        cost["dq"],
+    )  # fmt: skip
+
+    inputs, in_specs = [], []
+    if k_frame is not None:
+        inputs.append(k_frame)
+        in_specs.append(_in_tile(frame, d))
+    inputs += [v_frame] + [q_frame] * 3 + [dy_frame] * 3 + [stats_frame] * 3
+    in_specs += [_in_tile(frame, dv)] + _specs(frame, d) + _specs(frame, dv) + _specs(frame, 2)
+    inputs += [inside] * 3 + [offsets]
+    in_specs += shared
+    outputs, out_specs = [], []
+    if k_frame is not None:
+        outputs.append(jax.ShapeDtypeStruct((groups, d, out_len), config.dtype))
+        out_specs.append(_out_tile(frame, d))
+    outputs.append(jax.ShapeDtypeStruct((groups, dv, out_len), config.dtype))
+    out_specs.append(_out_tile(frame, dv))
+    dkv = _call(
+        config, _dkv_kernel, "sasa_local_attention_dkv_tpu", inputs, in_specs, outputs,
+        out_specs, cost["dkv"],
+    )  # fmt: skip
+    dk, dv_out = (dkv[0], dkv[1]) if k_frame is not None else (None, dkv[0])
+    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1)).T  # (k², d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, rel, config):
+    return _attention_fwd(q, k, v, rel, config)[0]
+
+
+def _attention_fwd(q, k, v, rel, config):
+    residuals = _prepare(q, k, v, rel, config)
+    y_tiles, lse_tiles = _run_forward(config, *residuals)
+    # The frames are the saved inputs (in their own dtype), with y and the
+    # log-sum-exp: nothing of size k² per pixel.
+    return config.frame.from_tiles(y_tiles), (residuals, y_tiles, lse_tiles, rel)
+
+
+def _attention_bwd(config, saved, dy):
+    residuals, y_tiles, lse_tiles, rel = saved
+    frame = config.frame
+    q_dtype, k_dtype, v_dtype = config.input_dtypes
+    dy_frame = frame.to_frame(dy.astype(v_dtype))
+    dy_tiles = dy_frame[:, :, frame.tile : frame.tile + y_tiles.shape[2]]
+    # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
+    delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
+    stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
+    dq, dk, dv, d_offsets = _run_backward(config, residuals, dy_frame, stats)
+    grads_q = frame.from_tiles(dq).astype(q_dtype)
+    grads_k = None if k_dtype is None else frame.from_tiles(dk).astype(k_dtype)
+    grads_v = frame.from_tiles(dv).astype(v_dtype)
+    d_rel = None if rel is None else relative_table_grads(d_offsets, rel)
+    return grads_q, grads_k, grads_v, d_rel
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,147 @@
+"""The Mosaic (TPU) kernels of impl="pallas", run exactly on CPU in TPU interpret mode.
+
+TPU interpret mode executes the kernel code a TPU would run (blocks, halos, lane
+rotations, the online softmax, the dq and dk/dv programs) one grid point at a time, here
+with race detection on. Every case is checked against the float64 loop reference
+(outputs) and the reference expression evaluated in float64 (every gradient), at the
+default tile and at the smallest tile (the halo), which splits frames into several tiles
+so that halos cross tile edges, borders and padding columns.
+
+The default selection runs four cases; the rest of the grid is marked slow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from sasa_flax.ops import patches
+from sasa_flax.ops.pallas import tpu
+from tests import reference
+from tests.helpers import TERMS, default_and_slow, make_inputs, of_present_inputs
+
+RACES = pltpu.InterpretParams(detect_races=True)
+
+# (batch, height, width, heads, d, dv), kernel_size: frames of one to four tiles.
+SHAPES = [
+    ((1, 20, 21, 2, 4, 3), 3),  # four tiles at the smallest tile
+    ((2, 6, 5, 2, 8, 8), 5),  # a head width of 8: one sublane group
+    ((1, 9, 30, 1, 6, 2), 9),  # reach 4·38 + 4 = 156: two lane groups of halo
+    ((1, 3, 4, 3, 2, 5), 7),  # image smaller than the window
+    ((1, 12, 11, 1, 4, 4), 1),  # k = 1
+]
+CASES = [
+    (shape, kernel_size, terms, padding, dtype, smallest)
+    for shape, kernel_size in SHAPES
+    for terms in TERMS
+    for padding in ("mask", "zeros")
+    for dtype in ("float32", "bfloat16")
+    for smallest in (False, True)
+]
+DEFAULT = [
+    (SHAPES[0][0], 3, TERMS[0], "mask", "float32", True),
+    (SHAPES[1][0], 5, TERMS[2], "zeros", "bfloat16", False),
+    (SHAPES[2][0], 9, TERMS[1], "zeros", "float32", True),
+    (SHAPES[3][0], 7, TERMS[0], "mask", "bfloat16", False),
+]
+
+
+def _run(attention, inputs, cotangent, kernel_size, padding):
+    """(y, gradients of every present input) for the loss Σ y·cotangent."""
+    f, args = of_present_inputs(
+        functools.partial(attention, kernel_size=kernel_size, padding=padding), inputs
+    )
+
+    def loss(*arrays):
+        y = f(*arrays)
+        return jnp.sum(y.astype(cotangent.dtype) * cotangent), y
+
+    grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+    return y, grads
+
+
+@pytest.mark.parametrize(
+    "shape,kernel_size,terms,padding,dtype,smallest", default_and_slow(CASES, DEFAULT)
+)
+def test_interpreted_kernels_match_the_float64_references(
+    shape, kernel_size, terms, padding, dtype, smallest
+):
+    rng = np.random.default_rng(sum(shape) + kernel_size)
+    inputs = make_inputs(rng, shape, kernel_size, terms)
+    ours_in = [None if x is None else jnp.asarray(x, dtype) for x in inputs]
+    exact_in = [None if x is None else np.asarray(x, np.float64) for x in ours_in]
+    cotangent = rng.standard_normal(shape[:4] + (shape[5],))
+    tile = tpu.Frame.halo_for(shape[1], shape[2], kernel_size) if smallest else None
+    attention = functools.partial(tpu.local_attention, tile=tile, interpret=RACES)
+    y, grads = _run(attention, ours_in, jnp.asarray(cotangent, jnp.float32), kernel_size, padding)
+
+    y_loop, _ = reference.local_attention(*exact_in, kernel_size, padding)
+    with jax.enable_x64(True):
+        _, exact_grads = _run(
+            patches.local_attention,
+            [None if x is None else jnp.asarray(x) for x in exact_in],
+            jnp.asarray(cotangent),
+            kernel_size,
+            padding,
+        )
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert y.dtype == jnp.dtype(dtype) and y.shape == y_loop.shape
+    assert _error(y, y_loop) < tol
+    assert len(grads) == len(exact_grads)
+    for ours, exact, given in zip(
+        grads, exact_grads, [x for x in ours_in if x is not None], strict=True
+    ):
+        assert ours.dtype == given.dtype and ours.shape == given.shape
+        assert _error(ours, exact) < tol
+
+
+def _error(actual, expected) -> float:
+    """max |actual − expected| over the expected values' scale, floored at 1 (where the
+    exact value is 0, e.g. the gradients at k = 1, ours is float32 round-off)."""
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), 1.0)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / scale
+
+
+def test_the_comparison_can_fail(monkeypatch):
+    """Kernels that read every neighbour one position off are caught: the interpreter
+    runs the kernels' own shifts, and the tolerance is far below such an error."""
+    shape, kernel_size = SHAPES[0]
+    q, k, v, _, _ = make_inputs(np.random.default_rng(0), shape, kernel_size, TERMS[1])
+    y_loop, _ = reference.local_attention(q, k, v, None, None, kernel_size, "mask")
+    attention = functools.partial(
+        tpu.local_attention, kernel_size=kernel_size, padding="mask", interpret=RACES
+    )
+    assert _error(attention(q, k, v, None, None), y_loop) < 1e-5
+    shift = tpu.Frame.shift
+    monkeypatch.setattr(tpu.Frame, "shift", lambda frame, o: shift(frame, o) + 1)
+    assert _error(attention(q, k, v, None, None), y_loop) > 1e-2
+
+
+def test_a_tile_that_is_not_a_multiple_of_the_halo_is_refused():
+    q, k, v, rel_row, rel_col = make_inputs(
+        np.random.default_rng(0), (1, 4, 4, 1, 4, 4), 3, TERMS[0]
+    )
+    with pytest.raises(ValueError, match="tile must be a positive multiple of the halo, 128"):
+        tpu.local_attention(q, k, v, rel_row, rel_col, kernel_size=3, padding="mask", tile=192)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7, 11])
+@pytest.mark.parametrize("size,channels", [(56, 64), (28, 128), (14, 256), (7, 512)])
+def test_vmem_per_program_stays_within_the_budget(size, channels, kernel_size):
+    """At every ResNet-50 stage shape (8 heads) and k = 3/7/11 the chosen tile's VMEM
+    bound fits VMEM_BUDGET, itself half of the smallest TPU VMEM (v4: 16 MiB)."""
+    head = channels // 8
+    tile = tpu.choose_tile(size, size, kernel_size, head, head)
+    halo = tpu.Frame.halo_for(size, size, kernel_size)
+    assert tile % halo == 0 and tile % tpu.LANES == 0
+    assert tpu.vmem_bytes(tile, halo, head, head, kernel_size) <= tpu.VMEM_BUDGET <= 8 * 2**20
+    # The tile reads no more than the smallest tile does (the choice minimises reads).
+    positions = size * (size + 2 * (kernel_size // 2))
+    reads = lambda t: -(-positions // t) * (t + 2 * halo)  # noqa: E731
+    assert reads(tile) <= reads(halo)
