@@ -2,6 +2,7 @@ r"""One SASA layer against the 3×3 convolution it replaces, side by side in one
 
     python -m benchmarks.local_attention     # ResNet-50 stage shapes, k = 3, 7, 11
     python -m benchmarks.local_attention --shapes 56x64 --kernel-sizes 7 --impls shifted,patches
+    python -m benchmarks.local_attention --before 0c3e9ca   # each row also at an older revision
 
 For each stage shape (H×W×C, batch 8 by default, 8 heads) and window k, it times
 forward and forward+backward (median of --repeats runs after a warm-up, with
@@ -12,14 +13,24 @@ and every weight; the convolution is
 It reports compiled temporary memory (``memory_analysis().temp_size_in_bytes``) and
 achieved GFLOP/s (analytic FLOPs of ``sasa_flax.flops``, paper convention, ×3 for
 forward+backward), and prints a markdown table with ratios to the convolution.
+
+``--before REV`` also times every implementation row with the package of git revision
+REV (extracted from git and imported as ``sasa_flax_before``), right after the current
+one, so the two are compared side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pathlib
 import platform
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -30,14 +41,14 @@ from sasa_flax import costs
 from sasa_flax.layers import AttentionOptions, SelfAttention2D, attention_cost
 
 
-def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtype):
+def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtype, layers=None):
     """The product's own ``SelfAttention2D`` as a pure function of (x, params).
 
     Returns (layer, params): ``layer(x, params)`` runs the module (W_Q, W_K, W_V,
     relative tables, local attention) from ``nnx.split`` state, so ``jax.grad``
     differentiates w.r.t. the input and every weight, as the trainer does.
     """
-    module = SelfAttention2D(
+    module = (layers.SelfAttention2D if layers else SelfAttention2D)(
         channels, channels, num_heads=heads, kernel_size=kernel_size, impl=impl,
         dtype=dtype, rngs=nnx.Rngs(0),
     )  # fmt: skip
@@ -47,6 +58,21 @@ def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtyp
         return nnx.merge(graphdef, params)(x)
 
     return layer, params
+
+
+def load_revision(revision: str):
+    """``sasa_flax.layers`` as of git ``revision``, imported as ``sasa_flax_before``."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="sasa-before-"))
+    archive = subprocess.run(
+        ["git", "archive", revision, "sasa_flax"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    package = root / "sasa_flax_before"
+    (root / "sasa_flax").rename(package)
+    for path in package.rglob("*.py"):
+        path.write_text(re.sub(r"\bsasa_flax\b", "sasa_flax_before", path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("sasa_flax_before.layers")
 
 
 def conv_layer(x, kernel):
@@ -97,7 +123,9 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--before", default="", help="a git revision to time as well")
     args = parser.parse_args()
+    before = load_revision(args.before) if args.before else None
     dtype = jnp.dtype(args.dtype)
     on_cpu = jax.default_backend() == "cpu"
     impls = (
@@ -139,16 +167,21 @@ def main():
             for impl in impls:
                 if impl == "dense" and size * size > 4 * kernel_size**2:
                     continue  # (H·W)² logits: gigabytes at 56², and never the faster there
-                layer, params = attention_layer(impl, kernel_size, args.heads, channels, dtype)
-                fwd, _ = measure(layer, (x, params), args.repeats)
-                both, temp = measure(forward_and_backward(layer), (x, params), args.repeats)
-                gflops = 3 * attention_flops * args.batch / both / 1e9
-                print(
-                    f"| {size}²×{channels} | {kernel_size} | {impl} | {fwd * 1e3:.1f} "
-                    f"| {both * 1e3:.1f} | {both / conv_both:.2f} | {temp / 2**20:.0f} "
-                    f"| {gflops:.0f} |",
-                    flush=True,
-                )
+                for layers, label in [(None, impl)] + [(before, f"{impl} @{args.before}")] * bool(
+                    before
+                ):
+                    layer, params = attention_layer(
+                        impl, kernel_size, args.heads, channels, dtype, layers
+                    )
+                    fwd, _ = measure(layer, (x, params), args.repeats)
+                    both, temp = measure(forward_and_backward(layer), (x, params), args.repeats)
+                    gflops = 3 * attention_flops * args.batch / both / 1e9
+                    print(
+                        f"| {size}²×{channels} | {kernel_size} | {label} | {fwd * 1e3:.1f} "
+                        f"| {both * 1e3:.1f} | {both / conv_both:.2f} | {temp / 2**20:.0f} "
+                        f"| {gflops:.0f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,22 @@ k = 7 (7×7: 0.36× a 3×3 convolution forward+backward on CPU, against 0.95× f
 H·W < 4·k².
 
 Relative logits: q·r_{dy} and q·r_{dx} are computed per query and offset,
-(B, N, P, k) each with P = H·W, and placed onto the (P, P) grid with constant one-hot
-matrices. Under ``padding="zeros"`` the out-of-image neighbours are zero keys and
-values that still take part in the softmax: they add k² − (in-image count) extra
-logits per query (the positional term alone) with zero values.
+(B, N, P, k) each with P = H·W, placed by image row and column with constant one-hot
+matrices, (B, N, P, H) and (B, N, P, W), and broadcast onto the (P, P) grid. Under
+``padding="zeros"`` the out-of-image neighbours are zero keys and values that still
+take part in the softmax: they add k² − (in-image count) extra logits per query (the
+positional term alone) with zero values.
+
+Precision: the q·k and weighted-sum matmuls take bfloat16 inputs as they are (one pass
+of a TPU's or GPU's matrix unit, products exact in the float32 accumulator) and
+float32 inputs at HIGHEST (exact; several passes on a TPU). See ``matmul_precision``.
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,41 +34,57 @@ from sasa_flax.ops.common import accumulation_dtype, in_image_mask
 
 
 def _placement(height: int, width: int, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One-hot (P, P, k) row and column offset of pixel p' seen from query p (zero
-    outside the window); their product summed over k is the window mask."""
+    """One-hot (P, H, k) and (P, W, k): the row offset of image row y seen from query p
+    (all zero where the row is outside p's window), and the same for columns."""
     r = kernel_size // 2
     ys, xs = np.divmod(np.arange(height * width), width)
-    dy = ys[None, :] - ys[:, None] + r  # (P, P), in [0, k) inside the window
-    dx = xs[None, :] - xs[:, None] + r
-    inside = (dy >= 0) & (dy < kernel_size) & (dx >= 0) & (dx < kernel_size)
     offsets = np.arange(kernel_size)
-    rows = (dy[..., None] == offsets) & inside[..., None]
-    cols = (dx[..., None] == offsets) & inside[..., None]
+    rows = (np.arange(height)[None, :] - ys[:, None] + r)[..., None] == offsets  # (P, H, k)
+    cols = (np.arange(width)[None, :] - xs[:, None] + r)[..., None] == offsets  # (P, W, k)
     return rows.astype(np.float32), cols.astype(np.float32)
 
 
+def matmul_precision(*arrays) -> jax.lax.Precision:
+    """HIGHEST for float32/float64 operands (exact, like every other implementation; on
+    TPU that is several bf16 passes), DEFAULT for bfloat16/float16: their products are
+    exact in the float32 accumulator, in one pass of the matrix unit."""
+    exact = jnp.dtype(jnp.result_type(*arrays)).itemsize >= 4
+    return jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+
+
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
-    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
+    """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
+
+    The matmuls take the inputs in their own dtype and accumulate in float32
+    (``matmul_precision``); the softmax is float32 and its weights are rounded to v's
+    dtype for the weighted sum, as in "patches".
+    """
     batch, height, width, heads, d = q.shape
     pixels = height * width
     acc = accumulation_dtype(q, v)
-    flat = lambda x: x.reshape(batch, pixels, heads, x.shape[-1]).astype(acc)  # noqa: E731
-    q_flat, v_flat = flat(q), flat(v)
+    flat = lambda x: x.reshape(batch, pixels, heads, x.shape[-1])  # noqa: E731
+    q_flat = flat(q)
     rows, cols = _placement(height, width, kernel_size)
-    window = jnp.asarray(rows.sum(-1) * cols.sum(-1) > 0)  # (P, P)
+    window = jnp.asarray(  # (P, P): the window of query p
+        (rows.sum(-1)[:, :, None] * cols.sum(-1)[:, None, :]).reshape(pixels, pixels) > 0
+    )
+    matmul = functools.partial(jnp.einsum, preferred_element_type=acc)
 
     logits = jnp.zeros((batch, heads, pixels, pixels), acc)
     if k is not None:
-        logits = jnp.einsum("bpnd,bqnd->bnpq", q_flat, flat(k), precision="highest")
+        logits = matmul("bpnd,bqnd->bnpq", q_flat, flat(k), precision=matmul_precision(q, k))
     extra = None  # (B, N, P, k²): logits of the zero keys outside the image ("zeros")
     if rel_row is not None:
         half = d // 2
-        by_row = jnp.einsum("bpnd,td->bnpt", q_flat[..., :half], rel_row.astype(acc),
-                            precision="highest")  # fmt: skip
-        by_col = jnp.einsum("bpnd,td->bnpt", q_flat[..., half:], rel_col.astype(acc),
-                            precision="highest")  # fmt: skip
-        logits += jnp.einsum("bnpt,pqt->bnpq", by_row, jnp.asarray(rows, acc), precision="highest")
-        logits += jnp.einsum("bnpt,pqt->bnpq", by_col, jnp.asarray(cols, acc), precision="highest")
+        precision = matmul_precision(q, rel_row)
+        by_row = matmul("bpnd,td->bnpt", q_flat[..., :half], rel_row, precision=precision)
+        by_col = matmul("bpnd,td->bnpt", q_flat[..., half:], rel_col, precision=precision)
+        # Onto the grid: (B, N, P, H) by image row plus (B, N, P, W) by image column.
+        # The one-hot products are exact at HIGHEST and cost P·(H + W)·k, not P²·k.
+        exact = jax.lax.Precision.HIGHEST
+        row_term = matmul("bnpt,pyt->bnpy", by_row, jnp.asarray(rows, acc), precision=exact)
+        col_term = matmul("bnpt,pxt->bnpx", by_col, jnp.asarray(cols, acc), precision=exact)
+        logits += (row_term[..., :, None] + col_term[..., None, :]).reshape(logits.shape)
         if padding == "zeros":
             extra = (by_row[..., :, None] + by_col[..., None, :]).reshape(
                 batch, heads, pixels, kernel_size * kernel_size
@@ -74,5 +97,5 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
             extra = jnp.zeros((batch, heads, pixels, outside.shape[-1]), acc)
         logits = jnp.concatenate([logits, jnp.where(outside, extra, lowest)], axis=-1)
     att = jax.nn.softmax(logits, axis=-1)[..., :pixels]  # zero keys carry zero values
-    y = jnp.einsum("bnpq,bqnd->bpnd", att, v_flat, precision="highest")
+    y = matmul("bnpq,bqnd->bpnd", att.astype(v.dtype), flat(v), precision=matmul_precision(v))
     return y.reshape(batch, height, width, heads, -1).astype(v.dtype)

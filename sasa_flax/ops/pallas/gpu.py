@@ -26,7 +26,7 @@ with ds_o = p_o (dy·v_o - Σ dy·y), as in FlashAttention's backward.
 
 Lowering. On GPU the kernels lower through Pallas' Triton backend, which wants
 power-of-two tiles: head widths are zero-padded to a power of two (the extra
-columns contribute exact zeros). ``tests/test_fused.py`` checks that the kernels
+columns contribute exact zeros). ``tests/test_pallas_gpu.py`` checks that the kernels
 lower to Triton IR for CUDA (``jax.export``, no GPU needed); they have not yet been
 compiled and timed on a GPU (see benchmarks/RESULTS.md). On CPU they run in Pallas'
 interpret mode: exact, and slow (a correctness tool, not a CPU implementation).
@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
+from sasa_flax.ops.pallas.costs import kernel_costs
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
 # on a GPU; tests pass small tiles to exercise many tiles and their edges.
@@ -427,3 +428,18 @@ def _attention_bwd(config, saved, dy):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def costs(q_shape, value_dim: int, kernel_size: int, *, has_key: bool, itemsize: int,
+          tile: int = DEFAULT_TILE) -> dict[str, pl.CostEstimate]:  # fmt: skip
+    """The kernels' own FLOP, exp and byte counts (``pallas.costs``) for queries of
+    ``q_shape`` (B, H, W, N, d): head widths padded to powers of two, float32 outputs,
+    each program's window its tile plus the largest shift on both sides."""
+    frame = _Frame.of(q_shape, kernel_size, tile)
+    reach = frame.first  # r·Wp + r
+    return kernel_costs(
+        programs=frame.batch * frame.heads * frame.num_tiles, tile=tile,
+        window=tile + 2 * reach, kernel_size=kernel_size,
+        head_dim=_padded_width(q_shape[-1]), value_dim=_padded_width(value_dim),
+        has_key=has_key, itemsize=itemsize, out_itemsize=4,
+    )  # fmt: skip

@@ -17,12 +17,11 @@ Sums over the head width are sublane reductions (cheap); nothing is reduced alon
 lanes except the relative tables' gradient, once per offset and tile.
 
 Tiles and halos: one program per (batch·head, tile of T positions). It reads its
-tile and a halo of ``halo`` positions on each side (halo = reach rounded up to 128,
-T a multiple of halo), as three ordinary blocks of the same array, so every read is
-lane-aligned and auto-pipelined. The k² neighbour reads are then static rotations of
-that window (``pltpu.roll``, 32-bit values) followed by an aligned slice: no dynamic
-or unaligned lane offsets. A frame holds one tile of zeros in front (the first
-tile's previous halo), the tiles, then one halo of zeros.
+tile with a halo of ``halo`` positions on each side (halo = reach rounded up to 128,
+T a multiple of halo) as one lane-aligned block: ``pl.Element`` blocks, which may
+overlap, starting at lane t·T. The k² neighbour reads are then static rotations of
+that window (``pltpu.roll``, 32-bit values) followed by an aligned slice: no dynamic or
+unaligned lane offsets. A frame is one halo of zeros, the tiles, one halo of zeros.
 
 Kernels (the grid is (B·N, tiles), both dimensions parallel):
   forward:  per offset, logit = Σ_d q·(k_o + r_o) (the relative term folded into the
@@ -35,8 +34,9 @@ Kernels (the grid is (B·N, tiles), both dimensions parallel):
 
 VMEM per program, double-buffered blocks plus float32 temporaries, is bounded by
 ``vmem_bytes``; tiles are chosen to keep it under ``VMEM_BUDGET`` (8 MiB, half of v4's
-16 MiB per core; v5e has 128 MiB). At 56²×64, 8 heads, k = 7 the tile is 1792
-positions and the forward needs about 0.5 MiB, the dk/dv program about 0.9 MiB.
+16 MiB per core; v5e has 128 MiB). At ResNet-50's 56²×64 with 8 heads and k = 7 the
+tile is the whole image (3584 positions, halo 256) and the bound is 3.5 MiB; at 28²×128,
+1024 positions and 1.9 MiB.
 
 Verified on CPU only: TPU interpret mode runs these kernels exactly (tests), and
 ``jax.export(..., platforms=("tpu",))`` lowers them to ``tpu_custom_call`` (Pallas'
@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
+from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
 MAX_TILE = 4096  # positions per program, an upper bound for the tile search
@@ -146,11 +147,7 @@ class Frame(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.tile + self.num_tiles * self.tile + self.halo
-
-    @property
-    def halos_per_tile(self) -> int:
-        return self.tile // self.halo
+        return self.halo + self.num_tiles * self.tile + self.halo
 
     def shift(self, offset: int) -> int:
         """Static frame distance from a pixel to its neighbour number ``offset``."""
@@ -163,7 +160,7 @@ class Frame(NamedTuple):
         r, c = self.radius, x.shape[-1]
         x = jnp.pad(x, [(0, 0), (0, 0), (r, r), (0, 0), (0, 0)])
         x = jnp.transpose(x, (0, 3, 4, 1, 2)).reshape(self.batch * self.heads, c, -1)
-        return jnp.pad(x, [(0, 0), (0, 0), (self.tile, self.length - self.tile - self.positions)])
+        return jnp.pad(x, [(0, 0), (0, 0), (self.halo, self.length - self.halo - self.positions)])
 
     def from_tiles(self, x: jax.Array) -> jax.Array:
         """(B·N, c, tiles·T) tile outputs -> (B, H, W, N, c)."""
@@ -175,12 +172,12 @@ class Frame(NamedTuple):
 
     def tiles_to_frame(self, x: jax.Array) -> jax.Array:
         """(B·N, c, tiles·T) -> (B·N, c, L): the tiles in place, zeros around them."""
-        return jnp.pad(x, [(0, 0), (0, 0), (self.tile, self.halo)])
+        return jnp.pad(x, [(0, 0), (0, 0), (self.halo, self.halo)])
 
     def inside(self) -> jax.Array:
-        """(1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
+        """(1, 1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
         ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
-        return self._replace(batch=1, heads=1).to_frame(ones)[0]
+        return self._replace(batch=1, heads=1).to_frame(ones)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -212,7 +209,7 @@ def vmem_bytes(tile: int, halo: int, head_dim: int, value_dim: int, kernel_size:
     rows = lambda c: _round_up(c, 8)  # noqa: E731
     window = tile + 2 * halo
     blocks = (
-        (rows(head_dim) + rows(value_dim) + 2 * rows(2) + rows(1)) * window  # q, dy, stats, inside
+        (rows(head_dim) + rows(value_dim) + rows(2) + rows(1)) * window  # q, dy, stats, inside
         + (rows(head_dim) + rows(value_dim)) * tile * 2  # k, v in; dk, dv out
         + rows(head_dim) * _round_up(kernel_size**2, LANES)  # offsets
     )
@@ -240,10 +237,9 @@ class _Config(NamedTuple):
         return range(self.kernel_size**2)
 
 
-def _window(config, prev_ref, tile_ref, next_ref) -> jax.Array:
+def _window(config, ref) -> jax.Array:
     """(c, halo + T + halo) in the accumulation dtype: a tile and its two halos."""
-    parts = (prev_ref[...], tile_ref[...], next_ref[...])
-    return jnp.concatenate([p.astype(config.dtype) for p in parts], axis=1)
+    return ref[0].astype(config.dtype)
 
 
 def _at(config, window: jax.Array, shift: int) -> jax.Array:
@@ -272,13 +268,13 @@ def _masked(config, logit, inside):
 def _forward_kernel(config, *refs):
     refs = list(refs)
     q_ref = refs.pop(0)
-    keys = _window(config, *[refs.pop(0) for _ in range(3)]) if config.has_key else None
-    values = _window(config, *[refs.pop(0) for _ in range(3)])
-    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    keys = _window(config, refs.pop(0)) if config.has_key else None
+    values = _window(config, refs.pop(0))
+    inside = _window(config, refs.pop(0))
     offsets = refs.pop(0)[...].astype(config.dtype)
     y_ref, lse_ref = refs
     frame, dtype = config.frame, config.dtype
-    q = q_ref[...].astype(dtype)
+    q = q_ref[0].astype(dtype)
     running_max = jnp.full((1, frame.tile), _EXCLUDED, dtype)
     normaliser = jnp.zeros((1, frame.tile), dtype)
     acc = jnp.zeros((values.shape[0], frame.tile), dtype)
@@ -299,14 +295,14 @@ def _forward_kernel(config, *refs):
 def _dq_kernel(config, *refs):
     refs = list(refs)
     q_ref, dy_ref, stats_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-    keys = _window(config, *[refs.pop(0) for _ in range(3)]) if config.has_key else None
-    values = _window(config, *[refs.pop(0) for _ in range(3)])
-    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    keys = _window(config, refs.pop(0)) if config.has_key else None
+    values = _window(config, refs.pop(0))
+    inside = _window(config, refs.pop(0))
     offsets = refs.pop(0)[...].astype(config.dtype)
     dq_ref, d_offsets_ref = refs
     frame, dtype = config.frame, config.dtype
-    q, dy = q_ref[...].astype(dtype), dy_ref[...].astype(dtype)
-    stats = stats_ref[...]
+    q, dy = q_ref[0].astype(dtype), dy_ref[0].astype(dtype)
+    stats = stats_ref[0]
     lse, delta = stats[0:1], stats[1:2]
     column = jax.lax.broadcasted_iota(jnp.int32, (1, d_offsets_ref.shape[1]), 1)
     dq = jnp.zeros_like(q)
@@ -330,16 +326,16 @@ def _dkv_kernel(config, *refs):
     refs = list(refs)
     key_ref = refs.pop(0) if config.has_key else None
     value_ref = refs.pop(0)
-    queries = _window(config, *[refs.pop(0) for _ in range(3)])
-    d_out = _window(config, *[refs.pop(0) for _ in range(3)])
-    stats = _window(config, *[refs.pop(0) for _ in range(3)])
-    inside = _window(config, *[refs.pop(0) for _ in range(3)])
+    queries = _window(config, refs.pop(0))
+    d_out = _window(config, refs.pop(0))
+    stats = _window(config, refs.pop(0))
+    inside = _window(config, refs.pop(0))
     offsets = refs.pop(0)[...].astype(config.dtype)
     dk_ref = refs.pop(0) if config.has_key else None
     (dv_ref,) = refs
     frame, dtype = config.frame, config.dtype
-    key = key_ref[...].astype(dtype) if config.has_key else None
-    value = value_ref[...].astype(dtype)
+    key = key_ref[0].astype(dtype) if config.has_key else None
+    value = value_ref[0].astype(dtype)
     dk = jnp.zeros_like(key) if config.has_key else None
     dv = jnp.zeros_like(value)
     for o in config.offsets:
@@ -363,25 +359,23 @@ def _dkv_kernel(config, *refs):
 # ---------------------------------------------------------------------------- specs
 
 
-def _specs(frame: Frame, rows: int, shared: bool = False) -> list[pl.BlockSpec]:
-    """[previous halo, tile, next halo] blocks of a (G, rows, L) frame, or of a (rows, L)
-    array shared by every group (``shared``)."""
-    m, tile, halo = frame.halos_per_tile, frame.tile, frame.halo
-    if shared:
-        return [
-            pl.BlockSpec((rows, halo), lambda g, t: (0, (t + 1) * m - 1)),
-            pl.BlockSpec((rows, tile), lambda g, t: (0, t + 1)),
-            pl.BlockSpec((rows, halo), lambda g, t: (0, (t + 2) * m)),
-        ]
-    return [
-        pl.BlockSpec((None, rows, halo), lambda g, t: (g, 0, (t + 1) * m - 1)),
-        pl.BlockSpec((None, rows, tile), lambda g, t: (g, 0, t + 1)),
-        pl.BlockSpec((None, rows, halo), lambda g, t: (g, 0, (t + 2) * m)),
-    ]
+def _window_spec(frame: Frame, rows: int, shared: bool = False) -> pl.BlockSpec:
+    """Tile t of a (G, rows, L) frame with a halo on each side: (1, rows, halo + T + halo)
+    from lane t·T (aligned); of the (1, rows, L) array shared by every group when
+    ``shared``. Element blocks may overlap, so each window is one copy."""
+    width = pl.Element(frame.halo + frame.tile + frame.halo)
+    group = (lambda g: 0) if shared else (lambda g: g)
+    return pl.BlockSpec(
+        (pl.Element(1), pl.Element(rows), width), lambda g, t: (group(g), 0, t * frame.tile)
+    )
 
 
 def _in_tile(frame: Frame, rows: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, rows, frame.tile), lambda g, t: (g, 0, t + 1))
+    """Tile t of a (G, rows, L) frame, without halos: (1, rows, T)."""
+    return pl.BlockSpec(
+        (pl.Element(1), pl.Element(rows), pl.Element(frame.tile)),
+        lambda g, t: (g, 0, frame.halo + t * frame.tile),
+    )
 
 
 def _out_tile(frame: Frame, rows: int) -> pl.BlockSpec:
@@ -411,40 +405,14 @@ def _call(config, kernel, name, inputs, in_specs, outputs, out_specs, cost):
 
 
 def costs(config, head_dim: int, value_dim: int, itemsize: int) -> dict[str, pl.CostEstimate]:
-    """The kernels' own FLOP, exp and HBM-byte counts (tiles, halos and padding columns
-    included): what ``pl.CostEstimate`` tells XLA and what ``benchmarks/roofline`` reads."""
+    """The kernels' own FLOP, exp and HBM-byte counts (``pallas.costs``)."""
     frame = config.frame
-    programs = frame.batch * frame.heads * frame.num_tiles
-    queries = programs * frame.tile
-    window = frame.tile + 2 * frame.halo
-    k2 = config.kernel_size**2
-    d, dv = head_dim, value_dim
-    # Per query and offset: q·(k + r) 3d, softmax update ~6, acc·rescale + w·v 3dv.
-    forward = k2 * queries * (3 * d + 3 * dv + 6)
-    f_bytes = programs * (
-        d * frame.tile * itemsize
-        + (d * config.has_key + dv) * window * itemsize
-        + window * 4
-        + dv * frame.tile * itemsize
-        + frame.tile * 4
-    )
-    # dq: logit 3d, ds 2dv + 3, dq 2d, tables 2d; dk/dv: logit 3d, dv 2dv, ds 2dv + 3, dk 2d.
-    dq = k2 * queries * (7 * d + 2 * dv + 5)
-    dkv = k2 * queries * (5 * d + 4 * dv + 5)
-    dq_bytes = programs * (
-        (2 * d + dv) * frame.tile * itemsize + 8 * frame.tile
-        + (d * config.has_key + dv) * window * itemsize + window * 4
-        + d * k2 * 4
+    return kernel_costs(
+        programs=frame.batch * frame.heads * frame.num_tiles, tile=frame.tile,
+        window=frame.tile + 2 * frame.halo, kernel_size=config.kernel_size,
+        head_dim=head_dim, value_dim=value_dim, has_key=config.has_key,
+        itemsize=itemsize, out_itemsize=itemsize,
     )  # fmt: skip
-    dkv_bytes = programs * (
-        2 * (d * config.has_key + dv) * frame.tile * itemsize
-        + (d + dv) * window * itemsize + 3 * window * 4
-    )  # fmt: skip
-    return {
-        "forward": pl.CostEstimate(int(forward), int(k2 * queries * 2), int(f_bytes)),
-        "dq": pl.CostEstimate(int(dq), int(k2 * queries), int(dq_bytes)),
-        "dkv": pl.CostEstimate(int(dkv), int(k2 * queries), int(dkv_bytes)),
-    }
 
 
 # ------------------------------------------------------------------------ custom VJP
@@ -463,12 +431,13 @@ def _prepare(q, k, v, rel, config):
 def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     frame = config.frame
     groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
+    window = functools.partial(_window_spec, frame)
     inputs, in_specs = [q_frame], [_in_tile(frame, d)]
     if k_frame is not None:
-        inputs += [k_frame] * 3
-        in_specs += _specs(frame, d)
-    inputs += [v_frame] * 3 + [inside] * 3 + [offsets]
-    in_specs += _specs(frame, dv) + _specs(frame, 1, shared=True) + [_whole(offsets.shape)]
+        inputs.append(k_frame)
+        in_specs.append(window(d))
+    inputs += [v_frame, inside, offsets]
+    in_specs += [window(dv), window(1, shared=True), _whole(offsets.shape)]
     out_len = frame.num_tiles * frame.tile
     cost = costs(config, d, dv, q_frame.dtype.itemsize)["forward"]
     return _call(
@@ -486,37 +455,35 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
     out_len = frame.num_tiles * frame.tile
     k2 = config.kernel_size**2
     cost = costs(config, d, dv, q_frame.dtype.itemsize)
-    shared = _specs(frame, 1, shared=True) + [_whole(offsets.shape)]
+    window = functools.partial(_window_spec, frame)
+    shared_inputs = [inside, offsets]
+    shared_specs = [window(1, shared=True), _whole(offsets.shape)]
 
     inputs = [q_frame, dy_frame, stats_frame]
     in_specs = [_in_tile(frame, d), _in_tile(frame, dv), _in_tile(frame, 2)]
     if k_frame is not None:
-        inputs += [k_frame] * 3
-        in_specs += _specs(frame, d)
-    inputs += [v_frame] * 3 + [inside] * 3 + [offsets]
-    in_specs += _specs(frame, dv) + shared
+        inputs.append(k_frame)
+        in_specs.append(window(d))
+    inputs += [v_frame] + shared_inputs
+    in_specs += [window(dv)] + shared_specs
     dq, d_offsets = _call(
         config, _dq_kernel, "sasa_local_attention_dq_tpu", inputs, in_specs,
-        [jax.ShapeDtypeStruct((groups, d, out_len), config.dtype),
+        [jax.ShapeDtypeStruct((groups, d, out_len), q_frame.dtype),
          jax.ShapeDtypeStruct((groups, frame.num_tiles, d, k2), config.dtype)],
         [_out_tile(frame, d),
          pl.BlockSpec((None, None, d, k2), lambda g, t: (g, t, 0, 0))],
         cost["dq"],
     )  # fmt: skip
 
-    inputs, in_specs = [], []
+    inputs, in_specs, outputs, out_specs = [], [], [], []
     if k_frame is not None:
         inputs.append(k_frame)
         in_specs.append(_in_tile(frame, d))
-    inputs += [v_frame] + [q_frame] * 3 + [dy_frame] * 3 + [stats_frame] * 3
-    in_specs += [_in_tile(frame, dv)] + _specs(frame, d) + _specs(frame, dv) + _specs(frame, 2)
-    inputs += [inside] * 3 + [offsets]
-    in_specs += shared
-    outputs, out_specs = [], []
-    if k_frame is not None:
-        outputs.append(jax.ShapeDtypeStruct((groups, d, out_len), config.dtype))
+        outputs.append(jax.ShapeDtypeStruct((groups, d, out_len), k_frame.dtype))
         out_specs.append(_out_tile(frame, d))
-    outputs.append(jax.ShapeDtypeStruct((groups, dv, out_len), config.dtype))
+    inputs += [v_frame, q_frame, dy_frame, stats_frame] + shared_inputs
+    in_specs += [_in_tile(frame, dv), window(d), window(dv), window(2)] + shared_specs
+    outputs.append(jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype))
     out_specs.append(_out_tile(frame, dv))
     dkv = _call(
         config, _dkv_kernel, "sasa_local_attention_dkv_tpu", inputs, in_specs, outputs,
@@ -544,7 +511,7 @@ def _attention_bwd(config, saved, dy):
     frame = config.frame
     q_dtype, k_dtype, v_dtype = config.input_dtypes
     dy_frame = frame.to_frame(dy.astype(v_dtype))
-    dy_tiles = dy_frame[:, :, frame.tile : frame.tile + y_tiles.shape[2]]
+    dy_tiles = dy_frame[:, :, frame.halo : frame.halo + y_tiles.shape[2]]
     # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
     delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
     stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
