@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from sasa_flax.ops import patches
 from sasa_flax.ops.pallas import tpu
 from tests import reference
-from tests.helpers import TERMS, default_and_slow, make_inputs, of_present_inputs
+from tests.helpers import TERMS, default_and_slow, make_inputs, of_present_inputs, random_case
 
 RACES = pltpu.InterpretParams(detect_races=True)
 
@@ -41,9 +41,11 @@ SHAPES = [
 def _splits(shape, kernel_size) -> bool:
     """Whether the smallest tile splits the frame into more tiles than the default."""
     smallest = tpu.Frame.halo_for(shape[1], shape[2], kernel_size)
-    return tpu.Frame.of(shape[:5], kernel_size, smallest).num_tiles > 1 == tpu.Frame.of(
-        shape[:5], kernel_size
-    ).num_tiles
+    return (
+        tpu.Frame.of(shape[:5], kernel_size, smallest).num_tiles
+        > 1
+        == tpu.Frame.of(shape[:5], kernel_size).num_tiles
+    )
 
 
 CASES = [
@@ -111,6 +113,32 @@ def test_interpreted_kernels_match_the_float64_references(
     ):
         assert ours.dtype == given.dtype and ours.shape == given.shape
         assert _error(ours, exact) < tol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases_match_patches(seed):
+    """Random shapes, windows (k = 1-9), paddings and term sets (``random_case``), float32,
+    at the smallest tile: outputs and every gradient against "patches" in float64."""
+    rng, shape, kernel_size, terms, padding = random_case(seed)
+    inputs = [
+        None if x is None else jnp.asarray(x) for x in make_inputs(rng, shape, kernel_size, terms)
+    ]
+    cotangent = rng.standard_normal(shape[:4] + (shape[5],))
+    tile = tpu.Frame.halo_for(shape[1], shape[2], kernel_size)
+    attention = functools.partial(tpu.local_attention, tile=tile, interpret=RACES)
+    y, grads = _run(attention, inputs, jnp.asarray(cotangent, jnp.float32), kernel_size, padding)
+    with jax.enable_x64(True):
+        exact_y, exact_grads = _run(
+            patches.local_attention,
+            [None if x is None else jnp.asarray(x, jnp.float64) for x in inputs],
+            jnp.asarray(cotangent),
+            kernel_size,
+            padding,
+        )
+    assert not interpret_pallas_call.races.races_found
+    for ours, exact in zip([y, *grads], [exact_y, *exact_grads], strict=True):
+        assert _error(ours, exact) < 1e-5
 
 
 def _error(actual, expected) -> float:
