@@ -25,11 +25,13 @@ MOSAIC = "tpu_custom_call"
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
 
-def exported_step(platform: str, size: int, channels: int, impl: str, batch: int = 128) -> str:
+def exported_step(
+    platform: str, size: int, channels: int, impl: str, batch: int = 128, dtype=jnp.bfloat16
+) -> str:
     """The MLIR of SelfAttention2D's forward and its gradients w.r.t. the input and every
-    parameter (bfloat16), exported for ``platform``."""
+    parameter (bfloat16 by default), exported for ``platform``."""
     layer = SelfAttention2D(
-        channels, channels, num_heads=8, kernel_size=7, impl=impl, dtype=jnp.bfloat16,
+        channels, channels, num_heads=8, kernel_size=7, impl=impl, dtype=dtype,
         rngs=nnx.Rngs(0),
     )  # fmt: skip
     graphdef, params = nnx.split(layer)
@@ -38,7 +40,7 @@ def exported_step(platform: str, size: int, channels: int, impl: str, batch: int
         return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    x = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((batch, size, size, channels), dtype)
     exported = jax.export.export(
         jax.jit(jax.value_and_grad(loss, argnums=(0, 1))),
         platforms=(platform,),
@@ -100,7 +102,7 @@ def weights_size(size: int, kernel_size: int, batch: int = 128, heads: int = 8) 
 
 
 def test_the_weights_check_can_fail():
-    """"shifted" keeps (B, H, W, N, k²) float32 weights for its backward: the check sees them."""
+    """ "shifted" keeps (B, H, W, N, k²) float32 weights for its backward: the check sees them."""
     module = exported_step("tpu", 28, 128, "shifted")
     assert largest_float32(module) >= weights_size(28, 7)
 
@@ -116,3 +118,19 @@ def test_pallas_exported_from_a_cpu_host_is_compiled_not_interpreted(platform, k
     assert module.count(f"@{kernel}") == 3 and "stablehlo.while" not in module
     other = MOSAIC if kernel == TRITON else TRITON
     assert other not in module
+
+
+def _position_pair_dots(dtype) -> list[str]:
+    """The dot_generals of "dense" at 14² exported for TPU that span (P, P) = 196 × 196
+    position pairs: q·k, weights·v and their gradients."""
+    module = exported_step("tpu", 14, 256, "dense", batch=8, dtype=dtype)
+    return [line for line in module.splitlines() if "dot_general" in line and "196x196" in line]
+
+
+def test_dense_in_bfloat16_takes_one_pass_of_the_tpu_matrix_unit():
+    """No HIGHEST (multi-pass on TPU) on the (P, P) matmuls in bfloat16; float32 keeps it,
+    so the check can fail."""
+    bfloat16 = _position_pair_dots(jnp.bfloat16)
+    assert len(bfloat16) >= 4 and not any("HIGHEST" in line for line in bfloat16)
+    float32 = _position_pair_dots(jnp.float32)
+    assert float32 and all("HIGHEST" in line for line in float32)

@@ -35,8 +35,8 @@ Kernels (the grid is (B·N, tiles), both dimensions parallel):
 VMEM per program, double-buffered blocks plus float32 temporaries, is bounded by
 ``vmem_bytes``; tiles are chosen to keep it under ``VMEM_BUDGET`` (8 MiB, half of v4's
 16 MiB per core; v5e has 128 MiB). At ResNet-50's 56²×64 with 8 heads and k = 7 the
-tile is the whole image (3584 positions, halo 256) and the bound is 3.5 MiB; at 28²×128,
-1024 positions and 1.9 MiB.
+tile is 1792 positions (two per image, halo 256) and the bound is 1.9 MiB; at 28²×128,
+1024 positions (the whole image) and 1.9 MiB.
 
 Verified on CPU only: TPU interpret mode runs these kernels exactly (tests), and
 ``jax.export(..., platforms=("tpu",))`` lowers them to ``tpu_custom_call`` (Pallas'
@@ -60,7 +60,7 @@ from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_ta
 from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
-MAX_TILE = 4096  # positions per program, an upper bound for the tile search
+MAX_TILE = 2048  # positions per program: see choose_tile
 VMEM_BUDGET = 8 * 2**20
 
 # Logit of a masked neighbour: finite, so a query whose first offsets are all outside
@@ -187,7 +187,14 @@ def _round_up(n: int, multiple: int) -> int:
 def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> int:
     """The multiple of the halo that reads the fewest positions (tile plus two halos,
     per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
-    VMEM_BUDGET. Ties go to the larger tile (fewer programs)."""
+    VMEM_BUDGET. Ties go to the larger tile (fewer programs).
+
+    MAX_TILE (2048, by rule) bounds the live vector state: a (8, T) float32 value takes
+    T / 128 of the 64 vregs, and the forward keeps about six of them live (q, the
+    accumulator, the key and value reads, the (1, T) max and normaliser rows). Larger tiles
+    read less (at 56², k = 7, one 3584-position tile reads 11% fewer positions than two
+    of 1792) but spill more. To be tuned on a TPU.
+    """
     halo = Frame.halo_for(height, width, kernel_size)
     positions = height * (width + 2 * (kernel_size // 2))
     best = None
