@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 from sasa_flax import local_attention, local_attention_weights
 from tests import reference
 from tests.helpers import (
+    FD_STEP,
     TERMS,
     default_and_slow,
     make_inputs,
@@ -115,7 +116,7 @@ def test_gradients_float64(rng, impl, padding, kernel_size, terms):
         assert f(*args).dtype == jnp.float64
         # custom_vjp implementations have no forward mode (a JAX limitation).
         modes = ("rev",) if impl in ("shifted", "pallas") else ("fwd", "rev")
-        check_grads(jax.jit(f), args, order=1, modes=modes, atol=1e-6, rtol=1e-6)
+        check_grads(jax.jit(f), args, order=1, modes=modes, atol=1e-6, rtol=1e-6, eps=FD_STEP)
 
 
 @pytest.mark.parametrize("padding", ["mask", "zeros"])

@@ -25,6 +25,7 @@ from jax.test_util import check_grads
 from sasa_flax.ops.pallas import gpu as fused
 from tests import reference
 from tests.helpers import (
+    FD_STEP,
     TERMS,
     default_and_slow,
     make_inputs,
@@ -65,7 +66,7 @@ def test_gradients_float64(rng, padding, kernel_size, terms):
             inputs,
         )
         assert f(*args).dtype == jnp.float64
-        check_grads(jax.jit(f), args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+        check_grads(jax.jit(f), args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6, eps=FD_STEP)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ CASES = [
 DEFAULT = [
     (SHAPES[0][0], 3, TERMS[0], "mask", "float32", True),
     (SHAPES[1][0], 5, TERMS[2], "zeros", "bfloat16", False),
-    (SHAPES[2][0], 9, TERMS[1], "zeros", "float32", True),
+    (SHAPES[4][0], 1, TERMS[1], "zeros", "float32", True),
     (SHAPES[3][0], 7, TERMS[0], "mask", "bfloat16", False),
 ]
 

@@ -62,7 +62,7 @@ CASES = [(platform, *stage) for platform in ("cuda", "tpu") for stage in STAGES]
 
 
 @pytest.mark.parametrize(
-    "platform,size,channels", default_and_slow(CASES, default=[("cuda", 56, 64)])
+    "platform,size,channels", default_and_slow(CASES, default=[("cuda", 56, 64), ("tpu", 28, 128)])
 )
 def test_auto_exported_for_an_accelerator_gets_its_choice_and_no_batch_loop(
     platform, size, channels
