@@ -92,9 +92,7 @@ def kernel_costs(impl, batch, size, channels, heads, kernel_size, dtype):
     shape = (batch, size, size, heads, d)
     if impl == "pallas-tpu":
         frame = tpu.Frame.of(shape, kernel_size)
-        config = tpu._Config(kernel_size, "mask", True, True, frame, jnp.float32, (dtype,) * 3,
-                             False)  # fmt: skip
-        kernels = tpu.costs(config, d, d, itemsize)
+        kernels = tpu.costs(shape, d, kernel_size, has_key=True, itemsize=itemsize)
         to_frame, from_tiles = frame.to_frame, frame.from_tiles
         tiles = (batch * heads, d, frame.num_tiles * frame.tile)
         out_dtype = dtype

@@ -48,7 +48,5 @@ def test_kernel_accounting_agrees_with_xla_and_the_least_bytes(table):
 
 def test_the_tpu_export_carries_the_kernels_accounting():
     module = exported_step("tpu", 28, 128, "pallas", batch=2)
-    frame = tpu.Frame.of((2, 28, 28, 8, 16), 7)
-    config = tpu._Config(7, "mask", True, True, frame, jnp.float32, (jnp.bfloat16,) * 3, False)
-    for cost in tpu.costs(config, 16, 16, 2).values():
+    for cost in tpu.costs((2, 28, 28, 8, 16), 16, 7, has_key=True, itemsize=2).values():
         assert f"bytes_accessed\\22:{cost.bytes_accessed}" in module

@@ -411,14 +411,28 @@ def _call(config, kernel, name, inputs, in_specs, outputs, out_specs, cost):
 # ------------------------------------------------------------------------ accounting
 
 
-def costs(config, head_dim: int, value_dim: int, itemsize: int) -> dict[str, pl.CostEstimate]:
-    """The kernels' own FLOP, exp and HBM-byte counts (``pallas.costs``)."""
-    frame = config.frame
+def costs(
+    q_shape, value_dim: int, kernel_size: int, *, has_key: bool, itemsize: int,
+    tile: int | None = None,
+) -> dict[str, pl.CostEstimate]:  # fmt: skip
+    """The kernels' own FLOP, exp and HBM-byte counts (``pallas.costs``) for queries of
+    ``q_shape`` (B, H, W, N, d) at ``tile`` (default: ``choose_tile``'s): what each
+    ``pallas_call`` passes to XLA as its ``CostEstimate``."""
+    frame = Frame.of(q_shape, kernel_size, tile, value_dim=value_dim)
     return kernel_costs(
         programs=frame.batch * frame.heads * frame.num_tiles, tile=frame.tile,
-        window=frame.tile + 2 * frame.halo, kernel_size=config.kernel_size,
-        head_dim=head_dim, value_dim=value_dim, has_key=config.has_key,
+        window=frame.tile + 2 * frame.halo, kernel_size=kernel_size,
+        head_dim=q_shape[-1], value_dim=value_dim, has_key=has_key,
         itemsize=itemsize, out_itemsize=itemsize,
+    )  # fmt: skip
+
+
+def _costs(config, q_frame, v_frame) -> dict[str, pl.CostEstimate]:
+    frame = config.frame
+    q_shape = (frame.batch, frame.height, frame.width, frame.heads, q_frame.shape[1])
+    return costs(
+        q_shape, v_frame.shape[1], config.kernel_size, has_key=config.has_key,
+        itemsize=q_frame.dtype.itemsize, tile=frame.tile,
     )  # fmt: skip
 
 
@@ -446,7 +460,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     inputs += [v_frame, inside, offsets]
     in_specs += [window(dv), window(1, shared=True), _whole(offsets.shape)]
     out_len = frame.num_tiles * frame.tile
-    cost = costs(config, d, dv, q_frame.dtype.itemsize)["forward"]
+    cost = _costs(config, q_frame, v_frame)["forward"]
     return _call(
         config, _forward_kernel, "sasa_local_attention_fwd_tpu", inputs, in_specs,
         [jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype),
@@ -461,7 +475,7 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
     groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
     out_len = frame.num_tiles * frame.tile
     k2 = config.kernel_size**2
-    cost = costs(config, d, dv, q_frame.dtype.itemsize)
+    cost = _costs(config, q_frame, v_frame)
     window = functools.partial(_window_spec, frame)
     shared_inputs = [inside, offsets]
     shared_specs = [window(1, shared=True), _whole(offsets.shape)]
