@@ -139,9 +139,9 @@ def rows(shapes, kernel_sizes, batch, heads, dtype, impls):
     out = []
     for size, channels in shapes:
         conv = conv_costs(batch, size, channels, dtype)
-        projections = conv_costs(batch, size, channels, dtype, kernel_size=1)
+        projection = conv_costs(batch, size, channels, dtype, kernel_size=1)
+        projections = tuple(3 * c for c in projection)  # W_Q, W_K, W_V
         entries = [("conv 3×3", None, conv), ("projections (3 × 1×1)", None, projections)]
-        entries[1] = (entries[1][0], None, tuple(3 * c for c in projections))
         for kernel_size in kernel_sizes:
             for impl in impls:
                 counter = kernel_costs if impl.startswith("pallas") else xla_costs

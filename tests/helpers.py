@@ -58,9 +58,14 @@ def make_inputs(rng, shape, kernel_size, terms, dtype=np.float32):
     return q, k, v, rel_row, rel_col
 
 
-def relative_error(actual, expected):
-    """max |actual - expected| relative to the scale of expected (which may be all zero)."""
-    scale = max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def relative_error(actual, expected, floor=FLOAT32_TINY):
+    """max |actual - expected| relative to the scale of expected (which may be all zero),
+    that scale floored at ``floor``."""
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), floor)
     return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / scale
 
 
@@ -105,19 +110,28 @@ def outputs_and_gradients(attention, seed, dtype):
     ]
     cotangent = jnp.asarray(rng.standard_normal(shape[:4] + (shape[5],)), dtype)
 
-    def y_and_gradients(fn):
-        f, args = of_present_inputs(
-            functools.partial(fn, kernel_size=kernel_size, padding=padding), inputs
-        )
+    options = dict(kernel_size=kernel_size, padding=padding)
+    return (
+        y_and_gradients(attention, inputs, cotangent, **options),
+        y_and_gradients(patches.local_attention, inputs, cotangent, **options),
+    )
 
-        def loss(*arrays):
-            y = f(*arrays)
-            return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)), y
 
-        grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-        return y, grads
+def y_and_gradients(attention, inputs, cotangent, *, kernel_size, padding):
+    """(y, gradients of every present input) of ``attention`` on ``inputs`` (q, k, v,
+    rel_row, rel_col; k and the tables may be None), for the loss Σ y·cotangent taken in
+    at least float32 (float64 for a float64 cotangent)."""
+    f, args = of_present_inputs(
+        functools.partial(attention, kernel_size=kernel_size, padding=padding), inputs
+    )
+    dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
 
-    return y_and_gradients(attention), y_and_gradients(patches.local_attention)
+    def loss(*arrays):
+        y = f(*arrays)
+        return jnp.sum(y.astype(dtype) * cotangent.astype(dtype)), y
+
+    grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+    return y, grads
 
 
 # --- models and training ----------------------------------------------------------------

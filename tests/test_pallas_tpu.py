@@ -24,7 +24,14 @@ from jax.experimental.pallas import tpu as pltpu
 from sasa_flax.ops import patches
 from sasa_flax.ops.pallas import tpu
 from tests import reference
-from tests.helpers import TERMS, default_and_slow, make_inputs, of_present_inputs, random_case
+from tests.helpers import (
+    TERMS,
+    default_and_slow,
+    make_inputs,
+    random_case,
+    relative_error,
+    y_and_gradients,
+)
 
 RACES = pltpu.InterpretParams(detect_races=True)
 
@@ -65,20 +72,6 @@ DEFAULT = [
 ]
 
 
-def _run(attention, inputs, cotangent, kernel_size, padding):
-    """(y, gradients of every present input) for the loss Σ y·cotangent."""
-    f, args = of_present_inputs(
-        functools.partial(attention, kernel_size=kernel_size, padding=padding), inputs
-    )
-
-    def loss(*arrays):
-        y = f(*arrays)
-        return jnp.sum(y.astype(cotangent.dtype) * cotangent), y
-
-    grads, y = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-    return y, grads
-
-
 @pytest.mark.parametrize(
     "shape,kernel_size,terms,padding,dtype,smallest", default_and_slow(CASES, DEFAULT)
 )
@@ -92,27 +85,35 @@ def test_interpreted_kernels_match_the_float64_references(
     cotangent = rng.standard_normal(shape[:4] + (shape[5],))
     tile = tpu.Frame.halo_for(shape[1], shape[2], kernel_size) if smallest else None
     attention = functools.partial(tpu.local_attention, tile=tile, interpret=RACES)
-    y, grads = _run(attention, ours_in, jnp.asarray(cotangent, jnp.float32), kernel_size, padding)
+    y, grads = y_and_gradients(
+        attention,
+        ours_in,
+        jnp.asarray(cotangent, jnp.float32),
+        kernel_size=kernel_size,
+        padding=padding,
+    )
 
     y_loop, _ = reference.local_attention(*exact_in, kernel_size, padding)
     with jax.enable_x64(True):
-        _, exact_grads = _run(
+        _, exact_grads = y_and_gradients(
             patches.local_attention,
             [None if x is None else jnp.asarray(x) for x in exact_in],
             jnp.asarray(cotangent),
-            kernel_size,
-            padding,
+            kernel_size=kernel_size,
+            padding=padding,
         )
     tol = 1e-5 if dtype == "float32" else 2e-2
+    # Errors relative to the expected scale floored at 1: where the exact value is 0
+    # (e.g. the gradients at k = 1), ours is float32 round-off.
     assert not interpret_pallas_call.races.races_found
     assert y.dtype == jnp.dtype(dtype) and y.shape == y_loop.shape
-    assert _error(y, y_loop) < tol
+    assert relative_error(y, y_loop, floor=1.0) < tol
     assert len(grads) == len(exact_grads)
     for ours, exact, given in zip(
         grads, exact_grads, [x for x in ours_in if x is not None], strict=True
     ):
         assert ours.dtype == given.dtype and ours.shape == given.shape
-        assert _error(ours, exact) < tol
+        assert relative_error(ours, exact, floor=1.0) < tol
 
 
 @pytest.mark.slow
@@ -127,26 +128,24 @@ def test_random_cases_match_patches(seed):
     cotangent = rng.standard_normal(shape[:4] + (shape[5],))
     tile = tpu.Frame.halo_for(shape[1], shape[2], kernel_size)
     attention = functools.partial(tpu.local_attention, tile=tile, interpret=RACES)
-    y, grads = _run(attention, inputs, jnp.asarray(cotangent, jnp.float32), kernel_size, padding)
+    y, grads = y_and_gradients(
+        attention,
+        inputs,
+        jnp.asarray(cotangent, jnp.float32),
+        kernel_size=kernel_size,
+        padding=padding,
+    )
     with jax.enable_x64(True):
-        exact_y, exact_grads = _run(
+        exact_y, exact_grads = y_and_gradients(
             patches.local_attention,
             [None if x is None else jnp.asarray(x, jnp.float64) for x in inputs],
             jnp.asarray(cotangent),
-            kernel_size,
-            padding,
+            kernel_size=kernel_size,
+            padding=padding,
         )
     assert not interpret_pallas_call.races.races_found
     for ours, exact in zip([y, *grads], [exact_y, *exact_grads], strict=True):
-        assert _error(ours, exact) < 1e-5
-
-
-def _error(actual, expected) -> float:
-    """max |actual − expected| over the expected values' scale, floored at 1 (where the
-    exact value is 0, e.g. the gradients at k = 1, ours is float32 round-off)."""
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1.0)
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / scale
+        assert relative_error(ours, exact, floor=1.0) < 1e-5
 
 
 def test_the_comparison_can_fail(monkeypatch):
@@ -158,10 +157,10 @@ def test_the_comparison_can_fail(monkeypatch):
     attention = functools.partial(
         tpu.local_attention, kernel_size=kernel_size, padding="mask", interpret=RACES
     )
-    assert _error(attention(q, k, v, None, None), y_loop) < 1e-5
+    assert relative_error(attention(q, k, v, None, None), y_loop, floor=1.0) < 1e-5
     shift = tpu.Frame.shift
     monkeypatch.setattr(tpu.Frame, "shift", lambda frame, o: shift(frame, o) + 1)
-    assert _error(attention(q, k, v, None, None), y_loop) > 1e-2
+    assert relative_error(attention(q, k, v, None, None), y_loop, floor=1.0) > 1e-2
 
 
 def test_a_tile_that_is_not_a_multiple_of_the_halo_is_refused():

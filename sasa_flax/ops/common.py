@@ -11,6 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The logit the fused kernels give a masked neighbour. Finite, so that a query whose
+# first offsets are all outside never computes exp(-inf - -inf) = nan: once an in-image
+# neighbour arrives, exp(MASKED_LOGIT - max) underflows to exactly 0.
+MASKED_LOGIT = -1e30
+
 
 def accumulation_dtype(*arrays) -> jnp.dtype:
     """float32 for bfloat16/float16/float32 inputs, float64 for float64 ones.

@@ -171,8 +171,7 @@ def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
         impl = auto_choice(platform, height, width, kernel_size)
         options = dict(kernel_size=kernel_size, padding=padding)
         if impl == "pallas":  # lowered for CUDA or TPU only: compiled, never interpreted
-            kernels = pallas.gpu if platform == "cuda" else pallas.tpu
-            return lambda *args: kernels.local_attention(*args, interpret=False, **options)
+            return pallas.compiled(platform, **options)
         return lambda *args: _IMPLEMENTATIONS[impl](*args, **options)
 
     choices = {p: branch(p) for p in ("cpu", "cuda", "tpu")}

@@ -10,24 +10,29 @@ the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from sasa_flax.ops.pallas import gpu, tpu
 
 
+def compiled(platform: str, **options):
+    """The kernels compiled for ``platform`` ("tpu": Mosaic; anything else: Triton), as
+    ``f(q, k, v, rel_row, rel_col)`` with ``options`` (kernel_size, padding) bound."""
+    kernels = tpu if platform == "tpu" else gpu
+    return functools.partial(kernels.local_attention, interpret=False, **options)
+
+
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
     options = dict(kernel_size=kernel_size, padding=padding)
-
-    def on_gpu(interpret: bool):
-        return lambda *args: gpu.local_attention(*args, interpret=interpret, **options)
-
     return jax.lax.platform_dependent(
         q, k, v, rel_row, rel_col,
-        cpu=on_gpu(True),
-        tpu=lambda *args: tpu.local_attention(*args, **options),
-        default=on_gpu(False),
+        cpu=functools.partial(gpu.local_attention, interpret=True, **options),
+        tpu=compiled("tpu", **options),
+        default=compiled("cuda", **options),
     )  # fmt: skip
 
 
-__all__ = ["gpu", "local_attention", "tpu"]
+__all__ = ["compiled", "gpu", "local_attention", "tpu"]

@@ -46,17 +46,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
+from sasa_flax.ops.common import (
+    MASKED_LOGIT,
+    accumulation_dtype,
+    offset_vectors,
+    relative_table_grads,
+)
 from sasa_flax.ops.pallas.costs import kernel_costs
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
 # on a GPU; tests pass small tiles to exercise many tiles and their edges.
 DEFAULT_TILE = 128
-
-# Logit of a neighbour outside the image under "mask". Finite, so that a tile whose
-# first offsets are all outside never computes exp(-inf - -inf) = nan: once an
-# in-image neighbour arrives, exp(_EXCLUDED - max) underflows to exactly 0.
-_EXCLUDED = -1e30
 
 # Selects Pallas' Triton lowering on GPU (jax 0.10 defaults to Mosaic GPU, whose bulk
 # copies take at most 256 rows: our kernels index whole frames).
@@ -230,14 +230,14 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, y_ref,
         key = _load(config, k_ref, g, at) if config.has_key else None
         logit = jnp.sum(q * _full_key(config, key, _offset_row(offsets_ref, o)), axis=-1)
         if config.padding == "mask":
-            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, _EXCLUDED)
+            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, MASKED_LOGIT)
         new_max = jnp.maximum(running_max, logit)
         rescale, weight = jnp.exp(running_max - new_max), jnp.exp(logit - new_max)
         acc = acc * rescale[:, None] + weight[:, None] * _load(config, v_ref, g, at)
         return new_max, normaliser * rescale + weight, acc
 
     init = (
-        jnp.full((tile,), _EXCLUDED, config.dtype),
+        jnp.full((tile,), MASKED_LOGIT, config.dtype),
         jnp.zeros((tile,), config.dtype),
         jnp.zeros((tile, dv), config.dtype),
     )
@@ -296,7 +296,7 @@ def _dq_kernel(
         full_key = _full_key(config, key, _offset_row(offsets_ref, o))
         logit = jnp.sum(q * full_key, axis=-1)
         if config.padding == "mask":
-            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, _EXCLUDED)
+            logit = jnp.where(inside_ref[pl.ds(at, tile)] > 0, logit, MASKED_LOGIT)
         p = jnp.exp(logit - lse)
         ds = p * (jnp.sum(dy * _load(config, v_ref, g, at), axis=-1) - delta)
         # Queries outside the image have dy = 0 and delta = 0, hence ds = 0: they

@@ -56,16 +56,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sasa_flax.ops.common import accumulation_dtype, offset_vectors, relative_table_grads
+from sasa_flax.ops.common import (
+    MASKED_LOGIT,
+    accumulation_dtype,
+    offset_vectors,
+    relative_table_grads,
+)
 from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
 MAX_TILE = 2048  # positions per program: see choose_tile
 VMEM_BUDGET = 8 * 2**20
-
-# Logit of a masked neighbour: finite, so a query whose first offsets are all outside
-# never computes exp(-inf - -inf); exp(_EXCLUDED - max) underflows to exactly 0.
-_EXCLUDED = -1e30
 
 _PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
@@ -268,21 +269,28 @@ def _full_key(config, key, offsets, o):
 
 def _masked(config, logit, inside):
     if config.padding == "mask":
-        return jnp.where(inside > 0, logit, _EXCLUDED)
+        return jnp.where(inside > 0, logit, MASKED_LOGIT)
     return logit
 
 
-def _forward_kernel(config, *refs):
+def _neighbour_inputs(config, refs):
+    """The forward's and dq's shared inputs, in ``_run_forward``/``_run_backward``'s
+    order: (keys or None, values, inside) windows, the (d, k²) offset vectors, and the
+    remaining refs (the outputs)."""
     refs = list(refs)
-    q_ref = refs.pop(0)
     keys = _window(config, refs.pop(0)) if config.has_key else None
     values = _window(config, refs.pop(0))
     inside = _window(config, refs.pop(0))
     offsets = refs.pop(0)[...].astype(config.dtype)
-    y_ref, lse_ref = refs
+    return keys, values, inside, offsets, refs
+
+
+def _forward_kernel(config, *refs):
+    q_ref, *refs = refs
+    keys, values, inside, offsets, (y_ref, lse_ref) = _neighbour_inputs(config, refs)
     frame, dtype = config.frame, config.dtype
     q = q_ref[0].astype(dtype)
-    running_max = jnp.full((1, frame.tile), _EXCLUDED, dtype)
+    running_max = jnp.full((1, frame.tile), MASKED_LOGIT, dtype)
     normaliser = jnp.zeros((1, frame.tile), dtype)
     acc = jnp.zeros((values.shape[0], frame.tile), dtype)
     for o in config.offsets:  # static: unrolled, every shift a constant
@@ -300,13 +308,8 @@ def _forward_kernel(config, *refs):
 
 
 def _dq_kernel(config, *refs):
-    refs = list(refs)
-    q_ref, dy_ref, stats_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-    keys = _window(config, refs.pop(0)) if config.has_key else None
-    values = _window(config, refs.pop(0))
-    inside = _window(config, refs.pop(0))
-    offsets = refs.pop(0)[...].astype(config.dtype)
-    dq_ref, d_offsets_ref = refs
+    q_ref, dy_ref, stats_ref, *refs = refs
+    keys, values, inside, offsets, (dq_ref, d_offsets_ref) = _neighbour_inputs(config, refs)
     frame, dtype = config.frame, config.dtype
     q, dy = q_ref[0].astype(dtype), dy_ref[0].astype(dtype)
     stats = stats_ref[0]
