@@ -5,7 +5,8 @@
 
 ``local_attention`` picks the kernels for the platform the program is lowered for
 (``jax.lax.platform_dependent``): Triton on CUDA (and ROCm), Mosaic on TPU, and on CPU
-the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool).
+the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool). Under a mesh
+(``jax.set_mesh``) every device runs them on its own slice of the batch (``shards``).
 """
 
 from __future__ import annotations
@@ -14,25 +15,28 @@ import functools
 
 import jax
 
-from sasa_flax.ops.pallas import gpu, tpu
+from sasa_flax.ops.pallas import gpu, shards, tpu
 
 
 def compiled(platform: str, **options):
     """The kernels compiled for ``platform`` ("tpu": Mosaic; anything else: Triton), as
     ``f(q, k, v, rel_row, rel_col)`` with ``options`` (kernel_size, padding) bound."""
     kernels = tpu if platform == "tpu" else gpu
-    return functools.partial(kernels.local_attention, interpret=False, **options)
+    return shards.per_batch_shard(
+        functools.partial(kernels.local_attention, interpret=False, **options)
+    )
 
 
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype."""
     options = dict(kernel_size=kernel_size, padding=padding)
+    interpreted = functools.partial(gpu.local_attention, interpret=True, **options)
     return jax.lax.platform_dependent(
         q, k, v, rel_row, rel_col,
-        cpu=functools.partial(gpu.local_attention, interpret=True, **options),
+        cpu=shards.per_batch_shard(interpreted),
         tpu=compiled("tpu", **options),
         default=compiled("cuda", **options),
     )  # fmt: skip
 
 
-__all__ = ["compiled", "gpu", "local_attention", "tpu"]
+__all__ = ["compiled", "gpu", "local_attention", "shards", "tpu"]

@@ -376,7 +376,8 @@ def _window_spec(frame: Frame, rows: int, shared: bool = False) -> pl.BlockSpec:
     width = pl.Element(frame.halo + frame.tile + frame.halo)
     group = (lambda g: 0) if shared else (lambda g: g)
     return pl.BlockSpec(
-        (pl.Element(1), pl.Element(rows), width), lambda g, t: (group(g), 0, t * frame.tile)
+        (pl.Element(1), pl.Element(rows), width),
+        lambda g, t: (group(g), 0, _lane_aligned(t * frame.tile)),
     )
 
 
@@ -384,8 +385,16 @@ def _in_tile(frame: Frame, rows: int) -> pl.BlockSpec:
     """Tile t of a (G, rows, L) frame, without halos: (1, rows, T)."""
     return pl.BlockSpec(
         (pl.Element(1), pl.Element(rows), pl.Element(frame.tile)),
-        lambda g, t: (g, 0, frame.halo + t * frame.tile),
+        lambda g, t: (g, 0, _lane_aligned(frame.halo + t * frame.tile)),
     )
+
+
+def _lane_aligned(index):
+    """``index`` (a multiple of 128 by construction: halo and tile are) marked as one for
+    Mosaic, which otherwise cannot prove that ``halo + t·T`` is a multiple of the lane
+    tiling and refuses the block ("Couldn't prove that tiling (128) divides index").
+    Lowering and interpret mode accept it either way; only libtpu's compile sees this."""
+    return pl.multiple_of(index, 128)
 
 
 def _out_tile(frame: Frame, rows: int) -> pl.BlockSpec:
