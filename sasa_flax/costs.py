@@ -32,6 +32,7 @@ class LayerCost:
     name: str
     params: int
     flops: int
+    in_shape: tuple[int, ...] = ()  # the input the module was called with
 
 
 _RULES: dict[type, Callable] = {}
@@ -187,7 +188,7 @@ def trace(
             path = paths[id(layer)]
             if path in counted:  # called again (weights shared): its parameters once
                 params = 0
-            costs.append(LayerCost(path or type(layer).__name__, params, flops))
+            costs.append(LayerCost(path or type(layer).__name__, params, flops, tuple(x.shape)))
             counted.append(path)
             if out_shape is not None:
                 return jnp.zeros(out_shape, x.dtype)

@@ -502,20 +502,20 @@ class AttentionStem(nnx.Module):
             return _project(self.value, x)
         if self.variant == "conv_values":
             return self.value_conv(x)
-        height, width = x.shape[1:3]
-        p = self.mixture_weights()
-        # Absolute position inside the block of every pixel: (H, W, m).
-        p = p[np.arange(height) % self.block_size][:, np.arange(width) % self.block_size]
-        w = self.value_mixture[...]
+        # p depends only on the position inside the block, so the m value matrices are
+        # mixed first, one matrix per block position: the same sum as Σ_m p_m (W_m x),
+        # without the (B, H, W, m, out_features) tensor of every W_m x and its gradient.
+        mixed = jnp.einsum("abm,mcd->abcd", self.mixture_weights(), self.value_mixture[...])
         if self.dtype is not None:
-            x, w, p = x.astype(self.dtype), w.astype(self.dtype), p.astype(self.dtype)
-        per_matrix = jnp.einsum("bhwc,mcd->bhwmd", x, w)
-        return jnp.einsum("bhwmd,hwm->bhwd", per_matrix, p)
+            x, mixed = x.astype(self.dtype), mixed.astype(self.dtype)
+        b = self.block_size
+        batch, height, width, channels = x.shape
+        blocks = x.reshape(batch, height // b, b, width // b, b, channels)
+        v = jnp.einsum("byaxec,aecd->byaxed", blocks, mixed)
+        return v.reshape(batch, height, width, self.out_features)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, H, W, in_features) -> (B, H / pool_size, W / pool_size, out_features)."""
-        _check_input(x, self.in_features, "AttentionStem")
-        self.options.check_image_size(*x.shape[1:3])
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Block attention before the norm: (B, H, W, in_features) -> (B, H, W, out_features)."""
         split = functools.partial(_split_heads, num_heads=self.num_heads)
         q = split(_project(self.query, x))
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
@@ -528,7 +528,17 @@ class AttentionStem(nnx.Module):
             rel_col,
             block_size=self.block_size,
         )
-        y = y.reshape(*x.shape[:3], self.out_features)
+        return y.reshape(*x.shape[:3], self.out_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, in_features) -> (B, H / pool_size, W / pool_size, out_features)."""
+        _check_input(x, self.in_features, "AttentionStem")
+        self.options.check_image_size(*x.shape[1:3])
+        # Rematerialised: the backward pass recomputes q, k, v and the block logits from
+        # x instead of keeping them. At 224² they are the largest activations of the
+        # whole network (four full-resolution tensors per image, where a conv stem keeps
+        # one at 112²), and recomputing them costs a small part of the stem's FLOPs.
+        y = jax.checkpoint(self.attend)(x)
         y = nnx.relu(self.bn(y))
         window = (self.pool_size, self.pool_size)
         return nnx.max_pool(y, window_shape=window, strides=window)

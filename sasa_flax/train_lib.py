@@ -434,18 +434,88 @@ def abstract_batch(setup: Setup, batch_size: int) -> dict:
     )
 
 
+def on_mesh(setup: Setup, fn):
+    """``fn`` traced with the run's mesh in context: layers that split work by hand find it
+    there (the Pallas kernels run one batch shard per device, ``ops/pallas/shards.py``;
+    XLA cannot partition them). Entered inside the trace, so the jitted step carries it
+    wherever it is lowered."""
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced_on_mesh
+
+
+def device_platform(setup: Setup) -> str:
+    """The platform name ``jax.lax.platform_dependent`` lowers the steps for: "cpu",
+    "tpu", "cuda" or "rocm"."""
+    device = setup.mesh.devices.flat[0]
+    if device.platform != "gpu":
+        return device.platform
+    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+
+
+def attention_plan(setup: Setup) -> list[str]:
+    """Which local-attention implementation every attention layer runs on this run's
+    devices, grouped by input shape: e.g. "56×56 k=7 auto → pallas: 3 layers"."""
+    from sasa_flax import costs, ops
+    from sasa_flax.layers import SelfAttention2D
+
+    model = config_lib.abstract_model(setup.config)
+    modules = {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model)}
+    size = setup.config.input.image_size
+    layers: dict[str, int] = {}
+    for cost in costs.trace(model, (1, size, size, 3))[0]:
+        layer = modules.get(cost.name)
+        if not isinstance(layer, SelfAttention2D):
+            continue
+        height, width = cost.in_shape[1:3]
+        impl = layer.impl
+        if impl == "auto":
+            choice = ops.auto_choice(device_platform(setup), height, width, layer.kernel_size)
+            impl = f"auto → {choice}"
+        key = f"{height}×{width} k={layer.kernel_size} {impl}"
+        layers[key] = layers.get(key, 0) + 1
+    return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]
+
+
+def log_attention_plan(setup: Setup) -> None:
+    if jax.process_index() == 0 and (plan := attention_plan(setup)):
+        log.info("attention on %s: %s", device_platform(setup), "; ".join(plan))
+
+
+def compile_or_explain(step, *abstract_args):
+    """``step`` lowered and compiled; a compiler failure inside a fused attention kernel
+    ends the run in one line naming the way round it (another implementation)."""
+    lowered = step.lower(*abstract_args)
+    try:
+        return lowered.compile()
+    except Exception as e:
+        text = str(e)
+        if not any(word in text for word in ("Mosaic", "Triton", "pallas", "Pallas")):
+            raise
+        first = text.strip().splitlines()[0][:300]
+        raise TrainError(
+            f"the fused attention kernels (impl 'pallas') failed to compile on this "
+            f"device: {first}. Run with --config.model.attention_impl=shifted (or =dense "
+            "for small images) and please report it."
+        ) from e
+
+
 def compile_steps(setup: Setup, abstract: TrainState):
     """(train_step, eval_step) jitted with explicit shardings; the state is donated.
     ``abstract`` is ``abstract_state(setup)``."""
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     train = jax.jit(
-        functools.partial(train_step, setup),
+        on_mesh(setup, functools.partial(train_step, setup)),
         in_shardings=(state_shardings, setup.data_sharded),
         out_shardings=(state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
     evaluate_fn = jax.jit(
-        functools.partial(eval_step, setup),
+        on_mesh(setup, functools.partial(eval_step, setup)),
         in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
         out_shardings=setup.replicated,
     )
@@ -731,6 +801,7 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
     config = setup.config
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
+    log_attention_plan(setup)
     train_fn, eval_fn = compile_steps(setup, abstract)
     t = config.train
     mngr = checkpointing.manager(
@@ -763,7 +834,7 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
     # only at log lines, evaluations and saves, never once per step.
     batch_size = config.input.batch_size
     compile_start = time.perf_counter()
-    train_fn = train_fn.lower(abstract, abstract_batch(setup, batch_size)).compile()
+    train_fn = compile_or_explain(train_fn, abstract, abstract_batch(setup, batch_size))
     compile_seconds = time.perf_counter() - compile_start
     writer.write_scalars(start_step, {"train/compile_seconds": compile_seconds})
     if jax.process_index() == 0:

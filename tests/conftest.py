@@ -6,6 +6,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# The CPU is the only backend the tests run on; the compile tests (-m compile) target TPUs
+# and GPUs without initialising them (sasa_flax/aot.py), which for CUDA needs this too.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import pathlib
 import zlib
 
@@ -41,6 +45,11 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: long-running; deselected by default, run with -m slow"
+    )
+    config.addinivalue_line(
+        "markers",
+        "compile: compiles for TPU / GPU with the vendors' compilers (requirements-compile.txt);"
+        " run with -m compile",
     )
 
 

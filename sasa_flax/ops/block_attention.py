@@ -53,17 +53,17 @@ def block_local_attention(
     qb, kb, vb = to_blocks(q), to_blocks(k), to_blocks(v)
     logits = jnp.einsum("bxynqd,bxynkd->bxynqk", qb, kb, preferred_element_type=acc)
     if rel_row is not None:
-        half = d // 2
         # Offset (key - query) + (b - 1) for every (query, key) position pair.
         pos = np.arange(blk)
         row_of = np.repeat(pos, blk)  # position index p = row * b + col
         col_of = np.tile(pos, blk)
         row_idx = row_of[None, :] - row_of[:, None] + blk - 1  # (b², b²)
         col_idx = col_of[None, :] - col_of[:, None] + blk - 1
-        q_row = jnp.einsum("...qc,tc->...qt", qb[..., :half], rel_row, preferred_element_type=acc)
-        q_col = jnp.einsum("...qc,tc->...qt", qb[..., half:], rel_col, preferred_element_type=acc)
-        queries = np.arange(blk * blk)[:, None]
-        logits += q_row[..., queries, row_idx] + q_col[..., queries, col_idx]
+        # The tables placed per (query, key) pair of a block, (b², b², d): a gather of
+        # the small tables, not of activations, so q · r is one batched matmul whose
+        # gradient is a matmul too (no activation-sized gather or scatter-add).
+        placed = jnp.concatenate([rel_row[row_idx], rel_col[col_idx]], axis=-1)
+        logits += jnp.einsum("...qc,qkc->...qk", qb, placed, preferred_element_type=acc)
     weights = jax.nn.softmax(logits, axis=-1)
     yb = jnp.einsum(
         "bxynqk,bxynkd->bxynqd", weights.astype(v.dtype), vb, preferred_element_type=acc

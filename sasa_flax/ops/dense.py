@@ -52,6 +52,17 @@ def matmul_precision(*arrays) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
 
 
+def _per_offset(q_half, table, acc) -> jax.Array:
+    """(B, P, N, d/2) queries · (k, d/2) table -> (B, N, P, k), exact in ``acc``.
+
+    Products and a sum, not a matmul: the output has only k columns (3 to 11), too
+    narrow for a matrix unit, and as a dot XLA:GPU's Triton GEMM fusions found no tiling
+    for it without autotuning (H100 target, 7²×512, batch 128).
+    """
+    products = q_half.astype(acc)[..., None, :] * table.astype(acc)
+    return jnp.sum(products, axis=-1).transpose(0, 2, 1, 3)
+
+
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
 
@@ -76,9 +87,8 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
     extra = None  # (B, N, P, k²): logits of the zero keys outside the image ("zeros")
     if rel_row is not None:
         half = d // 2
-        precision = matmul_precision(q, rel_row)
-        by_row = matmul("bpnd,td->bnpt", q_flat[..., :half], rel_row, precision=precision)
-        by_col = matmul("bpnd,td->bnpt", q_flat[..., half:], rel_col, precision=precision)
+        by_row = _per_offset(q_flat[..., :half], rel_row, acc)
+        by_col = _per_offset(q_flat[..., half:], rel_col, acc)
         # Onto the grid: (B, N, P, H) by image row plus (B, N, P, W) by image column.
         # The one-hot products are exact at HIGHEST and cost P·(H + W)·k, not P²·k.
         exact = jax.lax.Precision.HIGHEST

@@ -1,0 +1,301 @@
+"""Compiling for TPUs and NVIDIA GPUs on a host without them (deviceless ahead-of-time).
+
+The vendors' own compilers run here: libtpu (XLA:TPU and Mosaic, from ``jax[tpu]``) for a
+TPU topology made without hardware, and the CUDA plugin (XLA:GPU, Triton, ptxas) for a GPU
+described by an XLA ``GpuTargetConfigProto`` (``gpu_targets/``, from openxla/xla
+``xla/backends/gpu/target_config/specs/``). What compiles here compiles there; what is
+measured here is the compiler's own accounting (``memory_analysis()``), never a time.
+
+    devices = aot.target_devices("v5e", chips=4)       # TPU v5e, 4 chips (2x2)
+    report = aot.inspect(jax.jit(f).lower(...).compile(), aot.TARGETS["v5e"], ...)
+
+``benchmarks/compile_check.py`` is the command; ``tests/test_compile.py`` the CI check.
+The host's default backend must stay the CPU (``JAX_PLATFORMS=cpu``): for CUDA that also
+skips the plugin's driver probe, which fails without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import pathlib
+import re
+import time
+
+import jax
+
+GIB = 2**30
+# Of a chip's memory, what a program may plan to use: the rest is headroom for the
+# runtime, fragmentation and the input pipeline's device buffers.
+HEADROOM = 0.9
+KERNEL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A chip to compile for: ``topology`` is a TPU topology name per chip count (chips →
+    name) or, for CUDA, a target-config file in ``gpu_targets/``."""
+
+    name: str
+    platform: str  # "tpu" | "cuda"
+    hbm_bytes: int
+    topologies: tuple[tuple[int, str], ...] = ()
+    target_config: str = ""
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.hbm_bytes * HEADROOM)
+
+
+def _tpu(name, gib, four, eight):
+    return Target(name, "tpu", int(gib * GIB), topologies=((4, four), (8, eight)))
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        _tpu("v4", 32, "v4:2x2x1", "v4:2x2x2"),
+        _tpu("v5e", 16, "v5e:2x2", "v5e:2x4"),
+        _tpu("v5p", 95, "v5p:2x2x1", "v5p:2x2x2"),
+        _tpu("v6e", 32, "v6e:2x2", "v6e:2x4"),
+        Target("h100", "cuda", 80 * GIB, target_config="h100_sxm.txtpb"),
+        Target("h200", "cuda", 141 * GIB, target_config="h200.txtpb"),
+        Target("a100", "cuda", 80 * GIB, target_config="a100_sxm_80.txtpb"),
+    )
+}
+
+
+def compiler_missing(platform: str) -> str | None:
+    """Why ``platform``'s compiler cannot run here, or None if it can."""
+    if platform == "tpu":
+        if importlib.util.find_spec("libtpu") is None:
+            return 'libtpu is not installed: pip install -r requirements-compile.txt ("jax[tpu]")'
+        return None
+    # The plugin, its PJRT library (jax_plugins.xla_cuda12) and ptxas (nvidia-cuda-nvcc).
+    missing = [m for m in ("jax_cuda12_plugin", "jax_plugins.xla_cuda12", "nvidia.cuda_nvcc")
+               if _find(m) is None]  # fmt: skip
+    if missing:
+        return f"{', '.join(missing)} not installed: pip install -r requirements-compile.txt"
+    return None
+
+
+def _find(module: str):
+    try:
+        return importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return None
+
+
+@functools.cache
+def target_devices(name: str, chips: int = 4) -> tuple:
+    """``chips`` devices of target ``name`` (see TARGETS), for a ``jax.sharding.Mesh``."""
+    from jax.experimental import topologies
+
+    target = TARGETS[name]
+    if reason := compiler_missing(target.platform):
+        raise RuntimeError(f"cannot compile for {name}: {reason}")
+    if target.platform == "tpu":
+        # Topologies are whole hosts (4 chips); fewer chips are the first of one host.
+        names = dict(target.topologies)
+        if chips not in (1, 2, *names):
+            raise ValueError(f"chips must be 1, 2 or one of {sorted(names)}; got {chips}.")
+        topology = topologies.get_topology_desc(topology_name=names[max(chips, 4)], platform="tpu")
+        return tuple(topology.devices[:chips])
+    else:
+        config = (pathlib.Path(__file__).parent / "gpu_targets" / target.target_config).read_text()
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x1x{chips}", target_config=config
+        )
+    return tuple(topology.devices)
+
+
+@dataclasses.dataclass
+class Report:
+    """What the compiler says about one program (bytes are per chip)."""
+
+    target: str
+    program: str
+    compile_s: float
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    kernels: int  # Mosaic / Triton calls in the compiled program
+    # Leading dimension of every kernel operand and result of rank 3 or more: the frames,
+    # (images × heads, ...) of the images this chip holds.
+    kernel_leading_dims: tuple[int, ...]
+    collectives: dict[str, int]  # op name -> count in the compiled program
+    batch_per_chip: int
+    hbm_bytes: int
+    note: str = ""  # how it was compiled, where not as the trainer would on the device
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs + temporaries, donated buffers counted once."""
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.hbm_bytes * HEADROOM
+
+    @property
+    def temp_bytes_per_image(self) -> float:
+        return self.temp_bytes / self.batch_per_chip
+
+    @property
+    def largest_batch_per_chip(self) -> int:
+        """An estimate: temporaries taken as linear in the batch, from this one compile;
+        the state (arguments, outputs) as it is."""
+        fixed = self.argument_bytes + self.output_bytes - self.alias_bytes
+        per_image = max(self.temp_bytes_per_image, 1.0)
+        return max(0, int((self.hbm_bytes * HEADROOM - fixed) // per_image))
+
+    def row(self) -> dict:
+        gib = lambda n: round(n / GIB, 2)  # noqa: E731
+        return dict(
+            target=self.target, program=self.program, batch_per_chip=self.batch_per_chip,
+            compile_s=round(self.compile_s, 1), temp_gib=gib(self.temp_bytes),
+            peak_gib=gib(self.peak_bytes), hbm_gib=gib(self.hbm_bytes), fits=self.fits,
+            temp_mib_per_image=round(self.temp_bytes_per_image / 2**20, 1),
+            largest_batch_per_chip=self.largest_batch_per_chip, kernels=self.kernels,
+            collectives=self.collectives, note=self.note,
+        )  # fmt: skip
+
+
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def inspect(
+    compiled, target: Target, program: str, compile_s: float, batch_per_chip: int, note: str = ""
+) -> Report:
+    """A ``Report`` of ``compiled`` (a ``jax.stages.Compiled`` for ``target``)."""
+    text = compiled.as_text()
+    kernel_lines = [
+        line for line in text.splitlines()
+        if f'custom_call_target="{KERNEL_TARGETS[target.platform]}"' in line
+    ]  # fmt: skip
+    leading = tuple(
+        int(m.group(1))
+        for line in kernel_lines
+        for m in re.finditer(r"\b(?:bf16|f16|f32|f64)\[(\d+),\d+,\d+", line)
+    )
+    # An op's name follows its (possibly tuple) shape and a space: "... all-reduce(".
+    collectives = {op: len(re.findall(rf"\s{op}(?:-start)?\(", text)) for op in COLLECTIVES}
+    memory = compiled.memory_analysis()
+    return Report(
+        target=target.name, program=program, compile_s=compile_s,
+        temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+        kernels=len(kernel_lines), kernel_leading_dims=leading,
+        collectives={k: v for k, v in collectives.items() if v},
+        batch_per_chip=batch_per_chip, hbm_bytes=target.hbm_bytes,
+    )  # fmt: skip
+
+
+# XLA:GPU's own GEMM fusions (not our kernels) sometimes find no tiling when compiled
+# without a GPU: without a device to autotune on, XLA takes one default tile config,
+# and for some fused dots (the projections' input gradient at 14² and 7², H100 target)
+# there is none. A GPU's autotuner tries others and falls back to cuBLAS; that this
+# happens only without a device is to be confirmed on a GPU (benchmarks/RESULTS.md).
+_GEMM_TILING_ERROR = "Couldn't find output tile sizes"
+GEMM_FALLBACK = {"xla_gpu_enable_triton_gemm": False}
+
+
+def _compile(lowerable, *args, platform: str = "tpu"):
+    """(compiled, seconds, note): on CUDA, a program that XLA's Triton GEMM fusions cannot
+    tile without a device is compiled again with cuBLAS GEMMs, and ``note`` says so."""
+    lowered = lowerable.lower(*args)
+    start = time.perf_counter()
+    try:
+        return lowered.compile(), time.perf_counter() - start, ""
+    except Exception as e:
+        if platform != "cuda" or _GEMM_TILING_ERROR not in str(e):
+            raise
+    compiled = lowered.compile(compiler_options=GEMM_FALLBACK)
+    return compiled, time.perf_counter() - start, "Triton GEMM off (deviceless tiling failed)"
+
+
+def compile_layer(
+    target: str, *, size: int, channels: int, kernel_size: int, batch_per_chip: int,
+    chips: int = 4, heads: int = 8, dtype: str = "bfloat16", padding: str = "mask",
+    impl: str = "auto",
+) -> Report:  # fmt: skip
+    """``SelfAttention2D`` forward + gradients (input and every parameter) on ``chips``
+    chips of ``target``, the batch split over them as the trainer splits it."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sasa_flax.layers import SelfAttention2D
+
+    devices = target_devices(target, chips)
+    mesh = jax.make_mesh(
+        (chips,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+    layer = SelfAttention2D(
+        channels, channels, num_heads=heads, kernel_size=kernel_size, padding=padding,
+        impl=impl, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params
+    )
+    x = jax.ShapeDtypeStruct(
+        (batch_per_chip * chips, size, size, channels), jnp.dtype(dtype), sharding=split
+    )
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled, seconds, note = _compile(step, abstract, x, platform=TARGETS[target].platform)
+    name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
+    return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
+
+
+def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: int = 4,
+                  overrides: dict | None = None):  # fmt: skip
+    """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
+    on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on
+    this CPU host "auto" would say float32), without opening a dataset."""
+    from sasa_flax import config_lib, train_lib
+
+    config = config_lib.load_config(config_spec)
+    batch = batch_per_chip * chips
+    config.input.update(batch_size=batch, eval_batch_size=batch)
+    config.train.compute_dtype = "bfloat16"
+    for key, value in (overrides or {}).items():
+        section, field = key.split(".", 1)
+        config[section][field] = value
+    devices = target_devices(target, chips)
+    return train_lib.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
+                                 total_steps=100_000)  # fmt: skip
+
+
+def compile_train_steps(setup, target: str, batch_per_chip: int) -> tuple[Report, Report]:
+    """The trainer's train step and eval step (``train_lib.compile_steps``) compiled for
+    ``setup``'s mesh; Reports for both."""
+    from sasa_flax import train_lib
+
+    abstract = train_lib.abstract_state(setup)
+    train, evaluate = train_lib.compile_steps(setup, abstract)
+    batch = train_lib.abstract_batch(setup, setup.config.input.batch_size)
+    platform = TARGETS[target].platform
+    compiled, seconds, note = _compile(train, abstract, batch, platform=platform)
+    train_report = inspect(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)
+    compiled, seconds, note = _compile(
+        evaluate, abstract.params, abstract.model_state, batch, platform=platform
+    )
+    eval_report = inspect(compiled, TARGETS[target], "eval step", seconds, batch_per_chip, note)
+    return train_report, eval_report
+
+
+def auto_choice(target: str, size: int, kernel_size: int) -> str:
+    """What ``impl="auto"`` runs on ``target`` at size×size with window ``kernel_size``."""
+    from sasa_flax import ops
+
+    return ops.auto_choice(TARGETS[target].platform, size, size, kernel_size)
