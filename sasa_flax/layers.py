@@ -409,6 +409,11 @@ class AttentionStem(nnx.Module):
     ``"conv_values"``; BatchNorm momentum 0.9 (the ResNet body's setting);
     H and W must be multiples of the block and pool sizes.
 
+    Memory (an implementation choice, the function is unchanged): the spatially-aware
+    values are computed as one mixed matrix per block position (p depends only on the
+    position), never as m value maps; at 128² and more the attention runs one strip of
+    blocks at a time and is recomputed in the backward (``attend_in_strips``).
+
     Args:
       in_features, out_features: channels in and out.
       options: a ``StemOptions`` (variant, num_heads, block_size, pool_size,
@@ -514,8 +519,37 @@ class AttentionStem(nnx.Module):
         v = jnp.einsum("byaxec,aecd->byaxed", blocks, mixed)
         return v.reshape(batch, height, width, self.out_features)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Block attention before the norm: (B, H, W, in_features) -> (B, H, W, out_features)."""
+    def attend_in_strips(self, x: jax.Array) -> jax.Array:
+        """``attend(x)`` computed one horizontal strip of blocks at a time and
+        rematerialised: the same values, a fraction of the memory.
+
+        At 224² the stem's q, k, v and block logits are the largest arrays of the whole
+        network (full resolution, float32 logits for 16 keys per pixel), where a conv
+        stem keeps one 112² map. The backward pass recomputes them from x
+        (``jax.checkpoint``: a small part of the stem's FLOPs) instead of keeping them,
+        and ``lax.map`` over strips (whole rows of blocks, every image of the batch, so
+        nothing moves between devices) holds one strip's at a time. Strips: the largest
+        divisor of H / block_size up to ``STEM_STRIPS``, for images of 128² and more.
+        """
+        batch, height, width, _ = x.shape
+        attend = jax.checkpoint(self.attend)
+        strips = _stem_strips(height, width, self.block_size)
+        # "conv_values" convolves across strip edges: its values come from the whole image.
+        values = self.values(x) if self.variant == "conv_values" else None
+        if strips == 1:
+            return attend(x, values)
+
+        def in_strips(a):  # (B, H, ...) -> (strips, B, H / strips, ...); None stays None
+            if a is None:
+                return None
+            return a.reshape(batch, strips, height // strips, *a.shape[2:]).swapaxes(0, 1)
+
+        ys = jax.lax.map(lambda xv: attend(*xv), (in_strips(x), in_strips(values)))
+        return ys.swapaxes(0, 1).reshape(batch, height, width, self.out_features)
+
+    def attend(self, x: jax.Array, values: jax.Array | None = None) -> jax.Array:
+        """Block attention before the norm: (B, H, W, in_features) -> (B, H, W,
+        out_features); ``values`` (B, H, W, out_features) if computed already."""
         split = functools.partial(_split_heads, num_heads=self.num_heads)
         q = split(_project(self.query, x))
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
@@ -523,7 +557,7 @@ class AttentionStem(nnx.Module):
         y = block_local_attention(
             q,
             split(_project(self.key, x)),
-            split(self.values(x)),
+            split(self.values(x) if values is None else values),
             rel_row,
             rel_col,
             block_size=self.block_size,
@@ -534,14 +568,21 @@ class AttentionStem(nnx.Module):
         """x: (B, H, W, in_features) -> (B, H / pool_size, W / pool_size, out_features)."""
         _check_input(x, self.in_features, "AttentionStem")
         self.options.check_image_size(*x.shape[1:3])
-        # Rematerialised: the backward pass recomputes q, k, v and the block logits from
-        # x instead of keeping them. At 224² they are the largest activations of the
-        # whole network (four full-resolution tensors per image, where a conv stem keeps
-        # one at 112²), and recomputing them costs a small part of the stem's FLOPs.
-        y = jax.checkpoint(self.attend)(x)
+        y = self.attend_in_strips(x)
         y = nnx.relu(self.bn(y))
         window = (self.pool_size, self.pool_size)
         return nnx.max_pool(y, window_shape=window, strides=window)
+
+
+STEM_STRIPS = 8
+
+
+def _stem_strips(height: int, width: int, block_size: int) -> int:
+    """How many strips ``AttentionStem.attend_in_strips`` computes one after another."""
+    if height * width < 128 * 128:
+        return 1
+    rows = height // block_size
+    return max(s for s in range(1, STEM_STRIPS + 1) if rows % s == 0)
 
 
 def stem_cost(

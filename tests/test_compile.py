@@ -22,7 +22,8 @@ pytestmark = pytest.mark.compile
 HEADS = 8  # every SASA layer of configs/imagenet.py
 BATCH_PER_CHIP = 128  # the paper's 4096 images over 32 chips
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50's attention stages
-# Peak temporaries per image of every shipped ImageNet model, against ResNet-50's.
+# Compiled temporaries of every shipped ImageNet model's train step against ResNet-50's on
+# the same chip (v5e: conv stem + attention 1.97×, full attention 2.45×).
 MEMORY_BUDGET = 2.5
 
 
@@ -81,9 +82,8 @@ def test_layer_other_paddings_and_dtypes(target, dtype, padding):
 
 @pytest.mark.parametrize(
     "target,variant",
-    [("v5e", "conv_stem_attention"), ("v4", "conv_stem_attention"),
-     ("h100", "conv_stem_attention"), ("h100", "full_attention")],
-)  # fmt: skip
+    [("v4", "conv_stem_attention"), ("h100", "conv_stem_attention"), ("h100", "full_attention")],
+)
 def test_trainer_steps(target, variant):
     """The trainer's own train and eval steps for configs/imagenet.py (SASA-ResNet-50)."""
     require(target)
@@ -94,21 +94,21 @@ def test_trainer_steps(target, variant):
         assert_runs_per_chip(report, expect_kernels=True)
 
 
-def test_full_attention_memory_against_resnet50():
-    """v5e (16 GiB): SASA-ResNet-50 with the attention stem fits at 128 per chip, its
-    temporaries per image within MEMORY_BUDGET × ResNet-50's (13× before the stem's
-    values were mixed first and its attention rematerialised)."""
+def test_every_imagenet_model_against_resnet50_on_v5e():
+    """v5e (16 GiB), 128 images per chip: ResNet-50 and both SASA-ResNet-50s compile, fit,
+    and keep their compiled temporaries per image within MEMORY_BUDGET × ResNet-50's.
+    Full attention was 13× (45 GiB, did not fit) before the stem mixed its value matrices
+    first and attended in rematerialised strips."""
     require("v5e")
-    steps = {}
-    for variant in ("baseline", "full_attention"):
+    train_temp = {}
+    for variant in ("baseline", "conv_stem_attention", "full_attention"):
         setup = aot.trainer_setup(
-            f"configs/imagenet.py:depth=50,variant={variant}", "v5e",
-            batch_per_chip=BATCH_PER_CHIP,
-        )  # fmt: skip
-        steps[variant] = aot.compile_train_steps(setup, "v5e", BATCH_PER_CHIP)
-    for report in steps["baseline"]:
-        assert_runs_per_chip(report, expect_kernels=False)
-    for report in steps["full_attention"]:
-        assert_runs_per_chip(report, expect_kernels=True)
-    ratio = steps["full_attention"][0].temp_bytes / steps["baseline"][0].temp_bytes
-    assert ratio <= MEMORY_BUDGET, f"full attention: {ratio:.2f}× ResNet-50's temporaries"
+            f"configs/imagenet.py:depth=50,variant={variant}", "v5e", batch_per_chip=BATCH_PER_CHIP
+        )
+        train, evaluate = aot.compile_train_steps(setup, "v5e", BATCH_PER_CHIP)
+        for report in (train, evaluate):
+            assert_runs_per_chip(report, expect_kernels=variant != "baseline")
+        train_temp[variant] = train.temp_bytes
+    for variant in ("conv_stem_attention", "full_attention"):
+        ratio = train_temp[variant] / train_temp["baseline"]
+        assert ratio <= MEMORY_BUDGET, f"{variant}: {ratio:.2f}× ResNet-50's temporaries"

@@ -231,3 +231,32 @@ def test_stem_train_and_eval_modes_use_batch_statistics_differently(rng):
 def test_stem_errors(options, shape, match):
     with pytest.raises(ValueError, match=match):
         AttentionStem(rngs=nnx.Rngs(0), **options)(jnp.zeros(shape or (1, 16, 16, 3)))
+
+
+@pytest.mark.parametrize("variant", ["spatially_aware", "stand_alone", "conv_values"])
+def test_stem_in_strips_equals_the_whole_image(rng, variant):
+    """At 128² and more the stem attends one strip of blocks at a time, rematerialised
+    (memory); outputs and every parameter gradient equal the whole-image computation."""
+    from sasa_flax.layers import _stem_strips
+
+    assert _stem_strips(128, 128, 4) == 8 and _stem_strips(224, 224, 4) == 8
+    assert _stem_strips(64, 64, 4) == 1 and _stem_strips(128, 96, 4) == 1
+    stem = AttentionStem(3, 16, variant=variant, num_heads=2, rngs=nnx.Rngs(0))
+    if variant == "spatially_aware":  # a mixture that depends on the block position
+        stem.mixture_logit_vectors[...] = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 128, 128, 3)), jnp.float32)
+    graphdef, params, rest = nnx.split(stem, nnx.Param, ...)
+
+    def run(params, method):
+        module = nnx.merge(graphdef, params, rest)
+        y = getattr(module, method)(x)
+        return jnp.sum(y * jnp.sin(y)), y
+
+    grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    (_, y_strips), g_strips = grad(params, "attend_in_strips")
+    (_, y_whole), g_whole = grad(params, "attend")
+    np.testing.assert_allclose(y_strips, y_whole, rtol=1e-5, atol=1e-6)
+    leaves = zip(jax.tree.leaves(g_strips), jax.tree.leaves(g_whole), strict=True)
+    for got, want in leaves:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_whole)) > 0
