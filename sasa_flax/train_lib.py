@@ -488,20 +488,27 @@ def log_attention_plan(setup: Setup) -> None:
 
 def compile_or_explain(step, *abstract_args):
     """``step`` lowered and compiled; a compiler failure inside a fused attention kernel
-    ends the run in one line naming the way round it (another implementation)."""
+    ends the run in one line naming the way round it (``kernel_failure``)."""
     lowered = step.lower(*abstract_args)
     try:
         return lowered.compile()
     except Exception as e:
-        text = str(e)
-        if not any(word in text for word in ("Mosaic", "Triton", "pallas", "Pallas")):
+        if (explained := kernel_failure(e)) is None:
             raise
-        first = text.strip().splitlines()[0][:300]
-        raise TrainError(
-            f"the fused attention kernels (impl 'pallas') failed to compile on this "
-            f"device: {first}. Run with --config.model.attention_impl=shifted (or =dense "
-            "for small images) and please report it."
-        ) from e
+        raise explained from e
+
+
+def kernel_failure(error: Exception) -> TrainError | None:
+    """A one-line ``TrainError`` naming another attention implementation, if ``error``
+    is the Mosaic or Triton compiler refusing a Pallas kernel; else None."""
+    text = str(error).strip()
+    if not any(word in text for word in ("Mosaic", "Triton", "pallas", "Pallas")):
+        return None
+    return TrainError(
+        f"the fused attention kernels (impl 'pallas') failed to compile on this device: "
+        f"{text.splitlines()[0][:300]}. Run with --config.model.attention_impl=shifted (or "
+        "=dense for small images) and please report it."
+    )
 
 
 def compile_steps(setup: Setup, abstract: TrainState):
@@ -527,7 +534,12 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     totals = None
     batches = input_pipeline.eval_batches(setup.dataset, setup.config.input)
     for local in batches:
-        sums = eval_fn(params, model_state, global_batch(setup, local))
+        try:  # compiled at the first batch
+            sums = eval_fn(params, model_state, global_batch(setup, local))
+        except Exception as e:
+            if (explained := kernel_failure(e)) is None:
+                raise
+            raise explained from e
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])

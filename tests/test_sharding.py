@@ -131,26 +131,25 @@ def test_attention_plan_names_every_layer_and_its_choice():
     assert len(plan) == 4 and all(line.split(": ")[0].endswith(" pallas") for line in plan)
 
 
-def test_kernel_compile_failure_names_the_way_round():
+def step_failing_to_compile(message: str):
+    """A jitted step stand-in whose compile raises ``message``."""
+
     class Lowered:
         def compile(self):
-            raise RuntimeError("INTERNAL: Mosaic failed to compile TPU kernel: bad layout\n...")
+            raise RuntimeError(message)
 
     class Step:
         def lower(self, *args):
             return Lowered()
 
+    return Step()
+
+
+def test_kernel_compile_failure_names_the_way_round():
+    failing = step_failing_to_compile("INTERNAL: Mosaic failed to compile TPU kernel: bad\n...")
     with pytest.raises(train_lib.TrainError, match="attention_impl=shifted") as e:
-        train_lib.compile_or_explain(Step())
-    assert "\n" not in str(e.value)
-
-    class OtherLowered:
-        def compile(self):
-            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
-
-    class OtherStep:
-        def lower(self, *args):
-            return OtherLowered()
-
-    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # not ours to explain
-        train_lib.compile_or_explain(OtherStep())
+        train_lib.compile_or_explain(failing)
+    assert "\n" not in str(e.value) and "Mosaic failed to compile" in str(e.value)
+    # Not a kernel's failure: not ours to explain, raised as it is.
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        train_lib.compile_or_explain(step_failing_to_compile("RESOURCE_EXHAUSTED: out of HBM"))

@@ -147,10 +147,11 @@ def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str
       at 14²×256, k = 7 (H·W = 4·k²) "shifted" wins, 2.17× vs 2.43×.
     - cuda: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the fused Triton
       kernels, ``ops/pallas/gpu.py``: nothing of size k² per pixel is stored for the
-      backward). By rule: lowered in CI, not yet timed on a GPU.
+      backward). By rule: compiled to cubin for H100 in CI (deviceless, ``tests/test_compile.py``),
+      not yet timed on a GPU.
     - tpu: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the Mosaic kernels,
-      ``ops/pallas/tpu.py``). By rule: interpreted and lowered in CI, not yet compiled
-      or timed on a TPU.
+      ``ops/pallas/tpu.py``). By rule: interpreted in CI and compiled by libtpu for v5e
+      and v4 (deviceless, ``tests/test_compile.py``), not yet timed on a TPU.
     - rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "shifted"
       (its batched accelerator form): no kernel has been lowered for them.
     """

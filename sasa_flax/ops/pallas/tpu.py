@@ -66,6 +66,12 @@ from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
 MAX_TILE = 2048  # positions per program: see choose_tile
+# Live (rows, tile) float32 state per program, rows = the head width rounded up to 8: the
+# (8, 2048) of MAX_TILE at d = 8, k ≤ 7; less for larger windows (× 7 / k). Found by
+# compiling for v4 (16 MiB VMEM) with libtpu: above it the dk/dv kernel's register spills
+# overflow VMEM at k = 9 and 11 (e.g. 56²×64, k = 11: 17.5 MiB at a 1920-position tile,
+# compiles at 1152; 28²×128, k = 11: 17.8 MiB at 1024, compiles at 768).
+MAX_LIVE_STATE = 8 * 2048
 VMEM_BUDGET = 8 * 2**20
 
 _PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
@@ -190,7 +196,8 @@ def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_
     per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
     VMEM_BUDGET. Ties go to the larger tile (fewer programs).
 
-    MAX_TILE (2048, by rule) bounds the live vector state: a (8, T) float32 value takes
+    MAX_TILE (2048, by rule) and MAX_LIVE_STATE (compiled for v4) bound the live vector
+    state: a (8, T) float32 value takes
     T / 128 of the 64 vregs, and the forward keeps about six of them live (q, the
     accumulator, the key and value reads, the (1, T) max and normaliser rows). Larger tiles
     read less (at 56², k = 7, one 3584-position tile reads 11% fewer positions than two
@@ -198,8 +205,10 @@ def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_
     """
     halo = Frame.halo_for(height, width, kernel_size)
     positions = height * (width + 2 * (kernel_size // 2))
+    live_rows = _round_up(max(head_dim, value_dim), 8)
+    largest = min(MAX_TILE, MAX_LIVE_STATE * min(1.0, 7 / kernel_size) // live_rows)
     best = None
-    for tile in range(halo, max(halo, MAX_TILE) + 1, halo):
+    for tile in range(halo, max(halo, int(largest)) + 1, halo):
         if tile > halo and vmem_bytes(tile, halo, head_dim, value_dim, kernel_size) > VMEM_BUDGET:
             break
         cost = pl.cdiv(positions, tile) * (tile + 2 * halo)
