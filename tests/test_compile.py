@@ -42,8 +42,8 @@ def assert_runs_per_chip(report: aot.Report, *, expect_kernels: bool) -> None:
     if expect_kernels:
         assert report.kernels > 0, f"{report.program}: no Mosaic/Triton kernel compiled in"
         assert max(report.kernel_leading_dims) == report.batch_per_chip * HEADS, (
-            f"{report.program}: kernel frames of {max(report.kernel_leading_dims)} images × "
-            f"heads; one chip holds {report.batch_per_chip} × {HEADS}"
+            f"{report.program}: kernel frames of {max(report.kernel_leading_dims)} (images × heads); "
+            f"one chip holds {report.batch_per_chip} × {HEADS}"
         )
     else:
         assert report.kernels == 0
