@@ -41,9 +41,10 @@ def require(target: str) -> None:
 def assert_runs_per_chip(report: aot.Report, *, expect_kernels: bool) -> None:
     if expect_kernels:
         assert report.kernels > 0, f"{report.program}: no Mosaic/Triton kernel compiled in"
-        assert max(report.kernel_leading_dims) == report.batch_per_chip * HEADS, (
-            f"{report.program}: kernel frames of {max(report.kernel_leading_dims)} (images × heads); "
-            f"one chip holds {report.batch_per_chip} × {HEADS}"
+        frames = max(report.kernel_leading_dims)
+        assert frames == report.batch_per_chip * HEADS, (
+            f"{report.program}: kernel frames of {frames} (images × heads); one chip holds "
+            f"{report.batch_per_chip} × {HEADS}"
         )
     else:
         assert report.kernels == 0
