@@ -264,8 +264,7 @@ def compile_layer(
     return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
 
 
-def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: int = 4,
-                  overrides: dict | None = None):  # fmt: skip
+def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: int = 4):
     """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
     on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on
     this CPU host "auto" would say float32), without opening a dataset."""
@@ -275,9 +274,6 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
     batch = batch_per_chip * chips
     config.input.update(batch_size=batch, eval_batch_size=batch)
     config.train.compute_dtype = "bfloat16"
-    for key, value in (overrides or {}).items():
-        section, field = key.split(".", 1)
-        config[section][field] = value
     devices = target_devices(target, chips)
     return train_lib.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
                                  total_steps=100_000)  # fmt: skip
