@@ -20,6 +20,8 @@ Exit status 1 if anything failed to compile.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import sys
@@ -32,16 +34,14 @@ STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
 
 
 def layer_rows(args):
-    for target in args.targets:
-        for size, channels in STAGES:
-            for k in args.kernel_sizes:
-                for padding in args.paddings:
-                    for dtype in args.dtypes:
-                        name = f"layer {size}x{size}x{channels} k={k} {padding} {dtype}"
-                        yield target, name, lambda t=target, s=size, c=channels, k=k, p=padding, \
-                            d=dtype: [aot.compile_layer(
-                                t, size=s, channels=c, kernel_size=k, padding=p, dtype=d,
-                                batch_per_chip=args.batch_per_chip, chips=args.chips)]  # fmt: skip
+    cases = itertools.product(args.targets, STAGES, args.kernel_sizes, args.paddings, args.dtypes)
+    for target, (size, channels), k, padding, dtype in cases:
+        name = f"layer {size}x{size}x{channels} k={k} {padding} {dtype}"
+        compile_one = functools.partial(
+            aot.compile_layer, target, size=size, channels=channels, kernel_size=k,
+            padding=padding, dtype=dtype, batch_per_chip=args.batch_per_chip, chips=args.chips,
+        )  # fmt: skip
+        yield target, name, lambda compile_one=compile_one: [compile_one()]
 
 
 def step_rows(args):
@@ -53,7 +53,7 @@ def step_rows(args):
                 setup = aot.trainer_setup(
                     spec, target, batch_per_chip=args.batch_per_chip, chips=args.chips
                 )
-                return aot.compile_train_steps(setup, target, args.batch_per_chip)
+                return aot.compile_train_steps(setup, target)
 
             yield target, f"R{args.depth} {variant}", compile_steps
 

@@ -35,18 +35,14 @@ KERNEL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A chip to compile for: ``topology`` is a TPU topology name per chip count (chips →
-    name) or, for CUDA, a target-config file in ``gpu_targets/``."""
+    """A chip to compile for: TPU ``topologies`` (chip count → topology name), or for CUDA
+    a ``target_config`` file in ``gpu_targets/``. ``hbm_bytes`` per device."""
 
     name: str
     platform: str  # "tpu" | "cuda"
     hbm_bytes: int
     topologies: tuple[tuple[int, str], ...] = ()
     target_config: str = ""
-
-    @property
-    def usable_bytes(self) -> int:
-        return int(self.hbm_bytes * HEADROOM)
 
 
 def _tpu(name, gib, four, eight):
@@ -109,11 +105,10 @@ def target_devices(name: str, chips: int = 4) -> tuple:
         # A deviceless v4 topology has one device per TensorCore (two per chip), not the
         # megacore devices of a real v4 host: the first core of each chip stands for it.
         return tuple(d for d in topology.devices if getattr(d, "core_on_chip", 0) == 0)[:chips]
-    else:
-        config = (pathlib.Path(__file__).parent / "gpu_targets" / target.target_config).read_text()
-        topology = topologies.get_topology_desc(
-            platform="cuda", topology=f"1x1x{chips}", target_config=config
-        )
+    config = (pathlib.Path(__file__).parent / "gpu_targets" / target.target_config).read_text()
+    topology = topologies.get_topology_desc(
+        platform="cuda", topology=f"1x1x{chips}", target_config=config
+    )
     return tuple(topology.devices)
 
 
@@ -235,12 +230,10 @@ def compile_layer(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from sasa_flax import train_lib
     from sasa_flax.layers import SelfAttention2D
 
-    devices = target_devices(target, chips)
-    mesh = jax.make_mesh(
-        (chips,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
+    mesh = train_lib.data_mesh(target_devices(target, chips))
     layer = SelfAttention2D(
         channels, channels, num_heads=heads, kernel_size=kernel_size, padding=padding,
         impl=impl, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
@@ -248,8 +241,7 @@ def compile_layer(
     graphdef, params = nnx.split(layer)
 
     def loss(params, x):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
 
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     abstract = jax.tree.map(
@@ -258,7 +250,7 @@ def compile_layer(
     x = jax.ShapeDtypeStruct(
         (batch_per_chip * chips, size, size, channels), jnp.dtype(dtype), sharding=split
     )
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    step = jax.jit(train_lib.on_mesh(mesh, jax.value_and_grad(loss, argnums=(0, 1))))
     compiled, seconds, note = _compile(step, abstract, x, platform=TARGETS[target].platform)
     name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
     return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
@@ -279,11 +271,12 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
                                  total_steps=100_000)  # fmt: skip
 
 
-def compile_train_steps(setup, target: str, batch_per_chip: int) -> tuple[Report, Report]:
+def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
     """The trainer's train step and eval step (``train_lib.compile_steps``) compiled for
-    ``setup``'s mesh; Reports for both."""
+    ``setup``'s mesh (of ``target`` chips); Reports for both."""
     from sasa_flax import train_lib
 
+    batch_per_chip = setup.config.input.batch_size // setup.mesh.size
     abstract = train_lib.abstract_state(setup)
     train, evaluate = train_lib.compile_steps(setup, abstract)
     batch = train_lib.abstract_batch(setup, setup.config.input.batch_size)
@@ -295,10 +288,3 @@ def compile_train_steps(setup, target: str, batch_per_chip: int) -> tuple[Report
     )
     eval_report = inspect(compiled, TARGETS[target], "eval step", seconds, batch_per_chip, note)
     return train_report, eval_report
-
-
-def auto_choice(target: str, size: int, kernel_size: int) -> str:
-    """What ``impl="auto"`` runs on ``target`` at size×size with window ``kernel_size``."""
-    from sasa_flax import ops
-
-    return ops.auto_choice(TARGETS[target].platform, size, size, kernel_size)

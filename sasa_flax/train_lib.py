@@ -195,11 +195,7 @@ def model_setup(
     decay_mask = getattr(abstract, "decay_mask", default_decay_mask)
     return Setup(
         config=config,
-        # Auto axes: XLA propagates the batch sharding (BatchNorm means and the rel-table
-        # gradients become global reductions); jax.make_mesh defaults to Explicit.
-        mesh=jax.make_mesh(
-            (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-        ),
+        mesh=data_mesh(devices),
         dataset=dataset,
         train_graphdef=train_graphdef,
         eval_graphdef=eval_graphdef,
@@ -209,6 +205,15 @@ def model_setup(
         schedule=schedule,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+    )
+
+
+def data_mesh(devices) -> jax.sharding.Mesh:
+    """The trainer's mesh: one ``data`` axis over ``devices``. Auto axes: XLA propagates
+    the batch sharding (BatchNorm means and the rel-table gradients become global
+    reductions); jax.make_mesh defaults to Explicit."""
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 
@@ -434,15 +439,15 @@ def abstract_batch(setup: Setup, batch_size: int) -> dict:
     )
 
 
-def on_mesh(setup: Setup, fn):
-    """``fn`` traced with the run's mesh in context: layers that split work by hand find it
+def on_mesh(mesh: jax.sharding.Mesh, fn):
+    """``fn`` traced with ``mesh`` in context: layers that split work by hand find it
     there (the Pallas kernels run one batch shard per device, ``ops/pallas/shards.py``;
     XLA cannot partition them). Entered inside the trace, so the jitted step carries it
     wherever it is lowered."""
 
     @functools.wraps(fn)
     def traced_on_mesh(*args):
-        with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
     return traced_on_mesh
@@ -488,10 +493,17 @@ def log_attention_plan(setup: Setup) -> None:
 
 def compile_or_explain(step, *abstract_args):
     """``step`` lowered and compiled; a compiler failure inside a fused attention kernel
-    ends the run in one line naming the way round it (``kernel_failure``)."""
-    lowered = step.lower(*abstract_args)
+    ends the run in one line naming the way round it (``kernel_failures_explained``)."""
+    with kernel_failures_explained():
+        return step.lower(*abstract_args).compile()
+
+
+@contextlib.contextmanager
+def kernel_failures_explained():
+    """Re-raises the Mosaic or Triton compiler refusing a Pallas kernel as the one-line
+    ``kernel_failure``; any other error as it is."""
     try:
-        return lowered.compile()
+        yield
     except Exception as e:
         if (explained := kernel_failure(e)) is None:
             raise
@@ -516,13 +528,13 @@ def compile_steps(setup: Setup, abstract: TrainState):
     ``abstract`` is ``abstract_state(setup)``."""
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     train = jax.jit(
-        on_mesh(setup, functools.partial(train_step, setup)),
+        on_mesh(setup.mesh, functools.partial(train_step, setup)),
         in_shardings=(state_shardings, setup.data_sharded),
         out_shardings=(state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
     evaluate_fn = jax.jit(
-        on_mesh(setup, functools.partial(eval_step, setup)),
+        on_mesh(setup.mesh, functools.partial(eval_step, setup)),
         in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
         out_shardings=setup.replicated,
     )
@@ -534,12 +546,8 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     totals = None
     batches = input_pipeline.eval_batches(setup.dataset, setup.config.input)
     for local in batches:
-        try:  # compiled at the first batch
+        with kernel_failures_explained():  # compiled at the first batch
             sums = eval_fn(params, model_state, global_batch(setup, local))
-        except Exception as e:
-            if (explained := kernel_failure(e)) is None:
-                raise
-            raise explained from e
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from sasa_flax import aot
+from sasa_flax import aot, ops
 
 pytestmark = pytest.mark.compile
 
@@ -65,7 +65,7 @@ def test_layer_forward_and_backward(target, size, channels, kernel_size):
         target, size=size, channels=channels, kernel_size=kernel_size,
         batch_per_chip=BATCH_PER_CHIP,
     )  # fmt: skip
-    choice = aot.auto_choice(target, size, kernel_size)
+    choice = ops.auto_choice(aot.TARGETS[target].platform, size, size, kernel_size)
     assert_runs_per_chip(report, expect_kernels=choice == "pallas")
 
 
@@ -91,7 +91,7 @@ def test_trainer_steps(target, variant):
     setup = aot.trainer_setup(
         f"configs/imagenet.py:depth=50,variant={variant}", target, batch_per_chip=BATCH_PER_CHIP
     )
-    for report in aot.compile_train_steps(setup, target, BATCH_PER_CHIP):
+    for report in aot.compile_train_steps(setup, target):
         assert_runs_per_chip(report, expect_kernels=True)
 
 
@@ -106,7 +106,7 @@ def test_every_imagenet_model_against_resnet50_on_v5e():
         setup = aot.trainer_setup(
             f"configs/imagenet.py:depth=50,variant={variant}", "v5e", batch_per_chip=BATCH_PER_CHIP
         )
-        train, evaluate = aot.compile_train_steps(setup, "v5e", BATCH_PER_CHIP)
+        train, evaluate = aot.compile_train_steps(setup, "v5e")
         for report in (train, evaluate):
             assert_runs_per_chip(report, expect_kernels=variant != "baseline")
         train_temp[variant] = train.temp_bytes

@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from sasa_flax import ops
+from sasa_flax import aot, ops
 from sasa_flax.layers import SelfAttention2D
 from tests.helpers import default_and_slow
 
-TRITON = "__gpu$xla.gpu.triton"
-MOSAIC = "tpu_custom_call"
+TRITON, MOSAIC = aot.KERNEL_TARGETS["cuda"], aot.KERNEL_TARGETS["tpu"]
 # ResNet-50's four attention stages: (H = W, channels), 8 heads, k = 7.
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 

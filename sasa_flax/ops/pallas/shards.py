@@ -15,7 +15,6 @@ as they are.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -68,8 +67,3 @@ def per_batch_shard(kernels: Callable[..., jax.Array]) -> Callable[..., jax.Arra
         )(*(x for x, _ in present))
 
     return sharded
-
-
-def shard_count(mesh, batch: int) -> int:
-    """How many shards ``per_batch_shard`` splits a batch of ``batch`` into on ``mesh``."""
-    return math.prod(mesh.shape[a] for a in batch_axes(mesh, batch))
