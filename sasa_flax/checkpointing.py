@@ -4,13 +4,29 @@ A checkpoint of step N lives in ``workdir/checkpoints/N`` and holds three items:
   ``model``: parameters, batch statistics and the parameter EMA (all eval needs);
   ``train``: optimizer state and step (only training needs them);
   ``meta``: JSON: where the data iterator stands and what it was trained with.
-Orbax writes each step into a temporary directory and renames it when complete, so a
-half-written checkpoint is never listed, and ``CheckpointManager`` saves
-asynchronously: training continues while the arrays are written.
+``CheckpointManager`` saves asynchronously: training continues while the arrays are
+written. A half-written checkpoint is never listed as a step; how that is ensured, and
+what housekeeping it needs, depends on the filesystem:
+
+- **Local disks** (and any filesystem with an atomic rename): orbax writes step N into
+  ``N.orbax-checkpoint-tmp-*`` and renames it when complete. A killed save leaves that
+  temporary directory; ``remove_partial_checkpoints`` deletes it before the next run
+  writes anything (it may be what filled the disk). A damaged checkpoint is moved aside
+  into ``damaged_checkpoints/`` by one rename, never deleted.
+- **Object stores** (gs://), where a "rename" is a copy and a delete per object, neither
+  cheap nor atomic: orbax writes ``checkpoints/N/`` in place and marks it complete with
+  ``commit_success.txt``; a step without it is not listed, and the manager deletes it
+  itself when it starts (``cleanup_tmp_directories``). A damaged checkpoint is not
+  copied: it is *recorded* in ``damaged_checkpoints/N.json`` (what failed, when), skipped
+  by every later restore and evaluation, and deleted only when the run saves step N
+  again (orbax cannot overwrite a step), which supersedes it. The record says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import logging
 import os
 import sys
@@ -24,6 +40,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sasa_flax import distributed
 from sasa_flax.errors import UserError
 
 log = logging.getLogger("sasa_flax")
@@ -94,16 +111,30 @@ class CheckpointError(UserError):
     """No usable checkpoint where one was asked for; the message says what exists."""
 
 
+class ArchitectureMismatch(CheckpointError):
+    """A checkpoint of another model than the config's: never a reason to fall back."""
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
 def checkpoint_dir(workdir: str) -> str:
     """workdir/checkpoints, for local paths and gs:// alike."""
     return f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
 
 
+def on_object_store(workdir: str) -> bool:
+    """gs:// and other URLs except file://: no atomic rename (see the module docstring)."""
+    return "://" in workdir and not workdir.startswith("file://")
+
+
 def remove_partial_checkpoints(workdir: str) -> list[str]:
-    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed save left (never a
-    complete checkpoint); returns their paths. Run before anything else is written."""
+    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed save left on a local
+    disk (never a complete checkpoint); returns their paths. Run before anything else is
+    written. On object stores there are none: orbax's manager removes uncommitted steps
+    itself (module docstring)."""
     root = epath.Path(checkpoint_dir(workdir))
-    if not root.exists():
+    if on_object_store(workdir) or not root.exists():
         return []
     partial = [p for p in root.iterdir() if "orbax-checkpoint-tmp" in p.name]
     for path in partial:
@@ -169,11 +200,18 @@ def save(
     train: Any,
     meta: dict,
     force: bool = False,
+    damaged: dict[int, str] | None = None,
 ) -> bool:
     """Starts an asynchronous save of step (if due, or ``force``); True if one started.
-    ``meta`` gets a checksum of every array (``verify`` checks them at restore)."""
+    ``meta`` gets a checksum of every array (``verify`` checks them at restore).
+    ``damaged``: ``damaged_steps``; a damaged step kept in place (object stores) is
+    deleted first, and its record marked replaced, since orbax cannot overwrite a step."""
     if not (force or mngr.should_save(step)):
         return False
+    if damaged and step in damaged and step in mngr.all_steps():
+        mngr.delete(step)
+        if jax.process_index() == 0:
+            _mark_replaced(damaged.pop(step))
     meta = dict(meta, checksums=checksums(model=model, train=train))
     return mngr.save(
         step,
@@ -209,10 +247,15 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
     return {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
 
 
+@jax.jit
+def _all_finite(tree) -> Any:
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
 def verify(step: int, restored: dict) -> None:
     """Raises CheckpointError naming what is wrong with restored checkpoint ``step``: an
     array whose checksum differs from the one recorded at save (damaged on disk), or
-    non-finite parameters."""
+    non-finite parameters. One device-to-host transfer for each of the two checks."""
     recorded = (restored.get("meta") or {}).get("checksums")
     items = {k: v for k, v in restored.items() if k in ("model", "train")}
     if recorded:  # checkpoints written before checksums existed have none
@@ -223,60 +266,112 @@ def verify(step: int, restored: dict) -> None:
                 f"checkpoint step {step} is damaged: {len(bad)} array(s) fail their checksum "
                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
             )
-    for path, leaf in _by_path(items.get("model", {})).items():
-        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
-            raise CheckpointError(f"checkpoint step {step} holds non-finite values in {path}")
+    floating = {
+        path: leaf
+        for path, leaf in _by_path(items.get("model", {})).items()
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
+    finite = jax.device_get(_all_finite(floating))
+    bad = [path for path, ok in finite.items() if not ok]
+    if bad:
+        raise CheckpointError(f"checkpoint step {step} holds non-finite values in {bad[0]}")
+
+
+_attempts = itertools.count()  # the same sequence on every process: unique agreement keys
 
 
 def restore_verified(mngr: ocp.CheckpointManager, step: int, **abstract: Any) -> dict:
-    """``restore`` then ``verify``: a checkpoint that cannot be read, lacks an item, or
-    fails its checks raises one CheckpointError naming the step and what is wrong."""
-    try:
-        restored = restore(mngr, step, **abstract)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        first = first.split(" See full TensorStore details")[0][:300]
-        raise CheckpointError(
-            f"checkpoint step {step} cannot be read ({type(e).__name__}: {first})"
-        ) from None
-    if not isinstance(restored.get("meta"), dict):
-        raise CheckpointError(f"checkpoint step {step} lacks its meta item")
+    """``check_architecture``, ``restore`` then ``verify``: a checkpoint that cannot be
+    read, lacks an item, or fails its checks raises one CheckpointError naming the step
+    and what is wrong, on every process alike (a read that fails on one host fails all:
+    otherwise the others would go on and wait in the next collective)."""
+
+    def read() -> dict:
+        check_architecture(mngr, step, abstract["model"], "this config")
+        try:
+            restored = restore(mngr, step, **abstract)
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            first = first.split(" See full TensorStore details")[0][:300]
+            raise CheckpointError(
+                f"checkpoint step {step} cannot be read ({type(e).__name__}: {first})"
+            ) from None
+        if not isinstance(restored.get("meta"), dict):
+            raise CheckpointError(f"checkpoint step {step} lacks its meta item")
+        return restored
+
+    restored = distributed.everywhere(f"restore-{step}-{next(_attempts)}", read)
     verify(step, restored)
     return restored
 
 
-def move_aside(workdir: str, step: int) -> str:
-    """Moves a damaged checkpoint out of the run (never deletes it); returns where."""
-    source = epath.Path(checkpoint_dir(workdir)) / str(step)
-    target = epath.Path(workdir) / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+def damaged_steps(workdir: str) -> dict[int, str]:
+    """{step: record path} of the damaged checkpoints recorded in place (object stores)
+    and not yet replaced by a new save of their step."""
+    root = epath.Path(workdir) / DAMAGED_DIR
+    if not on_object_store(workdir) or not root.exists():
+        return {}
+    found = {}
+    for record in root.glob("*.json"):
+        with contextlib.suppress(ValueError, OSError, KeyError):
+            entry = json.loads(record.read_text())
+            if not entry.get("replaced"):
+                found[int(entry["step"])] = str(record)
+    return found
+
+
+def _mark_replaced(record: str) -> None:
+    path = epath.Path(record)
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), replaced=time.time())))
+
+
+def set_aside(workdir: str, step: int, reason: str) -> str:
+    """Takes a damaged checkpoint out of the run, never deleting it (module docstring):
+    moved into ``damaged_checkpoints/`` on a local disk, recorded there on an object
+    store; returns what the log line says about it."""
+    target = epath.Path(workdir) / DAMAGED_DIR / f"{step}-{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    source.rename(target)
-    return str(target)
+    if not on_object_store(workdir):
+        (epath.Path(checkpoint_dir(workdir)) / str(step)).rename(target)
+        return f"moved to {target}"
+    record = target.with_name(f"{target.name}.json")
+    record.write_text(json.dumps(dict(step=step, reason=reason, time=time.time())))
+    return (
+        f"recorded as damaged in {record} (kept in place; skipped from now on, and replaced "
+        "when the run saves that step again)"
+    )
 
 
 def newest_good(
-    mngr: ocp.CheckpointManager, workdir: str, *, move_bad: bool, **abstract: Any
+    mngr: ocp.CheckpointManager, workdir: str, *, set_bad_aside: bool, **abstract: Any
 ) -> tuple[int, dict | None]:
     """(step, restored) of the newest checkpoint that verifies, or (0, None) if none.
-    Each bad one on the way is reported in one line and, with ``move_bad``, moved aside."""
+    Each bad one on the way is reported in one line (by process 0) and, with
+    ``set_bad_aside``, set aside (``set_aside``); steps recorded damaged before are
+    skipped. Every process takes the same decisions."""
+    recorded = damaged_steps(workdir)
     steps = sorted(mngr.all_steps(), reverse=True)
-    moved = False
+    changed = False
     try:
         for step in steps:
+            if step in recorded:
+                _log_once("checkpoint step %d was recorded as damaged (%s); skipped",
+                          step, recorded[step])  # fmt: skip
+                continue
             try:
-                check_architecture(mngr, step, abstract["model"], "this config")
                 return step, restore_verified(mngr, step, **abstract)
+            except ArchitectureMismatch:
+                raise
             except CheckpointError as e:
-                if "does not match the model" in str(e):
-                    raise
                 where = ""
-                if move_bad:
-                    where, moved = f"; moved to {move_aside(workdir, step)}", True
-                log.warning("%s%s; falling back to the checkpoint before it", e, where)
+                if set_bad_aside:
+                    where = distributed.on_process_0(
+                        f"set-aside-{step}", lambda e=e, step=step: set_aside(workdir, step, str(e))
+                    )
+                    where, changed = f"; {where}" if where else "", True
+                _log_once("%s%s; falling back to the checkpoint before it", e, where)
     finally:
-        if moved:
+        if changed:
             mngr.reload()
     if steps:
         raise CheckpointError(
@@ -284,6 +379,12 @@ def newest_good(
             "the lines above). Start a new run in another workdir, or restore the files."
         )
     return 0, None
+
+
+def _log_once(message: str, *args) -> None:
+    """A warning from process 0 only: every process reaches the same verdict."""
+    if jax.process_index() == 0:
+        log.warning(message, *args)
 
 
 def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what: str) -> None:
@@ -310,7 +411,7 @@ def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what:
     if problems:
         shown = "\n  ".join(problems[:12])
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise CheckpointError(
+        raise ArchitectureMismatch(
             f"the checkpoint of step {step} does not match the model of {what} "
             f"({len(problems)} differences):\n  {shown}{more}\n"
             "Pass the config (and config arguments) the run was trained with."

@@ -48,7 +48,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import checkpointing, config_lib, input_pipeline, preemption, workdir_lock
+from sasa_flax import (
+    checkpointing,
+    config_lib,
+    distributed,
+    input_pipeline,
+    preemption,
+    workdir_lock,
+)
 from sasa_flax.errors import UserError
 from sasa_flax.results import RUN_RECORD
 
@@ -666,28 +673,42 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
     )
 
 
-def write_run_record(setup: Setup, workdir: str, command: dict) -> None:
-    """``run.json``: the command's config argument, the whole config, the model's size
-    and the devices; rewritten at every (re)start. ``report --results`` reads it."""
-    if jax.process_index() != 0:
-        return
+def write_run_record(setup: Setup, workdir: str, command: dict, start_step: int = 0) -> None:
+    """``run.json``: this start's config argument and overrides, the whole config, the
+    model's size and the devices; and ``starts``, one entry per (re)start of the run
+    (time, step it started from, its config argument, overrides, config and devices), so
+    that a resume with other overrides stays visible. Written at every start, after the
+    resume checks passed. ``report --results`` reads it."""
     from sasa_flax import flops  # the cost rules: only here, not on the training path
 
     try:
         params, total_flops = flops.count(setup.config)
     except Exception:  # noqa: BLE001 - a registered model without cost rules: no counts
         params = total_flops = None
+    path = epath.Path(workdir) / RUN_RECORD
+    config = json.loads(setup.config.to_json_best_effort())
+    devices = dict(
+        devices=setup.mesh.size,
+        processes=jax.process_count(),
+        device_kind=jax.devices()[0].device_kind,
+    )
+    try:
+        starts = json.loads(path.read_text()).get("starts", []) if path.exists() else []
+    except (ValueError, OSError):  # an unreadable record: the history starts again
+        starts = []
+    this_start = dict(time=time.time(), start_step=start_step, **command, config=config)
+    starts.append(dict(this_start, **devices))
     record = dict(
         **command,
-        config=json.loads(setup.config.to_json_best_effort()),
+        config=config,
         params=params,
         flops=total_flops,
-        devices=setup.mesh.size,
-        device_kind=jax.devices()[0].device_kind,
+        **devices,
         total_steps=setup.total_steps,
         steps_per_epoch=setup.steps_per_epoch,
+        starts=starts,
     )
-    (epath.Path(workdir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    path.write_text(json.dumps(record, indent=1))
 
 
 def write_eval_results(workdir: str, step: int, results: dict, setting: str = "") -> None:
@@ -806,18 +827,32 @@ def train_and_evaluate(
     on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``. ``command``:
     the config file argument and overrides (``cli.config_arguments``), for ``run.json``."""
     # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
-    # by this run alone while it trains.
+    # by this run alone while it trains. Process 0 decides and every process hears the
+    # verdict: a refusal ends all of them with the same line.
     setup = make_setup(config, devices=devices)
-    if jax.process_index() == 0:  # a killed run's partial checkpoint may be what fills the disk
-        workdir_lock.check_free(workdir)  # ... but never a live run's save in progress
-        checkpointing.remove_partial_checkpoints(workdir)
+    lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
+    with workdir_lock.keep(lease):
+        distributed.everywhere("workdir-writable", lambda: ensure_writable(workdir))
+        return _train_and_evaluate(setup, workdir, stop_after_step, command or {}, lease)
+
+
+def _claim_workdir(workdir: str) -> workdir_lock.Lease:
+    """Process 0's part of a start: refuses a workdir a live run holds, removes what a
+    killed save left (it may be what fills the disk; never a live run's save in
+    progress), proves the workdir writable, then takes its lock."""
+    workdir_lock.check_free(workdir)
+    checkpointing.remove_partial_checkpoints(workdir)
     ensure_writable(workdir)
-    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
-        write_run_record(setup, workdir, command or {})
-        return _train_and_evaluate(setup, workdir, stop_after_step)
+    return workdir_lock.take(workdir)
 
 
-def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None) -> dict:
+def _train_and_evaluate(
+    setup: Setup,
+    workdir: str,
+    stop_after_step: int | None,
+    command: dict,
+    lease: workdir_lock.Lease | None,
+) -> dict:
     config = setup.config
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
@@ -831,15 +866,20 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
     # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
     # aside, saying so), or born sharded.
     start_step, restored = checkpointing.newest_good(
-        mngr, workdir, move_bad=jax.process_index() == 0,
+        mngr, workdir, set_bad_aside=True,
         model=abstract.model_item(), train=abstract.train_item(),
     )  # fmt: skip
+    damaged = checkpointing.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
         check_schedule_unchanged(setup, restored["meta"], workdir)
         state = TrainState(**restored["model"], **restored["train"])
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
         state = init_state(setup, abstract)
+    # Only now, with every check passed, is the start recorded.
+    distributed.on_process_0(
+        "run-record", lambda: write_run_record(setup, workdir, command, start_step)
+    )
     writer = _writer(workdir)
     if start_step == 0 and jax.process_index() == 0:
         writer.write_hparams(
@@ -896,7 +936,7 @@ def _train_and_evaluate(setup: Setup, workdir: str, stop_after_step: int | None)
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 checkpointing.save(
                     mngr, done, model=state.model_item(), train=state.train_item(),
-                    meta=_meta(setup, done), force=force,
+                    meta=_meta(setup, done), force=force, damaged=damaged,
                 )  # fmt: skip
                 if stopping:
                     mngr.wait_until_finished()
@@ -958,7 +998,9 @@ def restore_model_item(setup: Setup, abstract: TrainState, workdir: str, step: i
     mngr = checkpointing.manager(workdir, read_only=True)
     requested = checkpointing.step_to_restore(mngr, workdir, step)
     if step is None:  # the newest checkpoint that verifies
-        return checkpointing.newest_good(mngr, workdir, move_bad=False, model=abstract.model_item())
+        return checkpointing.newest_good(
+            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
+        )
     checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
     try:
         return requested, checkpointing.restore_verified(
@@ -966,7 +1008,7 @@ def restore_model_item(setup: Setup, abstract: TrainState, workdir: str, step: i
         )
     except checkpointing.CheckpointError as e:
         good, _ = checkpointing.newest_good(
-            mngr, workdir, move_bad=False, model=abstract.model_item()
+            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
         )
         raise checkpointing.CheckpointError(
             f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
