@@ -57,3 +57,21 @@ def pytest_configure(config):
 def rng(request):
     """A NumPy generator seeded from the test's id: fresh inputs per case, reproducible."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator on loopback (tests/gcs): ``gcs.prefix()`` is a fresh gs:// prefix,
+    ``gcs.env`` the variables a subprocess needs to reach it. Skips without the test
+    requirements (requirements-test.txt), unless SASA_FLAX_GCS=required (CI): then fails."""
+    try:
+        import gcp_storage_emulator  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("SASA_FLAX_GCS") == "required":
+            pytest.fail(f"SASA_FLAX_GCS=required but the GCS emulator is missing: {e}")
+        pytest.skip("no GCS emulator: pip install -r requirements-test.txt")
+    from tests.gcs import GcsServer
+
+    server = GcsServer(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
