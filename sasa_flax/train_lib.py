@@ -334,9 +334,9 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     metrics = dict(
         loss=loss,
         top1=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count,
-        # The rate this update applied: the optimizer's own count, which a skipped
-        # (non-finite) step does not advance, unlike state.step.
-        learning_rate=setup.schedule(optax.tree_utils.tree_get(state.opt_state, "count")),
+        # The rate this update applied: the schedule at the number of updates applied so
+        # far, which a skipped (non-finite) step does not advance, unlike state.step.
+        learning_rate=setup.schedule(state.step - state.nonfinite_steps),
         grad_norm=grad_norm,
         finite=finite,
         skipped_images=jnp.sum(mask == 0),
@@ -594,8 +594,12 @@ def log_weight_decay(setup: Setup, abstract: TrainState) -> None:
 
 
 def _writer(workdir: str):
+    """TensorBoard events (process 0 only), written by a background thread so that a
+    slow filesystem (gs://) never stalls the loop; ``flush`` waits for them. On gs:// the
+    entry points set ``GCS_APPEND_MODE=compose`` (``cli.start``), so that a flush uploads
+    what was appended, not the whole events file again."""
     if jax.process_index() == 0:
-        return metric_writers.create_default_writer(workdir, asynchronous=False)
+        return metric_writers.create_default_writer(workdir, asynchronous=True)
     return metric_writers.MultiWriter([])  # only process 0 writes logs
 
 
@@ -649,7 +653,21 @@ def _meta(setup: Setup, step: int) -> dict:
         total_steps=setup.total_steps,
         schedule=_schedule_fields(setup.config),
         eval_setting=_fields(setup.config, EVAL_FIELDS),
+        processes=setup.dataset.process_count,
     )
+
+
+def warn_if_data_order_changes(setup: Setup, meta: dict) -> None:
+    """A checkpoint restores onto any mesh (orbax reshards it). Random-access splits keep
+    their global order on any number of processes; a streamed (TFDS) split is read per
+    process, so another process count continues with another, equally shuffled, order."""
+    saved = meta.get("processes")
+    if saved and saved != setup.dataset.process_count and setup.dataset.train.read is None:
+        log.warning(
+            "resuming a run of %d processes on %d: the TFDS training split is read per "
+            "process, so it continues in another (equally shuffled) order",
+            saved, setup.dataset.process_count,
+        )  # fmt: skip
 
 
 def check_schedule_unchanged(setup: Setup, meta: dict, workdir: str) -> None:
@@ -833,7 +851,7 @@ def train_and_evaluate(
     lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
     with workdir_lock.keep(lease):
         distributed.everywhere("workdir-writable", lambda: ensure_writable(workdir))
-        return _train_and_evaluate(setup, workdir, stop_after_step, command or {}, lease)
+        return _train_and_evaluate(setup, workdir, stop_after_step, command or {})
 
 
 def _claim_workdir(workdir: str) -> workdir_lock.Lease:
@@ -851,7 +869,6 @@ def _train_and_evaluate(
     workdir: str,
     stop_after_step: int | None,
     command: dict,
-    lease: workdir_lock.Lease | None,
 ) -> dict:
     config = setup.config
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
@@ -872,6 +889,7 @@ def _train_and_evaluate(
     damaged = checkpointing.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
         check_schedule_unchanged(setup, restored["meta"], workdir)
+        warn_if_data_order_changes(setup, restored["meta"])
         state = TrainState(**restored["model"], **restored["train"])
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
@@ -910,9 +928,13 @@ def _train_and_evaluate(
     try:
         with preemption.stop_on_signals() as stop_request:
             for step in range(start_step, end_step):
-                state, metrics = train_fn(state, next(prefetch))
-                done = step + 1
-                progress.add(done, metrics)
+                # The per-step path moves nothing between host and device implicitly: a
+                # host read of a device value here would stall every step of a pod, so
+                # it fails instead (explicit reads at log lines, evaluations and saves).
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_fn(state, next(prefetch))
+                    done = step + 1
+                    progress.add(done, metrics)
                 stopping = stop_request.should_stop(done)
                 force = done == end_step or stopping
                 evaluating = bool(

@@ -55,7 +55,8 @@ def _make_certs(directory: pathlib.Path) -> None:
         "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
     )
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+            "-CAcreateserial", "-out", "server.pem", "-days", "2",
+            "-extfile", "ext.cnf")  # fmt: skip
 
 
 class GcsServer:
@@ -94,7 +95,9 @@ class GcsServer:
             except OSError:
                 if time.monotonic() > deadline or self._processes[0].poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"the GCS emulator did not start: {directory}/emulator.log")
+                    raise RuntimeError(
+                        f"the GCS emulator did not start: {directory}/emulator.log"
+                    ) from None
                 time.sleep(0.1)
 
     def _call(self, method: str, path: str) -> bytes:

@@ -26,7 +26,9 @@ import logging
 import sys
 import time
 import urllib.parse
-from http import HTTPStatus, server as _http
+from http import HTTPStatus
+from http import server as _http
+
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -79,6 +81,7 @@ class _Filtered:
     def json(self, obj):
         def keep(name):
             return (self._lo is None or name >= self._lo) and (self._hi is None or name < self._hi)
+
         obj["items"] = [o for o in obj.get("items") or [] if keep(o.get("name", ""))]
         obj["prefixes"] = [p for p in obj.get("prefixes") or [] if keep(p)]
         return self._r.json(obj)
@@ -104,6 +107,7 @@ def _raw_body(request):
     """The body as bytes, b"" when empty (stock: None, then len(None) fails on TF's
     empty directory-marker uploads; and a JSON body is parsed into a dict)."""
     from gcp_storage_emulator import server as s
+
     h = request._request_handler
     request._data = s._decode_raw_data(s._read_raw_data(h), h) or b""
 
@@ -183,8 +187,6 @@ def delete(request, response, storage, *a, **k):
     return _delete(request, response, storage, *a, **k)
 
 
-
-
 def xml_upload(request, response, storage, *a, **k):
     _raw_body(request)
     name = request.params.get("object_id")
@@ -261,9 +263,15 @@ def storage_layout(request, response, storage, *a, **k):
     if name not in storage.buckets:
         response.status = HTTPStatus.NOT_FOUND
         return
-    response.json({"kind": "storage#storageLayout", "bucket": name, "location": "US",
-                   "locationType": "multi-region",
-                   "hierarchicalNamespace": {"enabled": False}})
+    response.json(
+        {
+            "kind": "storage#storageLayout",
+            "bucket": name,
+            "location": "US",
+            "locationType": "multi-region",
+            "hierarchicalNamespace": {"enabled": False},
+        }
+    )
 
 
 def fault(request, response, storage, *a, **k):
@@ -292,7 +300,9 @@ _server.HANDLERS = (
 from gcp_storage_emulator.handlers import buckets as _buckets  # noqa: E402
 
 args = [a for a in sys.argv[1:] if a != "-v"]
-logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING, format="%(asctime)s %(message)s")
+logging.basicConfig(
+    level=logging.INFO if "-v" in sys.argv else logging.WARNING, format="%(asctime)s %(message)s"
+)
 port, names = int(args[0]), args[1:] or ["bucket"]
 srv = create_server("127.0.0.1", port, in_memory=True, default_bucket=names[0])
 srv.start()
