@@ -328,3 +328,14 @@ def test_the_next_epochs_shuffle_buffer_fills_before_the_loop_reaches_it(monkeyp
     assert reads[1] >= 200 + 4, reads  # epoch 1's buffer, and its first batch, are ready
     assert reads[2] == 0  # one epoch ahead, not more
     next(stream)  # epoch 1's first batch
+
+
+def test_scan_folder_reads_local_folders_and_gfile_urls(tmp_path):
+    (tmp_path / "x" / "deep").mkdir(parents=True)
+    (tmp_path / "x" / "deep" / "1.png").write_bytes(b"abc")
+    (tmp_path / "y").mkdir()
+    for root in (str(tmp_path), f"file://{tmp_path}"):
+        tree = ip.scan_folder(root)
+        assert tree.subfolders() == ["x", "y"], root
+        assert tree.files_under("x") == ["x/deep/1.png"] and tree.files["x/deep/1.png"] == 3
+    assert ip.scan_folder(str(tmp_path / "missing")) is None
