@@ -290,3 +290,26 @@ def test_two_processes_train_preempt_resume_and_match_one_process(tmp_path):
                       for p in (params_a, params_b))  # fmt: skip
     difference = np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_b)
     assert difference < 5e-3, difference
+
+
+@slow
+def test_a_two_process_run_on_a_workdir_in_use_exits_on_both_processes(tmp_path):
+    """Process 0 finds the lock held; its verdict reaches process 1 through the
+    coordination service, so both exit 1 with the same line at once (before: process 1
+    went on and died 30 s later in its first collective; on a pod it would hang)."""
+    config_arg = "steps=200,checkpoint_every=5"
+    holder = helpers.train(tmp_path, config_arg, "--config.input.batch_size=256")
+    holder.wait_for(r"step 2/200")
+    pair = _two_processes(tmp_path, config_arg)
+    codes, exited = [], []
+    for process in pair:
+        codes.append(process.finish(120))
+        exited.append(time.monotonic())
+    assert codes == [1, 1], pair[0].output + pair[1].output
+    lines = [[x for x in p.output.splitlines() if x.startswith("error:")] for p in pair]
+    assert len(lines[0]) == 1 and lines[0] == lines[1], lines
+    assert f"in use by another trainer (pid {holder.popen.pid} on" in lines[0][0]
+    assert exited[1] - exited[0] < 10  # process 1 had already left, or left at once
+    assert "Traceback" not in pair[0].output + pair[1].output
+    holder.popen.terminate()
+    assert holder.finish() == 0, holder.output

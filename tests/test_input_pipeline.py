@@ -339,3 +339,17 @@ def test_scan_folder_reads_local_folders_and_gfile_urls(tmp_path):
         assert tree.subfolders() == ["x", "y"], root
         assert tree.files_under("x") == ["x/deep/1.png"] and tree.files["x/deep/1.png"] == 3
     assert ip.scan_folder(str(tmp_path / "missing")) is None
+
+
+def test_the_global_batches_are_the_same_on_any_number_of_processes():
+    """Random-access splits: the global stream does not depend on how many processes read
+    it, so a run resumed on another topology continues the same data order."""
+    config = config_lib.load_config("tests/tiny_config.py").input
+    one = next(ip.train_batches(ip.load(config), config, seed=0, start_step=7))
+    halves = [
+        next(ip.train_batches(ip.load(config, process_index=i, process_count=2), config,
+                              seed=0, start_step=7))
+        for i in range(2)
+    ]  # fmt: skip
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), one[key])

@@ -1,5 +1,6 @@
 """Training and evaluation end to end on 8 fake CPU devices, with real (digits) data."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def test_restart_from_the_workdir_continues_exactly(eight_device_run, tmp_path):
     resumed = train_lib.train_and_evaluate(config, workdir)
     assert resumed["step"] == 6
     assert [s for s, _ in resumed["train_log"]] == [4, 5, 6]  # steps 1-3 were not redone
+    starts = json.loads((pathlib.Path(workdir) / "run.json").read_text())["starts"]
+    assert [start["start_step"] for start in starts] == [0, 3]  # the history of restarts
     _, params_a = final_params(config, uninterrupted, jax.devices())
     _, params_b = final_params(config, workdir, jax.devices())
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
@@ -158,3 +161,72 @@ def test_eval_of_another_setting_is_refused_or_written_apart(eight_device_run):
     assert again["setting"] == "image_size=24" and again["num_examples"] == 360
     assert (pathlib.Path(workdir) / "eval_results_step_6_image_size=24.json").exists()
     assert own_file.read_text() == own  # the run's own results are never overwritten
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_8_devices_resumes_on_4_then_on_1_and_ends_where_8_do(
+    eight_device_run, tmp_path
+):
+    """A preempted slice often comes back as another shape: orbax reshards the state onto
+    the new mesh and the data stream continues at the same global position."""
+    config, uninterrupted, _ = eight_device_run
+    workdir, devices = str(tmp_path / "moved"), jax.devices()
+    train_lib.train_and_evaluate(config, workdir, devices=devices[:8], stop_after_step=2)
+    train_lib.train_and_evaluate(config, workdir, devices=devices[:4], stop_after_step=4)
+    resumed = train_lib.train_and_evaluate(config, workdir, devices=devices[:1])
+    assert [s for s, _ in resumed["train_log"]] == [5, 6]
+    starts = json.loads((pathlib.Path(workdir) / "run.json").read_text())["starts"]
+    assert [(s["start_step"], s["devices"]) for s in starts] == [(0, 8), (2, 4), (4, 1)]
+    _, expected = final_params(config, uninterrupted, devices)
+    _, params = final_params(config, workdir, devices[:1])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)  # as 1 vs 8 devices
+
+
+def test_a_refused_resume_leaves_the_run_record_as_it_was(eight_device_run):
+    config, workdir, _ = eight_device_run
+    record = (pathlib.Path(workdir) / "run.json").read_bytes()
+    changed = tiny_config(seed=config.train.seed + 1)
+    with pytest.raises(train_lib.TrainError, match=r"config.train.seed 0 -> 1"):
+        train_lib.train_and_evaluate(changed, workdir)
+    assert (pathlib.Path(workdir) / "run.json").read_bytes() == record
+
+
+@pytest.fixture
+def device_reads_guarded(monkeypatch):
+    """jax.transfer_guard's device-to-host half as on TPU and GPU. On the CPU a device
+    array already lies in host memory, so jax lets reads of it through under the guard;
+    here any read of an array's value inside a guarded region raises, as it does there."""
+    from jax._src import array, config
+
+    value = array.ArrayImpl._value
+
+    def guarded(self):
+        if config.transfer_guard_device_to_host.value in ("disallow", "disallow_explicit"):
+            raise RuntimeError("Disallowed device-to-host transfer (emulated on CPU)")
+        return value.fget(self)
+
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded))
+
+
+def test_the_training_loop_reads_nothing_from_the_devices_per_step(device_reads_guarded, tmp_path):
+    """The per-step path runs under jax.transfer_guard("disallow") (host-to-device is
+    caught by jax on every platform, device-to-host here as on accelerators): a whole
+    run with its log lines, evaluation and checkpoints passes..."""
+    config = tiny_config(num_steps=3, eval_every_steps=2)
+    assert train_lib.train_and_evaluate(config, str(tmp_path))["step"] == 3
+
+
+def test_a_host_read_per_step_fails_instead_of_stalling_the_loop(
+    device_reads_guarded, monkeypatch, tmp_path
+):
+    """... and one per-step read added to it fails the run."""
+    add = train_lib._ProgressLog.add
+
+    def add_and_read(self, done, metrics):
+        float(metrics["loss"])  # a per-step sync, as a careless metric would add
+        add(self, done, metrics)
+
+    monkeypatch.setattr(train_lib._ProgressLog, "add", add_and_read)
+    with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
+        train_lib.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
