@@ -126,7 +126,7 @@ def user_errors():
     except UserError as e:
         if _verbose():
             raise
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}")  # a normal exit: the other hosts' shutdown waits for it
     except KeyboardInterrupt:
         print(
             "interrupted: stopped at once, without a checkpoint of the current step; the "
@@ -138,10 +138,23 @@ def user_errors():
         if _verbose():
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        sys.exit(
+        _exit(
             f"error: {type(e).__name__}: {first}\n(rerun with --verbose, or set "
-            "SASA_FLAX_VERBOSE=1, for the full traceback to put in a bug report)"
+            "SASA_FLAX_VERBOSE=1, for the full traceback to put in a bug report)",
+            1,
         )
+
+
+def _exit(message: str, status: int) -> None:
+    """Prints ``message`` and ends the process now, for a fatal error that is not a
+    UserError. Not ``sys.exit``: after a failed asynchronous checkpoint write (a server
+    error on gs://) orbax's background commit threads wait for ever, and the interpreter
+    would wait for them at exit; the newest complete checkpoint is already written, so
+    there is nothing left to finish."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _verbose() -> bool:

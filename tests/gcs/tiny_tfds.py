@@ -26,9 +26,9 @@ class TinyDigits(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate(0, 300), "test": self._generate(300, 400)}
+        return {"train": self._generate_examples(0, 300), "test": self._generate_examples(300, 400)}
 
-    def _generate(self, lo, hi):
+    def _generate_examples(self, lo, hi):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
