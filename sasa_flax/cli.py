@@ -110,9 +110,6 @@ def start(argv, distributed_mode: str) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.verbose:  # one switch for every quieting hook (checkpointing's too)
         os.environ["SASA_FLAX_VERBOSE"] = "1"
-    # TensorFlow's gs:// writes an appended file (TensorBoard events) by uploading the
-    # whole object again at every flush unless told to compose; read at its first gs://.
-    os.environ.setdefault("GCS_APPEND_MODE", "compose")
     distributed.maybe_initialize(distributed_mode)
     logging.set_verbosity(logging.WARNING)
 

@@ -594,12 +594,8 @@ def log_weight_decay(setup: Setup, abstract: TrainState) -> None:
 
 
 def _writer(workdir: str):
-    """TensorBoard events (process 0 only), written by a background thread so that a
-    slow filesystem (gs://) never stalls the loop; ``flush`` waits for them. On gs:// the
-    entry points set ``GCS_APPEND_MODE=compose`` (``cli.start``), so that a flush uploads
-    what was appended, not the whole events file again."""
     if jax.process_index() == 0:
-        return metric_writers.create_default_writer(workdir, asynchronous=True)
+        return metric_writers.create_default_writer(workdir, asynchronous=False)
     return metric_writers.MultiWriter([])  # only process 0 writes logs
 
 

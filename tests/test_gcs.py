@@ -76,17 +76,8 @@ def test_the_gs_commands_run_without_the_test_only_packages(gcs):
 def test_train_preempt_resume_exactly_then_eval_report_visualize_on_gcs(gcs, tmp_path):
     steps, config_arg = 12, "steps=12,checkpoint_every=1000"
     straight, resumed = gcs.prefix("straight"), gcs.prefix("resumed")
-    gcs.clear_requests()
     run = _train(gcs, straight, config_arg)
     assert run.finish(300) == 0, run.output
-    # TensorBoard events are appended (GCS_APPEND_MODE=compose), not uploaded whole again
-    # at every flush: the bytes uploaded for them stay about the size of the file.
-    events = [n for n in _names(gcs, straight) if n.startswith("events.out.tfevents")]
-    (events,) = events
-    size = _bucket(gcs).get_blob(f"{_key(straight)}/{events}").size
-    uploads = [r for r in gcs.requests() if r[0] == "UPLOAD" and r[1] and "tfevents" in r[1]]
-    uploaded = sum(r[2] or 0 for r in uploads)
-    assert len(uploads) >= 2 and uploaded < 1.5 * size + 4096, (len(uploads), uploaded, size)
 
     first = _train(gcs, resumed, config_arg)
     first.wait_for(rf"step 3/{steps}", timeout=300)

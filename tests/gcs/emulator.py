@@ -127,10 +127,16 @@ def _faulted(response, name) -> bool:
     return False
 
 
-def _record_upload(request, name):
-    data = getattr(request, "_data", None)
-    size = len(data) if isinstance(data, (bytes, bytearray)) else None
-    STATS.append(["UPLOAD", name, size])
+def _record_upload(request, name, data=None):
+    """An upload's object name and bytes; a resumable upload's start (no data yet) is
+    recorded as UPLOAD-START, its data as UPLOAD."""
+    if data is None:
+        data = getattr(request, "_data", None)
+    if _q(request, "uploadType") == "resumable" and request.method == "POST":
+        STATS.append(["UPLOAD-START", name, None])
+    else:
+        size = len(data) if isinstance(data, (bytes, bytearray)) else 0
+        STATS.append(["UPLOAD", name, size])
 
 
 def insert(request, response, storage, *a, **k):
@@ -149,9 +155,14 @@ def insert(request, response, storage, *a, **k):
 
 def upload_partial(request, response, storage, *a, **k):
     name = _q(request, "name")
+    if name is None:  # a resumable upload's data: named by its upload id
+        try:
+            name = storage.get_resumable_file_obj(_q(request, "upload_id"))["name"]
+        except (NotFound, KeyError, TypeError):
+            name = None
     if _faulted(response, name):
         return
-    _record_upload(request, name)
+    _record_upload(request, name, request.data or b"")
     if not _precondition(request, response, storage, request.params["bucket_name"], name):
         return
     return _upload_partial(request, response, storage, *a, **k)
