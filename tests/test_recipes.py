@@ -80,9 +80,10 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
     abstract = train_lib.abstract_state(setup)
     train_fn, _ = train_lib.compile_steps(setup, abstract)
     state = train_lib.init_state(setup, abstract)
-    # As after four skipped (non-finite) steps: step 5, but the optimizer has counted 1.
+    # As after four skipped (non-finite) steps: step 5, but one update applied.
     state = state.replace(
         step=jnp.asarray(5, jnp.int32),
+        nonfinite_steps=jnp.asarray(4, jnp.int32),
         opt_state=optax.tree_utils.tree_set(state.opt_state, count=jnp.asarray(1, jnp.int32)),
     )
     initial = jax.device_get(state.params)
