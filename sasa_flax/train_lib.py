@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 from clu import metric_writers
 from etils import epath
 from flax import nnx
@@ -593,9 +595,55 @@ def log_weight_decay(setup: Setup, abstract: TrainState) -> None:
 # --- the loop -----------------------------------------------------------------------
 
 
+# TensorBoard events are queued in memory and written when this many are queued or this
+# many seconds have passed, and at every explicit flush (a stop, the end). On gs:// a
+# flush uploads the whole events file again, synchronously in the loop: TF's defaults
+# (and clu, whose every write flushes) upload it at every log line.
+EVENTS_MAX_QUEUE = 100_000
+EVENTS_FLUSH_SECONDS = 120
+
+
+class _QueuedSummaryWriter:
+    """A ``tf.summary`` writer whose ``as_default()`` context does not flush when it exits
+    (TF's does, and clu enters it for every write): events wait in the writer's queue."""
+
+    def __init__(self, logdir: str):
+        self._writer = tf.summary.create_file_writer(
+            logdir, max_queue=EVENTS_MAX_QUEUE, flush_millis=EVENTS_FLUSH_SECONDS * 1000
+        )
+
+    @contextlib.contextmanager
+    def as_default(self):
+        self._writer.flush = lambda: None  # what the context's exit calls, for this exit only
+        try:
+            with self._writer.as_default():
+                yield self._writer
+        finally:
+            del self._writer.flush
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class _EventsWriter(metric_writers.SummaryWriter):
+    """clu's TensorBoard writer on a queued ``tf.summary`` writer (clu's ``__init__`` takes
+    no queue settings, so it is not called: it would open a second events file)."""
+
+    def __init__(self, logdir: str):
+        metric_writers.MetricWriter.__init__(self)
+        self._summary_writer = _QueuedSummaryWriter(logdir)
+
+
 def _writer(workdir: str):
+    """Log lines and TensorBoard events on process 0; nothing on the others. Synchronous:
+    writing queues in memory, and a flush is at most every EVENTS_FLUSH_SECONDS."""
     if jax.process_index() == 0:
-        return metric_writers.create_default_writer(workdir, asynchronous=False)
+        return metric_writers.MultiWriter(
+            [metric_writers.LoggingWriter(), _EventsWriter(os.fspath(workdir))]
+        )
     return metric_writers.MultiWriter([])  # only process 0 writes logs
 
 
@@ -970,6 +1018,8 @@ def _train_and_evaluate(
         # shut down under it; the newest complete checkpoint stays the last good one.
         with contextlib.suppress(Exception):
             mngr.wait_until_finished()
+        with contextlib.suppress(Exception):  # the events queued since the last flush
+            writer.flush()
         raise
     finally:
         prefetch.close()

@@ -216,3 +216,30 @@ def test_transient_server_errors_mid_save_are_retried_and_the_run_completes(gcs)
     evaluation = _run(gcs, "eval.py", "--config=tests/tiny_config.py:steps=6,checkpoint_every=2",
                       f"--workdir={workdir}", "--step=4")  # fmt: skip
     assert evaluation.finish(300) == 0 and "step 4: top-1" in evaluation.output
+
+
+def _train_scalars(path) -> dict[int, float]:
+    import tensorflow as tf
+
+    return {
+        event.step: float(tf.make_ndarray(value.tensor))
+        for event in tf.compat.v1.train.summary_iterator(str(path))
+        for value in event.summary.value
+        if value.tag == "train/loss"
+    }
+
+
+def test_tensorboard_events_on_gcs_are_uploaded_at_flushes_not_every_few_lines(gcs, tmp_path):
+    """On gs:// each flush uploads the whole events file again: 20 log lines (7 scalars
+    each) are queued and uploaded at the run's explicit flushes, not every 10 events (TF's
+    default, 8 uploads here), and every line reaches the file."""
+    workdir = gcs.prefix("events")
+    gcs.clear_requests()
+    run = _train(gcs, workdir, "steps=20,checkpoint_every=1000")
+    assert run.finish(300) == 0, run.output
+    uploads = [r for r in gcs.requests() if r[0] == "UPLOAD" and "tfevents" in r[1]]
+    assert 1 <= len(uploads) <= 3, uploads
+    (name,) = {r[1] for r in uploads}
+    local = tmp_path / "events"
+    local.write_bytes(_bucket(gcs).blob(name).download_as_bytes())
+    assert sorted(_train_scalars(local)) == list(range(1, 21))
