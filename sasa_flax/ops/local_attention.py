@@ -138,7 +138,7 @@ ACCELERATOR_DENSE_POSITIONS = 256
 
 def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str:
     """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
-    H×W image and window k. The one table of per-platform choices (README, tests):
+    H×W image and window k. The one table of per-platform choices (docs/performance.md, tests):
 
     - cpu: "dense" when H·W < 4·k², else "shifted". Measured on CPU, side by side
       (benchmarks/local_attention.py, layer fwd+bwd ÷ 3×3 conv, 2026-11-25): "shifted"
