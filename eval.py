@@ -8,7 +8,8 @@ them), prints top-1 / top-5 / loss and writes them to the workdir (JSON + Tensor
 from absl import flags
 from ml_collections import config_flags
 
-from sasa_flax import cli, train_lib
+from sasa_flax import cli
+from sasa_flax import train as trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     cli.start(argv, _DISTRIBUTED.value)
     with cli.user_errors():
-        r = train_lib.evaluate_checkpoint(
+        r = trainer.evaluate_checkpoint(
             _CONFIG.value, _WORKDIR.value, step=_STEP.value, other_setting=_OTHER_SETTING.value
         )
     print(

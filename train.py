@@ -7,7 +7,8 @@ restarted run with the same --workdir resumes from its latest checkpoint.
 from absl import flags
 from ml_collections import config_flags
 
-from sasa_flax import cli, train_lib
+from sasa_flax import cli
+from sasa_flax import train as trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results (local or gs://).")
@@ -22,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     cli.start(argv, _DISTRIBUTED.value)
     with cli.user_errors():
-        results = train_lib.train_and_evaluate(
+        results = trainer.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, command=cli.config_arguments()
         )
     if "stopped_by" in results:

@@ -5,7 +5,7 @@ r"""Whole-model training throughput: SASA ResNets against the conv ResNets, in o
 
 For every depth and variant (``configs/imagenet.py``: ``baseline`` = conv ResNet,
 ``conv_stem_attention``, ``full_attention``) it compiles the trainer's own jitted train
-step (``train_lib.train_step``: forward, backward, Nesterov SGD, EMA; state donated) on
+step (``trainer.train_step``: forward, backward, Nesterov SGD, EMA; state donated) on
 every local device, times --steps steps after a warm-up on random images, and reports
 images/sec, the ratio to the conv ResNet of the same depth, the compiled temporaries
 and the peak memory of the step (arguments + outputs + temporaries, from
@@ -24,27 +24,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_flax import config_lib, train_lib
+from sasa_flax import config_lib
+from sasa_flax import train as trainer
 
 
-def make_setup(depth: int, variant: str, args) -> train_lib.Setup:
+def make_setup(depth: int, variant: str, args) -> trainer.Setup:
     """The trainer's Setup for configs/imagenet.py without opening a dataset."""
     config = config_lib.load_config(f"configs/imagenet.py:depth={depth},variant={variant}")
     config.input.update(image_size=args.image_size, batch_size=args.batch)
     config.train.update(compute_dtype=args.dtype, num_steps=1000, warmup_epochs=0.0)
     config.model.attention_impl = args.impl
-    return train_lib.model_setup(
+    return trainer.model_setup(
         config, jax.devices(), dataset=None, steps_per_epoch=1000, total_steps=1000
     )
 
 
-def measure(setup: train_lib.Setup, steps: int) -> dict:
-    abstract = train_lib.abstract_state(setup)
-    state = train_lib.init_state(setup, abstract)
-    train, _ = train_lib.compile_steps(setup, abstract)
+def measure(setup: trainer.Setup, steps: int) -> dict:
+    abstract = trainer.abstract_state(setup)
+    state = trainer.init_state(setup, abstract)
+    train, _ = trainer.compile_steps(setup, abstract)
     b, s = setup.config.input.batch_size, setup.config.input.image_size
     rng = np.random.default_rng(0)
-    batch = train_lib.global_batch(
+    batch = trainer.global_batch(
         setup,
         {
             "image": rng.integers(0, 256, (b, s, s, 3), np.uint8),
@@ -94,7 +95,7 @@ def main():
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}) × "
         f"{jax.device_count()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
         f"; jax {jax.__version__}; batch {args.batch} at {args.image_size}²; compute dtype "
-        f"{jnp.dtype(train_lib.compute_dtype(args.dtype)).name}; attention impl {args.impl}"
+        f"{jnp.dtype(trainer.compute_dtype(args.dtype)).name}; attention impl {args.impl}"
     )
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}

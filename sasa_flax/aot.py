@@ -230,10 +230,10 @@ def compile_layer(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sasa_flax import train_lib
+    from sasa_flax import train as trainer
     from sasa_flax.layers import SelfAttention2D
 
-    mesh = train_lib.data_mesh(target_devices(target, chips))
+    mesh = trainer.data_mesh(target_devices(target, chips))
     layer = SelfAttention2D(
         channels, channels, num_heads=heads, kernel_size=kernel_size, padding=padding,
         impl=impl, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
@@ -250,7 +250,7 @@ def compile_layer(
     x = jax.ShapeDtypeStruct(
         (batch_per_chip * chips, size, size, channels), jnp.dtype(dtype), sharding=split
     )
-    step = jax.jit(train_lib.on_mesh(mesh, jax.value_and_grad(loss, argnums=(0, 1))))
+    step = jax.jit(trainer.on_mesh(mesh, jax.value_and_grad(loss, argnums=(0, 1))))
     compiled, seconds, note = _compile(step, abstract, x, platform=TARGETS[target].platform)
     name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
     return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
@@ -260,26 +260,27 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
     """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
     on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on
     this CPU host "auto" would say float32), without opening a dataset."""
-    from sasa_flax import config_lib, train_lib
+    from sasa_flax import config_lib
+    from sasa_flax import train as trainer
 
     config = config_lib.load_config(config_spec)
     batch = batch_per_chip * chips
     config.input.update(batch_size=batch, eval_batch_size=batch)
     config.train.compute_dtype = "bfloat16"
     devices = target_devices(target, chips)
-    return train_lib.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
+    return trainer.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
                                  total_steps=100_000)  # fmt: skip
 
 
 def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
-    """The trainer's train step and eval step (``train_lib.compile_steps``) compiled for
+    """The trainer's train step and eval step (``trainer.compile_steps``) compiled for
     ``setup``'s mesh (of ``target`` chips); Reports for both."""
-    from sasa_flax import train_lib
+    from sasa_flax import train as trainer
 
     batch_per_chip = setup.config.input.batch_size // setup.mesh.size
-    abstract = train_lib.abstract_state(setup)
-    train, evaluate = train_lib.compile_steps(setup, abstract)
-    batch = train_lib.abstract_batch(setup, setup.config.input.batch_size)
+    abstract = trainer.abstract_state(setup)
+    train, evaluate = trainer.compile_steps(setup, abstract)
+    batch = trainer.abstract_batch(setup, setup.config.input.batch_size)
     platform = TARGETS[target].platform
     compiled, seconds, note = _compile(train, abstract, batch, platform=platform)
     train_report = inspect(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sasa_flax import distributed
+from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import UserError
 
 log = logging.getLogger("sasa_flax")
@@ -104,7 +105,7 @@ def _quiet_thread_excepthook(args, _default=threading.excepthook):
 
 threading.excepthook = _quiet_thread_excepthook
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
 
 
 class CheckpointError(UserError):
@@ -115,12 +116,12 @@ class ArchitectureMismatch(CheckpointError):
     """A checkpoint of another model than the config's: never a reason to fall back."""
 
 
-DAMAGED_DIR = "damaged_checkpoints"
+DAMAGED_DIR = workdir_lib.DAMAGED
 
 
 def checkpoint_dir(workdir: str) -> str:
     """workdir/checkpoints, for local paths and gs:// alike."""
-    return f"{workdir.rstrip('/')}/{CHECKPOINT_DIR}"
+    return workdir_lib.path(workdir, CHECKPOINT_DIR)
 
 
 def on_object_store(workdir: str) -> bool:

@@ -13,6 +13,10 @@ class UserError(ValueError):
     """
 
 
+class TrainError(UserError):
+    """The run cannot start as configured; the message says why and what to change."""
+
+
 class ArgumentError(UserError):
     """One constructor or function argument that cannot work.
 

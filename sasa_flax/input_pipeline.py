@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -98,13 +99,36 @@ class Split:
             raise ValueError("a Split has exactly one of read= and stream=")
 
 
-@dataclasses.dataclass(frozen=True)
 class Dataset:
-    train: Split
-    eval: Split
-    num_classes: int
-    process_index: int = 0  # the process whose share this reads
-    process_count: int = 1
+    """A source's two splits and its number of classes, for one process of
+    ``process_count``. ``train`` and ``eval`` are each given as a ``Split`` or as a
+    function of no arguments that builds one, called when the split is first used: so
+    evaluating a checkpoint never lists, opens or sizes the training split."""
+
+    def __init__(self, train, eval, num_classes: int, process_index: int = 0,  # noqa: A002
+                 process_count: int = 1):  # fmt: skip
+        self._splits = dict(train=train, eval=eval)
+        self.num_classes, self.process_index, self.process_count = (
+            num_classes, process_index, process_count
+        )  # fmt: skip
+
+    def _split(self, name: str) -> Split:
+        split = self._splits[name]
+        if not isinstance(split, Split):
+            split = self._splits[name] = split()
+        return split
+
+    @property
+    def train(self) -> Split:
+        return self._split("train")
+
+    @property
+    def eval(self) -> Split:
+        return self._split("eval")
+
+    def for_process(self, process_index: int, process_count: int) -> Dataset:
+        return Dataset(**self._splits, num_classes=self.num_classes,
+                       process_index=process_index, process_count=process_count)  # fmt: skip
 
 
 def array_split(images: np.ndarray, labels: np.ndarray, name: str = "") -> Split:
@@ -157,7 +181,7 @@ def load(input_config, *, process_index: int = 0, process_count: int = 1) -> Dat
         )
     source = SOURCES.get(input_config.dataset, _tfds)
     dataset = source(input_config, process_index, process_count)
-    return dataclasses.replace(dataset, process_index=process_index, process_count=process_count)
+    return dataset.for_process(process_index, process_count)
 
 
 TUNING_FRACTION = 0.04  # the paper's held-out share of the training set (Tables 3, 5)
@@ -336,46 +360,57 @@ def _folder(input_config, process_index, process_count) -> Dataset:
                     labels.append(label)
         return np.array(files, dtype=object), np.array(labels, np.int32)
 
-    files, labels = listing(train_name)
-    if len(files) == 0:
-        raise DatasetError(
-            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {train_dir}/<class>/."
+    def images_of(split_name):
+        files, labels = listing(split_name)
+        if len(files) == 0:
+            where = tree.path(split_name)
+            raise DatasetError(
+                f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {where}/<class>/."
+            )
+        return files, labels
+
+    def checked(files, labels, which):
+        # Checked from the scan's sizes when the split is built (make_setup builds both
+        # before any training): an empty file fails now, not when an evaluation reads it.
+        empty = [tree.path(f) for f in files if tree.files[f] == 0]
+        if empty and input_config.corrupt_images == "fail":
+            raise DatasetError(
+                f"{len(empty)} empty (0-byte) image file(s) under {root}: "
+                f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}. Replace or remove "
+                "them, or set config.input.corrupt_images='skip' to skip them."
+            )
+        name = f"the {which} split of {root}"
+        return file_split([tree.path(f) for f in files], labels, name)
+
+    if eval_name is not None and not input_config.tuning_split:  # two folders, two splits
+        return Dataset(
+            lambda: checked(*images_of(train_name), "training"),
+            lambda: checked(*images_of(eval_name), "evaluation"),
+            len(classes),
         )
-    if eval_name is not None:
-        eval_files, eval_labels = listing(eval_name)
-    else:  # hold out a fixed 10%
-        order = np.random.default_rng(0).permutation(len(files))
-        cut = len(files) - max(1, len(files) // 10)
-        files, labels, eval_files, eval_labels = (
-            files[order[:cut]], labels[order[:cut]], files[order[cut:]], labels[order[cut:]]
-        )  # fmt: skip
-    if input_config.tuning_split:
-        kept, held = tuning_holdout(labels)
-        files, labels, eval_files, eval_labels = (
-            files[kept], labels[kept], files[held], labels[held]
-        )  # fmt: skip
 
-    # Checked once, both splits, from the scan's sizes, before any training: an empty
-    # file fails now, not after the last epoch when the evaluation reads it.
-    empty = [tree.path(f) for f in (*files, *eval_files) if tree.files[f] == 0]
-    if empty and input_config.corrupt_images == "fail":
-        raise DatasetError(
-            f"{len(empty)} empty (0-byte) image file(s) under {root}: "
-            f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}. Replace or remove them, "
-            "or set config.input.corrupt_images='skip' to skip them."
+    @functools.cache
+    def carved():  # the evaluation split is carved out of the training folder
+        files, labels = images_of(train_name)
+        eval_files = eval_labels = None
+        if eval_name is None:  # the evaluation split: a fixed 10%
+            order = np.random.default_rng(0).permutation(len(files))
+            cut = len(files) - max(1, len(files) // 10)
+            eval_files, eval_labels = files[order[cut:]], labels[order[cut:]]
+            files, labels = files[order[:cut]], labels[order[:cut]]
+        if input_config.tuning_split:  # the tuning split: 4% of what is left to train on
+            kept, held = tuning_holdout(labels)
+            eval_files, eval_labels = files[held], labels[held]
+            files, labels = files[kept], labels[kept]
+        return (
+            checked(files, labels, "training"),
+            checked(eval_files, eval_labels, "evaluation"),
         )
 
-    def paths(relative):
-        return [tree.path(f) for f in relative]
-
-    return Dataset(
-        file_split(paths(files), labels, f"the training split of {root}"),
-        file_split(paths(eval_files), eval_labels, f"the evaluation split of {root}"),
-        len(classes),
-    )
+    return Dataset(lambda: carved()[0], lambda: carved()[1], len(classes))
 
 
-def _tfds(input_config, process_index, process_count, share=None) -> Dataset:
+def _tfds(input_config, process_index, process_count) -> Dataset:
     name = input_config.dataset
     data_dir = input_config.data_dir or None
     try:
@@ -385,7 +420,7 @@ def _tfds(input_config, process_index, process_count, share=None) -> Dataset:
             f"config.input.dataset={name!r} is not a TFDS dataset; use a name from "
             "https://www.tensorflow.org/datasets/catalog, 'folder' or 'digits'."
         ) from None
-    if _prepare(builder, input_config, process_index, process_count, share):
+    if _prepare(builder, input_config, process_index, process_count):
         builder = tfds.builder(name, data_dir=data_dir)  # process 0 built it meanwhile
     info = builder.info
     if "image" not in info.features or "label" not in info.features:
@@ -432,17 +467,19 @@ def _tfds(input_config, process_index, process_count, share=None) -> Dataset:
             size=_split_size(builder, split_name), encoded=True, name=described, stream=stream
         )
 
-    return Dataset(split(train_name), split(eval_name), info.features["label"].num_classes)
+    return Dataset(
+        lambda: split(train_name), lambda: split(eval_name), info.features["label"].num_classes
+    )
 
 
-def _prepare(builder, input_config, process_index, process_count, share=None) -> bool:
+def _prepare(builder, input_config, process_index, process_count) -> bool:
     """Builds the dataset if it is not there: process 0 alone, while the others wait for
     it; a failure is raised on every process with the same message. True if it was built."""
     message = _prepare_here(builder, input_config) if process_index == 0 else None
     if process_count > 1:
         from sasa_flax import distributed
 
-        message = (share or distributed.share_from_process_0)(
+        message = distributed.share_from_process_0(
             f"prepare/{builder.name}/{builder.data_dir}", message
         )
     if message and message != "built":

@@ -1,13 +1,9 @@
 """One table over many runs: how an ablation sweep is read (``report --results``).
 
-A run's workdir holds what this needs, written by ``train.py`` (process 0):
-  - ``run.json``: the ``--config`` argument and overrides, the whole config, parameters
-    and FLOPs, devices (rewritten at every start);
-  - ``eval_results_step_N.json``: the final evaluation (``eval.py`` writes the same);
-  - TensorBoard events: ``train/images_per_sec`` per log line, ``eval/top1`` and
-    ``eval/top5`` per periodic evaluation;
-  - ``checkpoints/<step>``: how far a running or stopped run got.
-Running and unfinished runs are read as far as they got.
+A run's workdir is read through ``sasa_flax.workdir`` (the run record, the evaluation
+results, the checkpoint steps: how far a running or stopped run got) and its TensorBoard
+events (``train/images_per_sec`` per log line, ``eval/top1`` and ``eval/top5`` per
+periodic evaluation). Running and unfinished runs are read as far as they got.
 """
 
 from __future__ import annotations
@@ -15,15 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import statistics
 
 from etils import epath
 
 from sasa_flax import config_lib
-
-RUN_RECORD = "run.json"  # written by train_lib.write_run_record
-_EVAL_FILE = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
+from sasa_flax import workdir as workdir_lib
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -76,20 +69,10 @@ def read_run(workdir: str) -> dict:
     path = epath.Path(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory; pass training workdirs.")
-    record_file = path / RUN_RECORD
-    record = json.loads(record_file.read_text()) if record_file.exists() else {}
-    evals = {}
-    for f in path.iterdir():
-        match = _EVAL_FILE.match(f.name)
-        if match:
-            evals[int(match.group(1))] = json.loads(f.read_text())
+    record = workdir_lib.read_run_record(workdir)
+    evals = workdir_lib.eval_results(workdir)
     scalars = _scalars(path)
-    checkpoint_dir = path / "checkpoints"
-    checkpoints = (
-        [int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()]
-        if checkpoint_dir.exists()
-        else []
-    )
+    checkpoints = workdir_lib.checkpoint_steps(workdir)
     logged = [step for points in scalars.values() for step, _ in points]
     final = evals[max(evals)] if evals else {}
 

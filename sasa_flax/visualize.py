@@ -33,7 +33,8 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sasa_flax import cli, input_pipeline, train_lib
+from sasa_flax import cli, input_pipeline
+from sasa_flax import train as trainer
 from sasa_flax.errors import UserError
 from sasa_flax.layers import SelfAttention2D
 from sasa_flax.ops import patches
@@ -175,11 +176,11 @@ def _file_name(layer_path: str) -> str:
 def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
               queries=((0.5, 0.5), (0.0, 0.0))) -> dict:  # fmt: skip
     """Writes the pictures and index.html; returns {"step", "files": [...], "layers": [...]}."""
-    setup = train_lib.make_setup(config, devices=jax.devices()[:1], process_count=1)
-    abstract = train_lib.abstract_state(setup)
-    step, restored = train_lib.restore_model_item(setup, abstract, workdir, step)
-    params, model_state = train_lib.eval_weights(restored["model"])
-    model = train_lib.merged_model(setup, setup.eval_graphdef, params, model_state, 0)
+    setup = trainer.make_setup(config, devices=jax.devices()[:1], process_count=1)
+    abstract = trainer.abstract_state(setup)
+    step, restored = trainer.restore_model_item(setup, abstract, workdir, step)
+    params, model_state = trainer.eval_weights(restored["model"])
+    model = trainer.merged_model(setup, setup.eval_graphdef, params, model_state, 0)
     batch = next(input_pipeline.eval_batches(setup.dataset, config.input))
     pixels = batch["image"][: max(1, images)]
     recorded = attention_inputs(model, input_pipeline.normalise(jnp.asarray(pixels)))

@@ -39,9 +39,10 @@ import threading
 import time
 import uuid
 
+from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import UserError
 
-LOCK_NAME = "train.lock"
+LOCK_NAME = workdir_lib.LOCK_NAME
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 5 * HEARTBEAT_S
 

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import checkpointing, config_lib, train_lib
+from sasa_flax import checkpointing, config_lib
+from sasa_flax import train as trainer
 from sasa_flax.ops import patches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -150,10 +151,10 @@ def tiny_config(**train):
 
 def final_params(config, workdir, devices):
     """(step, parameters) of the newest checkpoint in ``workdir``, on the host."""
-    setup = train_lib.make_setup(config, devices=devices)
+    setup = trainer.make_setup(config, devices=devices)
     mngr = checkpointing.manager(workdir, read_only=True)
     step = checkpointing.step_to_restore(mngr, workdir, None)
-    item = checkpointing.restore(mngr, step, model=train_lib.abstract_state(setup).model_item())
+    item = checkpointing.restore(mngr, step, model=trainer.abstract_state(setup).model_item())
     return step, jax.device_get(item["model"])
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, flops, models, train_lib
+from sasa_flax import config_lib, flops, models
+from sasa_flax import train as trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
 
@@ -117,9 +118,9 @@ def test_the_report_counts_what_it_can_and_names_what_it_cannot():
 
 
 def test_default_weight_decay_is_on_matrices_only():
-    setup = train_lib.model_setup(get_config(), jax.devices()[:1], dataset=None,
+    setup = trainer.model_setup(get_config(), jax.devices()[:1], dataset=None,
                                   steps_per_epoch=10, total_steps=10)  # fmt: skip
-    params = train_lib.abstract_state(setup).params
+    params = trainer.abstract_state(setup).params
     mask = setup.decay_mask(params)
     flat = {"/".join(map(str, k)): v for k, v in flax.traverse_util.flatten_dict(mask).items()}
     assert flat["embed/kernel"] and flat["mlps/0/kernel"] and flat["mixers/0/rel_row"]
@@ -128,14 +129,14 @@ def test_default_weight_decay_is_on_matrices_only():
 
 def test_dropout_keys_come_from_the_seed_and_the_step():
     config = get_config()
-    setup = train_lib.model_setup(config, jax.devices()[:1], dataset=None,
+    setup = trainer.model_setup(config, jax.devices()[:1], dataset=None,
                                   steps_per_epoch=10, total_steps=10)  # fmt: skip
-    state = train_lib.init_state(setup, train_lib.abstract_state(setup))
+    state = trainer.init_state(setup, trainer.abstract_state(setup))
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
 
     @jax.jit
     def run(step):
-        model = train_lib.merged_model(
+        model = trainer.merged_model(
             setup, setup.train_graphdef, state.params, state.model_state, step
         )
         return model(images)
@@ -148,16 +149,16 @@ def test_dropout_keys_come_from_the_seed_and_the_step():
 
 def test_trains_checkpoints_resumes_exactly_and_evaluates(tmp_path):
     config = get_config()
-    uninterrupted = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+    uninterrupted = trainer.train_and_evaluate(config, str(tmp_path / "a"))
     assert uninterrupted["step"] == 6 and uninterrupted["num_examples"] == 360
     losses = [loss for _, loss in uninterrupted["train_log"]]
     assert np.isfinite(losses).all()
-    stopped = train_lib.train_and_evaluate(config, str(tmp_path / "b"), stop_after_step=3)
+    stopped = trainer.train_and_evaluate(config, str(tmp_path / "b"), stop_after_step=3)
     assert stopped["step"] == 3
-    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "b"))
     assert [s for s, _ in resumed["train_log"]] == [4, 5, 6]
     assert resumed["top1"] == uninterrupted["top1"] and resumed["loss"] == uninterrupted["loss"]
-    again = train_lib.evaluate_checkpoint(config, str(tmp_path / "b"))
+    again = trainer.evaluate_checkpoint(config, str(tmp_path / "b"))
     assert again["top1"] == pytest.approx(resumed["top1"], abs=1e-9)
 
 

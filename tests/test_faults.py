@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, config_lib, train_lib
+from sasa_flax import checkpointing, config_lib, input_pipeline
+from sasa_flax import train as trainer
 from tests import helpers
 from tests.helpers import final_params, tiny_config
 
@@ -118,8 +119,8 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
         steps = complete_steps(tmp_path)
         assert step_being_written not in steps  # the half-written step is not listed ...
         if steps:  # ... and the newest listed one restores completely
-            setup = train_lib.make_setup(tiny_config(num_steps=STEPS), devices=jax.devices()[:1])
-            abstract = train_lib.abstract_state(setup)
+            setup = trainer.make_setup(tiny_config(num_steps=STEPS), devices=jax.devices()[:1])
+            abstract = trainer.abstract_state(setup)
             mngr = checkpointing.manager(str(tmp_path), read_only=True)
             item = checkpointing.restore(
                 mngr, steps[-1], model=abstract.model_item(), train=abstract.train_item()
@@ -134,7 +135,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
 def _poison_batch(monkeypatch, at_step: int):
     """Training batch number ``at_step`` (1-based) gets a NaN loss weight (images are
     uint8 and cannot hold a NaN)."""
-    batches = train_lib.input_pipeline.train_batches
+    batches = input_pipeline.train_batches
 
     def poisoned(*args, start_step=0, **kwargs):
         for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
@@ -142,16 +143,14 @@ def _poison_batch(monkeypatch, at_step: int):
                 batch["mask"][0] = np.nan
             yield batch
 
-    monkeypatch.setattr(train_lib.input_pipeline, "train_batches", poisoned)
+    monkeypatch.setattr(input_pipeline, "train_batches", poisoned)
 
 
 @slow
 def test_a_non_finite_step_stops_the_run_without_saving_it(monkeypatch, tmp_path):
     _poison_batch(monkeypatch, at_step=4)
-    with pytest.raises(
-        train_lib.TrainError, match=r"step 4: non-finite training.*newest .* step 2"
-    ):
-        train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+    with pytest.raises(trainer.TrainError, match=r"step 4: non-finite training.*newest .* step 2"):
+        trainer.train_and_evaluate(tiny_config(), str(tmp_path))
     assert complete_steps(tmp_path) == [1, 2]  # step 4 never saved; step 2 is intact
     _, params = final_params(tiny_config(), str(tmp_path), jax.devices())
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
@@ -161,10 +160,10 @@ def test_a_non_finite_step_stops_the_run_without_saving_it(monkeypatch, tmp_path
 def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, tmp_path):
     _poison_batch(monkeypatch, at_step=4)
     config = tiny_config(on_nonfinite="skip")
-    results = train_lib.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results["step"] == 6 and np.isfinite(results["loss"])
-    setup = train_lib.make_setup(config)
-    abstract = train_lib.abstract_state(setup)
+    setup = trainer.make_setup(config)
+    abstract = trainer.abstract_state(setup)
     mngr = checkpointing.manager(str(tmp_path), read_only=True)
     item = checkpointing.restore(mngr, 6, model=abstract.model_item(), train=abstract.train_item())
     assert int(item["train"]["nonfinite_steps"]) == 1
@@ -174,7 +173,7 @@ def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, t
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
-    train_lib.train_and_evaluate(tiny_config(num_steps=1), str(workdir))
+    trainer.train_and_evaluate(tiny_config(num_steps=1), str(workdir))
     return workdir
 
 
@@ -195,13 +194,13 @@ def test_eval_on_a_checkpoint_of_another_architecture_names_the_parameters(
     config = tiny_config(num_steps=1)
     config.model.update(**change)
     with pytest.raises(checkpointing.CheckpointError, match=names):
-        train_lib.evaluate_checkpoint(config, str(trained_workdir))
+        trainer.evaluate_checkpoint(config, str(trained_workdir))
 
 
 def test_an_unwritable_workdir_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(train_lib.TrainError, match="a_file/run is not writable"):
-        train_lib.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
+    with pytest.raises(trainer.TrainError, match="a_file/run is not writable"):
+        trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 

@@ -2,12 +2,13 @@
 
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, distributed
 from sasa_flax import input_pipeline as ip
 
 
@@ -138,9 +139,39 @@ def test_folder_with_train_and_val_subfolders(tmp_path):
     ],
 )
 def test_folder_errors(tmp_path, setup, match):
+    """Raised by load, or by the split when it is built (make_setup builds both)."""
     setup(tmp_path)
     with pytest.raises(ip.DatasetError, match=match):
-        ip.load(input_config(dataset="folder", data_dir=str(tmp_path)))
+        dataset = ip.load(input_config(dataset="folder", data_dir=str(tmp_path)))
+        dataset.train  # noqa: B018
+
+
+def test_evaluating_never_builds_the_training_split(tmp_path, monkeypatch):
+    """eval.py's setup opens the evaluation split only: the training folder's images are
+    never listed, nor a TFDS training split sized."""
+    from sasa_flax import train as trainer
+
+    for split, count in (("train", 12), ("val", 4)):
+        for c in "ab":
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(count // 2):
+                tf.io.write_file(str(tmp_path / split / c / f"{i}.png"), tf.io.encode_png(
+                    np.zeros((8, 8, 3), np.uint8)))  # fmt: skip
+    listed = []
+    files_under = ip.FolderTree.files_under
+    monkeypatch.setattr(
+        ip.FolderTree,
+        "files_under",
+        lambda self, folder: listed.append(folder) or files_under(self, folder),
+    )
+    config = config_lib.load_config("tests/tiny_config.py:batch=4")
+    config.input.update(dataset="folder", data_dir=str(tmp_path), eval_batch_size=4)
+    config.model.num_classes = 2
+    setup = trainer.make_eval_setup(config, devices=jax.devices()[:1])
+    assert setup.dataset.eval.size == 4 and all(f.startswith("val/") for f in listed)
+    listed.clear()
+    assert trainer.make_setup(config, devices=jax.devices()[:1]).dataset.train.size == 12
+    assert any(f.startswith("train/") for f in listed)
 
 
 def test_unknown_tfds_name_and_unprepared_imagenet(tmp_path):
@@ -266,7 +297,7 @@ def test_tfds_processes_never_share_an_augmentation_key(monkeypatch):
     assert len({image.tobytes() for batch in images for image in batch}) == 4 * 8
 
 
-def test_only_process_0_prepares_and_every_process_reports_its_failure():
+def test_only_process_0_prepares_and_every_process_reports_its_failure(monkeypatch):
     class Builder:
         name, data_dir, built = "toy", "/data", 0
 
@@ -284,11 +315,13 @@ def test_only_process_0_prepares_and_every_process_reports_its_failure():
         shared.setdefault(key, message)
         return shared[key]
 
+    monkeypatch.setattr(distributed, "share_from_process_0", share)
+
     errors = []
     builders = [Builder(), Builder()]
     for index, builder in enumerate(builders):
         with pytest.raises(ip.DatasetError) as raised:
-            ip._prepare(builder, config, index, 2, share)
+            ip._prepare(builder, config, index, 2)
         errors.append(str(raised.value))
     assert [b.built for b in builders] == [1, 0]  # process 1 waited, it did not build
     assert errors[0] == errors[1] and "building it failed (OSError: no internet)" in errors[0]

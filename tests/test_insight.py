@@ -10,7 +10,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from sasa_flax import results, train_lib, visualize
+from sasa_flax import results, visualize
+from sasa_flax import train as trainer
 from tests.helpers import tiny_config
 
 SPEC = "tests/tiny_config.py:steps=2"
@@ -29,7 +30,7 @@ def runs(tmp_path_factory):
         workdir = str(tmp_path_factory.mktemp(f"log{log_every}"))
         config = tiny_config(num_steps=2, log_every_steps=log_every)
         overrides = [f"config.train.log_every_steps={log_every}"] if log_every == 2 else []
-        train_lib.train_and_evaluate(
+        trainer.train_and_evaluate(
             config, workdir, devices=jax.devices()[:2],
             command=dict(config_spec=SPEC, overrides=overrides),
         )  # fmt: skip
@@ -106,11 +107,11 @@ def test_attention_pictures_of_a_trained_run(runs, tmp_path):
 @needs_runs
 def test_lean_weights_sum_to_one_and_vanish_outside_the_image(runs):
     config = tiny_config(num_steps=2)
-    setup = train_lib.make_setup(config, devices=jax.devices()[:1])
-    model = train_lib.merged_model(
+    setup = trainer.make_setup(config, devices=jax.devices()[:1])
+    model = trainer.merged_model(
         setup, setup.eval_graphdef,
-        *train_lib.eval_weights(train_lib.restore_model_item(
-            setup, train_lib.abstract_state(setup), runs[0], None)[1]["model"]),
+        *trainer.eval_weights(trainer.restore_model_item(
+            setup, trainer.abstract_state(setup), runs[0], None)[1]["model"]),
         0,
     )  # fmt: skip
     images = jax.numpy.zeros((1, 16, 16, 3))

@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, input_pipeline, train_lib
+from sasa_flax import config_lib, input_pipeline
+from sasa_flax import train as trainer
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from tests.helpers import shipped_config_specs, tiny_config
 
@@ -62,24 +63,24 @@ def test_tables_3_and_5_are_scored_on_the_held_out_four_percent(spec):
 
 def test_ema_decay_warms_up():
     t = config_lib.base_config().train
-    decays = [float(train_lib.ema_decay(t, step)) for step in (0, 1, 10, 10**6)]
+    decays = [float(trainer.ema_decay(t, step)) for step in (0, 1, 10, 10**6)]
     assert decays[:3] == pytest.approx([0.1, 2 / 11, 11 / 20])
     assert decays[3] == pytest.approx(0.9999)
     t.ema_warmup = False
-    assert float(train_lib.ema_decay(t, 0)) == pytest.approx(0.9999)
+    assert float(trainer.ema_decay(t, 0)) == pytest.approx(0.9999)
     # After a 1,560-step run with warm-up the initial weights are forgotten; without
     # it 0.9999^1560 ≈ 86% of them would remain.
     t.ema_warmup = True
-    remaining = np.prod([float(train_lib.ema_decay(t, s)) for s in range(1560)])
+    remaining = np.prod([float(trainer.ema_decay(t, s)) for s in range(1560)])
     assert remaining < 1e-3 and 0.9999**1560 > 0.85
 
 
 def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
     config = tiny_config(ema_decay=0.9999, warmup_epochs=0.1)  # 4 warm-up steps
-    setup = train_lib.make_setup(config, devices=jax.devices()[:1])
-    abstract = train_lib.abstract_state(setup)
-    train_fn, _ = train_lib.compile_steps(setup, abstract)
-    state = train_lib.init_state(setup, abstract)
+    setup = trainer.make_setup(config, devices=jax.devices()[:1])
+    abstract = trainer.abstract_state(setup)
+    train_fn, _ = trainer.compile_steps(setup, abstract)
+    state = trainer.init_state(setup, abstract)
     # As after four skipped (non-finite) steps: step 5, but one update applied.
     state = state.replace(
         step=jnp.asarray(5, jnp.int32),
@@ -88,7 +89,7 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
     )
     initial = jax.device_get(state.params)
     batch = next(input_pipeline.train_batches(setup.dataset, config.input, seed=0))
-    new, metrics = train_fn(state, train_lib.global_batch(setup, batch))
+    new, metrics = train_fn(state, trainer.global_batch(setup, batch))
     assert float(metrics["learning_rate"]) == pytest.approx(float(setup.schedule(1)))
     assert float(setup.schedule(1)) != pytest.approx(float(setup.schedule(5)))
     decay = 6 / 15  # min(0.9999, (1 + 5) / (10 + 5))
@@ -99,26 +100,26 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
 
 def test_a_resume_with_a_changed_schedule_is_refused_naming_the_fields(tmp_path):
     config = tiny_config()
-    train_lib.train_and_evaluate(config, str(tmp_path), stop_after_step=2)
+    trainer.train_and_evaluate(config, str(tmp_path), stop_after_step=2)
     changed = tiny_config(base_learning_rate=0.8, warmup_epochs=0.5)
     with pytest.raises(
-        train_lib.TrainError,
+        trainer.TrainError,
         match=r"config\.train\.base_learning_rate 0\.4 -> 0\.8, "
         r"config\.train\.warmup_epochs 0\.0 -> 0\.5.*allow_schedule_change=True",
     ):
-        train_lib.train_and_evaluate(changed, str(tmp_path))
+        trainer.train_and_evaluate(changed, str(tmp_path))
     bigger = tiny_config()
     bigger.input.batch_size = 64
-    with pytest.raises(train_lib.TrainError, match=r"config\.input\.batch_size 32 -> 64"):
-        train_lib.train_and_evaluate(bigger, str(tmp_path))
+    with pytest.raises(trainer.TrainError, match=r"config\.input\.batch_size 32 -> 64"):
+        trainer.train_and_evaluate(bigger, str(tmp_path))
 
 
 @pytest.mark.slow
 def test_allow_schedule_change_extends_a_finished_run(tmp_path):
     config = tiny_config(num_steps=4)
-    assert train_lib.train_and_evaluate(config, str(tmp_path))["step"] == 4
+    assert trainer.train_and_evaluate(config, str(tmp_path))["step"] == 4
     extended = tiny_config(num_steps=6, allow_schedule_change=True)
-    results = train_lib.train_and_evaluate(extended, str(tmp_path))
+    results = trainer.train_and_evaluate(extended, str(tmp_path))
     assert results["step"] == 6 and [s for s, _ in results["train_log"]] == [5, 6]
 
 
@@ -209,7 +210,7 @@ def test_small_configs_train_on_generated_data_with_their_own_recipe(tmp_path, s
     _image_folder(tmp_path / "data", {f"class{c:04d}": per_class for c in range(classes)})
     config = config_lib.load_config(spec)
     config.input.update(dataset="folder", data_dir=str(tmp_path / "data"))
-    results = train_lib.train_and_evaluate(config, str(tmp_path / "run"), stop_after_step=2)
+    results = trainer.train_and_evaluate(config, str(tmp_path / "run"), stop_after_step=2)
     assert results["step"] == 2
     assert all(np.isfinite(loss) for _, loss in results["train_log"])
 

@@ -13,14 +13,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import config_lib, train_lib
+from sasa_flax import config_lib
+from sasa_flax import train as trainer
 from sasa_flax.layers import SelfAttention2D
 from sasa_flax.ops.pallas import shards
 from tests.helpers import relative_error
 
 
 def data_mesh(devices: int):
-    return train_lib.data_mesh(jax.devices()[:devices])
+    return trainer.data_mesh(jax.devices()[:devices])
 
 
 def layer_gradients(impl: str, x, mesh=None, padding="mask"):
@@ -37,7 +38,7 @@ def layer_gradients(impl: str, x, mesh=None, padding="mask"):
 
     step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     if mesh is not None:
-        step = train_lib.on_mesh(mesh, step)
+        step = trainer.on_mesh(mesh, step)
         x = jax.device_put(x, NamedSharding(mesh, P("data")))
         params = jax.device_put(params, NamedSharding(mesh, P()))
     (_, y), (d_params, d_x) = jax.jit(step)(params, x)
@@ -63,7 +64,7 @@ def test_kernels_are_called_per_shard():
     batch with shard_map, and outside a mesh it does not."""
     x = jnp.zeros((8, 6, 7, 8), jnp.float32)
     layer = SelfAttention2D(8, 8, num_heads=2, kernel_size=3, impl="pallas", rngs=nnx.Rngs(0))
-    inside = str(jax.make_jaxpr(train_lib.on_mesh(data_mesh(4), layer))(x))
+    inside = str(jax.make_jaxpr(trainer.on_mesh(data_mesh(4), layer))(x))
     assert "shard_map" in inside and "f32[2,6,7,2,4]" in inside  # 8 images / 4 devices
     assert "shard_map" not in str(jax.make_jaxpr(layer)(x))
 
@@ -76,29 +77,29 @@ def test_batch_axes_split_only_what_divides():
 
 
 def test_trainer_step_traces_the_kernels_per_shard():
-    """The trainer's jitted train step (train_lib.compile_steps) enters its mesh itself:
+    """The trainer's jitted train step (trainer.compile_steps) enters its mesh itself:
     a model with impl="pallas" gets its kernels inside shard_map, one device's batch."""
     config = config_lib.load_config(
         "configs/imagenet.py:depth=26,variant=conv_stem_attention,runlocal=true"
     )
     config.model.attention_impl = "pallas"
     config.input.update(batch_size=8, eval_batch_size=8)
-    setup = train_lib.model_setup(
+    setup = trainer.model_setup(
         config, jax.devices()[:4], dataset=None, steps_per_epoch=10, total_steps=10
     )
-    abstract = train_lib.abstract_state(setup)
-    train, _ = train_lib.compile_steps(setup, abstract)
-    batch = train_lib.abstract_batch(setup, 8)
+    abstract = trainer.abstract_state(setup)
+    train, _ = trainer.compile_steps(setup, abstract)
+    batch = trainer.abstract_batch(setup, 8)
     jaxpr = str(train.trace(abstract, batch).jaxpr)
     assert "shard_map" in jaxpr
 
 
 def test_attention_plan_names_every_layer_and_its_choice():
     config = config_lib.load_config("configs/imagenet.py:depth=50,variant=conv_stem_attention")
-    setup = train_lib.model_setup(
+    setup = trainer.model_setup(
         config, jax.devices()[:1], dataset=None, steps_per_epoch=10, total_steps=10
     )
-    plan = train_lib.attention_plan(setup)
+    plan = trainer.attention_plan(setup)
     counts = {line.split(":")[0]: int(line.split(": ")[1].split()[0]) for line in plan}
     assert sum(counts.values()) == 16  # ResNet-50: 3 + 4 + 6 + 3 blocks, one layer each
     assert counts == {
@@ -106,7 +107,7 @@ def test_attention_plan_names_every_layer_and_its_choice():
         "14×14 k=7 auto → shifted": 6, "7×7 k=7 auto → dense": 2,
     }  # fmt: skip
     config.model.attention_impl = "pallas"
-    plan = train_lib.attention_plan(dataclasses.replace(setup, config=config))
+    plan = trainer.attention_plan(dataclasses.replace(setup, config=config))
     assert len(plan) == 4 and all(line.split(": ")[0].endswith(" pallas") for line in plan)
 
 
@@ -126,9 +127,9 @@ def step_failing_to_compile(message: str):
 
 def test_kernel_compile_failure_names_the_way_round():
     failing = step_failing_to_compile("INTERNAL: Mosaic failed to compile TPU kernel: bad\n...")
-    with pytest.raises(train_lib.TrainError, match="attention_impl=shifted") as e:
-        train_lib.compile_or_explain(failing)
+    with pytest.raises(trainer.TrainError, match="attention_impl=shifted") as e:
+        trainer.compile_or_explain(failing)
     assert "\n" not in str(e.value) and "Mosaic failed to compile" in str(e.value)
     # Not a kernel's failure: not ours to explain, raised as it is.
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
-        train_lib.compile_or_explain(step_failing_to_compile("RESOURCE_EXHAUSTED: out of HBM"))
+        trainer.compile_or_explain(step_failing_to_compile("RESOURCE_EXHAUSTED: out of HBM"))

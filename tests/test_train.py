@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, train_lib
+from sasa_flax import checkpointing
+from sasa_flax import train as trainer
 from sasa_flax.models import resnet
 from tests.helpers import final_params, tiny_config
 
@@ -20,7 +21,7 @@ def eight_device_run(tmp_path_factory):
     assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
     config = tiny_config()
     workdir = str(tmp_path_factory.mktemp("run8"))
-    results = train_lib.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir)
     return config, workdir, results
 
 
@@ -41,7 +42,7 @@ def test_digits_are_learned(tmp_path):
     """Images, labels and the on-device normalisation fit together: 60 steps of the tiny
     model reach well above chance (10%) on the held-out digits (41% when written)."""
     config = tiny_config(num_steps=60, base_learning_rate=1.6, log_every_steps=20)
-    results = train_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
+    results = trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
     assert results["top1"] > 30.0, results
 
 
@@ -49,7 +50,7 @@ def test_digits_are_learned(tmp_path):
 def test_one_and_eight_devices_give_the_same_parameters(eight_device_run, tmp_path):
     config, workdir8, _ = eight_device_run
     workdir1 = str(tmp_path / "run1")
-    train_lib.train_and_evaluate(config, workdir1, devices=jax.devices()[:1])
+    trainer.train_and_evaluate(config, workdir1, devices=jax.devices()[:1])
     _, params8 = final_params(config, workdir8, jax.devices())
     _, params1 = final_params(config, workdir1, jax.devices()[:1])
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
@@ -59,9 +60,9 @@ def test_one_and_eight_devices_give_the_same_parameters(eight_device_run, tmp_pa
 def test_restart_from_the_workdir_continues_exactly(eight_device_run, tmp_path):
     config, uninterrupted, _ = eight_device_run
     workdir = str(tmp_path / "interrupted")
-    stopped = train_lib.train_and_evaluate(config, workdir, stop_after_step=3)
+    stopped = trainer.train_and_evaluate(config, workdir, stop_after_step=3)
     assert stopped["step"] == 3 and "top1" not in stopped
-    resumed = train_lib.train_and_evaluate(config, workdir)
+    resumed = trainer.train_and_evaluate(config, workdir)
     assert resumed["step"] == 6
     assert [s for s, _ in resumed["train_log"]] == [4, 5, 6]  # steps 1-3 were not redone
     starts = json.loads((pathlib.Path(workdir) / "run.json").read_text())["starts"]
@@ -74,7 +75,7 @@ def test_restart_from_the_workdir_continues_exactly(eight_device_run, tmp_path):
 
 def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
     config, workdir, results = eight_device_run
-    again = train_lib.evaluate_checkpoint(config, workdir)
+    again = trainer.evaluate_checkpoint(config, workdir)
     assert again["step"] == 6 and again["num_examples"] == 360
     assert again["top1"] == pytest.approx(results["top1"], abs=1e-9)
     assert again["loss"] == pytest.approx(results["loss"], rel=1e-5)
@@ -83,25 +84,25 @@ def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
 def test_eval_of_an_earlier_step_and_of_a_missing_one(eight_device_run):
     config, workdir, _ = eight_device_run
     steps = sorted(checkpointing.manager(workdir, read_only=True).all_steps())
-    assert train_lib.evaluate_checkpoint(config, workdir, step=steps[0])["step"] == steps[0]
+    assert trainer.evaluate_checkpoint(config, workdir, step=steps[0])["step"] == steps[0]
     with pytest.raises(
         checkpointing.CheckpointError, match=r"no checkpoint of step 5.*available steps"
     ):
-        train_lib.evaluate_checkpoint(config, workdir, step=5)
+        trainer.evaluate_checkpoint(config, workdir, step=5)
 
 
 def test_eval_on_an_empty_workdir_says_so(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in .*train first"):
-        train_lib.evaluate_checkpoint(tiny_config(), str(tmp_path))
+        trainer.evaluate_checkpoint(tiny_config(), str(tmp_path))
 
 
 def test_batch_not_divisible_by_the_devices_is_refused_before_compiling(tmp_path):
     config = tiny_config()
     config.input.batch_size = 36
     with pytest.raises(
-        train_lib.TrainError, match=r"config.input.batch_size=36 is not divisible by the 8 devices"
+        trainer.TrainError, match=r"config.input.batch_size=36 is not divisible by the 8 devices"
     ):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     assert not any(tmp_path.iterdir())  # nothing written
 
 
@@ -119,7 +120,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
     config = tiny_config()
     config.input.batch_size = 512
     config.train.update(base_learning_rate=0.1, warmup_epochs=2.0)
-    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    schedule = trainer.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(20)) == pytest.approx(0.2)  # 0.1 × 512 / 256 at the end of warm-up
     assert float(schedule(10)) == pytest.approx(0.1)
@@ -154,10 +155,10 @@ def test_eval_of_another_setting_is_refused_or_written_apart(eight_device_run):
     other = tiny_config()
     other.input.image_size = 24
     with pytest.raises(
-        train_lib.TrainError, match=r"config\.input\.image_size 16 -> 24.*--other_setting"
+        trainer.TrainError, match=r"config\.input\.image_size 16 -> 24.*--other_setting"
     ):
-        train_lib.evaluate_checkpoint(other, workdir)
-    again = train_lib.evaluate_checkpoint(other, workdir, other_setting=True)
+        trainer.evaluate_checkpoint(other, workdir)
+    again = trainer.evaluate_checkpoint(other, workdir, other_setting=True)
     assert again["setting"] == "image_size=24" and again["num_examples"] == 360
     assert (pathlib.Path(workdir) / "eval_results_step_6_image_size=24.json").exists()
     assert own_file.read_text() == own  # the run's own results are never overwritten
@@ -171,9 +172,9 @@ def test_a_checkpoint_of_8_devices_resumes_on_4_then_on_1_and_ends_where_8_do(
     the new mesh and the data stream continues at the same global position."""
     config, uninterrupted, _ = eight_device_run
     workdir, devices = str(tmp_path / "moved"), jax.devices()
-    train_lib.train_and_evaluate(config, workdir, devices=devices[:8], stop_after_step=2)
-    train_lib.train_and_evaluate(config, workdir, devices=devices[:4], stop_after_step=4)
-    resumed = train_lib.train_and_evaluate(config, workdir, devices=devices[:1])
+    trainer.train_and_evaluate(config, workdir, devices=devices[:8], stop_after_step=2)
+    trainer.train_and_evaluate(config, workdir, devices=devices[:4], stop_after_step=4)
+    resumed = trainer.train_and_evaluate(config, workdir, devices=devices[:1])
     assert [s for s, _ in resumed["train_log"]] == [5, 6]
     starts = json.loads((pathlib.Path(workdir) / "run.json").read_text())["starts"]
     assert [(s["start_step"], s["devices"]) for s in starts] == [(0, 8), (2, 4), (4, 1)]
@@ -187,8 +188,8 @@ def test_a_refused_resume_leaves_the_run_record_as_it_was(eight_device_run):
     config, workdir, _ = eight_device_run
     record = (pathlib.Path(workdir) / "run.json").read_bytes()
     changed = tiny_config(seed=config.train.seed + 1)
-    with pytest.raises(train_lib.TrainError, match=r"config.train.seed 0 -> 1"):
-        train_lib.train_and_evaluate(changed, workdir)
+    with pytest.raises(trainer.TrainError, match=r"config.train.seed 0 -> 1"):
+        trainer.train_and_evaluate(changed, workdir)
     assert (pathlib.Path(workdir) / "run.json").read_bytes() == record
 
 
@@ -214,19 +215,19 @@ def test_the_training_loop_reads_nothing_from_the_devices_per_step(device_reads_
     caught by jax on every platform, device-to-host here as on accelerators): a whole
     run with its log lines, evaluation and checkpoints passes..."""
     config = tiny_config(num_steps=3, eval_every_steps=2)
-    assert train_lib.train_and_evaluate(config, str(tmp_path))["step"] == 3
+    assert trainer.train_and_evaluate(config, str(tmp_path))["step"] == 3
 
 
 def test_a_host_read_per_step_fails_instead_of_stalling_the_loop(
     device_reads_guarded, monkeypatch, tmp_path
 ):
     """... and one per-step read added to it fails the run."""
-    add = train_lib._ProgressLog.add
+    add = trainer.ProgressLog.add
 
     def add_and_read(self, done, metrics):
         float(metrics["loss"])  # a per-step sync, as a careless metric would add
         add(self, done, metrics)
 
-    monkeypatch.setattr(train_lib._ProgressLog, "add", add_and_read)
+    monkeypatch.setattr(trainer.ProgressLog, "add", add_and_read)
     with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
-        train_lib.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
+        trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from sasa_flax import config_lib, input_pipeline, train_lib, workdir_lock
+from sasa_flax import config_lib, input_pipeline, workdir_lock
+from sasa_flax import train as trainer
 from tests.helpers import tiny_config
 
 
@@ -37,14 +39,14 @@ def test_a_second_trainer_refuses_at_once_naming_the_holder(tmp_path):
         match=rf"in use by another trainer \(pid {os.getppid()} on {socket.gethostname()}, "
         r"started .*\).*another --workdir",
     ):
-        train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+        trainer.train_and_evaluate(tiny_config(), str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lock.LOCK_NAME]  # untouched
 
 
 def test_a_stale_lock_is_taken_over_and_the_lock_released_at_exit(tmp_path, caplog):
     _write_lock(tmp_path, pid=_dead_pid())
     with caplog.at_level("WARNING", logger="sasa_flax"):
-        results = train_lib.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
+        results = trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
     assert results["step"] == 1
     assert "taking over the stale lock" in caplog.text
     assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
@@ -93,16 +95,18 @@ def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
         input_pipeline.load(config)
 
 
-def test_an_empty_eval_image_is_reported_at_load_naming_the_file(tmp_path):
+def test_an_empty_eval_image_is_reported_at_setup_naming_the_file(tmp_path):
+    """Before any training step (make_setup builds both splits), not at the evaluation."""
     _folder(tmp_path / "train", ["cat", "dog"], images=4)
     _folder(tmp_path / "val", ["cat", "dog"], images=1)
     (tmp_path / "val" / "dog" / "empty.png").write_bytes(b"")
-    config = config_lib.base_config().input
-    config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
+    config = config_lib.load_config("tests/tiny_config.py:batch=4")
+    config.input.update(dataset="folder", data_dir=str(tmp_path), eval_batch_size=4)
+    config.model.num_classes = 2
     with pytest.raises(input_pipeline.DatasetError, match=r"1 empty .*val/dog/empty\.png"):
-        input_pipeline.load(config)
-    config.corrupt_images = "skip"
-    assert input_pipeline.load(config).eval.size == 3  # skipped later, and counted
+        trainer.make_setup(config, devices=jax.devices()[:1])
+    config.input.corrupt_images = "skip"
+    assert input_pipeline.load(config.input).eval.size == 3  # skipped later, and counted
 
 
 def test_an_undecodable_training_image_is_named_by_path(tmp_path):

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 from absl import logging
 
-from sasa_flax import config_lib, input_pipeline, train_lib
+from sasa_flax import config_lib, input_pipeline
+from sasa_flax import train as trainer
 
 _load, _train_batches = input_pipeline.load, input_pipeline.train_batches
 
@@ -33,6 +34,6 @@ if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
     workdir, config_arg = sys.argv[1:]
     input_pipeline.train_batches = two_shard_batches
-    train_lib.train_and_evaluate(
+    trainer.train_and_evaluate(
         config_lib.load_config(f"tests/tiny_config.py:{config_arg}"), workdir
     )

@@ -19,7 +19,7 @@ the report use when present:
 - ``check_image_size(height, width)``: raise ``ArgumentError("image_size", ...)`` for a
   size the model cannot take (checked before anything is compiled);
 - ``decay_mask(params) -> pytree of bool``: which parameters get weight decay (default:
-  every parameter with ndim > 1, see ``train_lib.default_decay_mask``).
+  every parameter with ndim > 1, see ``trainer.default_decay_mask``).
 
 Parameter and FLOP counts come from the layers' own rules (``sasa_flax.costs``).
 """

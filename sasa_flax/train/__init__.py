@@ -1,0 +1,56 @@
+"""The trainer, one module per job; read ``loop.py`` first.
+
+  setup.py     ``Setup`` (config + devices -> mesh, optimizer, schedule) and ``TrainState``
+  steps.py     the jitted train and eval steps and how they are compiled over the mesh
+  prefetch.py  global batches put on the devices ahead of the loop
+  progress.py  log lines and TensorBoard events
+  evaluate.py  evaluation during training, and of a checkpoint (``eval.py``)
+  loop.py      ``train_and_evaluate``: the training loop in labelled stages
+
+What a run keeps in its workdir, and the rules of resuming, are ``sasa_flax.workdir``'s.
+The names below are the trainer's public API (``from sasa_flax import train as trainer``):
+the tools (``eval.py``, ``visualize``, ``aot``, the benchmarks) use nothing else.
+"""
+
+from sasa_flax.errors import TrainError
+from sasa_flax.train.evaluate import evaluate, evaluate_checkpoint, restore_model_item
+from sasa_flax.train.loop import train_and_evaluate
+from sasa_flax.train.prefetch import DevicePrefetch
+from sasa_flax.train.progress import ProgressLog, QueuedSummaryWriter
+from sasa_flax.train.setup import (
+    Setup,
+    TrainState,
+    abstract_state,
+    compute_dtype,
+    data_mesh,
+    default_decay_mask,
+    eval_weights,
+    init_state,
+    learning_rate_schedule,
+    make_eval_setup,
+    make_optimizer,
+    make_setup,
+    merged_model,
+    model_setup,
+)
+from sasa_flax.train.steps import (
+    abstract_batch,
+    attention_plan,
+    compile_or_explain,
+    compile_steps,
+    ema_decay,
+    eval_step,
+    global_batch,
+    on_mesh,
+    train_step,
+)
+
+__all__ = [
+    "DevicePrefetch", "ProgressLog", "QueuedSummaryWriter", "Setup", "TrainError",
+    "TrainState", "abstract_batch", "abstract_state", "attention_plan", "compile_or_explain",
+    "compile_steps", "compute_dtype", "data_mesh", "default_decay_mask", "ema_decay",
+    "eval_step", "eval_weights", "evaluate", "evaluate_checkpoint", "global_batch",
+    "init_state", "learning_rate_schedule", "make_eval_setup", "make_optimizer", "make_setup",
+    "merged_model", "model_setup", "on_mesh", "restore_model_item", "train_and_evaluate",
+    "train_step",
+]  # fmt: skip

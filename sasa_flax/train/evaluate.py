@@ -1,0 +1,88 @@
+"""Evaluation: of the state during training, and of a saved checkpoint (``eval.py``), which
+restores the model item only and never opens the training split."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import metric_writers
+
+from sasa_flax import checkpointing, input_pipeline
+from sasa_flax import workdir as workdir_lib
+from sasa_flax.train.progress import log
+from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
+from sasa_flax.train.steps import compile_steps, global_batch, kernel_failures_explained
+
+
+def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
+    """Top-1, top-5 (%) and loss over every example of the eval split, exactly once."""
+    totals = None
+    batches = input_pipeline.eval_batches(setup.dataset, setup.config.input)
+    for local in batches:
+        with kernel_failures_explained():  # compiled at the first batch
+            sums = eval_fn(params, model_state, global_batch(setup, local))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    skipped = setup.dataset.eval.size - int(count)  # corrupt images, under 'skip'
+    if skipped and jax.process_index() == 0:
+        log.warning("evaluation skipped %d image(s) that could not be decoded", skipped)
+    return dict(
+        top1=100.0 * float(totals["top1"]) / max(count, 1.0),
+        top5=100.0 * float(totals["top5"]) / max(count, 1.0),
+        loss=float(totals["loss"]) / max(count, 1.0),
+        num_examples=int(count),
+        skipped_images=skipped,
+    )
+
+
+def restore_model_item(setup: Setup, abstract: TrainState, workdir: str, step: int | None):
+    """(step, restored items: "model" and "meta") of a checkpoint, verified: the newest
+    that verifies, or ``step`` (refused naming the newest good one if it does not)."""
+    mngr = checkpointing.manager(workdir, read_only=True)
+    requested = checkpointing.step_to_restore(mngr, workdir, step)
+    if step is None:  # the newest checkpoint that verifies
+        return checkpointing.newest_good(
+            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
+        )
+    checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
+    try:
+        return requested, checkpointing.restore_verified(
+            mngr, requested, model=abstract.model_item()
+        )
+    except checkpointing.CheckpointError as e:
+        good, _ = checkpointing.newest_good(
+            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
+        )
+        raise checkpointing.CheckpointError(
+            f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
+        ) from None
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    devices=None,
+    other_setting: bool = False,
+) -> dict:
+    """Restores a checkpoint's model item (no optimizer state) and evaluates it, in the
+    evaluation setting the run was trained for unless ``other_setting`` (see
+    ``workdir.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
+    split only (``make_eval_setup``)."""
+    setup = make_eval_setup(config, devices=devices)
+    abstract = abstract_state(setup)
+    step, restored = restore_model_item(setup, abstract, workdir, step)
+    setting = workdir_lib.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
+    _, eval_fn = compile_steps(setup, abstract)
+    results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
+    workdir_lib.write_eval_results(workdir, step, results, setting)
+    if jax.process_index() == 0:
+        writer = metric_writers.create_default_writer(
+            workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), asynchronous=False
+        )
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        writer.flush()
+    return dict(step=step, setting=setting or "the run's own", **results)

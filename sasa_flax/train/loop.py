@@ -1,0 +1,219 @@
+"""The training loop, in labelled stages (one process per host; every host runs the same
+program):
+  1. Validate the config and the batch against the devices; open the dataset.
+  2. Claim the workdir (process 0 decides, every process hears the verdict).
+  3. Abstract init (``jax.eval_shape``), then the state born replicated on the mesh, or
+     restored from the newest checkpoint that verifies; only then is the start recorded.
+  4. Loop: global batches from per-process data, jitted train step (state donated),
+     metrics, periodic evaluation, asynchronous checkpoints.
+  5. Final checkpoint and evaluation, printed and written to the workdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import flax
+import jax
+import ml_collections
+
+from sasa_flax import checkpointing, distributed, input_pipeline, preemption, workdir_lock
+from sasa_flax import workdir as workdir_lib
+from sasa_flax.errors import TrainError
+from sasa_flax.train.evaluate import evaluate
+from sasa_flax.train.prefetch import DevicePrefetch
+from sasa_flax.train.progress import ProgressLog, format_duration, log, metric_writer
+from sasa_flax.train.setup import (
+    Setup,
+    TrainState,
+    abstract_state,
+    eval_weights,
+    init_state,
+    log_weight_decay,
+    make_setup,
+)
+from sasa_flax.train.steps import (
+    abstract_batch,
+    compile_or_explain,
+    compile_steps,
+    log_attention_plan,
+)
+
+
+def _nonfinite_error(mngr, bad: int, metrics: dict, done: int) -> TrainError:
+    mngr.wait_until_finished()  # the last good checkpoint is complete; no later one is saved
+    loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
+    unsaved = f"step {bad}" if bad == done else f"steps {bad}-{done}"
+    return TrainError(
+        f"step {bad}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
+        f"without saving {unsaved}. The newest checkpoint is step {mngr.latest_step()}. "
+        "Lower config.train.base_learning_rate or lengthen warm-up, or set "
+        "config.train.on_nonfinite='skip' to skip such steps and count them."
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices=None,
+    stop_after_step: int | None = None,
+    command: dict | None = None,
+) -> dict:
+    """Trains (resuming from workdir's latest checkpoint), evaluates, returns the final
+    eval metrics. It returns early, after a durable checkpoint, with ``stopped_by`` set
+    on SIGTERM / SIGINT (see ``preemption``), or at ``stop_after_step``. ``command``:
+    the config file argument and overrides (``cli.config_arguments``), for ``run.json``."""
+    # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
+    # by this run alone while it trains. Process 0 decides and every process hears the
+    # verdict: a refusal ends all of them with the same line.
+    setup = make_setup(config, devices=devices)
+    lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
+    with workdir_lock.keep(lease):
+        distributed.everywhere("workdir-writable", lambda: workdir_lib.ensure_writable(workdir))
+        return _train_and_evaluate(setup, workdir, stop_after_step, command or {})
+
+
+def _claim_workdir(workdir: str) -> workdir_lock.Lease:
+    """Process 0's part of a start: refuses a workdir a live run holds, removes what a
+    killed save left (it may be what fills the disk; never a live run's save in
+    progress), proves the workdir writable, then takes its lock."""
+    workdir_lock.check_free(workdir)
+    checkpointing.remove_partial_checkpoints(workdir)
+    workdir_lib.ensure_writable(workdir)
+    return workdir_lock.take(workdir)
+
+
+def _train_and_evaluate(
+    setup: Setup,
+    workdir: str,
+    stop_after_step: int | None,
+    command: dict,
+) -> dict:
+    config = setup.config
+    abstract = abstract_state(setup)  # traced once, used for jit, init and restore
+    log_weight_decay(setup, abstract)
+    log_attention_plan(setup)
+    train_fn, eval_fn = compile_steps(setup, abstract)
+    t = config.train
+    mngr = checkpointing.manager(
+        workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
+    )
+
+    # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
+    # aside, saying so), or born sharded.
+    start_step, restored = checkpointing.newest_good(
+        mngr, workdir, set_bad_aside=True,
+        model=abstract.model_item(), train=abstract.train_item(),
+    )  # fmt: skip
+    damaged = checkpointing.damaged_steps(workdir)  # kept in place: replaced when re-saved
+    if restored is not None:
+        workdir_lib.check_schedule_unchanged(setup, restored["meta"], workdir)
+        workdir_lib.warn_if_data_order_changes(setup, restored["meta"])
+        state = TrainState(**restored["model"], **restored["train"])
+        log.info("resumed from step %d of %s", start_step, workdir)
+    else:
+        state = init_state(setup, abstract)
+    # Only now, with every check passed, is the start recorded.
+    distributed.on_process_0(
+        "run-record", lambda: workdir_lib.write_run_record(setup, workdir, command, start_step)
+    )
+    writer = metric_writer(workdir)
+    if start_step == 0 and jax.process_index() == 0:
+        writer.write_hparams(
+            {
+                k: str(v)
+                for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+            }
+        )
+
+    # 4. Loop. The train step is compiled first (timed once); batches are put on the
+    # devices two steps ahead by a background thread; the loop reads from the devices
+    # only at log lines, evaluations and saves, never once per step.
+    batch_size = config.input.batch_size
+    compile_start = time.perf_counter()
+    train_fn = compile_or_explain(train_fn, abstract, abstract_batch(setup, batch_size))
+    compile_seconds = time.perf_counter() - compile_start
+    writer.write_scalars(start_step, {"train/compile_seconds": compile_seconds})
+    if jax.process_index() == 0:
+        log.info("compiled the train step in %s", format_duration(compile_seconds))
+    batches = input_pipeline.train_batches(
+        setup.dataset, config.input, seed=t.seed, start_step=start_step
+    )
+    end_step = (
+        setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
+    )
+    prefetch = DevicePrefetch(setup, batches)
+    progress = ProgressLog(setup, writer, start_step, prefetch)
+    try:
+        with preemption.stop_on_signals() as stop_request:
+            for step in range(start_step, end_step):
+                # The per-step path moves nothing between host and device implicitly: a
+                # host read of a device value here would stall every step of a pod, so
+                # it fails instead (explicit reads at log lines, evaluations and saves).
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_fn(state, next(prefetch))
+                    done = step + 1
+                    progress.add(done, metrics)
+                stopping = stop_request.should_stop(done)
+                force = done == end_step or stopping
+                evaluating = bool(
+                    t.eval_every_steps
+                    and done % t.eval_every_steps == 0
+                    and done != setup.total_steps
+                )
+                saving = force or mngr.should_save(done)
+                writing = force or progress.due(done)
+                # A non-finite step left the state as it was, on device; under 'stop' it
+                # is looked for before anything is logged, evaluated or saved, so that it
+                # is never checkpointed and the run stops naming it.
+                if t.on_nonfinite == "stop" and (saving or writing or evaluating):
+                    bad = progress.first_nonfinite()
+                    if bad is not None:
+                        raise _nonfinite_error(mngr, *bad, done)
+                if writing:
+                    progress.write(done)
+                if evaluating:
+                    results = evaluate(setup, eval_fn, *eval_weights(state))
+                    writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
+                checkpointing.save(
+                    mngr, done, model=state.model_item(), train=state.train_item(),
+                    meta=workdir_lib.checkpoint_meta(setup, done), force=force, damaged=damaged,
+                )  # fmt: skip
+                if stopping:
+                    mngr.wait_until_finished()
+                    writer.flush()
+                    log.info(
+                        "%s: stopped after step %d with its checkpoint written; run the same "
+                        "command to resume.", stop_request.reason, done,
+                    )  # fmt: skip
+                    return dict(step=done, train_log=progress.lines, stopped_by=stop_request.reason)
+    except Exception:
+        # A fatal error mid-run (a corrupt image, a full disk): let the checkpoint being
+        # written finish, or fail, before the error ends the program, so that orbax is not
+        # shut down under it; the newest complete checkpoint stays the last good one.
+        with contextlib.suppress(Exception):
+            mngr.wait_until_finished()
+        with contextlib.suppress(Exception):  # the events queued since the last flush
+            writer.flush()
+        raise
+    finally:
+        prefetch.close()
+
+    # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
+    final_step = int(jax.device_get(state.step))
+    mngr.wait_until_finished()
+    if stop_after_step is not None and final_step < setup.total_steps:
+        writer.flush()
+        return dict(step=final_step, train_log=progress.lines)
+    results = evaluate(setup, eval_fn, *eval_weights(state))
+    writer.write_scalars(final_step, {f"eval/{k}": v for k, v in results.items()})
+    writer.flush()
+    workdir_lib.write_eval_results(workdir, final_step, results)
+    if jax.process_index() == 0:
+        log.info(
+            "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
+            final_step, results["top1"], results["top5"], results["loss"], results["num_examples"],
+        )  # fmt: skip
+    return dict(step=final_step, train_log=progress.lines, **results)

@@ -1,0 +1,225 @@
+"""The jitted steps: one SGD step on a global batch, one evaluation step, and how they are
+compiled over the mesh (explicit shardings, state donated, fused-kernel failures explained).
+
+BatchNorm statistics are over the global batch: under ``jax.jit`` with the batch sharded,
+the mean over the batch axis is a global reduction. No pmap, no pjit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sasa_flax import config_lib, input_pipeline
+from sasa_flax.errors import TrainError
+from sasa_flax.train.progress import log
+from sasa_flax.train.setup import MODEL_STATE, Setup, TrainState, merged_model
+
+
+def _cross_entropy(logits, labels, num_classes, smoothing):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def ema_decay(train_config, step) -> jax.Array:
+    """The EMA decay at ``step`` (updates done so far): ``ema_decay``, or with
+    ``ema_warmup`` min(ema_decay, (1 + step) / (10 + step)), so that in a short run the
+    average is not mostly its random initialisation (0.9999^1560 ≈ 0.86 of it would
+    remain after 1,560 steps without warm-up)."""
+    decay = jnp.asarray(train_config.ema_decay, jnp.float32)
+    if not train_config.ema_warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One SGD step on a global batch. ``batch["mask"]`` is 0 for images that could not be
+    decoded (config.input.corrupt_images='skip'): they carry no loss.
+
+    A step whose loss or gradient norm is not finite changes nothing but the step counter
+    and ``nonfinite_steps``; the host then stops the run or goes on (config.train.on_nonfinite).
+    """
+    t = setup.config.train
+    num_classes = setup.config.model.num_classes
+    mask = batch["mask"]
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+
+    def loss_fn(params):
+        model = merged_model(setup, setup.train_graphdef, params, state.model_state, state.step)
+        logits = model(input_pipeline.normalise(batch["image"]))
+        losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
+        loss = jnp.sum(losses * mask) / count
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, MODEL_STATE)))
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        ema = optax.incremental_update(params, ema, 1.0 - ema_decay(t, state.step))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.replace(
+        params=params, model_state=model_state, opt_state=opt_state, ema_params=ema
+    )
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = kept.replace(
+        step=state.step + 1,
+        nonfinite_steps=state.nonfinite_steps + jnp.logical_not(finite).astype(jnp.int32),
+    )
+    metrics = dict(
+        loss=loss,
+        top1=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count,
+        # The rate this update applied: the schedule at the number of updates applied so
+        # far, which a skipped (non-finite) step does not advance, unlike state.step.
+        learning_rate=setup.schedule(state.step - state.nonfinite_steps),
+        grad_norm=grad_norm,
+        finite=finite,
+        skipped_images=jnp.sum(mask == 0),
+    )
+    return new_state, metrics
+
+
+def eval_step(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
+    """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
+    model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
+    logits = model(input_pipeline.normalise(batch["image"]))
+    mask = batch["mask"]
+    num_classes = setup.config.model.num_classes
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    return dict(
+        loss=jnp.sum(_cross_entropy(logits, batch["label"], num_classes, 0.0) * mask),
+        top1=jnp.sum((top5[:, 0] == batch["label"]) * mask),
+        top5=jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
+        count=jnp.sum(mask),
+    )
+
+
+def global_batch(setup: Setup, local: dict) -> dict:
+    """Per-process NumPy arrays -> global arrays sharded over the data axis."""
+    return {
+        key: jax.make_array_from_process_local_data(setup.data_sharded, value)
+        for key, value in local.items()
+    }
+
+
+def abstract_batch(setup: Setup, batch_size: int) -> dict:
+    """The global batch the steps are compiled for (uint8 images, see input_pipeline)."""
+    size = setup.config.input.image_size
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharded)
+
+    return dict(
+        image=spec((batch_size, size, size, 3), jnp.uint8),
+        label=spec((batch_size,), jnp.int32),
+        mask=spec((batch_size,), jnp.float32),
+    )
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn):
+    """``fn`` traced with ``mesh`` in context: layers that split work by hand find it
+    there (the Pallas kernels run one batch shard per device, ``ops/pallas/shards.py``;
+    XLA cannot partition them). Entered inside the trace, so the jitted step carries it
+    wherever it is lowered."""
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced_on_mesh
+
+
+def device_platform(setup: Setup) -> str:
+    """The platform name ``jax.lax.platform_dependent`` lowers the steps for: "cpu",
+    "tpu", "cuda" or "rocm"."""
+    device = setup.mesh.devices.flat[0]
+    if device.platform != "gpu":
+        return device.platform
+    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+
+
+def attention_plan(setup: Setup) -> list[str]:
+    """Which local-attention implementation every attention layer runs on this run's
+    devices, grouped by input shape: e.g. "56×56 k=7 auto → pallas: 3 layers"."""
+    from sasa_flax import costs, ops
+    from sasa_flax.layers import SelfAttention2D
+
+    model = config_lib.abstract_model(setup.config)
+    modules = {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model)}
+    size = setup.config.input.image_size
+    layers: dict[str, int] = {}
+    for cost in costs.trace(model, (1, size, size, 3))[0]:
+        layer = modules.get(cost.name)
+        if not isinstance(layer, SelfAttention2D):
+            continue
+        height, width = cost.in_shape[1:3]
+        impl = layer.impl
+        if impl == "auto":
+            choice = ops.auto_choice(device_platform(setup), height, width, layer.kernel_size)
+            impl = f"auto → {choice}"
+        key = f"{height}×{width} k={layer.kernel_size} {impl}"
+        layers[key] = layers.get(key, 0) + 1
+    return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]
+
+
+def log_attention_plan(setup: Setup) -> None:
+    if jax.process_index() == 0 and (plan := attention_plan(setup)):
+        log.info("attention on %s: %s", device_platform(setup), "; ".join(plan))
+
+
+def compile_or_explain(step, *abstract_args):
+    """``step`` lowered and compiled; a compiler failure inside a fused attention kernel
+    ends the run in one line naming the way round it (``kernel_failures_explained``)."""
+    with kernel_failures_explained():
+        return step.lower(*abstract_args).compile()
+
+
+@contextlib.contextmanager
+def kernel_failures_explained():
+    """Re-raises the Mosaic or Triton compiler refusing a Pallas kernel as the one-line
+    ``kernel_failure``; any other error as it is."""
+    try:
+        yield
+    except Exception as e:
+        if (explained := kernel_failure(e)) is None:
+            raise
+        raise explained from e
+
+
+def kernel_failure(error: Exception) -> TrainError | None:
+    """A one-line ``TrainError`` naming another attention implementation, if ``error``
+    is the Mosaic or Triton compiler refusing a Pallas kernel; else None."""
+    text = str(error).strip()
+    if not any(word in text for word in ("Mosaic", "Triton", "pallas", "Pallas")):
+        return None
+    return TrainError(
+        f"the fused attention kernels (impl 'pallas') failed to compile on this device: "
+        f"{text.splitlines()[0][:300]}. Run with --config.model.attention_impl=shifted (or "
+        "=dense for small images) and please report it."
+    )
+
+
+def compile_steps(setup: Setup, abstract: TrainState):
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated.
+    ``abstract`` is ``abstract_state(setup)``."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    train = jax.jit(
+        on_mesh(setup.mesh, functools.partial(train_step, setup)),
+        in_shardings=(state_shardings, setup.data_sharded),
+        out_shardings=(state_shardings, setup.replicated),
+        donate_argnums=(0,),
+    )
+    evaluate_fn = jax.jit(
+        on_mesh(setup.mesh, functools.partial(eval_step, setup)),
+        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
+        out_shardings=setup.replicated,
+    )
+    return train, evaluate_fn
