@@ -57,22 +57,6 @@ def _is_read_aftermath(exc: BaseException | None) -> bool:
     return closed_loop or "Encountered error while reading array" in text
 
 
-_unraisable, _excepthook = sys.unraisablehook, sys.excepthook
-
-
-def _quiet_unraisable(info):
-    if not _is_read_aftermath(info.exc_value):
-        _unraisable(info)
-
-
-def _quiet_excepthook(kind, value, tb):
-    if not _is_read_aftermath(value):
-        _excepthook(kind, value, tb)
-
-
-sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
-
-
 def _keep_log_record(record: logging.LogRecord) -> bool:
     """Drops what orbax and asyncio log around a failure the trainer reports in one line:
 
@@ -92,10 +76,6 @@ def _keep_log_record(record: logging.LogRecord) -> bool:
     return not (from_orbax or abandoned)
 
 
-for _name in ("absl", "asyncio", ""):
-    logging.getLogger(_name).addFilter(_keep_log_record)
-
-
 def _quiet_thread_excepthook(args, _default=threading.excepthook):
     tb = args.exc_traceback
     frames = [] if tb is None else [f.filename for f, _ in traceback.walk_tb(tb)]
@@ -103,7 +83,29 @@ def _quiet_thread_excepthook(args, _default=threading.excepthook):
         _default(args)
 
 
-threading.excepthook = _quiet_thread_excepthook
+def install_quiet_hooks() -> None:
+    """Process-wide: drops the aftermath of failures the trainer reports in one line
+    (``_is_read_aftermath``, ``_keep_log_record``, orbax's thread tracebacks). Installed
+    by the entry points (``cli.start``), never at import: a program that imports the
+    library keeps its own logging and hooks. Idempotent."""
+    if getattr(sys.excepthook, "_sasa_flax_quiet", False):
+        return
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def quiet_unraisable(info):
+        if not _is_read_aftermath(info.exc_value):
+            unraisable(info)
+
+    def quiet_excepthook(kind, value, tb):
+        if not _is_read_aftermath(value):
+            excepthook(kind, value, tb)
+
+    quiet_excepthook._sasa_flax_quiet = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    for name in ("absl", "asyncio", ""):
+        logging.getLogger(name).addFilter(_keep_log_record)
+    threading.excepthook = _quiet_thread_excepthook
+
 
 CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
 

@@ -110,6 +110,9 @@ def start(argv, distributed_mode: str) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.verbose:  # one switch for every quieting hook (checkpointing's too)
         os.environ["SASA_FLAX_VERBOSE"] = "1"
+    from sasa_flax import checkpointing  # orbax: only for the commands that start here
+
+    checkpointing.install_quiet_hooks()
     distributed.maybe_initialize(distributed_mode)
     logging.set_verbosity(logging.WARNING)
 

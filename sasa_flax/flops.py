@@ -12,16 +12,12 @@ shipped config): BatchNorm scale and bias count, running statistics do not.
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
 from sasa_flax import config_lib, costs
 from sasa_flax.costs import LayerCost, conv
-from sasa_flax.layers import AttentionOptions, attention_cost
-from sasa_flax.models import resnet
 
-__all__ = ["LayerCost", "attention", "conv", "count", "layer_costs", "report", "uncounted_layers"]
+__all__ = ["LayerCost", "conv", "count", "layer_costs", "report", "uncounted_layers"]
 
 
 def _trace(config, in_image_taps_only: bool, model=None):
@@ -53,15 +49,3 @@ def uncounted_layers(config: ml_collections.ConfigDict) -> list[str]:
 def count(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(parameters, FLOPs) of the config's model."""
     return costs.total(layer_costs(config))
-
-
-def attention(
-    name: str, m: ml_collections.ConfigDict, d_in: int, d_out: int, hw: tuple[int, int]
-) -> LayerCost:
-    """A ``SelfAttention2D`` configured by a SASA ResNet's config.model ``m`` at hw."""
-    fields = dataclasses.fields(AttentionOptions)
-    options = resnet.attention_options(
-        attention_impl=m.attention_impl,
-        **{f.name: m[f.name] for f in fields if f.name != "impl"},
-    )
-    return LayerCost(name, *attention_cost(options, d_in, d_out, *hw))

@@ -143,8 +143,7 @@ def _project(linear: nnx.Linear, x: jax.Array) -> jax.Array:
 
     Same parameters and result as calling the module, whose dot_general contracts the
     last axis of a 4-D input. On CPU (jax 0.10.2) XLA runs that form and its gradient
-    far slower: one SelfAttention2D at 56²×64, k = 7, batch 8, forward+backward took
-    520 ms with it and 309 ms with this (benchmarks/RESULTS.md).
+    far slower (benchmarks/RESULTS.md, the projection fix of 2026-11-26).
     """
     x, kernel = nnx.nn.dtypes.promote_dtype((x, linear.kernel[...]), dtype=linear.dtype)
     y = x.reshape(-1, x.shape[-1]) @ kernel

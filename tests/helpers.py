@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import checkpointing, config_lib
+from sasa_flax import aot, checkpointing, config_lib
 from sasa_flax import train as trainer
 from sasa_flax.ops import patches
 
@@ -266,3 +266,29 @@ def default_and_slow(cases, default):
         else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
         for case in cases
     ]
+
+
+def exported_step(
+    platform: str, size: int, channels: int, impl: str, batch: int = 128, dtype=jnp.bfloat16
+) -> str:
+    """The MLIR of SelfAttention2D's forward and its gradients w.r.t. the input and every
+    parameter (bfloat16 by default), exported for ``platform``."""
+    from sasa_flax.layers import SelfAttention2D
+
+    layer = SelfAttention2D(
+        channels, channels, num_heads=8, kernel_size=7, impl=impl, dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    x = jax.ShapeDtypeStruct((batch, size, size, channels), dtype)
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))),
+        platforms=(platform,),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(aot.KERNEL_TARGETS["cuda"])],
+    )(abstract, x)
+    return exported.mlir_module()

@@ -57,3 +57,16 @@ def test_size_not_a_multiple_of_the_block_is_refused(rng):
     q, k, v, *_ = make_inputs(rng, 3, False)
     with pytest.raises(ValueError, match="multiples of block_size=3"):
         block_local_attention(q, k, v, block_size=3)
+
+
+def test_the_shared_argument_rules_apply_and_name_the_block(rng):
+    """The q/k/v/table rules are local attention's (written once), worded for blocks."""
+    q, k, v, rel_row, rel_col = make_inputs(rng, 2, True)
+    with pytest.raises(ValueError, match=r"\(2 \* block_size - 1, head_dim // 2\) = \(3, "):
+        block_local_attention(q, k, v, rel_row[:2], rel_col, block_size=2)
+    with pytest.raises(ValueError, match="v must be a floating-point array"):
+        block_local_attention(q, k, v.astype(np.int32), block_size=2)
+    with pytest.raises(ValueError, match="given together"):
+        block_local_attention(q, k, v, rel_row, None, block_size=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        block_local_attention(q, k, v, block_size=0)

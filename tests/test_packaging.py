@@ -54,3 +54,24 @@ def test_pip_install_in_a_fresh_venv(tmp_path, editable):
     for name in ("jax", "flax", "numpy", "tensorflow-cpu", "orbax-checkpoint"):
         assert name in requires
     assert 'extra == "train"' in requires
+
+
+_IMPORT_EVERYTHING = """
+import logging, sys, threading
+hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+filters = [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")]
+import sasa_flax.checkpointing, sasa_flax.train, sasa_flax.cli
+assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks, "hooks changed"
+assert [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")] == filters
+sasa_flax.checkpointing.install_quiet_hooks()
+assert sys.excepthook is not hooks[0] and threading.excepthook is not hooks[2]
+print("OK")
+"""
+
+
+def test_importing_the_library_installs_no_process_wide_hooks():
+    """Hooks and log filters are the entry points' (``cli.start``), not import's."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EVERYTHING], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

@@ -10,42 +10,15 @@ on the hardware.
 import math
 import re
 
-import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from sasa_flax import aot, ops
-from sasa_flax.layers import SelfAttention2D
-from tests.helpers import default_and_slow
+from tests.helpers import default_and_slow, exported_step
 
 TRITON, MOSAIC = aot.KERNEL_TARGETS["cuda"], aot.KERNEL_TARGETS["tpu"]
 # ResNet-50's four attention stages: (H = W, channels), 8 heads, k = 7.
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
-
-
-def exported_step(
-    platform: str, size: int, channels: int, impl: str, batch: int = 128, dtype=jnp.bfloat16
-) -> str:
-    """The MLIR of SelfAttention2D's forward and its gradients w.r.t. the input and every
-    parameter (bfloat16 by default), exported for ``platform``."""
-    layer = SelfAttention2D(
-        channels, channels, num_heads=8, kernel_size=7, impl=impl, dtype=dtype,
-        rngs=nnx.Rngs(0),
-    )  # fmt: skip
-    graphdef, params = nnx.split(layer)
-
-    def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
-
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    x = jax.ShapeDtypeStruct((batch, size, size, channels), dtype)
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))),
-        platforms=(platform,),
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(abstract, x)
-    return exported.mlir_module()
 
 
 def test_the_choice_table():

@@ -1,5 +1,6 @@
 """FLOP formulas against XLA's cost analysis, and the report command."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import pytest
 from flax import nnx
 
 from sasa_flax import config_lib, flops, scaling
+from sasa_flax.costs import LayerCost
+from sasa_flax.layers import AttentionOptions, attention_cost
+from sasa_flax.models import resnet
 from tests.helpers import CONFIG_DIR
 
 
@@ -37,8 +41,10 @@ def test_conv_flops_agree_with_xla_cost_analysis(depth, width, size, stem):
 
 
 def test_attention_flops_formula_by_hand():
-    m = config_lib.base_config().model
-    cost = flops.attention("a", m, 64, 64, (56, 56))
+    m = config_lib.base_config().model  # 8 heads, k = 7, relative embeddings
+    names = [f.name for f in dataclasses.fields(AttentionOptions) if f.name != "impl"]
+    options = resnet.attention_options(attention_impl=m.attention_impl, **{n: m[n] for n in names})
+    cost = LayerCost("a", *attention_cost(options, 64, 64, 56, 56))
     per_pixel = 3 * 64 * 64 + 49 * 64 * 2 + 49 * 64  # projections, q·k + q·r, weighted sum
     assert cost.flops == 2 * 56 * 56 * per_pixel
     assert cost.params == 3 * 64 * 64 + 7 * 8

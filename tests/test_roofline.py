@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import roofline
 from sasa_flax.ops.pallas import tpu
-from tests.test_platforms import exported_step
+from tests.helpers import exported_step
 
 
 def test_the_bound_is_the_slower_of_compute_and_memory():

@@ -31,10 +31,16 @@ def test_end_to_end_trains_evaluates_and_checkpoints(eight_device_run):
     losses = [loss for _, loss in results["train_log"]]
     assert len(losses) == 6 and np.isfinite(losses).all()  # learning: test_digits_are_learned
     assert results["num_examples"] == 360  # the whole digits test split, exactly once
-    assert 0.0 <= results["top1"] <= 100.0 and results["top5"] >= results["top1"]
+    # Percentages of whole hits over those 360 images, top-5 counting every top-1 hit.
+    for metric in ("top1", "top5"):
+        hits = results[metric] * 360 / 100
+        assert hits == pytest.approx(round(hits), abs=1e-6)
+    assert results["top5"] >= results["top1"]
     mngr = checkpointing.manager(workdir, read_only=True)
     assert mngr.latest_step() == 6
-    assert (pathlib.Path(workdir) / "eval_results_step_6.json").exists()
+    saved = json.loads((pathlib.Path(workdir) / "eval_results_step_6.json").read_text())
+    assert saved == {"step": 6, **{k: v for k, v in results.items() if k in saved and k != "step"}}
+    assert {"top1", "top5", "loss", "num_examples"} <= set(saved)
 
 
 @pytest.mark.slow

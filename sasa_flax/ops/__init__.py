@@ -2,7 +2,6 @@
 
 from sasa_flax.ops.block_attention import block_local_attention
 from sasa_flax.ops.local_attention import (
-    IMPLEMENTATIONS,
     PADDINGS,
     auto_choice,
     implementations,
@@ -12,7 +11,6 @@ from sasa_flax.ops.local_attention import (
 )
 
 __all__ = [
-    "IMPLEMENTATIONS",
     "PADDINGS",
     "auto_choice",
     "block_local_attention",

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_flax.ops.common import accumulation_dtype
+from sasa_flax.ops.local_attention import validate_arguments
 
 
 def block_local_attention(
@@ -79,36 +80,20 @@ def block_local_attention(
 
 
 def _validate(q, k, v, rel_row, rel_col, block_size) -> None:
+    """Block attention's own rules (a positive block side dividing the image); the rest
+    are local attention's, whose relative tables of a window of side 2b - 1 have the
+    same shape as a block's (``validate_arguments``: each rule written once)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer; got {block_size!r}.")
-    if q.ndim != 5:
-        raise ValueError(
-            f"q must have shape (batch, height, width, heads, head_dim); got {q.shape}."
-        )
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the same shape as q {q.shape}; got {k.shape}.")
-    if v.ndim != 5 or v.shape[:4] != q.shape[:4]:
-        raise ValueError(
-            f"v must have shape (batch, height, width, heads, value_dim) with the first "
-            f"four equal to q's {q.shape[:4]}; got {v.shape}."
-        )
+    if k is None or v is None:
+        raise ValueError("block_local_attention needs k and v arrays; got None.")
+    validate_arguments(
+        q, k, v, rel_row, rel_col, kernel_size=2 * block_size - 1, padding="mask",
+        table_rows="2 * block_size - 1",
+    )  # fmt: skip
     h, w = q.shape[1:3]
     if h % block_size or w % block_size:
         raise ValueError(
             f"the image height and width must be multiples of block_size={block_size}; "
             f"got {h}×{w}. Resize or crop the input to a multiple of {block_size}."
         )
-    if (rel_row is None) != (rel_col is None):
-        raise ValueError("rel_row and rel_col must be given together or both be None.")
-    if rel_row is not None:
-        expected = (2 * block_size - 1, q.shape[-1] // 2)
-        if q.shape[-1] % 2:
-            raise ValueError(
-                f"the head width must be even with relative tables; got {q.shape[-1]}."
-            )
-        for name, table in (("rel_row", rel_row), ("rel_col", rel_col)):
-            if table.shape != expected:
-                raise ValueError(
-                    f"{name} must have shape (2 * block_size - 1, head_dim // 2) = "
-                    f"{expected}; got {table.shape}."
-                )

@@ -3,10 +3,9 @@
 Every query scores every pixel of its image with one matmul per head, and pixels
 outside its k×k window are masked out of the softmax. Exact, and all matmuls (so
 plain autodiff is efficient), but the work is (H·W)² instead of H·W·k²: it pays
-only when the image is not much larger than the window: ResNet-50's last stage at
-k = 7 (7×7: 0.36× a 3×3 convolution forward+backward on CPU, against 0.95× for
-"shifted") and 14×14 at k = 11 (2.53× against 5.51×). ``impl="auto"`` picks it when
-H·W < 4·k².
+only when the image is not much larger than the window (ResNet-50's last stage at
+k = 7, or 14×14 at k = 11; benchmarks/RESULTS.md has the CPU ratios). ``impl="auto"``
+picks it when H·W < 4·k² (``auto_choice``, the one place that rule is written).
 
 Relative logits: q·r_{dy} and q·r_{dx} are computed per query and offset,
 (B, N, P, k) each with P = H·W, placed by image row and column with constant one-hot

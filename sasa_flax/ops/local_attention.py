@@ -52,9 +52,6 @@ def implementations() -> tuple[str, ...]:
     return ("auto", *_IMPLEMENTATIONS)
 
 
-IMPLEMENTATIONS = implementations()  # the built-in ones; see implementations()
-
-
 def local_attention(
     q: jax.Array,
     k: jax.Array | None,
@@ -140,11 +137,10 @@ def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str
     """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
     H×W image and window k. The one table of per-platform choices (docs/performance.md, tests):
 
-    - cpu: "dense" when H·W < 4·k², else "shifted". Measured on CPU, side by side
-      (benchmarks/local_attention.py, layer fwd+bwd ÷ 3×3 conv, 2026-11-25): "shifted"
-      beats "patches" everywhere; "dense" beats "shifted" where the window covers most
-      of the image: 7²×512 at k = 7 0.36× vs 0.95×, 14²×256 at k = 11 2.53× vs 5.51×;
-      at 14²×256, k = 7 (H·W = 4·k²) "shifted" wins, 2.17× vs 2.43×.
+    - cpu: "dense" when H·W < 4·k², else "shifted": measured side by side with
+      ``benchmarks/local_attention.py`` (ratios in benchmarks/RESULTS.md), "shifted"
+      beats "patches" everywhere and "dense" beats "shifted" only where the window
+      covers most of the image.
     - cuda: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the fused Triton
       kernels, ``ops/pallas/gpu.py``: nothing of size k² per pixel is stored for the
       backward). By rule: compiled to cubin for H100 in CI (deviceless, ``tests/test_compile.py``),
@@ -210,8 +206,12 @@ def validate_padding(padding, name: str = "padding") -> None:
     check_one_of(name, padding, PADDINGS)
 
 
-def validate_arguments(q, k, v, rel_row, rel_col, *, kernel_size, padding) -> None:
-    """Checks the arguments of ``local_attention``; ``v=None`` skips v's checks."""
+def validate_arguments(
+    q, k, v, rel_row, rel_col, *, kernel_size, padding, table_rows: str = "kernel_size"
+) -> None:
+    """Checks the arguments of ``local_attention``; ``v=None`` skips v's checks.
+    ``table_rows``: how an error names the tables' row count (block attention's is
+    "2 * block_size - 1")."""
     validate_kernel_size(kernel_size)
     validate_padding(padding)
     _check_float("q", q)
@@ -258,7 +258,7 @@ def validate_arguments(q, k, v, rel_row, rel_col, *, kernel_size, padding) -> No
         _check_float(name, table)
         if table.shape != expected:
             raise ValueError(
-                f"{name} must have shape (kernel_size, head_dim // 2) = {expected}; "
+                f"{name} must have shape ({table_rows}, head_dim // 2) = {expected}; "
                 f"got {table.shape}."
             )
 

@@ -14,10 +14,10 @@ reads, so the forward logits are written as add chains (see ``_neighbour_dots``)
 the backward's slices still cost k²·C temporaries (benchmarks/local_attention.py).
 
 Why a custom VJP: autodiff through k² static slices turns every slice's
-cotangent into a pad of the full image and sums k² of them (measured 20-95× a
-3×3 convolution). The backward here is written in "gather form": dK and dV are
-k²-term sums of shifted slices of the zero-padded (dlogits·q) and (att·dy), each
-output pixel gathering from the queries that saw it.
+cotangent into a pad of the full image and sums k² of them (an order of magnitude
+slower than this; benchmarks/RESULTS.md). The backward here is written in "gather
+form": dK and dV are k²-term sums of shifted slices of the zero-padded (dlogits·q)
+and (att·dy), each output pixel gathering from the queries that saw it.
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """
@@ -72,9 +72,9 @@ def _neighbour_dots(x, y, kernel_size, offsets=None, *, unrolled=False):
     ``unrolled`` writes each dot product as a chain of d elementwise adds instead of a
     reduction. Same arithmetic; but on CPU (jax 0.10.2) a reduction goes to a YNNPACK
     fusion that materialises every shifted slice, while the add chain stays one loop
-    fusion: for the forward logits at 56²×64, k = 7 this halves the time (158 → 76 ms)
-    and cuts temporaries 311 → 87 MB. In the backward's d(att) the same rewrite was
-    3× slower (1.1 s vs 0.35 s fwd+bwd), so the backward keeps the reduction.
+    fusion: faster and with a fraction of the temporaries for the forward logits. In the
+    backward's d(att) the same rewrite was slower, so the backward keeps the reduction
+    (both measured side by side: benchmarks/RESULTS.md, 2026-11-26).
     """
     _, height, width, _, d = x.shape
     y_pad = _pad(y, kernel_size // 2)
@@ -148,9 +148,8 @@ def _per_image(fn, *batched):
     ``fn`` takes and returns arrays with a leading batch axis of 1 (None passes).
 
     Why, for the forward: one image's k² shifted slices and logits stay in cache
-    instead of k² passes over the whole batch. Layer forward at k = 7, batch 8 on
-    CPU: 92 → 77 ms at 56²×64, 67 → 29 ms at 28²×128, 32 → 14 ms at 14²×256. The
-    backward is not mapped: per image it took fwd+bwd at 56² from 320 to 626 ms.
+    instead of k² passes over the whole batch: faster at every ResNet stage on CPU.
+    The backward is not mapped: per image it was slower (benchmarks/RESULTS.md).
     """
 
     def one(arrays):
