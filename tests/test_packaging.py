@@ -70,8 +70,10 @@ print("OK")
 
 
 def test_importing_the_library_installs_no_process_wide_hooks():
-    """Hooks and log filters are the entry points' (``cli.start``), not import's."""
+    """Hooks and log filters are the entry points' (``cli.start``), not import's; and
+    TensorFlow, whoever imports it first (clu does), starts without its C++ banner."""
     out = subprocess.run(
         [sys.executable, "-c", _IMPORT_EVERYTHING], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+    assert "oneDNN" not in out.stderr and "absl::InitializeLog" not in out.stderr, out.stderr
