@@ -9,7 +9,7 @@ noise: about ImageNet's bytes per image) in 10 classes, written twice: as a clas
 dataset and as a TFDS dataset (TFRecord files, 8 shards). Then times, one after another
 in this process, after one warm-up batch each:
 
-- ``pipeline/folder`` and ``pipeline/tfds``: ``input_pipeline.train_batches``, the
+- ``pipeline/folder`` and ``pipeline/tfds``: ``data.train_batches``, the
   trainer's own stream (Inception crop with ``decode_and_crop_jpeg``, resize to 224,
   flip, uint8 out), including its bookkeeping: per-epoch permutation, stateless keys,
   decode-error handling, NumPy conversion;
@@ -45,7 +45,7 @@ from sasa_flax.quiet_tensorflow import tf
 import tensorflow_datasets as tfds
 
 # isort: on
-from sasa_flax import config_lib, input_pipeline
+from sasa_flax import config_lib, data
 
 CLASSES = 10
 
@@ -145,11 +145,18 @@ def bare_loop(files, labels, args):
 
 
 def load_revision(revision: str):
-    """sasa_flax/input_pipeline.py as it was at a git revision, as a module."""
-    source = subprocess.run(
+    """The single-file pipeline (sasa_flax/input_pipeline.py, before it became the
+    sasa_flax/data package) as it was at a git revision, as a module."""
+    shown = subprocess.run(
         ["git", "show", f"{revision}:sasa_flax/input_pipeline.py"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    if shown.returncode != 0:
+        sys.exit(
+            f"--before {revision}: it has no sasa_flax/input_pipeline.py (the pipeline became "
+            "the sasa_flax/data package later); give a revision from before that."
+        )
+    source = shown.stdout
     path = pathlib.Path(tempfile.mkdtemp()) / "input_pipeline_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("input_pipeline_before", path)
@@ -198,7 +205,7 @@ def main():
 
     makers = {"bare": lambda: bare_loop(files, labels, args)}
     for name, config in sources.items():
-        makers[f"pipeline/{name}"] = lambda config=config: stream(input_pipeline, config)
+        makers[f"pipeline/{name}"] = lambda config=config: stream(data, config)
         if before is not None:
             makers[f"before/{name}"] = lambda config=config: stream(before, config)
     rows = {}

@@ -4,7 +4,7 @@ Convention (the paper's footnote): a multiply-add is 2 FLOPs; one image. Not cou
 BatchNorm, activations, softmax, masking, pooling, residual additions and biases' adds.
 
 Each layer type that has a count registers a rule beside its own definition
-(``SelfAttention2D`` and ``AttentionStem`` in ``layers.py``; flax's ``nnx.Conv``,
+(``SelfAttention2D`` and ``AttentionStem`` in ``sasa_flax/layers/``; flax's ``nnx.Conv``,
 ``nnx.BatchNorm`` and ``nnx.Linear`` here). ``trace`` runs an abstract forward pass of a
 model (nothing is computed or compiled) in which every module with a rule reports its
 cost at the shape it is called with; modules that own parameters but have no rule are

@@ -2,7 +2,7 @@
 
 Convention (paper footnote): a multiply-add is 2 FLOPs; one image of the config's size.
 The formulas live beside the layers they count (``SelfAttention2D``, ``AttentionStem``
-in ``layers.py``; convolution, BatchNorm and dense layers in ``costs.py``), and
+in ``sasa_flax/layers/``; convolution, BatchNorm and dense layers in ``costs.py``), and
 ``costs.trace`` sums them over any model, ResNet or not, by an abstract forward pass.
 Not counted: BatchNorm, ReLU, softmax, masking, pooling, the residual additions, biases'
 adds, and the attention stem's mixture weights p(a, b, m) (computed once per block

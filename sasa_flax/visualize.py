@@ -33,7 +33,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sasa_flax import cli, input_pipeline
+from sasa_flax import cli, data
 from sasa_flax import train as trainer
 from sasa_flax.errors import UserError
 from sasa_flax.layers import SelfAttention2D
@@ -181,9 +181,9 @@ def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
     step, restored = trainer.restore_model_item(setup, abstract, workdir, step)
     params, model_state = trainer.eval_weights(restored["model"])
     model = trainer.merged_model(setup, setup.eval_graphdef, params, model_state, 0)
-    batch = next(input_pipeline.eval_batches(setup.dataset, config.input))
+    batch = next(data.eval_batches(setup.dataset, config.input))
     pixels = batch["image"][: max(1, images)]
-    recorded = attention_inputs(model, input_pipeline.normalise(jnp.asarray(pixels)))
+    recorded = attention_inputs(model, data.normalise(jnp.asarray(pixels)))
     if not recorded:
         raise UserError(f"the model of {config.model.name} has no SelfAttention2D layer to draw.")
     out_dir = pathlib.Path(out)
@@ -205,8 +205,8 @@ def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
             png = out_dir / f"{name}_image{i}.png"
             draw_weights(
                 png, _layer_image(pixels[i], height, width), weights[i], inside, positions,
-                layer.kernel_size,
-                f"{layer_path} ({height}×{width}, k={layer.kernel_size})\neval image {i}, "
+                layer.options.kernel_size,
+                f"{layer_path} ({height}×{width}, k={layer.options.kernel_size})\neval image {i}, "
                 f"step {step}; hatched: outside the image",
             )  # fmt: skip
             shown.append(png.name)

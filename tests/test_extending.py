@@ -1,6 +1,7 @@
 """A model that is not a ResNet, defined and registered in this file only, through the
 real trainer: LayerNorm instead of BatchNorm (no model state), Dropout (RNG streams),
-``SelfAttention2D`` as its token mixer.
+``SelfAttention2D`` as its token mixer. And a dataset and an augmentation, registered here
+only, that the trainer reads through the same registries as the built-in ones.
 
 This file is also a config file, so that ``train.py`` and ``eval.py`` can run the model:
 
@@ -14,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 from flax import nnx
 
-from sasa_flax import config_lib, flops, models
+from sasa_flax import config_lib, data, flops, models
 from sasa_flax import train as trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
@@ -73,6 +75,36 @@ class TinyViT(nnx.Module):
             x = x + self.dropout(mixer(norm1(x)))
             x = x + self.dropout(nnx.gelu(mlp(norm2(x))))
         return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+@data.register_source("brightness_for_tests")
+def brightness(input_config, process_index, process_count):
+    """Flat grey images whose class is their brightness band (3 classes): 96 to train on,
+    the 30 evaluation images a different draw."""
+    del process_index, process_count  # random access: the pipeline shards it
+
+    def split(n, seed, name):
+        labels = np.arange(n, dtype=np.int32) % 3
+        level = labels * 80 + np.random.default_rng(seed).integers(0, 40, n)
+        size = input_config.image_size
+        images = np.broadcast_to(level[:, None, None, None], (n, size, size, 3)).astype(np.uint8)
+        return data.array_split(np.ascontiguousarray(images), labels, name)
+
+    return data.Dataset(
+        train=lambda: split(96, 1, "the brightness training split"),
+        eval=lambda: split(30, 2, "the brightness evaluation split"),
+        num_classes=3,
+    )
+
+
+# Marks every training image: the top-left pixel is 255, so a test can see it was applied.
+data.register_augmentation(
+    "mark_for_tests",
+    train=lambda image, split, size, seed: tf.tensor_scatter_nd_update(
+        tf.cast(image, tf.float32), [[0, 0, 0], [0, 0, 1], [0, 0, 2]], [255.0] * 3
+    ),
+    eval=lambda image, split, size: tf.cast(image, tf.float32),
+)
 
 
 def get_config(arg=None):
@@ -160,6 +192,22 @@ def test_trains_checkpoints_resumes_exactly_and_evaluates(tmp_path):
     assert resumed["top1"] == uninterrupted["top1"] and resumed["loss"] == uninterrupted["loss"]
     again = trainer.evaluate_checkpoint(config, str(tmp_path / "b"))
     assert again["top1"] == pytest.approx(resumed["top1"], abs=1e-9)
+
+
+def test_a_dataset_and_augmentation_registered_here_are_what_the_trainer_reads(tmp_path):
+    config = get_config()
+    config.input.update(dataset="brightness_for_tests", augment="mark_for_tests",
+                        batch_size=32, eval_batch_size=16, random_flip=False)  # fmt: skip
+    config.model.num_classes = 3
+    setup = trainer.make_setup(config)
+    batch = next(data.train_batches(setup.dataset, config.input, seed=0))
+    assert (batch["image"][:, 0, 0] == 255).all()  # the registered augmentation ran
+    assert (batch["image"][:, 1:, 1:] // 80 == batch["label"][:, None, None, None]).all()
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert results["num_examples"] == 30  # the source's evaluation split, whole
+    config.model.num_classes = 10  # the source's class count is checked against the model
+    with pytest.raises(trainer.TrainError, match=r"num_classes=10 but brightness_for_tests"):
+        trainer.make_setup(config)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, config_lib, input_pipeline
+from sasa_flax import checkpointing, config_lib, data
 from sasa_flax import train as trainer
 from tests import helpers
 from tests.helpers import final_params, tiny_config
@@ -135,7 +135,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
 def _poison_batch(monkeypatch, at_step: int):
     """Training batch number ``at_step`` (1-based) gets a NaN loss weight (images are
     uint8 and cannot hold a NaN)."""
-    batches = input_pipeline.train_batches
+    batches = data.train_batches
 
     def poisoned(*args, start_step=0, **kwargs):
         for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
@@ -143,7 +143,7 @@ def _poison_batch(monkeypatch, at_step: int):
                 batch["mask"][0] = np.nan
             yield batch
 
-    monkeypatch.setattr(input_pipeline, "train_batches", poisoned)
+    monkeypatch.setattr(data, "train_batches", poisoned)
 
 
 @slow

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from sasa_flax import input_pipeline
+from sasa_flax import data
 from tests import helpers
 from tests.gcs import HERE
 
@@ -129,7 +129,7 @@ def test_a_folder_dataset_on_gcs_is_listed_once_and_trains(gcs, tmp_path, monkey
     bucket.blob(f"{_key(root)}/train/a/empty.png").upload_from_string(b"")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     gcs.clear_requests()
-    tree = input_pipeline.scan_folder(root)
+    tree = data.scan_folder(root)
     reads = [r for r in gcs.requests() if r[0] == "GET"]
     assert len(tree.files) == 31 and len(reads) <= 2, reads  # a listing, not one per file
     assert tree.subfolders() == ["train", "val"] and tree.subfolders("train") == ["a", "b", "c"]

@@ -9,7 +9,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sasa_flax import config_lib, distributed
-from sasa_flax import input_pipeline as ip
+from sasa_flax import data as ip
+from sasa_flax.data import augment, sources
 
 
 def input_config(**fields):
@@ -245,8 +246,9 @@ def test_training_images_keep_their_labels(monkeypatch):
     """Through the shuffled, multi-epoch training path every image arrives with its own
     label: with an augmentation that only resizes, each training image is one of the
     split's, under that image's label."""
-    monkeypatch.setitem(ip.AUGMENTATIONS, "none", ip.Augmentation(
-        lambda image, split, size, seed: ip._resize(image, split, size), ip._resize))  # fmt: skip
+    resize = augment._resize
+    unaugmented = ip.Augmentation(lambda image, split, size, _: resize(image, split, size), resize)
+    monkeypatch.setitem(ip.AUGMENTATIONS, "none", unaugmented)
     config = input_config(
         dataset="digits", image_size=8, batch_size=500, augment="none", random_flip=False
     )
@@ -263,7 +265,7 @@ def test_training_images_keep_their_labels(monkeypatch):
 
 @pytest.mark.parametrize("processes", [2, 3])
 def test_global_batches_and_keys_do_not_depend_on_the_process_count(monkeypatch, processes):
-    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, ip._resize))
+    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, augment._resize))
     config = input_config(dataset="digits", image_size=8, batch_size=60, augment="key_probe")
     single = ip.train_batches(ip.load(config), config, seed=1, start_step=22)  # epoch 0 ends at 23
     shards = [
@@ -284,7 +286,7 @@ def test_global_batches_and_keys_do_not_depend_on_the_process_count(monkeypatch,
 
 
 def test_tfds_processes_never_share_an_augmentation_key(monkeypatch):
-    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, ip._resize))
+    monkeypatch.setitem(ip.AUGMENTATIONS, "key_probe", ip.Augmentation(_key_probe, augment._resize))
     config = input_config(
         dataset="imagenet2012", image_size=8, batch_size=8, shuffle_buffer=4, augment="key_probe"
     )
@@ -321,7 +323,7 @@ def test_only_process_0_prepares_and_every_process_reports_its_failure(monkeypat
     builders = [Builder(), Builder()]
     for index, builder in enumerate(builders):
         with pytest.raises(ip.DatasetError) as raised:
-            ip._prepare(builder, config, index, 2)
+            sources._prepare(builder, config, index, 2)
         errors.append(str(raised.value))
     assert [b.built for b in builders] == [1, 0]  # process 1 waited, it did not build
     assert errors[0] == errors[1] and "building it failed (OSError: no internet)" in errors[0]

@@ -71,24 +71,24 @@ def test_module_matches_the_reference_with_its_own_weights(rng, options):
     d = d_out // heads
     split = lambda t: t.reshape(1, 4, 5, heads, d)
     q = split(x @ np.asarray(layer.query.kernel[...]))
-    if layer.scale_queries:
+    if layer.options.scale_queries:
         q = q / np.sqrt(d)
     v = split(x @ np.asarray(layer.value.kernel[...]))
-    k = split(x @ np.asarray(layer.key.kernel[...])) if layer.content else None
-    if layer.pos_encoding == "absolute":
+    k = split(x @ np.asarray(layer.key.kernel[...])) if layer.options.content else None
+    if layer.options.pos_encoding == "absolute":
         p = np.broadcast_to(sinusoidal_2d(4, 5, d)[None, :, :, None, :], q.shape)
         k = p if k is None else k + p
     expected = np.zeros(q.shape)
     expected_weights = np.zeros((1, 4, 5, heads, ks, ks))
     for n in range(heads):
         tables = (None, None)
-        if layer.pos_encoding == "relative":
+        if layer.options.pos_encoding == "relative":
             tables = (np.asarray(layer.rel_row[...]), np.asarray(layer.rel_col[...]))
-            if layer.relative_tables == "per_head":
+            if layer.options.relative_tables == "per_head":
                 tables = (tables[0][n], tables[1][n])
         one = lambda t, n=n: None if t is None else t[:, :, :, n : n + 1]
         expected[:, :, :, n : n + 1], expected_weights[:, :, :, n : n + 1] = (
-            reference.local_attention(one(q), one(k), one(v), *tables, ks, layer.padding)
+            reference.local_attention(one(q), one(k), one(v), *tables, ks, layer.options.padding)
         )
     np.testing.assert_allclose(y, expected.reshape(y.shape), atol=1e-5)
     # The lean weights of a few pixels (sasa_flax.visualize) are the same weights, and
@@ -237,7 +237,7 @@ def test_stem_errors(options, shape, match):
 def test_stem_in_strips_equals_the_whole_image(rng, variant):
     """At 128² and more the stem attends one strip of blocks at a time, rematerialised
     (memory); outputs and every parameter gradient equal the whole-image computation."""
-    from sasa_flax.layers import _stem_strips
+    from sasa_flax.layers.stem import _stem_strips
 
     assert _stem_strips(128, 128, 4) == 8 and _stem_strips(224, 224, 4) == 8
     assert _stem_strips(64, 64, 4) == 1 and _stem_strips(128, 96, 4) == 1

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, input_pipeline
+from sasa_flax import config_lib, data
 from sasa_flax import train as trainer
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from tests.helpers import shipped_config_specs, tiny_config
@@ -88,7 +88,7 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
         opt_state=optax.tree_utils.tree_set(state.opt_state, count=jnp.asarray(1, jnp.int32)),
     )
     initial = jax.device_get(state.params)
-    batch = next(input_pipeline.train_batches(setup.dataset, config.input, seed=0))
+    batch = next(data.train_batches(setup.dataset, config.input, seed=0))
     new, metrics = train_fn(state, trainer.global_batch(setup, batch))
     assert float(metrics["learning_rate"]) == pytest.approx(float(setup.schedule(1)))
     assert float(setup.schedule(1)) != pytest.approx(float(setup.schedule(5)))
@@ -159,14 +159,14 @@ def _class_mix_ok(train_labels, held_labels, total):
 
 
 def _labels(split) -> np.ndarray:
-    batches = input_pipeline.examples(split).batch(4096).as_numpy_iterator()
+    batches = data.examples(split).batch(4096).as_numpy_iterator()
     return np.concatenate([labels for _, labels, _ in batches])
 
 
 def test_digits_tuning_split_has_the_class_mix_of_train():
     config = config_lib.base_config().input
     config.update(dataset="digits", image_size=8, tuning_split=True)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     train, held = _labels(dataset.train), _labels(dataset.eval)
     _class_mix_ok(train, held, 1437)
 
@@ -190,7 +190,7 @@ def test_folder_tuning_split_has_the_class_mix_of_train(tmp_path, with_val):
         _image_folder(tmp_path / "val", {name: 3 for name in counts})
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4, tuning_split=True)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     train, held = _labels(dataset.train), _labels(dataset.eval)
     total = sum(counts.values()) if with_val else sum(counts.values()) - 47  # 10% is val
     _class_mix_ok(train, held, total)
@@ -244,7 +244,7 @@ def test_tfds_tuning_split_has_the_class_mix_of_train(tmp_path):
     config = config_lib.base_config().input
     config.update(dataset="sorted_by_class", data_dir=str(tmp_path), image_size=4,
                   tuning_split=True)  # fmt: skip
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     train, held = _labels(dataset.train), _labels(dataset.eval)
     assert len(held) == 40 and len(train) == 960
     observed = np.bincount(held, minlength=4)

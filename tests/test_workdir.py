@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import config_lib, input_pipeline, workdir_lock
+from sasa_flax import config_lib, data, workdir_lock
 from sasa_flax import train as trainer
 from tests.helpers import tiny_config
 
@@ -79,11 +79,9 @@ def test_train_beside_an_eval_folder_is_two_splits_not_two_classes(tmp_path, eva
     _folder(tmp_path / eval_name, ["cat", "dog"], images=2)
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     assert (dataset.num_classes, dataset.train.size, dataset.eval.size) == (2, 10, 4)
-    labels = np.concatenate(
-        [b["label"][b["mask"] > 0] for b in input_pipeline.eval_batches(dataset, config)]
-    )
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in data.eval_batches(dataset, config)])
     assert sorted(labels) == [0, 0, 1, 1]
 
 
@@ -91,8 +89,8 @@ def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
     _folder(tmp_path, ["training", "valid_not", "train"])
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
-    with pytest.raises(input_pipeline.DatasetError, match=r"named like splits: \['train'\]"):
-        input_pipeline.load(config)
+    with pytest.raises(data.DatasetError, match=r"named like splits: \['train'\]"):
+        data.load(config)
 
 
 def test_an_empty_eval_image_is_reported_at_setup_naming_the_file(tmp_path):
@@ -103,10 +101,10 @@ def test_an_empty_eval_image_is_reported_at_setup_naming_the_file(tmp_path):
     config = config_lib.load_config("tests/tiny_config.py:batch=4")
     config.input.update(dataset="folder", data_dir=str(tmp_path), eval_batch_size=4)
     config.model.num_classes = 2
-    with pytest.raises(input_pipeline.DatasetError, match=r"1 empty .*val/dog/empty\.png"):
+    with pytest.raises(data.DatasetError, match=r"1 empty .*val/dog/empty\.png"):
         trainer.make_setup(config, devices=jax.devices()[:1])
     config.input.corrupt_images = "skip"
-    assert input_pipeline.load(config.input).eval.size == 3  # skipped later, and counted
+    assert data.load(config.input).eval.size == 3  # skipped later, and counted
 
 
 def test_an_undecodable_training_image_is_named_by_path(tmp_path):
@@ -115,9 +113,9 @@ def test_an_undecodable_training_image_is_named_by_path(tmp_path):
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=8,
                   augment="pad")  # fmt: skip
-    dataset = input_pipeline.load(config)
-    with pytest.raises(input_pipeline.DatasetError, match=r"dog/garbage\.png is corrupt"):
-        list(itertools.islice(input_pipeline.train_batches(dataset, config, seed=0), 3))
+    dataset = data.load(config)
+    with pytest.raises(data.DatasetError, match=r"dog/garbage\.png is corrupt"):
+        list(itertools.islice(data.train_batches(dataset, config, seed=0), 3))
 
 
 def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
@@ -148,13 +146,13 @@ def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
     config = config_lib.base_config().input
     config.update(dataset="with_a_corrupt_image", data_dir=str(tmp_path), image_size=8,
                   batch_size=4, augment="pad")  # fmt: skip
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     record = r"TFDS record with_a_corrupt_image-{}\.tfrecord-00000-of-00001__\d+ is corrupt"
-    with pytest.raises(input_pipeline.DatasetError, match=record.format("train")) as raised:
-        list(itertools.islice(input_pipeline.train_batches(dataset, config, seed=0), 6))
+    with pytest.raises(data.DatasetError, match=record.format("train")) as raised:
+        list(itertools.islice(data.train_batches(dataset, config, seed=0), 6))
     assert "function_node" not in str(raised.value)  # TensorFlow's op name is left out
-    with pytest.raises(input_pipeline.DatasetError, match=record.format("validation")):
-        list(input_pipeline.eval_batches(dataset, config))
+    with pytest.raises(data.DatasetError, match=record.format("validation")):
+        list(data.eval_batches(dataset, config))
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 from absl import logging
 
-from sasa_flax import config_lib, input_pipeline
+from sasa_flax import config_lib, data
 from sasa_flax import train as trainer
 
-_load, _train_batches = input_pipeline.load, input_pipeline.train_batches
+_load, _train_batches = data.load, data.train_batches
 
 
 def two_shard_batches(dataset, input_config, *, seed, start_step=0):
@@ -33,7 +33,7 @@ def two_shard_batches(dataset, input_config, *, seed, start_step=0):
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
     workdir, config_arg = sys.argv[1:]
-    input_pipeline.train_batches = two_shard_batches
+    data.train_batches = two_shard_batches
     trainer.train_and_evaluate(
         config_lib.load_config(f"tests/tiny_config.py:{config_arg}"), workdir
     )

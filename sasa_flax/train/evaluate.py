@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers
 
-from sasa_flax import checkpointing, input_pipeline
+from sasa_flax import checkpointing, data
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.train.progress import log
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
@@ -18,7 +18,7 @@ from sasa_flax.train.steps import compile_steps, global_batch, kernel_failures_e
 def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     """Top-1, top-5 (%) and loss over every example of the eval split, exactly once."""
     totals = None
-    batches = input_pipeline.eval_batches(setup.dataset, setup.config.input)
+    batches = data.eval_batches(setup.dataset, setup.config.input)
     for local in batches:
         with kernel_failures_explained():  # compiled at the first batch
             sums = eval_fn(params, model_state, global_batch(setup, local))

@@ -18,7 +18,7 @@ import flax
 import jax
 import ml_collections
 
-from sasa_flax import checkpointing, distributed, input_pipeline, preemption, workdir_lock
+from sasa_flax import checkpointing, data, distributed, preemption, workdir_lock
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import TrainError
 from sasa_flax.train.evaluate import evaluate
@@ -138,9 +138,7 @@ def _train_and_evaluate(
     writer.write_scalars(start_step, {"train/compile_seconds": compile_seconds})
     if jax.process_index() == 0:
         log.info("compiled the train step in %s", format_duration(compile_seconds))
-    batches = input_pipeline.train_batches(
-        setup.dataset, config.input, seed=t.seed, start_step=start_step
-    )
+    batches = data.train_batches(setup.dataset, config.input, seed=t.seed, start_step=start_step)
     end_step = (
         setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
     )

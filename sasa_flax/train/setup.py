@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import config_lib, input_pipeline
+from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
 from sasa_flax.train.progress import log
 
@@ -55,7 +55,7 @@ class Setup:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    dataset: input_pipeline.Dataset
+    dataset: data.Dataset
     train_graphdef: Any
     eval_graphdef: Any
     rng_template: Any  # the model's RNG streams (abstract); reseeded at every step
@@ -120,9 +120,7 @@ def _open(config, devices, process_index, process_count):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     check_batch_sizes(config, len(devices), process_count)
-    dataset = input_pipeline.load(
-        config.input, process_index=process_index, process_count=process_count
-    )
+    dataset = data.load(config.input, process_index=process_index, process_count=process_count)
     if dataset.num_classes != config.model.num_classes:
         raise TrainError(
             f"config.model.num_classes={config.model.num_classes} but {config.input.dataset} has "
@@ -135,7 +133,7 @@ def make_setup(config, *, devices=None, process_index=None, process_count=None) 
     """Everything static about a training run. Both splits are built here, so that a
     missing or empty evaluation split fails before training, not after it."""
     abstract, devices, dataset = _open(config, devices, process_index, process_count)
-    steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.input.batch_size)
+    steps_per_epoch = data.steps_per_epoch(dataset, config.input.batch_size)
     dataset.eval  # noqa: B018 - built (and checked) now
     total_steps = config.train.num_steps or int(
         math.ceil(config.train.num_epochs * steps_per_epoch)

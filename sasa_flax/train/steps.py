@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sasa_flax import config_lib, input_pipeline
+from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
 from sasa_flax.train.progress import log
 from sasa_flax.train.setup import MODEL_STATE, Setup, TrainState, merged_model
@@ -52,7 +52,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
 
     def loss_fn(params):
         model = merged_model(setup, setup.train_graphdef, params, state.model_state, state.step)
-        logits = model(input_pipeline.normalise(batch["image"]))
+        logits = model(data.normalise(batch["image"]))
         losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
         loss = jnp.sum(losses * mask) / count
         return loss, (logits, nnx.to_pure_dict(nnx.state(model, MODEL_STATE)))
@@ -89,7 +89,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
 def eval_step(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
     """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
     model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
-    logits = model(input_pipeline.normalise(batch["image"]))
+    logits = model(data.normalise(batch["image"]))
     mask = batch["mask"]
     num_classes = setup.config.model.num_classes
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
@@ -110,7 +110,7 @@ def global_batch(setup: Setup, local: dict) -> dict:
 
 
 def abstract_batch(setup: Setup, batch_size: int) -> dict:
-    """The global batch the steps are compiled for (uint8 images, see input_pipeline)."""
+    """The global batch the steps are compiled for (uint8 images, see sasa_flax.data)."""
     size = setup.config.input.image_size
 
     def spec(shape, dtype):
@@ -161,11 +161,10 @@ def attention_plan(setup: Setup) -> list[str]:
         if not isinstance(layer, SelfAttention2D):
             continue
         height, width = cost.in_shape[1:3]
-        impl = layer.impl
+        impl, k = layer.options.impl, layer.options.kernel_size
         if impl == "auto":
-            choice = ops.auto_choice(device_platform(setup), height, width, layer.kernel_size)
-            impl = f"auto → {choice}"
-        key = f"{height}×{width} k={layer.kernel_size} {impl}"
+            impl = f"auto → {ops.auto_choice(device_platform(setup), height, width, k)}"
+        key = f"{height}×{width} k={k} {impl}"
         layers[key] = layers.get(key, 0) + 1
     return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]
 
