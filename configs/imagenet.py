@@ -7,16 +7,10 @@ Arguments: depth = 26 | 38 | 50; variant = baseline (all conv) | conv_stem_atten
 too); runlocal = true for a tiny model at 64² that runs on a laptop. Any field can
 be overridden, e.g. --config.model.kernel_size=9.
 
-Paper Table 1 (FLOPs in billions at 224², parameters in millions, ImageNet top-1 %):
-
-| variant | ResNet-26 | ResNet-38 | ResNet-50 |
-| --- | --- | --- | --- |
-| baseline | 4.7 B, 13.7 M, 74.5 | 6.5 B, 19.6 M, 76.2 | 8.2 B, 25.6 M, 76.9 |
-| conv_stem_attention | 4.5 B, 10.3 M, 75.8 | 5.7 B, 14.1 M, 77.1 | 7.0 B, 18.0 M, 77.4 |
-| full_attention | 4.7 B, 10.3 M, 74.8 | 6.0 B, 14.1 M, 76.9 | 7.2 B, 18.0 M, 77.6 |
-
-`python -m sasa_flax.report --all` prints our counts beside these. Top-1 is on ImageNet's
-validation set, where this config evaluates.
+Paper Table 1 (GFLOPs at 224², millions of parameters, ImageNet top-1 %) is ``_TABLE1``
+below, written once: `python -m sasa_flax.report --all` prints our counts beside it, and
+``report --results`` a run's top-1. Top-1 is on ImageNet's validation set, where this
+config evaluates.
 """
 
 from sasa_flax import config_lib

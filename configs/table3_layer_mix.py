@@ -3,18 +3,8 @@ r"""Paper Table 3: convolution or attention per group (ResNet-50, conv stem).
     python train.py --config configs/table3_layer_mix.py:mix=CCAA --workdir DIR
 
 ``mix`` has one letter per group, C = 3×3 convolution, A = attention (k=7, 8 heads).
-The paper's top-1 is on its held-out 4% of the ImageNet training set:
-
-| mix | groups | top-1 |
-| --- | --- | --- |
-| AAAA | attention 1-4 | 80.2 |
-| CAAA | conv 1, attention 2-4 | 80.7 |
-| CCAA | conv 1-2, attention 3-4 | 80.7 |
-| CCCA | conv 1-3, attention 4 | 80.2 |
-| CCCC | all conv | 79.5 |
-| ACCC | attention 1, conv 2-4 | 79.7 |
-| AACC | attention 1-2, conv 3-4 | 79.6 |
-| AAAC | attention 1-3, conv 4 | 79.9 |
+The paper's top-1 (on its held-out 4% of the ImageNet training set) is ``PAPER_ROWS``
+below, written once: ``report --results`` shows it beside a run's.
 
 Convolutions early and attention late is best.
 

@@ -2,9 +2,8 @@ r"""Paper Table 4: spatial extent k of the attention (ResNet-50, conv stem + att
 
     python train.py --config configs/table4_kernel_size.py:kernel_size=9 --workdir DIR
 
-| k | 3 | 5 | 7 | 9 | 11 |
-| --- | --- | --- | --- | --- | --- |
-| top-1 | 76.4 | 77.2 | 77.4 | 77.7 | 77.6 |
+The paper's numbers are ``PAPER_ROWS`` below (written once: ``report --results`` shows
+them beside a run's).
 
 Parameters do not depend on k except for the small relative tables (k × d per layer).
 

@@ -2,9 +2,8 @@ r"""Paper Table 7: the attention stem (ResNet-50, full attention).
 
     python train.py --config configs/table7_stem.py:stem_variant=stand_alone --workdir DIR
 
-| stem_variant | stand_alone (Eq. 3) | conv_values (spatial conv for values) | spatially_aware |
-| --- | --- | --- | --- |
-| top-1 | 76.2 | 77.2 | 77.6 |
+The paper's numbers are ``PAPER_ROWS`` below (written once: ``report --results`` shows
+them beside a run's).
 
 See ``AttentionStem`` for each variant and the choices the paper leaves open.
 

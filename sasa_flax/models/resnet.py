@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -356,63 +357,57 @@ def attention_options(*, attention_impl: str, **fields) -> AttentionOptions:
         raise e.renamed("attention_impl" if e.argument == "impl" else e.argument) from None
 
 
-@register("sasa_resnet")
-def sasa_resnet(
-    *,
-    depth: int = 50,
-    width: float = 1.0,
-    stem: str = "conv",
-    stem_variant: str = "spatially_aware",
-    stem_num_heads: int = 4,
-    stem_block_size: int = 4,
-    stem_pool_size: int = 4,
-    stem_num_mixtures: int = 4,
-    stem_value_kernel_size: int = 3,
-    spatial: Sequence[str] = ("conv",) * 4,
-    kernel_size: int = 7,
-    num_heads: int = 8,
-    pos_encoding: str = "relative",
-    content: bool = True,
-    padding: str = "mask",
-    relative_tables: str = "shared",
-    scale_queries: bool = True,
-    attention_impl: str = "auto",
-    num_classes: int = 1000,
-    zero_init_last_bn: bool = True,
-    bn_momentum: float = 0.9,
-    bn_epsilon: float = 1e-5,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments, with the
-    ``AttentionOptions`` fields as they are (``impl`` as ``attention_impl``) and the
-    ``StemOptions`` fields prefixed ``stem_``."""
-    attention = attention_options(
-        num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
-        content=content, padding=padding, relative_tables=relative_tables,
-        scale_queries=scale_queries, attention_impl=attention_impl,
-    )  # fmt: skip
+def _stem_options(fields: dict[str, Any]) -> StemOptions:
+    """``StemOptions`` from the ``stem_``-prefixed config fields; an error names the field."""
     try:
-        stem_options = StemOptions(
-            variant=stem_variant, num_heads=stem_num_heads, block_size=stem_block_size,
-            pool_size=stem_pool_size, num_mixtures=stem_num_mixtures,
-            value_kernel_size=stem_value_kernel_size,
-        )  # fmt: skip
+        return StemOptions(**{name[len("stem_") :]: value for name, value in fields.items()})
     except ArgumentError as e:
         raise e.renamed(f"stem_{e.argument}") from None
+
+
+def _flat_parameters() -> list[inspect.Parameter]:
+    """``sasa_resnet``'s keyword arguments: ``ResNet``'s, with its ``attention`` and
+    ``stem_options`` objects spread into their fields (``impl`` as ``attention_impl``, the
+    stem's prefixed ``stem_``), so that every default is written once, where it is defined."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+
+    def spread(options_class, rename):
+        return [
+            inspect.Parameter(rename(f.name), keyword, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(options_class)
+        ]
+
+    parameters = []
+    for p in inspect.signature(ResNet.__init__).parameters.values():
+        if p.name == "attention":
+            parameters += spread(AttentionOptions, lambda n: "attention_impl" if n == "impl" else n)
+        elif p.name == "stem_options":
+            parameters += spread(StemOptions, lambda n: f"stem_{n}")
+        elif p.name != "self":
+            parameters.append(p)
+    return parameters
+
+
+@register("sasa_resnet")
+def sasa_resnet(**fields) -> ResNet:
+    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments, with the
+    ``AttentionOptions`` fields as they are (``impl`` as ``attention_impl``) and the
+    ``StemOptions`` fields prefixed ``stem_`` (its signature is built from those three)."""
+    arguments = sasa_resnet.__signature__.bind(**fields)  # an unknown name: a TypeError
+    arguments.apply_defaults()
+    fields = dict(arguments.arguments)
+    attention_names = {f.name for f in dataclasses.fields(AttentionOptions)} | {"attention_impl"}
+    attention = attention_options(
+        **{n: fields.pop(n) for n in list(fields) if n in attention_names}
+    )
+    stem_fields = {n: fields.pop(n) for n in list(fields) if n.startswith("stem_")}
+    spatial = fields.pop("spatial")
     return ResNet(
-        depth=depth,
-        width=width,
-        stem=stem,
+        **fields,
         spatial=tuple(spatial) if isinstance(spatial, list | tuple) else spatial,
         attention=attention,
-        stem_options=stem_options,
-        num_classes=num_classes,
-        zero_init_last_bn=zero_init_last_bn,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
+        stem_options=_stem_options(stem_fields),
     )
+
+
+sasa_resnet.__signature__ = inspect.Signature(_flat_parameters(), return_annotation=ResNet)
