@@ -8,14 +8,14 @@ Table 3), k = 5 (a 7×7 window is most of a 4×4 or 8×8 feature map), 8 heads.
 Not a paper number: a small, fast model for trying ideas. Evaluated on CIFAR-10's test
 set (10,000 images).
 
-Recipe (``config_lib.small_recipe``): batch 128 (390 steps per epoch), 200 epochs, 1
+Recipe (``recipes.small_recipe``): batch 128 (390 steps per epoch), 200 epochs, 1
 warm-up epoch, Nesterov SGD lr 0.1 with cosine decay, weight decay 5e-4, pad-and-crop
 with flips, EMA 0.999 with warm-up. Expected, not measured here (CIFAR-10 cannot be
 downloaded on the development machine): about 93-95% top-1, as this recipe gives a
 ResNet-18 of similar size (kuangliu/pytorch-cifar).
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 _SPATIAL = {
     "baseline": ("conv",) * 4,
@@ -30,7 +30,7 @@ def get_config(arg=None):
         raise config_lib.ConfigError(
             f"variant must be one of {tuple(_SPATIAL)}; got {arg.variant!r}."
         )
-    config = config_lib.small_base_config()
+    config = recipes.small_base_config()
     config.model.update(
         depth=26,
         width=0.5,

@@ -8,16 +8,16 @@ A SASA ResNet-26 with attention in every group, the ``cifar`` stem and width 0.2
 fixed 80/20 split) that needs no download; a few minutes on two CPU cores. Evaluated on
 the 360 held-out test digits.
 
-Recipe: ``config_lib.small_recipe`` (the small-image base) with batch 32 (44 steps per
+Recipe: ``recipes.small_recipe`` (the small-image base) with batch 32 (44 steps per
 epoch), 12 epochs, 1 warm-up epoch, lr 0.2, weight decay 5e-4, no flips, no EMA.
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 
 def get_config(arg=None):
     config_lib.parse_arg(arg)
-    config = config_lib.small_base_config()
+    config = recipes.small_base_config()
     config.model.update(
         depth=26,
         width=0.25,

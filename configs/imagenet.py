@@ -13,7 +13,7 @@ below, written once: `python -m sasa_flax.report --all` prints our counts beside
 config evaluates.
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 _TABLE1 = {
     # (depth, variant): (GFLOPs, M params, top-1)
@@ -36,4 +36,4 @@ PAPER_ROWS = {
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, depth=50, variant="full_attention", runlocal=False)
-    return config_lib.imagenet_config(arg.depth, arg.variant, arg.runlocal)
+    return recipes.imagenet_config(arg.depth, arg.variant, arg.runlocal)

@@ -12,7 +12,7 @@ Evaluated as the paper measured it: on the held-out 4% of the training set
 (``input.tuning_split=True``), trained on the other 96%.
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 PAPER_ROWS = {
     f"mix={mix}": dict(top1=top1)
@@ -33,7 +33,7 @@ def get_config(arg=None):
             f"mix={arg.mix!r} must be four letters, C (conv) or A (attention), one per group, "
             "e.g. mix=CCAA."
         )
-    config = config_lib.imagenet_config(50, "conv_stem_attention", arg.runlocal)
+    config = recipes.imagenet_config(50, "conv_stem_attention", arg.runlocal)
     config.model.spatial = tuple(_LETTERS[c] for c in mix)
     config.input.tuning_split = True  # the paper's numbers are on the held-out 4%
     return config

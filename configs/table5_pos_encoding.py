@@ -11,7 +11,7 @@ Evaluated as the paper measured it: on the held-out 4% of the training set
 (``input.tuning_split=True``), trained on the other 96%.
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 PAPER_ROWS = {
     f"pos_encoding={name}": dict(top1=top1)
@@ -21,7 +21,7 @@ PAPER_ROWS = {
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, pos_encoding="relative", runlocal=False)
-    config = config_lib.imagenet_config(50, "conv_stem_attention", arg.runlocal)
+    config = recipes.imagenet_config(50, "conv_stem_attention", arg.runlocal)
     config.model.pos_encoding = arg.pos_encoding
     config.input.tuning_split = True  # the paper's numbers are on the held-out 4%
     return config

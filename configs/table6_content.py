@@ -10,13 +10,13 @@ The paper does not say which split these were measured on; evaluated on ImageNet
 validation set (set ``--config.input.tuning_split=True`` for the held-out 4%).
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 PAPER_ROWS = {"content=false": dict(top1=76.9), "content=true": dict(top1=77.4)}
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, content=True, runlocal=False)
-    config = config_lib.imagenet_config(50, "conv_stem_attention", arg.runlocal)
+    config = recipes.imagenet_config(50, "conv_stem_attention", arg.runlocal)
     config.model.content = arg.content
     return config

@@ -11,7 +11,7 @@ The paper does not say which split these were measured on; evaluated on ImageNet
 validation set (set ``--config.input.tuning_split=True`` for the held-out 4%).
 """
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 PAPER_ROWS = {
     f"stem_variant={name}": dict(top1=top1)
@@ -21,6 +21,6 @@ PAPER_ROWS = {
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, stem_variant="spatially_aware", runlocal=False)
-    config = config_lib.imagenet_config(50, "full_attention", arg.runlocal)
+    config = recipes.imagenet_config(50, "full_attention", arg.runlocal)
     config.model.stem_variant = arg.stem_variant
     return config

@@ -6,14 +6,16 @@ A config is a Python file with ``get_config(arg=None)`` returning an
 
 ``config.model.name`` names a registered model (``sasa_flax.models``; default
 ``"sasa_resnet"``) and the other fields of ``config.model`` are its keyword arguments.
-The model checks its own arguments: ``validate_config`` builds it abstractly (nothing is
-computed or compiled) and reports the model's ``ArgumentError`` as the config field's.
-What is not about the model (input, training) is checked here.
+Two verbs: ``validate(config)`` checks every field (the model's by building it abstractly:
+nothing is computed or compiled; its ``ArgumentError`` is reported as the config field's),
+and ``build_model(config, rngs=...)`` builds the model. What is not about the model
+(input, training) is checked here.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import pathlib
 from typing import Any
@@ -25,13 +27,6 @@ from sasa_flax import models
 from sasa_flax.errors import ArgumentError, UserError
 
 DEFAULT_MODEL = "sasa_resnet"
-
-# Table 1 variants: which stem and which spatial layer in each of the four groups.
-VARIANTS = {
-    "baseline": dict(stem="conv", spatial=("conv",) * 4),
-    "conv_stem_attention": dict(stem="conv", spatial=("attention",) * 4),
-    "full_attention": dict(stem="attention", spatial=("attention",) * 4),
-}
 
 
 class ConfigError(UserError):
@@ -147,80 +142,12 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def imagenet_config(
-    depth: int = 50, variant: str = "full_attention", runlocal: bool = False
-) -> ml_collections.ConfigDict:
-    """A Table 1 model on ImageNet at 224², with the paper's recipe (A.2): Nesterov SGD,
-    lr 0.1 per 256 images (1.6 at batch 4096), 10 warm-up epochs then cosine over 130,
-    BatchNorm and parameter-EMA decay 0.9999. Evaluated on ImageNet's validation set.
-
-    ``runlocal`` shrinks the model (width 0.25), the images (64²) and the run to a smoke
-    test that fits a laptop: ``small_recipe``'s batch of 64, 20 steps.
-    """
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant must be one of {tuple(VARIANTS)}; got {variant!r}.")
-    config = base_config()
-    config.model.depth = depth
-    config.model.update(VARIANTS[variant])
-    # Paper A.2: batch-norm decay 0.9999 (long ImageNet runs; small runs want 0.9).
-    config.model.bn_momentum = 0.9999
-    if runlocal:
-        small_recipe(config)
-        config.model.width = 0.25
-        config.input.update(image_size=64, augment="inception", random_flip=True)
-        config.train.update(
-            num_steps=20, warmup_epochs=0.0, log_every_steps=5, checkpoint_every_steps=10
-        )
-    return config
-
-
-def small_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Sets every input and training field to the small-image recipe (in place; returns
-    ``config``), so that the small configs share nothing with the ImageNet recipe.
-
-    The recipe is the common CIFAR one for ResNets (kuangliu/pytorch-cifar: 95% with a
-    ResNet-18; He et al. 2016, §4.2, for the batch, momentum and augmentation): batch 128,
-    4-pixel pad-and-crop with flips, Nesterov SGD with momentum 0.9 and lr 0.1 (base 0.2
-    per 256 images), cosine decay over 200 epochs after 1 warm-up epoch, weight decay
-    5e-4, BatchNorm decay 0.9, and an EMA of decay 0.999 with warm-up.
-    """
-    if "bn_momentum" in config.model:  # a registered model without BatchNorm has none
-        config.model.bn_momentum = 0.9
-    config.input.update(
-        batch_size=128,
-        eval_batch_size=512,
-        augment="pad",
-        random_flip=True,
-        tuning_split=False,
-        shuffle_buffer=50_000,
-    )
-    config.train.update(
-        num_epochs=200.0,
-        num_steps=0,
-        warmup_epochs=1.0,
-        base_learning_rate=0.2,  # lr 0.1 at batch 128
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        label_smoothing=0.0,
-        ema_decay=0.999,
-        ema_warmup=True,
-        log_every_steps=100,
-        eval_every_steps=0,
-        checkpoint_every_steps=1000,
-    )
-    return config
-
-
-def small_base_config() -> ml_collections.ConfigDict:
-    """``base_config``'s fields with ``small_recipe``: the base of the small configs."""
-    return small_recipe(base_config())
-
-
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``"path/to/config.py:arg"`` as ``--config`` does, and validates it."""
     path, _, arg = spec.partition(":")
-    return validate_config(load_config_module(path).get_config(arg or None))
+    config = load_config_module(path).get_config(arg or None)
+    validate(config)
+    return config
 
 
 def load_config_module(path: str):
@@ -266,22 +193,14 @@ def model_fields(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
     return fields.pop("name", DEFAULT_MODEL), fields
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every field; raises ConfigError naming the field and the fix.
-
-    Returns the config unchanged, so that ``build(validate_config(config))`` reads well.
-    """
-    check(config)
-    return config
-
-
-def check(config: ml_collections.ConfigDict, dtype: Any = None):
-    """Checks every field as ``validate_config`` does and returns the abstract model it
-    built to check the model's fields (``abstract_model``), to be reused.
+def validate(config: ml_collections.ConfigDict, dtype: Any = None):
+    """Checks every field; raises ConfigError naming the field and the fix. The one check
+    of a config: ``load_config``, the entry points and the trainer's setup call it.
 
     The input and training fields are checked here; the model's by building it
     abstractly (its constructor checks its own arguments) and asking it about the image
-    size.
+    size. Returns that abstract model (``build_model`` without rngs, in ``dtype``), so that
+    a caller that needs it does not build it twice.
     """
     known = base_config()
     for section in ("model", "input", "train"):
@@ -300,7 +219,7 @@ def check(config: ml_collections.ConfigDict, dtype: Any = None):
     size = config.input.image_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise _field_error("input.image_size", size, "must be a positive integer (pixels).")
-    model = abstract_model(config, dtype)
+    model = build_model(config, dtype=dtype)
     if hasattr(model, "check_image_size"):
         try:
             model.check_image_size(size, size)
@@ -310,12 +229,18 @@ def check(config: ml_collections.ConfigDict, dtype: Any = None):
     return model
 
 
-def abstract_model(config: ml_collections.ConfigDict, dtype: Any = None):
-    """The config's model with abstract parameters (``nnx.eval_shape``): shapes only, built
-    in well under a second. The model's ArgumentError becomes a ConfigError naming the
-    field."""
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None,
+                dtype: Any = None):  # fmt: skip
+    """The config's model, in compute ``dtype`` (None: the parameters' float32). Without
+    ``rngs`` it is abstract (``nnx.eval_shape``: shapes only, nothing computed, about a
+    second for ResNet-50). Does not check the config (``validate`` does, once); an
+    ``ArgumentError`` of the model's constructor is reported as the config field's."""
+    name, fields = model_fields(config)
+    build = functools.partial(models.build, name, fields, dtype=dtype)
     try:
-        return nnx.eval_shape(lambda: instantiate(config, rngs=nnx.Rngs(0), dtype=dtype))
+        if rngs is None:
+            return nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+        return build(rngs=rngs)
     except ArgumentError as e:
         raise ConfigError(e.as_field("config.model.")) from None
 
@@ -363,16 +288,3 @@ def _validate_input_and_train(config) -> None:
     if not 0.0 <= t.label_smoothing < 1.0:
         raise _field_error("train.label_smoothing", t.label_smoothing, "must be in [0, 1).")
     _one_of(config, "train.compute_dtype", ("auto", "float32", "bfloat16"))
-
-
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None):
-    """Validates ``config`` and builds its model (``abstract_model`` for an abstract one)."""
-    validate_config(config)
-    return instantiate(config, rngs=rngs, dtype=dtype)
-
-
-def instantiate(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype: Any = None):
-    """Builds the model of a config already validated (``check``), without checking it
-    again."""
-    name, fields = model_fields(config)
-    return models.build(name, fields, rngs=rngs, dtype=dtype)

@@ -21,7 +21,7 @@ __all__ = ["LayerCost", "conv", "count", "layer_costs", "report", "uncounted_lay
 
 
 def _trace(config, in_image_taps_only: bool, model=None):
-    model = config_lib.abstract_model(config) if model is None else model
+    model = config_lib.build_model(config) if model is None else model
     size = config.input.image_size
     return costs.trace(model, (1, size, size, 3), in_image_taps_only=in_image_taps_only)
 
@@ -29,7 +29,7 @@ def _trace(config, in_image_taps_only: bool, model=None):
 def report(config: ml_collections.ConfigDict) -> tuple[list[LayerCost], list[str]]:
     """Validates the config, then (counted layers, paths of the parameter-owning layers no
     rule counts), from one abstract build of the model."""
-    return _trace(config, False, config_lib.check(config))
+    return _trace(config, False, config_lib.validate(config))
 
 
 def layer_costs(

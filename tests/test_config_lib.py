@@ -1,8 +1,9 @@
 """Config parsing and validation: every bad field gets one message naming it."""
 
 import pytest
+from flax import nnx
 
-from sasa_flax import config_lib
+from sasa_flax import config_lib, recipes
 
 
 def test_parse_arg_types_values_by_their_defaults():
@@ -28,7 +29,7 @@ def test_parse_arg_errors(arg, match):
 
 
 def good_config():
-    return config_lib.imagenet_config(50, "conv_stem_attention")
+    return recipes.imagenet_config(50, "conv_stem_attention")
 
 
 def with_fields(**fields):
@@ -78,7 +79,7 @@ def with_fields(**fields):
 )
 def test_bad_fields_are_named(fields, match):
     with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.validate_config(with_fields(**fields))
+        config_lib.validate(with_fields(**fields))
 
 
 def test_unknown_fields_are_named():
@@ -87,13 +88,14 @@ def test_unknown_fields_are_named():
     with pytest.raises(
         config_lib.ConfigError, match=r"config\.model has unknown field\(s\) \['kernal_size'\]"
     ):
-        config_lib.validate_config(config)
+        config_lib.validate(config)
 
 
-def test_build_model_validates_before_building():
+@pytest.mark.parametrize("rngs", [None, nnx.Rngs(0)], ids=["abstract", "concrete"])
+def test_build_model_reports_the_models_argument_error_as_the_config_field(rngs):
     config = with_fields(model__kernel_size=4)
-    with pytest.raises(config_lib.ConfigError, match="kernel_size"):
-        config_lib.build_model(config, rngs=None)  # never reaches the constructor
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.kernel_size=4: must be"):
+        config_lib.build_model(config, rngs=rngs)
 
 
 @pytest.mark.parametrize(

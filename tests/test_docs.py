@@ -124,4 +124,4 @@ def test_every_command_shown_parses(page, tokens):
         if argument.startswith("--") and not name.startswith("config."):
             assert name in defined, f"{page.name}: {source} has no flag --{name}"
     if any(a.startswith("--config") for a in arguments):
-        config_lib.validate_config(_config(arguments))
+        config_lib.validate(_config(arguments))

@@ -126,15 +126,15 @@ def test_the_model_checks_its_own_fields_as_config_fields():
     with pytest.raises(
         config_lib.ConfigError, match=r"config\.model\.num_heads=3: must divide the 16 channels"
     ):
-        config_lib.validate_config(config)
+        config_lib.validate(config)
     config = get_config()
     config.model.dropout = 1.5
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.dropout=1\.5: must be in"):
-        config_lib.validate_config(config)
+        config_lib.validate(config)
     config = get_config()
     config.model.widht = 8
     with pytest.raises(config_lib.ConfigError, match=r"'widht' \(did you mean 'width'\?\)"):
-        config_lib.validate_config(config)
+        config_lib.validate(config)
 
 
 def test_the_report_counts_what_it_can_and_names_what_it_cannot():
@@ -144,7 +144,7 @@ def test_the_report_counts_what_it_can_and_names_what_it_cannot():
     # LayerNorm has no cost rule: named, not silently dropped.
     assert sorted(uncounted) == ["norms1/0", "norms1/1", "norms2/0", "norms2/1"]
     counted = sum(layer.params for layer in layers)
-    model = config_lib.abstract_model(get_config())
+    model = config_lib.build_model(get_config())
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert total - counted == 4 * 2 * 16  # exactly the LayerNorms' scales and biases
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, flops
+from sasa_flax import config_lib, flops, recipes
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from sasa_flax.models import resnet
 from tests.helpers import CONFIG_DIR, default_and_slow, param_count, shipped_config_specs
@@ -15,7 +15,7 @@ SPECS = shipped_config_specs()
 
 
 def abstract_model(config):
-    return config_lib.abstract_model(config)
+    return config_lib.build_model(config)
 
 
 def abstract_forward(model, batch, size):
@@ -65,7 +65,7 @@ PAPER = config_lib.load_config_module(str(CONFIG_DIR / "imagenet.py")).PAPER_ROW
 @pytest.mark.parametrize("depth,variant", list(TABLE1_PARAMS))
 def test_table1_parameters_and_flops(depth, variant):
     arg = f"depth={depth},variant={variant}"
-    config = config_lib.imagenet_config(depth, variant)
+    config = recipes.imagenet_config(depth, variant)
     params = param_count(abstract_model(config))
     assert params == TABLE1_PARAMS[(depth, variant)]
     paper = PAPER[arg]
@@ -84,11 +84,9 @@ def test_layer_mix_puts_attention_exactly_where_asked(mix):
 
 
 def test_attention_stem_is_used_for_full_attention():
-    model = abstract_model(config_lib.imagenet_config(26, "full_attention"))
+    model = abstract_model(recipes.imagenet_config(26, "full_attention"))
     assert isinstance(model.stem, AttentionStem)
-    assert isinstance(
-        abstract_model(config_lib.imagenet_config(26, "baseline")).stem, resnet.ConvStem
-    )
+    assert isinstance(abstract_model(recipes.imagenet_config(26, "baseline")).stem, resnet.ConvStem)
 
 
 def test_odd_resolutions_downsample_consistently():
@@ -111,7 +109,7 @@ def test_last_batch_norm_scale_initialisation(zero_init):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
 def test_compiled_forward_runs_and_trains_batch_norm(variant):
-    config = config_lib.imagenet_config(26, variant, runlocal=True)
+    config = recipes.imagenet_config(26, variant, runlocal=True)
     model = config_lib.build_model(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
@@ -131,7 +129,7 @@ def test_compiled_forward_runs_and_trains_batch_norm(variant):
 
 @pytest.mark.slow
 def test_bfloat16_forward():
-    config = config_lib.imagenet_config(26, "full_attention", runlocal=True)
+    config = recipes.imagenet_config(26, "full_attention", runlocal=True)
     model = config_lib.build_model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     model.eval()
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))

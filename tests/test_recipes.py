@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, data
+from sasa_flax import config_lib, data, recipes
 from sasa_flax import train as trainer
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from tests.helpers import shipped_config_specs, tiny_config
@@ -124,7 +124,7 @@ def test_allow_schedule_change_extends_a_finished_run(tmp_path):
 
 
 def test_every_model_option_reaches_every_layer():
-    config = config_lib.imagenet_config(26, "full_attention")
+    config = recipes.imagenet_config(26, "full_attention")
     options = dict(
         kernel_size=5, num_heads=4, pos_encoding="absolute", content=False, padding="zeros",
         relative_tables="per_head", scale_queries=False, attention_impl="dense",
@@ -132,7 +132,7 @@ def test_every_model_option_reaches_every_layer():
         stem_block_size=2, stem_pool_size=4, stem_num_mixtures=3, stem_value_kernel_size=5,
     )  # fmt: skip
     config.model.update(options)
-    model = config_lib.abstract_model(config)
+    model = config_lib.build_model(config)
     modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
     norms = [m for m in modules if isinstance(m, nnx.BatchNorm)]
     attention = [m for m in modules if isinstance(m, SelfAttention2D)]

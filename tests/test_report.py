@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, flops, scaling
+from sasa_flax import config_lib, flops, recipes, scaling
 from sasa_flax.costs import LayerCost
 from sasa_flax.layers import AttentionOptions, attention_cost
 from sasa_flax.models import resnet
@@ -25,7 +25,7 @@ def test_conv_flops_agree_with_xla_cost_analysis(depth, width, size, stem):
     """XLA counts a multiply-add as 2 FLOPs and skips taps on zero padding; with the
     same tap convention our conv+dense count must be XLA's minus only the elementwise
     work we do not count (BN, ReLU, additions, pooling: a few percent)."""
-    config = config_lib.imagenet_config(depth, "baseline")
+    config = recipes.imagenet_config(depth, "baseline")
     config.model.update(width=width, stem=stem)
     config.input.image_size = size
     model = nnx.eval_shape(lambda: config_lib.build_model(config, rngs=nnx.Rngs(0)))

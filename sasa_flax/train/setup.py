@@ -115,7 +115,7 @@ def make_optimizer(config, schedule, decay_mask=default_decay_mask) -> optax.Gra
 
 def _open(config, devices, process_index, process_count):
     """The config checked against the devices, and its dataset opened (no split built)."""
-    abstract = config_lib.check(config, dtype=compute_dtype(config.train.compute_dtype))
+    abstract = config_lib.validate(config, dtype=compute_dtype(config.train.compute_dtype))
     devices = list(devices or jax.devices())
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -162,7 +162,7 @@ def model_setup(
     model in the compute dtype, if already built."""
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     if abstract is None:
-        abstract = config_lib.abstract_model(config, compute_dtype(config.train.compute_dtype))
+        abstract = config_lib.build_model(config, dtype=compute_dtype(config.train.compute_dtype))
     abstract.train()
     train_graphdef = nnx.graphdef(abstract)
     abstract.eval()
@@ -194,7 +194,7 @@ def data_mesh(devices) -> jax.sharding.Mesh:
 
 def _init_state(setup: Setup) -> TrainState:
     config = setup.config
-    model = config_lib.instantiate(  # make_setup validated the config
+    model = config_lib.build_model(  # make_setup validated the config
         config, rngs=nnx.Rngs(config.train.seed), dtype=compute_dtype(config.train.compute_dtype)
     )
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)

@@ -152,7 +152,7 @@ def attention_plan(setup: Setup) -> list[str]:
     from sasa_flax import costs, ops
     from sasa_flax.layers import SelfAttention2D
 
-    model = config_lib.abstract_model(setup.config)
+    model = config_lib.build_model(setup.config)
     modules = {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model)}
     size = setup.config.input.image_size
     layers: dict[str, int] = {}
