@@ -9,7 +9,7 @@ import traceback
 
 from absl import app, flags, logging
 
-from sasa_flax import distributed
+from sasa_flax import distributed, quiet_hooks
 from sasa_flax.errors import UserError
 
 
@@ -108,11 +108,9 @@ def start(argv, distributed_mode: str) -> None:
     (orbax logs every file it writes; progress lines have their own logger)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.verbose:  # one switch for every quieting hook (checkpointing's too)
+    if flags.FLAGS.verbose:  # one switch for every quieting hook
         os.environ["SASA_FLAX_VERBOSE"] = "1"
-    from sasa_flax import checkpointing  # orbax: only for the commands that start here
-
-    checkpointing.install_quiet_hooks()
+    quiet_hooks.install()
     distributed.maybe_initialize(distributed_mode)
     logging.set_verbosity(logging.WARNING)
 

@@ -60,10 +60,10 @@ _IMPORT_EVERYTHING = """
 import logging, sys, threading
 hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
 filters = [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")]
-import sasa_flax.checkpointing, sasa_flax.train, sasa_flax.cli
+import sasa_flax.checkpointing, sasa_flax.train, sasa_flax.cli, sasa_flax.quiet_hooks
 assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks, "hooks changed"
 assert [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")] == filters
-sasa_flax.checkpointing.install_quiet_hooks()
+sasa_flax.quiet_hooks.install()
 assert sys.excepthook is not hooks[0] and threading.excepthook is not hooks[2]
 print("OK")
 """

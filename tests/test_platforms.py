@@ -14,20 +14,28 @@ import jax.numpy as jnp
 import pytest
 
 from sasa_flax import aot, ops
-from tests.helpers import default_and_slow, exported_step
+from tests.helpers import ROOT, default_and_slow, exported_step
 
 TRITON, MOSAIC = aot.KERNEL_TARGETS["cuda"], aot.KERNEL_TARGETS["tpu"]
 # ResNet-50's four attention stages: (H = W, channels), 8 heads, k = 7.
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
 
-def test_the_choice_table():
-    choices = {p: [ops.auto_choice(p, s, s, 7) for s, _ in STAGES] for p in ("cpu", "cuda", "tpu")}
-    assert choices == {
-        "cpu": ["shifted", "shifted", "shifted", "dense"],
-        "cuda": ["pallas", "pallas", "dense", "dense"],
-        "tpu": ["pallas", "pallas", "dense", "dense"],
+def test_the_documented_choice_table_is_what_auto_chooses():
+    """docs/performance.md's table of ``auto``'s choices at ResNet-50's stages (56², 28² |
+    14², 7²; k = 7) is ``ops.auto_choice``'s: the one table, and this test keeps no copy."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:4]
+        for line in text.splitlines()
+        if line.startswith(("| CPU ", "| CUDA ", "| TPU "))
     }
+    assert sorted(rows) == ["CPU", "CUDA", "TPU"], rows
+    for name, platform in [("CPU", "cpu"), ("CUDA", "cuda"), ("TPU", "tpu")]:
+        large, small = (re.findall(r'`"(\w+)"`', cell) for cell in rows[name])
+        choice = [ops.auto_choice(platform, s, s, 7) for s, _ in STAGES]
+        assert large[0] == choice[0] == choice[1], (name, large, choice)
+        assert list(dict.fromkeys(small)) == list(dict.fromkeys(choice[2:])), (name, small, choice)
 
 
 CASES = [(platform, *stage) for platform in ("cuda", "tpu") for stage in STAGES]
