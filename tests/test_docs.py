@@ -101,6 +101,19 @@ def test_the_readme_is_short_and_every_relative_link_resolves():
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
 
 
+_REPO_PATH = re.compile(r"(?<![\w/.])((?:sasa_flax|tests|benchmarks|configs|docs)/[\w/.-]*\w)")
+
+
+def test_every_file_or_folder_the_pages_name_exists():
+    """A path the README or a docs page names (``sasa_flax/data/``, ``configs/digits.py``)
+    is there: a module that moves takes its mentions with it."""
+    for page in PAGES:
+        missing = sorted(
+            {m for m in _REPO_PATH.findall(page.read_text()) if not (ROOT / m).exists()}
+        )
+        assert not missing, f"{page.name} names paths that do not exist: {missing}"
+
+
 def test_the_pages_show_the_commands_a_user_needs():
     shown = {" ".join(tokens[:3]) for _, tokens in COMMANDS}
     for needed in ("python train.py --config", "python eval.py --config", "python -m pytest"):
