@@ -232,9 +232,9 @@ def validate(config: ml_collections.ConfigDict, dtype: Any = None):
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None,
                 dtype: Any = None):  # fmt: skip
     """The config's model, in compute ``dtype`` (None: the parameters' float32). Without
-    ``rngs`` it is abstract (``nnx.eval_shape``: shapes only, nothing computed, about a
-    second for ResNet-50). Does not check the config (``validate`` does, once); an
-    ``ArgumentError`` of the model's constructor is reported as the config field's."""
+    ``rngs`` it is abstract (``nnx.eval_shape``: shapes only, nothing computed). Does not
+    check the config (``validate`` does, once); an ``ArgumentError`` of the model's
+    constructor is reported as the config field's."""
     name, fields = model_fields(config)
     build = functools.partial(models.build, name, fields, dtype=dtype)
     try:

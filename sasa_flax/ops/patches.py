@@ -4,8 +4,8 @@ Every pixel's k×k neighbourhood of K and V is materialised with
 ``jax.lax.conv_general_dilated_patches`` (a one-hot convolution, so zero padding
 outside the image comes for free), logits and the weighted sum are einsums. It is
 simple enough to read against the paper's Eq. 3 and is the implementation every
-faster one is compared with. It is not lean: it stores k²·C values per pixel
-(about 1.3 GB of temporaries for forward+backward at batch 8, 56²×64, k=7).
+faster one is compared with. It is not lean: it stores k²·C values per pixel (its memory,
+measured against the others, is in benchmarks/RESULTS.md).
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """

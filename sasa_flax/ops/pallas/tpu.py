@@ -69,8 +69,7 @@ MAX_TILE = 2048  # positions per program: see choose_tile
 # Live (rows, tile) float32 state per program, rows = the head width rounded up to 8: the
 # (8, 2048) of MAX_TILE at d = 8, k ≤ 7; less for larger windows (× 7 / k). Found by
 # compiling for v4 (16 MiB VMEM) with libtpu: above it the dk/dv kernel's register spills
-# overflow VMEM at k = 9 and 11 (e.g. 56²×64, k = 11: 17.5 MiB at a 1920-position tile,
-# compiles at 1152; 28²×128, k = 11: 17.8 MiB at 1024, compiles at 768).
+# overflow VMEM at k = 9 and 11 (the tile probes are in benchmarks/RESULTS.md).
 MAX_LIVE_STATE = 8 * 2048
 VMEM_BUDGET = 8 * 2**20
 
