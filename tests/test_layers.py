@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 from sasa_flax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
 from tests import reference
-from tests.helpers import param_count
+from tests.helpers import FD_STEP, param_count
 
 
 def param_names(module) -> set[str]:
@@ -116,19 +117,29 @@ def test_bfloat16_compute_keeps_float32_parameters(rng):
     )
 
 
-def test_jitted_gradients_are_finite(rng):
-    layer = SelfAttention2D(8, 16, num_heads=2, kernel_size=5, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer)
-    x = jnp.asarray(rng.standard_normal((2, 5, 7, 8)), jnp.float32)
-
-    @jax.jit
-    def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
-
-    grads = jax.grad(loss)(params, x)
-    leaves = jax.tree.leaves(grads)
-    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(impl="shifted"),
+        dict(relative_tables="per_head", padding="zeros"),
+        dict(pos_encoding="absolute"),
+    ],
+    ids=str,
+)
+def test_jitted_layer_gradients_match_finite_differences_in_float64(rng, options):
+    """The whole layer's gradients (projections, head split, scaling, tables; input and
+    every parameter), under jit, against central differences in float64."""
+    with jax.enable_x64(True):
+        layer = SelfAttention2D(
+            6, 8, num_heads=2, kernel_size=3, param_dtype=jnp.float64, rngs=nnx.Rngs(0),
+            **options,
+        )  # fmt: skip
+        graphdef, params = nnx.split(layer)
+        x = jnp.asarray(rng.standard_normal((1, 4, 5, 6)))
+        forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+        assert forward(params, x).dtype == jnp.float64
+        check_grads(forward, (params, x), order=1, modes=("rev",), atol=1e-6, rtol=1e-6,
+                    eps=FD_STEP)  # fmt: skip
 
 
 def test_sinusoidal_encoding():
