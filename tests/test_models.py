@@ -9,7 +9,7 @@ from flax import nnx
 from sasa_flax import config_lib, flops, recipes
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from sasa_flax.models import resnet
-from tests.helpers import CONFIG_DIR, default_and_slow, param_count, shipped_config_specs
+from tests.helpers import CONFIG_DIR, ROOT, default_and_slow, param_count, shipped_config_specs
 
 SPECS = shipped_config_specs()
 
@@ -62,15 +62,35 @@ TABLE1_PARAMS = {
 PAPER = config_lib.load_config_module(str(CONFIG_DIR / "imagenet.py")).PAPER_ROWS
 
 
+def _readme_table1_row(depth: int, variant: str) -> list[str]:
+    """The cells of the README's Table 1 row for (depth, variant), after the name."""
+    name = {"baseline": "baseline", "conv_stem_attention": "conv stem + attention",
+            "full_attention": "full attention"}[variant]  # fmt: skip
+    rows = [
+        line.split("|")[2:-1]
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith(f"| ResNet-{depth} {name} |")
+    ]
+    assert len(rows) == 1, (depth, variant, rows)
+    return [cell.strip() for cell in rows[0]]
+
+
 @pytest.mark.parametrize("depth,variant", list(TABLE1_PARAMS))
 def test_table1_parameters_and_flops(depth, variant):
+    """Our counts against the paper's, and the README's Table 1 row is both (so the
+    README's table is checked, not a copy)."""
     arg = f"depth={depth},variant={variant}"
     config = recipes.imagenet_config(depth, variant)
     params = param_count(abstract_model(config))
     assert params == TABLE1_PARAMS[(depth, variant)]
     paper = PAPER[arg]
+    gflops = flops.count(config)[1] / 1e9
     assert abs(params / 1e6 - paper["mparams"]) <= 0.1
-    assert abs(flops.count(config)[1] / 1e9 - paper["gflops"]) <= 0.15
+    assert abs(gflops - paper["gflops"]) <= 0.15
+    assert _readme_table1_row(depth, variant) == [
+        f"{params / 1e6:.2f}", f"{paper['mparams']}", f"{gflops:.2f}", f"{paper['gflops']}",
+        f"{paper['top1']}",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("mix", ["CCAA", "ACCC", "CACA", "AAAA", "CCCC"])
