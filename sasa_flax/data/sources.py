@@ -28,6 +28,7 @@ from sasa_flax.data.splits import Dataset, DatasetError, Split, array_split
 # Files a streaming (TFDS) split reads at once, record by record.
 INTERLEAVED_FILES = 16
 
+# name -> (input_config, process_index, process_count) -> Dataset. Any other name is TFDS's.
 SOURCES: dict[str, Callable[..., Dataset]] = {}
 
 
