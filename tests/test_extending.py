@@ -1,13 +1,15 @@
 """A model that is not a ResNet, defined and registered in this file only, through the
 real trainer: LayerNorm instead of BatchNorm (no model state), Dropout (RNG streams),
-``SelfAttention2D`` as its token mixer. And a dataset and an augmentation, registered here
-only, that the trainer reads through the same registries as the built-in ones.
+``SelfAttention2D`` as its token mixer. And an attention implementation, a dataset and an
+augmentation, registered here only, that the trainer reads through the same registries as
+the built-in ones.
 
 This file is also a config file, so that ``train.py`` and ``eval.py`` can run the model:
 
     python train.py --config tests/test_extending.py:steps=6 --workdir /tmp/vit
 """
 
+import importlib
 import signal
 
 import flax
@@ -18,7 +20,7 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
-from sasa_flax import config_lib, data, flops, models
+from sasa_flax import config_lib, data, flops, models, ops
 from sasa_flax import train as trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
@@ -75,6 +77,20 @@ class TinyViT(nnx.Module):
             x = x + self.dropout(mixer(norm1(x)))
             x = x + self.dropout(nnx.gelu(mlp(norm2(x))))
         return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+# Every call of the implementation registered below, as (H, W, k) when it is traced.
+TRACED_ATTENTION: list[tuple[int, int, int]] = []
+
+
+def _recorded_dense(q, k, v, rel_row, rel_col, *, kernel_size, padding):
+    """ "dense", recording each layer that calls it."""
+    TRACED_ATTENTION.append((q.shape[1], q.shape[2], kernel_size))
+    return ops.local_attention(q, k, v, rel_row, rel_col, kernel_size=kernel_size,
+                               padding=padding, impl="dense")  # fmt: skip
+
+
+ops.register_implementation("recorded_dense_for_tests", _recorded_dense)
 
 
 @data.register_source("brightness_for_tests")
@@ -192,6 +208,48 @@ def test_trains_checkpoints_resumes_exactly_and_evaluates(tmp_path):
     assert resumed["top1"] == uninterrupted["top1"] and resumed["loss"] == uninterrupted["loss"]
     again = trainer.evaluate_checkpoint(config, str(tmp_path / "b"))
     assert again["top1"] == pytest.approx(resumed["top1"], abs=1e-9)
+
+
+def test_an_attention_implementation_registered_here_runs_in_every_attention_layer():
+    """``attention_impl`` names it in the config; every attention layer of the model runs it
+    (and computes what "dense" does: it is "dense")."""
+    from tests.helpers import tiny_config
+
+    config = tiny_config()
+    config.model.update(spatial=("conv", "conv", "attention", "attention"))
+    config_lib.validate(config)
+    dense = config_lib.build_model(config, rngs=nnx.Rngs(0))
+    config.model.attention_impl = "recorded_dense_for_tests"
+    config_lib.validate(config)
+    mine = config_lib.build_model(config, rngs=nnx.Rngs(0))
+    layers = [m for _, m in nnx.iter_graph(mine) if isinstance(m, SelfAttention2D)]
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    TRACED_ATTENTION.clear()
+    y = mine(images)
+    assert len(TRACED_ATTENTION) == len(layers) == 4 + 1  # ResNet-26 (1, 2, 4, 1): groups 3, 4
+    assert {k for *_, k in TRACED_ATTENTION} == {config.model.kernel_size}
+    np.testing.assert_allclose(y, dense(images), rtol=1e-5, atol=1e-5)
+
+
+def test_loading_this_file_again_re_registers_it_and_a_clash_is_refused(monkeypatch):
+    """A config file is imported afresh at each load (train, then report --results per
+    run): its registrations are replaced, not refused; another definition is refused."""
+    from sasa_flax.models import registry
+
+    implementations = importlib.import_module("sasa_flax.ops.local_attention")._IMPLEMENTATIONS
+    registered = [
+        (registry._MODELS, "tiny_vit_for_tests"),
+        (implementations, "recorded_dense_for_tests"),
+    ]
+    for table, name in registered:
+        monkeypatch.setitem(table, name, table[name])  # restored after the test
+    # New objects, the same definitions; the path as the CLI gets it (relative).
+    again = config_lib.load_config_module("tests/test_extending.py")
+    assert again.TinyViT is not TinyViT and models.get("tiny_vit_for_tests") is again.TinyViT
+    with pytest.raises(ValueError, match="impl 'recorded_dense_for_tests' is already defined"):
+        ops.register_implementation("recorded_dense_for_tests", lambda *args, **kwargs: None)
+    with pytest.raises(ValueError, match="a model named 'tiny_vit_for_tests' is already"):
+        models.register("tiny_vit_for_tests")(SelfAttention2D)
 
 
 def test_a_dataset_and_augmentation_registered_here_are_what_the_trainer_reads(tmp_path):

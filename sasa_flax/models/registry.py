@@ -31,19 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 from sasa_flax.errors import ArgumentError
+from sasa_flax.registries import definition, same_definition
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 
 # Constructor arguments that are not config fields.
 NOT_FIELDS = ("rngs", "dtype", "param_dtype")
-
-
-def _definition(factory) -> tuple[str, str]:
-    try:
-        source = inspect.getsourcefile(factory) or ""
-    except TypeError:
-        source = ""
-    return source, factory.__qualname__
 
 
 def register(name: str):
@@ -55,10 +48,10 @@ def register(name: str):
 
     def decorate(factory):
         existing = _MODELS.get(name)
-        if existing is not None and _definition(existing) != _definition(factory):
+        if existing is not None and not same_definition(existing, factory):
             raise ValueError(
                 f"a model named {name!r} is already registered ({existing.__qualname__} in "
-                f"{_definition(existing)[0]}); choose another name."
+                f"{definition(existing)[0]}); choose another name."
             )
         _MODELS[name] = factory
         return factory

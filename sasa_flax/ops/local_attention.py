@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.ops import dense, pallas, patches, shifted
+from sasa_flax.registries import same_definition
 
 PADDINGS = ("mask", "zeros")
 
@@ -39,9 +40,11 @@ def register_implementation(name: str, fn: Callable[..., jax.Array]) -> Callable
 
     ``fn(q, k, v, rel_row, rel_col, *, kernel_size, padding)`` must compute exactly
     ``local_attention``'s function (check it with the tests' float64 reference); the
-    arguments reach it already validated. Returns ``fn``.
+    arguments reach it already validated. Registering the same definition again (its file
+    loaded a second time, e.g. as a config file) replaces it. Returns ``fn``.
     """
-    if name == "auto" or (name in _IMPLEMENTATIONS and _IMPLEMENTATIONS[name] is not fn):
+    existing = _IMPLEMENTATIONS.get(name)
+    if name == "auto" or (existing is not None and not same_definition(existing, fn)):
         raise ValueError(f"impl {name!r} is already defined; choose another name.")
     _IMPLEMENTATIONS[name] = fn
     return fn
