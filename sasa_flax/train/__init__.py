@@ -12,7 +12,6 @@ The names below are the trainer's public API (``from sasa_flax import train as t
 the tools (``eval.py``, ``visualize``, ``aot``, the benchmarks) use nothing else.
 """
 
-import sasa_flax.quiet_tensorflow  # noqa: F401, I001 - first: before clu imports TensorFlow
 from sasa_flax.errors import TrainError
 from sasa_flax.train.evaluate import evaluate, evaluate_checkpoint, restore_model_item
 from sasa_flax.train.loop import train_and_evaluate

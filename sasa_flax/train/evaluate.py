@@ -6,11 +6,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-from clu import metric_writers
 
 from sasa_flax import checkpointing, data
 from sasa_flax import workdir as workdir_lib
-from sasa_flax.train.progress import log
+from sasa_flax.train.progress import log, write_eval_events
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
 from sasa_flax.train.steps import compile_steps, global_batch, kernel_failures_explained
 
@@ -80,9 +79,5 @@ def evaluate_checkpoint(
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     workdir_lib.write_eval_results(workdir, step, results, setting)
     if jax.process_index() == 0:
-        writer = metric_writers.create_default_writer(
-            workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), asynchronous=False
-        )
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-        writer.flush()
+        write_eval_events(workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), step, results)
     return dict(step=step, setting=setting or "the run's own", **results)

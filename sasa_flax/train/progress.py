@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 # isort: off
-import sasa_flax.quiet_tensorflow  # noqa: F401 - first: before clu imports TensorFlow
+import sasa_flax.quiet_tensorflow  # noqa: F401 - first: before clu imports TensorFlow (this
+# module is the trainer's only user of clu)
 
 # isort: on
 import jax
@@ -83,6 +84,14 @@ def metric_writer(workdir: str):
             [metric_writers.LoggingWriter(), EventsWriter(os.fspath(workdir))]
         )
     return metric_writers.MultiWriter([])  # only process 0 writes logs
+
+
+def write_eval_events(logdir: str, step: int, results: dict) -> None:
+    """``eval.py``'s results as ``eval/<name>`` TensorBoard scalars in ``logdir``, written
+    and flushed at once (clu's default writer: one evaluation, nothing to queue)."""
+    writer = metric_writers.create_default_writer(logdir, asynchronous=False)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    writer.flush()
 
 
 def format_duration(seconds: float) -> str:
