@@ -11,9 +11,6 @@ module the config imports); a new augmentation one ``data.register_augmentation`
 The names below are the pipeline's public API (``from sasa_flax import data``).
 """
 
-# isort: off
-from sasa_flax.quiet_tensorflow import tf  # noqa: F401 - first: TensorFlow silenced
-from sasa_flax.data.splits import Dataset, DatasetError, Split, array_split, file_split
 from sasa_flax.data.augment import (
     AUGMENTATIONS,
     MEAN_RGB,
@@ -21,13 +18,6 @@ from sasa_flax.data.augment import (
     Augmentation,
     normalise,
     register_augmentation,
-)
-from sasa_flax.data.sources import (
-    SOURCES,
-    TUNING_FRACTION,
-    load,
-    register_source,
-    tuning_holdout,
 )
 from sasa_flax.data.folders import FolderTree, scan_folder  # registers "folder"
 from sasa_flax.data.pipeline import (
@@ -37,8 +27,14 @@ from sasa_flax.data.pipeline import (
     steps_per_epoch,
     train_batches,
 )
-
-# isort: on
+from sasa_flax.data.sources import (
+    SOURCES,
+    TUNING_FRACTION,
+    load,
+    register_source,
+    tuning_holdout,
+)
+from sasa_flax.data.splits import Dataset, DatasetError, Split, array_split, file_split
 
 __all__ = [
     "AUGMENTATIONS",
