@@ -348,41 +348,53 @@ class ResNet(nnx.Module):
 DECAYED_PARAMETERS = ("kernel", "value_mixture")
 
 
-def attention_options(*, attention_impl: str, **fields) -> AttentionOptions:
+def _attention_field(name: str) -> str:
+    return "attention_impl" if name == "impl" else name
+
+
+def _stem_field(name: str) -> str:
+    return f"stem_{name}"
+
+
+# ResNet's options arguments and how config.model names their fields: AttentionOptions'
+# as they are (``impl`` as ``attention_impl``), StemOptions' prefixed ``stem_``.
+_SPREAD_OPTIONS = {
+    "attention": (AttentionOptions, _attention_field),
+    "stem_options": (StemOptions, _stem_field),
+}
+
+
+def _options(options_class, config_field, fields: dict[str, Any]):
+    """``options_class`` from the config-named fields it finds in ``fields`` (popped; the
+    others keep their defaults); an error names the config field."""
+    names = {f.name: config_field(f.name) for f in dataclasses.fields(options_class)}
+    given = {name: fields.pop(field) for name, field in names.items() if field in fields}
+    try:
+        return options_class(**given)
+    except ArgumentError as e:
+        raise e.renamed(config_field(e.argument)) from None
+
+
+def attention_options(**fields) -> AttentionOptions:
     """``AttentionOptions`` from the config's names (``attention_impl`` is its ``impl``);
     an error names the config field."""
-    try:
-        return AttentionOptions(impl=attention_impl, **fields)
-    except ArgumentError as e:
-        raise e.renamed("attention_impl" if e.argument == "impl" else e.argument) from None
-
-
-def _stem_options(fields: dict[str, Any]) -> StemOptions:
-    """``StemOptions`` from the ``stem_``-prefixed config fields; an error names the field."""
-    try:
-        return StemOptions(**{name[len("stem_") :]: value for name, value in fields.items()})
-    except ArgumentError as e:
-        raise e.renamed(f"stem_{e.argument}") from None
+    return _options(AttentionOptions, _attention_field, dict(fields))
 
 
 def _flat_parameters() -> list[inspect.Parameter]:
     """``sasa_resnet``'s keyword arguments: ``ResNet``'s, with its ``attention`` and
-    ``stem_options`` objects spread into their fields (``impl`` as ``attention_impl``, the
-    stem's prefixed ``stem_``), so that every default is written once, where it is defined."""
+    ``stem_options`` objects spread into their fields (``_SPREAD_OPTIONS``), so that every
+    default is written once, where it is defined."""
     keyword = inspect.Parameter.KEYWORD_ONLY
-
-    def spread(options_class, rename):
-        return [
-            inspect.Parameter(rename(f.name), keyword, default=f.default, annotation=f.type)
-            for f in dataclasses.fields(options_class)
-        ]
-
     parameters = []
     for p in inspect.signature(ResNet.__init__).parameters.values():
-        if p.name == "attention":
-            parameters += spread(AttentionOptions, lambda n: "attention_impl" if n == "impl" else n)
-        elif p.name == "stem_options":
-            parameters += spread(StemOptions, lambda n: f"stem_{n}")
+        if p.name in _SPREAD_OPTIONS:
+            options_class, config_field = _SPREAD_OPTIONS[p.name]
+            parameters += [
+                inspect.Parameter(config_field(f.name), keyword, default=f.default,
+                                  annotation=f.type)
+                for f in dataclasses.fields(options_class)
+            ]  # fmt: skip
         elif p.name != "self":
             parameters.append(p)
     return parameters
@@ -396,17 +408,12 @@ def sasa_resnet(**fields) -> ResNet:
     arguments = sasa_resnet.__signature__.bind(**fields)  # an unknown name: a TypeError
     arguments.apply_defaults()
     fields = dict(arguments.arguments)
-    attention_names = {f.name for f in dataclasses.fields(AttentionOptions)} | {"attention_impl"}
-    attention = attention_options(
-        **{n: fields.pop(n) for n in list(fields) if n in attention_names}
-    )
-    stem_fields = {n: fields.pop(n) for n in list(fields) if n.startswith("stem_")}
+    options = {name: _options(*spread, fields) for name, spread in _SPREAD_OPTIONS.items()}
     spatial = fields.pop("spatial")
     return ResNet(
         **fields,
+        **options,
         spatial=tuple(spatial) if isinstance(spatial, list | tuple) else spatial,
-        attention=attention,
-        stem_options=_stem_options(stem_fields),
     )
 
 
