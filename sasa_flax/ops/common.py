@@ -63,3 +63,32 @@ def relative_table_grads(per_offset: jax.Array, rel) -> tuple[jax.Array, jax.Arr
         per_offset[..., :half].sum(axis=1).astype(rel_row.dtype),  # over dx
         per_offset[..., half:].sum(axis=0).astype(rel_col.dtype),  # over dy
     )
+
+
+def vary_together(*arrays: jax.Array | None) -> list[jax.Array | None]:
+    """``arrays`` (``None`` passes through), each made varying over every manual mesh axis
+    that any of them varies over. Inside a user's ``shard_map`` with ``check_vma=True`` a
+    Pallas call needs operands of one type, and an invariant operand (the relative
+    tables) must be cast to varying so that its gradient is summed over the shards (the
+    cast's transpose), as JAX does for every other parameter there. Elsewhere a no-op."""
+    present = [x for x in arrays if x is not None]
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in present))
+
+    def vary(x):
+        if x is None:
+            return None
+        missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return [vary(x) for x in arrays]
+
+
+def replicated_like(x: jax.Array):
+    """``out_sharding`` for a sum over all of ``x``'s split dimensions (a parameter's
+    gradient): replicated on ``x``'s mesh where its type carries a sharding (Explicit
+    mesh axes), where JAX cannot tell how such a contraction's output is split; None
+    (XLA decides) elsewhere."""
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.ops import dense, pallas, patches, shifted
+from sasa_flax.ops.common import vary_together
 from sasa_flax.registries import same_definition
 
 PADDINGS = ("mask", "zeros")
@@ -102,6 +103,10 @@ def local_attention(
         padding / impl. Raised at trace time, before anything is compiled.
     """
     validate_arguments(q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding)
+    # Inside a user's shard_map (check_vma=True) the custom VJPs need operands of one
+    # type: the invariant tables become varying, and their gradient is summed over the
+    # shards by the cast's transpose.
+    q, k, v, rel_row, rel_col = vary_together(q, k, v, rel_row, rel_col)
     return _implementation(impl)(
         q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding
     )

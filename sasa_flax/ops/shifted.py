@@ -34,6 +34,7 @@ from sasa_flax.ops.common import (
     in_image_mask,
     offset_vectors,
     relative_table_grads,
+    replicated_like,
 )
 
 
@@ -168,7 +169,10 @@ def _attention_fwd(q, k, v, rel, kernel_size, padding, for_cpu):
     forward = lambda q, k, v: _forward(q, k, v, rel, kernel_size, padding, for_cpu)  # noqa: E731
     # One image at a time helps a CPU's caches; on an accelerator it would be a
     # sequential loop of small kernels over the per-device batch.
-    y, att = _per_image(forward, q, k, v) if for_cpu else forward(q, k, v)
+    # lax.map cannot scan over a batch whose type says it is split over devices
+    # (Explicit mesh axes): that batch is computed whole.
+    one_at_a_time = for_cpu and jax.typeof(q).sharding.spec[:1] in ((), (None,))
+    y, att = _per_image(forward, q, k, v) if one_at_a_time else forward(q, k, v)
     # Inputs are saved in their own dtype (bfloat16 stays small); the backward casts.
     return y, (q, k, v, rel, att)
 
@@ -196,7 +200,8 @@ def _attention_bwd(kernel_size, padding, for_cpu, saved, dy):
 
     d_rel = None
     if rel is not None:
-        per_offset = jnp.einsum("bhwno,bhwnd->od", d_logits, q)  # (k², d)
+        # (k², d), summed over every pixel: replicated wherever the batch is split.
+        per_offset = jnp.einsum("bhwno,bhwnd->od", d_logits, q, out_sharding=replicated_like(q))
         d_rel = relative_table_grads(per_offset, rel)
     return dq.astype(q_in.dtype), dk, dv, d_rel
 

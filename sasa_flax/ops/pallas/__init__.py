@@ -5,8 +5,9 @@
 
 ``local_attention`` picks the kernels for the platform the program is lowered for
 (``jax.lax.platform_dependent``): Triton on CUDA (and ROCm), Mosaic on TPU, and on CPU
-the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool). Under a mesh
-(``jax.set_mesh``) every device runs them on its own slice of the batch (``shards``).
+the GPU kernels in Pallas' interpreter (exact, slow: a correctness tool). Every kernel
+call is partitioned by XLA itself (``shards``): in any program, on any mesh, each device
+runs the kernels on its own images and heads.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ def compiled(platform: str, **options):
     """The kernels compiled for ``platform`` ("tpu": Mosaic; anything else: Triton), as
     ``f(q, k, v, rel_row, rel_col)`` with ``options`` (kernel_size, padding) bound."""
     kernels = tpu if platform == "tpu" else gpu
-    return shards.per_batch_shard(
-        functools.partial(kernels.local_attention, interpret=False, **options)
-    )
+    return functools.partial(kernels.local_attention, interpret=False, **options)
 
 
 def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str) -> jax.Array:
@@ -33,7 +32,7 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
     interpreted = functools.partial(gpu.local_attention, interpret=True, **options)
     return jax.lax.platform_dependent(
         q, k, v, rel_row, rel_col,
-        cpu=shards.per_batch_shard(interpreted),
+        cpu=interpreted,
         tpu=compiled("tpu", **options),
         default=compiled("cuda", **options),
     )  # fmt: skip

@@ -52,6 +52,7 @@ from sasa_flax.ops.common import (
     offset_vectors,
     relative_table_grads,
 )
+from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
@@ -151,30 +152,31 @@ class _Frame(NamedTuple):
         return (dy - self.radius) * self.padded_width + (dx - self.radius)
 
     def to_frame(self, x: jax.Array, width: int | None = None) -> jax.Array:
-        """(B, H, W, N, c) -> (B·N, length, c'), zeros outside the image; c' = ``width`` or c."""
-        r, c = self.radius, x.shape[-1]
+        """(B, H, W, N, c) -> (B, N, length, c'), zeros outside the image; c' = ``width``
+        or c. Batch and heads stay separate dimensions, so that either may be split over
+        devices (``shards``)."""
+        r, (batch, _, _, heads, c) = self.radius, x.shape
         x = jnp.pad(x, [(0, 0), (r, r), (r, r), (0, 0), (0, (width or c) - c)])
-        x = jnp.moveaxis(x, 3, 1).reshape(self.batch * self.heads, -1, width or c)
-        tail = self.length - r - x.shape[1]
-        return jnp.pad(x, [(0, 0), (r, tail), (0, 0)])
+        x = jnp.moveaxis(x, 3, 1).reshape(batch, heads, -1, width or c)
+        tail = self.length - r - x.shape[2]
+        return jnp.pad(x, [(0, 0), (0, 0), (r, tail), (0, 0)])
 
     def from_tiles(self, x: jax.Array, channels: int) -> jax.Array:
-        """(B·N, num_tiles·T, c) tile outputs -> (B, H, W, N, channels)."""
-        r, pw = self.radius, self.padded_width
-        x = x[:, : self.height * pw, :channels]
-        x = x.reshape(self.batch, self.heads, self.height, pw, channels)[
-            :, :, :, r : r + self.width
-        ]
+        """(B, N, num_tiles·T, c) tile outputs -> (B, H, W, N, channels)."""
+        r, pw, (batch, heads) = self.radius, self.padded_width, x.shape[:2]
+        x = x[:, :, : self.height * pw, :channels]
+        x = x.reshape(batch, heads, self.height, pw, channels)[:, :, :, r : r + self.width]
         return jnp.moveaxis(x, 1, 3)
 
     def tiles_to_frame(self, x: jax.Array) -> jax.Array:
-        """(B·N, num_tiles·T) per-position tile outputs -> (B·N, length)."""
-        return jnp.pad(x, [(0, 0), (self.first, self.length - self.first - x.shape[1])])
+        """(B, N, num_tiles·T) per-position tile outputs -> (B, N, length)."""
+        tail = self.length - self.first - x.shape[-1]
+        return jnp.pad(x, [(0, 0), (0, 0), (self.first, tail)])
 
     def inside(self) -> jax.Array:
         """(length,) 1.0 at frame positions of in-image pixels, else 0.0."""
         ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
-        return self._replace(batch=1, heads=1).to_frame(ones)[0, :, 0]
+        return self.to_frame(ones)[0, 0, :, 0]
 
 
 class _KernelConfig(NamedTuple):
@@ -246,26 +248,40 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, y_ref,
     lse_ref[...] = running_max + jnp.log(normaliser)
 
 
+def _grouped(config, k_frame, operands: int):
+    """Which operands of a kernel are (B, N, ...) frames (``shards.per_group``): all but
+    the offsets' table, the in-image mask and, without keys, the dummy key frame."""
+    grouped = [True] * operands
+    grouped[1], grouped[3], grouped[4] = config.has_key, False, False
+    return grouped
+
+
 def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     frame = config.frame
-    groups, tiles, dv = q_frame.shape[0], frame.num_tiles, v_frame.shape[-1]
+    tiles, dv = frame.num_tiles, v_frame.shape[-1]
     whole = pl.no_block_spec
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, config),
-        grid=(groups, tiles),
-        in_specs=[whole] * 5,
-        out_specs=[
-            pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
-            pl.BlockSpec((None, frame.tile), lambda g, t: (g, t)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((groups, tiles * frame.tile, dv), config.dtype),
-            jax.ShapeDtypeStruct((groups, tiles * frame.tile), config.dtype),
-        ],
-        interpret=config.interpret,
-        compiler_params=_TRITON,
-        name="sasa_local_attention_fwd",
-    )(q_frame, k_frame, v_frame, offsets, inside)
+
+    def on_groups(*frames):
+        groups = frames[0].shape[0]
+        return pl.pallas_call(
+            functools.partial(_forward_kernel, config),
+            grid=(groups, tiles),
+            in_specs=[whole] * 5,
+            out_specs=[
+                pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
+                pl.BlockSpec((None, frame.tile), lambda g, t: (g, t)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((groups, tiles * frame.tile, dv), config.dtype),
+                jax.ShapeDtypeStruct((groups, tiles * frame.tile), config.dtype),
+            ],
+            interpret=config.interpret,
+            compiler_params=_TRITON,
+            name="sasa_local_attention_fwd",
+        )(*frames)
+
+    inputs = (q_frame, k_frame, v_frame, offsets, inside)
+    return shards.per_group(on_groups, _grouped(config, k_frame, len(inputs)))(*inputs)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -339,42 +355,54 @@ def _dkv_kernel(
 def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
     q_frame, k_frame, v_frame, offsets, inside = residuals
     frame = config.frame
-    groups, tiles, tile = q_frame.shape[0], frame.num_tiles, frame.tile
+    tiles, tile = frame.num_tiles, frame.tile
     d, dv = q_frame.shape[-1], v_frame.shape[-1]
     offsets_rows = pl.next_power_of_2(config.kernel_size**2)
     whole = pl.no_block_spec
     per_tile = lambda c: pl.BlockSpec((None, tile, c), lambda g, t: (g, t, 0))  # noqa: E731
     inputs = (q_frame, k_frame, v_frame, offsets, inside, dy_frame, lse_frame, delta_frame)
-    dq, d_offsets = pl.pallas_call(
-        functools.partial(_dq_kernel, config),
-        grid=(groups, tiles),
-        in_specs=[whole] * len(inputs),
-        out_specs=[
-            per_tile(d),
-            pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
-            jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype),
-        ],
-        interpret=config.interpret,
-        compiler_params=_TRITON,
-        name="sasa_local_attention_dq",
-    )(*inputs)
-    dk, dv_out = pl.pallas_call(
-        functools.partial(_dkv_kernel, config),
-        grid=(groups, tiles),
-        in_specs=[whole] * len(inputs),
-        out_specs=[per_tile(d), per_tile(dv)],
-        out_shape=[
-            jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
-            jax.ShapeDtypeStruct((groups, tiles * tile, dv), config.dtype),
-        ],
-        interpret=config.interpret,
-        compiler_params=_TRITON,
-        name="sasa_local_attention_dkv",
-    )(*inputs)
-    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1))[: config.kernel_size**2]
+    grouped = _grouped(config, k_frame, len(inputs))
+
+    def dq_on_groups(*frames):
+        groups = frames[0].shape[0]
+        return pl.pallas_call(
+            functools.partial(_dq_kernel, config),
+            grid=(groups, tiles),
+            in_specs=[whole] * len(inputs),
+            out_specs=[
+                per_tile(d),
+                pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
+                jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype),
+            ],
+            interpret=config.interpret,
+            compiler_params=_TRITON,
+            name="sasa_local_attention_dq",
+        )(*frames)
+
+    def dkv_on_groups(*frames):
+        groups = frames[0].shape[0]
+        return pl.pallas_call(
+            functools.partial(_dkv_kernel, config),
+            grid=(groups, tiles),
+            in_specs=[whole] * len(inputs),
+            out_specs=[per_tile(d), per_tile(dv)],
+            out_shape=[
+                jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
+                jax.ShapeDtypeStruct((groups, tiles * tile, dv), config.dtype),
+            ],
+            interpret=config.interpret,
+            compiler_params=_TRITON,
+            name="sasa_local_attention_dkv",
+        )(*frames)
+
+    dq, d_offsets = shards.per_group(dq_on_groups, grouped)(*inputs)
+    dk, dv_out = shards.per_group(dkv_on_groups, grouped)(*inputs)
+    # One partial sum per (image, head, tile), summed here: XLA reduces it across
+    # devices once, like any parameter's gradient.
+    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1, 2))[: config.kernel_size**2]
 
 
 # ------------------------------------------------------------------------ custom VJP

@@ -1,69 +1,240 @@
-"""Running the Pallas kernels one batch shard per device.
+"""Pallas calls in any program: each device runs the kernels on its own images and heads.
 
-XLA cannot partition a Pallas call: on a TPU mesh of several chips a Mosaic call outside
-``shard_map`` does not lower ("Mosaic kernels cannot be automatically partitioned"), and
-on several GPUs XLA all-gathers a Triton call's operands and runs it on the global batch
-on every device. Local attention is independent per image, so the kernels run under
-``jax.shard_map`` on each device's slice of the batch, with the relative tables
-replicated; shard_map's transpose sums the tables' gradients over the shards, the same
-global reduction XLA writes for the other implementations.
+XLA cannot look inside a Pallas call. Left alone, a Mosaic call in a TPU program of several
+chips does not compile ("Mosaic kernels cannot be automatically partitioned"), and on
+several GPUs XLA all-gathers a Triton call's operands and runs it on the global batch on
+every device. Local attention is independent per image and per head, so every kernel call
+goes through ``per_group``, which runs it under ``jax.shard_map`` on each device's block
+of (batch, heads), whatever program it is in:
 
-The mesh is the one in context (``jax.set_mesh``; the trainer, the evaluator and the
-compile check set it). Outside a mesh, or on a mesh of one device, the kernels are called
-as they are.
+1. Inside a ``shard_map`` over every mesh axis (a user's own data-parallel step, with
+   ``check_vma`` on or off), or on one device: the arrays are already local; the kernels
+   are called on them as they are.
+2. Operands whose types carry their sharding (a mesh with Explicit axes, ``jax.make_mesh``'s
+   default, with or without ``jax.set_mesh``): the split of batch and heads is read from
+   the types, so batch-sharded (data parallel), heads-sharded (tensor parallel) and both
+   run where they are. Any other sharded dimension is gathered first (``jax.sharding.reshard``).
+3. Anything else (Auto axes: ``jax.jit`` with ``NamedSharding`` inputs on a mesh made with
+   ``AxisType.Auto``, or our trainer): decided when the program is lowered, from the
+   program's own mesh. The batch is split over the mesh axes that divide it, in mesh
+   order; the heads over the axes left, where they divide the heads. A dimension that no
+   axis divides stays whole: every device of that axis then computes the same groups
+   (correct, not faster), e.g. 6 images on 8 devices. Under Auto axes the operands'
+   own split is not known at that point: a heads-sharded operand is resharded to this
+   split (use Explicit axes for tensor parallelism).
+
+Why not ``jax.experimental.custom_partitioning``, which lets XLA's partitioner choose per
+operand after propagation: libtpu does not implement the custom-call partitioner
+extension, so a custom-partitioned call fails to compile on TPU ("Custom emitter for
+CustomSPMDPartitioning not found"; jax-ml/jax#38196, reproduced by a deviceless libtpu
+compile with jax 0.10.2). One mechanism serves TPU, GPU and the CPU tests alike.
+
+The relative tables' gradient leaves the kernels as one partial sum per (image, head,
+tile), a grouped output, and is summed outside the call: XLA reduces it across devices
+once, like every other parameter's gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-
-def batch_axes(mesh, batch: int) -> tuple[str, ...]:
-    """The axes of ``mesh`` that split a batch of ``batch`` images: every axis of more than
-    one device, in mesh order, as long as the product of their sizes divides ``batch``
-    (the trainer's one ``data`` axis; on a mesh with other axes too, the batch is split
-    over all of them). An axis left out holds whole copies of the batch: the kernels then
-    repeat work across it, which is correct but slower, never wrong."""
-    axes, product = [], 1
-    for name in mesh.axis_names:
-        size = mesh.shape[name]
-        if size > 1 and batch % (product * size) == 0:
-            axes.append(name)
-            product *= size
-    return tuple(axes)
+GROUP_DIMS = 2  # (batch, heads): the leading dimensions of every grouped operand
 
 
-def per_batch_shard(kernels: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """``kernels(q, k, v, rel_row, rel_col) -> y`` run per batch shard of the mesh in
-    context (module docstring). q, k, v, y: (B, H, W, N, ·), split on B; ``k`` and the
-    tables may be ``None``."""
+def per_group(
+    kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool]
+) -> Callable[..., tuple[jax.Array, ...]]:
+    """``kernel`` run on each device's block of (batch, heads) (module docstring).
 
-    def sharded(q, k, v, rel_row, rel_col):
-        mesh = jax.sharding.get_abstract_mesh()
-        axes = () if mesh.empty else batch_axes(mesh, q.shape[0])
-        if not axes:
-            return kernels(q, k, v, rel_row, rel_col)
-        split = P(axes)
-        present = [(x, spec) for x, spec in
-                   ((q, split), (k, split), (v, split), (rel_row, P()), (rel_col, P()))
-                   if x is not None]  # fmt: skip
-        missing = tuple(x is None for x in (q, k, v, rel_row, rel_col))
+    Args:
+      kernel: ``kernel(*arrays) -> outputs``, a sequence of arrays. It receives each
+        grouped operand with its (batch, heads) dimensions merged into one of b·n groups
+        (the kernels' (G, ...) frames) and every other operand whole, and returns arrays
+        whose first dimension is the same b·n groups.
+      grouped: per operand, True when its leading dimensions are (batch, heads).
 
-        def per_shard(*arrays):
-            it = iter(arrays)
-            return kernels(*(None if absent else next(it) for absent in missing))
+    Returns:
+      ``f(*arrays)``: grouped operands as (B, N, ...), every output as (B, N, ...).
+    """
+    grouped = tuple(grouped)
+    if not any(grouped):
+        raise ValueError("per_group needs at least one grouped operand")
 
-        return jax.shard_map(
-            per_shard,
-            mesh=mesh,
-            in_specs=tuple(spec for _, spec in present),
-            out_specs=split,
-            # pallas_call's outputs carry no varying-axes type; the tables' cotangents
-            # are still summed over the shards (checked against the unsharded layer).
-            check_vma=False,
-        )(*(x for x, _ in present))
+    def local(*arrays):
+        batch, heads = _first_grouped(arrays, grouped).shape[:GROUP_DIMS]
+        merged = [
+            x.reshape(batch * heads, *x.shape[GROUP_DIMS:]) if g else x
+            for x, g in zip(arrays, grouped, strict=True)
+        ]
+        return tuple(y.reshape(batch, heads, *y.shape[1:]) for y in kernel(*merged))
 
-    return sharded
+    def call(*arrays):
+        typed = jax.typeof(_first_grouped(arrays, grouped)).sharding
+        if not _manual_axes(arrays) and _explicit(typed.mesh):
+            spec = tuple(typed.spec) + (None,) * GROUP_DIMS
+            return _mapped(local, grouped, typed.mesh, P(*spec[:GROUP_DIMS]), arrays)
+        # Inside a shard_map, or a split decided when the program is lowered.
+        return tuple(_per_group_p.bind(*arrays, local=local, grouped=grouped))
+
+    return call
+
+
+def _first_grouped(arrays, grouped):
+    return next(x for x, g in zip(arrays, grouped, strict=True) if g)
+
+
+def _explicit(mesh) -> bool:
+    """Whether arrays on ``mesh`` carry their sharding in their types (Explicit axes)."""
+    return not mesh.empty and mesh.size > 1 and jax.sharding.AxisType.Explicit in mesh.axis_types
+
+
+def _manual_axes(arrays) -> bool:
+    """Inside a shard_map: the mesh in context has manual axes, or an operand varies."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:
+        return True
+    return any(jax.typeof(x).manual_axis_type.varying for x in arrays)
+
+
+def _mapped(local, grouped, mesh, split: P, arrays):
+    """``local`` under shard_map on ``mesh``: grouped operands split as ``split`` on
+    (batch, heads) and whole along the rest, other operands replicated."""
+    specs = tuple(split if g else P() for g in grouped)
+    if _explicit(mesh):
+        # Types must equal in_specs: gather any other split dimension first.
+        arrays = [
+            jax.sharding.reshard(x, NamedSharding(mesh, spec))
+            for x, spec in zip(arrays, specs, strict=True)
+        ]
+    # check_vma=False: a pallas_call's outputs carry no varying-axes type here; every
+    # output is split as ``split`` and the tables' partial sums are reduced outside.
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)(
+        *arrays
+    )
+
+
+def split_for(mesh, batch: int, heads: int) -> P:
+    """The (batch, heads) split used where the operands' own split is unknown (Auto
+    axes): the batch over the mesh axes of more than one device that divide it, in mesh
+    order; then the heads over the axes left that divide them."""
+    batch_axes, head_axes, batch_ways, head_ways = [], [], 1, 1
+    for name, size in zip(mesh.axis_names, mesh.axis_sizes, strict=True):
+        if size == 1:
+            continue
+        if batch % (batch_ways * size) == 0:
+            batch_axes.append(name)
+            batch_ways *= size
+        elif heads % (head_ways * size) == 0:
+            head_axes.append(name)
+            head_ways *= size
+    entry = lambda axes: tuple(axes) if axes else None  # noqa: E731
+    return P(entry(batch_axes), entry(head_axes))
+
+
+# ------------------------------------------------- decided when the program is lowered
+
+_per_group_p = Primitive("sasa_per_group")
+_per_group_p.multiple_results = True
+
+
+@_per_group_p.def_abstract_eval
+def _abstract_eval(*avals, local, grouped):
+    """The kernels' outputs; inside a shard_map, varying over the operands' manual axes
+    (the kernels are per-device computations, never differentiated themselves: they sit
+    inside custom VJP rules, so these types sum or broadcast nothing)."""
+    del grouped
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    like = max(avals, key=lambda a: len(a.manual_axis_type.varying))
+    with _vma_unchecked():
+        outputs = jax.eval_shape(local, *structs)
+    if like.manual_axis_type.empty:
+        return [jax.core.ShapedArray(y.shape, y.dtype) for y in outputs]
+    on_mesh = NamedSharding(like.sharding.mesh, P())
+    return [
+        jax.core.ShapedArray(
+            y.shape, y.dtype, sharding=on_mesh, manual_axis_type=like.manual_axis_type
+        )
+        for y in outputs
+    ]
+
+
+def _vma_unchecked():
+    """The kernels traced without a user shard_map's varying-axes check: a pallas_call's
+    out_shape carries no varying axes, and Pallas' interpreter (the CPU) slices varying
+    refs with invariant program ids. ``_abstract_eval`` types the outputs instead."""
+    from jax._src import config  # the pinned jax's check_vma switch
+
+    return config._check_vma(False)
+
+
+def _lowering(ctx, *values, local, grouped):
+    mesh = _program_mesh(ctx)
+    if mesh is None:
+        # The kernels are lowered on plain (device-local) types: their bodies know
+        # nothing of a user shard_map's varying axes (see _vma_unchecked).
+        plain = lambda avals: [jax.core.ShapedArray(a.shape, a.dtype) for a in avals]  # noqa: E731
+        ctx = ctx.replace(avals_in=plain(ctx.avals_in), avals_out=plain(ctx.avals_out))
+        with _vma_unchecked():
+            return mlir.lower_fun(local, multiple_results=True)(ctx, *values)
+    batch, heads = _first_grouped(ctx.avals_in, grouped).shape[:GROUP_DIMS]
+    split = split_for(mesh, batch, heads)
+    specs = tuple(split if g else P() for g in grouped)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)
+    return mlir.lower_fun(mapped, multiple_results=True)(ctx, *values)
+
+
+def _program_mesh(ctx):
+    """The mesh the program is compiled for, or None where there is nothing to split
+    (one device, or already inside a shard_map over every axis)."""
+    from jax._src import sharding_impls  # the pinned jax's axis contexts
+
+    context = ctx.module_context.axis_context
+    if isinstance(context, sharding_impls.SPMDAxisContext):
+        if set(context.manual_axes) == set(context.mesh.axis_names):
+            return None
+        raise NotImplementedError(
+            "the Pallas attention kernels inside a shard_map over only some mesh axes "
+            f"({sorted(context.manual_axes)} of {list(context.mesh.axis_names)}): map over "
+            "every axis, or use config.model.attention_impl='shifted'."
+        )
+    if not isinstance(context, sharding_impls.ShardingContext):
+        return None
+    mesh = context.abstract_mesh
+    devices = context.device_assignment
+    if devices is None or len(devices) == 1:
+        return None
+    if mesh is None or mesh.empty:  # devices without a named mesh: one axis over all
+        return jax.sharding.AbstractMesh((len(devices),), ("devices",))
+    return mesh
+
+
+def _batching_rule(arrays, dims, *, local, grouped):
+    """One call per vmapped slice (per-head relative tables vmap the attention over heads)."""
+    mapped = [(x, d) for x, d in zip(arrays, dims, strict=True)]
+    size = next(x.shape[d] for x, d in mapped if d is not batching.not_mapped)
+
+    def one_slice(i):
+        sliced = [x if d is batching.not_mapped else jnp.take(x, i, axis=d) for x, d in mapped]
+        return _per_group_p.bind(*sliced, local=local, grouped=grouped)
+
+    slices = [one_slice(i) for i in range(size)]
+    outputs = [jnp.stack(ys) for ys in zip(*slices, strict=True)]
+    return outputs, [0] * len(outputs)
+
+
+def _register():
+    from jax._src import dispatch  # lowering needs the device assignment, as for shard_map
+
+    mlir.register_lowering(_per_group_p, _lowering)
+    batching.primitive_batchers[_per_group_p] = _batching_rule
+    dispatch.prim_requires_devices_during_lowering.add(_per_group_p)
+
+
+_register()

@@ -62,6 +62,7 @@ from sasa_flax.ops.common import (
     offset_vectors,
     relative_table_grads,
 )
+from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
@@ -162,28 +163,28 @@ class Frame(NamedTuple):
         return (dy - self.radius) * self.padded_width + (dx - self.radius)
 
     def to_frame(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, N, c) -> (B·N, c, L), zeros outside the image."""
-        r, c = self.radius, x.shape[-1]
+        """(B, H, W, N, c) -> (B, N, c, L), zeros outside the image. Batch and heads stay
+        separate dimensions, so that either may be split over devices (``shards``)."""
+        r, (batch, _, _, heads, c) = self.radius, x.shape
         x = jnp.pad(x, [(0, 0), (0, 0), (r, r), (0, 0), (0, 0)])
-        x = jnp.transpose(x, (0, 3, 4, 1, 2)).reshape(self.batch * self.heads, c, -1)
-        return jnp.pad(x, [(0, 0), (0, 0), (self.halo, self.length - self.halo - self.positions)])
+        x = jnp.transpose(x, (0, 3, 4, 1, 2)).reshape(batch, heads, c, -1)
+        tail = self.length - self.halo - self.positions
+        return jnp.pad(x, [(0, 0), (0, 0), (0, 0), (self.halo, tail)])
 
     def from_tiles(self, x: jax.Array) -> jax.Array:
-        """(B·N, c, tiles·T) tile outputs -> (B, H, W, N, c)."""
-        r, c = self.radius, x.shape[1]
-        x = x[:, :, : self.positions].reshape(
-            self.batch, self.heads, c, self.height, self.padded_width
-        )[..., r : r + self.width]
-        return jnp.transpose(x, (0, 3, 4, 1, 2))
+        """(B, N, c, tiles·T) tile outputs -> (B, H, W, N, c)."""
+        r, (batch, heads, c, _) = self.radius, x.shape
+        x = x[..., : self.positions].reshape(batch, heads, c, self.height, self.padded_width)
+        return jnp.transpose(x[..., r : r + self.width], (0, 3, 4, 1, 2))
 
     def tiles_to_frame(self, x: jax.Array) -> jax.Array:
-        """(B·N, c, tiles·T) -> (B·N, c, L): the tiles in place, zeros around them."""
-        return jnp.pad(x, [(0, 0), (0, 0), (self.halo, self.halo)])
+        """(B, N, c, tiles·T) -> (B, N, c, L): the tiles in place, zeros around them."""
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.halo, self.halo)])
 
     def inside(self) -> jax.Array:
         """(1, 1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
         ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
-        return self._replace(batch=1, heads=1).to_frame(ones)
+        return self.to_frame(ones)[0]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -413,19 +414,28 @@ def _whole(shape) -> pl.BlockSpec:
     return pl.BlockSpec(shape, lambda g, t: (0,) * len(shape))
 
 
-def _call(config, kernel, name, inputs, in_specs, outputs, out_specs, cost):
+def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, shared=2):
+    """``kernel`` over (B, N, c, ·) frames, the last ``shared`` inputs whole arrays that
+    every program reads. ``outputs(groups)`` and ``cost(groups)`` give the output shapes
+    and the ``CostEstimate`` for the b·n groups of one device (``shards.per_group``)."""
     frame = config.frame
-    return pl.pallas_call(
-        functools.partial(kernel, config),
-        grid=(frame.batch * frame.heads, frame.num_tiles),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=outputs,
-        compiler_params=_PARALLEL,
-        interpret=config.interpret,
-        cost_estimate=cost,
-        name=name,
-    )(*inputs)
+
+    def on_groups(*frames):
+        groups = frames[0].shape[0]
+        return pl.pallas_call(
+            functools.partial(kernel, config),
+            grid=(groups, frame.num_tiles),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=outputs(groups),
+            compiler_params=_PARALLEL,
+            interpret=config.interpret,
+            cost_estimate=cost(groups),
+            name=name,
+        )(*frames)
+
+    grouped = [True] * (len(inputs) - shared) + [False] * shared
+    return shards.per_group(on_groups, grouped)(*inputs)
 
 
 # ------------------------------------------------------------------------ accounting
@@ -447,11 +457,12 @@ def costs(
     )  # fmt: skip
 
 
-def _costs(config, q_frame, v_frame) -> dict[str, pl.CostEstimate]:
+def _costs(config, groups: int, q_frame, v_frame) -> dict[str, pl.CostEstimate]:
+    """``costs`` for ``groups`` (images × heads) frames: one device's share."""
     frame = config.frame
-    q_shape = (frame.batch, frame.height, frame.width, frame.heads, q_frame.shape[1])
+    q_shape = (groups, frame.height, frame.width, 1, q_frame.shape[2])
     return costs(
-        q_shape, v_frame.shape[1], config.kernel_size, has_key=config.has_key,
+        q_shape, v_frame.shape[2], config.kernel_size, has_key=config.has_key,
         itemsize=q_frame.dtype.itemsize, tile=frame.tile,
     )  # fmt: skip
 
@@ -471,7 +482,7 @@ def _prepare(q, k, v, rel, config):
 
 def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     frame = config.frame
-    groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
+    d, dv = q_frame.shape[2], v_frame.shape[2]
     window = functools.partial(_window_spec, frame)
     inputs, in_specs = [q_frame], [_in_tile(frame, d)]
     if k_frame is not None:
@@ -480,22 +491,22 @@ def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     inputs += [v_frame, inside, offsets]
     in_specs += [window(dv), window(1, shared=True), _whole(offsets.shape)]
     out_len = frame.num_tiles * frame.tile
-    cost = _costs(config, q_frame, v_frame)["forward"]
     return _call(
         config, _forward_kernel, "sasa_local_attention_fwd_tpu", inputs, in_specs,
-        [jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype),
-         jax.ShapeDtypeStruct((groups, 1, out_len), config.dtype)],
-        [_out_tile(frame, dv), _out_tile(frame, 1)], cost,
+        [_out_tile(frame, dv), _out_tile(frame, 1)],
+        lambda groups: [jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype),
+                        jax.ShapeDtypeStruct((groups, 1, out_len), config.dtype)],
+        lambda groups: _costs(config, groups, q_frame, v_frame)["forward"],
     )  # fmt: skip
 
 
 def _run_backward(config, residuals, dy_frame, stats_frame):
     q_frame, k_frame, v_frame, offsets, inside = residuals
     frame = config.frame
-    groups, d, dv = q_frame.shape[0], q_frame.shape[1], v_frame.shape[1]
+    d, dv = q_frame.shape[2], v_frame.shape[2]
     out_len = frame.num_tiles * frame.tile
     k2 = config.kernel_size**2
-    cost = _costs(config, q_frame, v_frame)
+    cost = functools.partial(_costs, config, q_frame=q_frame, v_frame=v_frame)
     window = functools.partial(_window_spec, frame)
     shared_inputs = [inside, offsets]
     shared_specs = [window(1, shared=True), _whole(offsets.shape)]
@@ -509,29 +520,34 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
     in_specs += [window(dv)] + shared_specs
     dq, d_offsets = _call(
         config, _dq_kernel, "sasa_local_attention_dq_tpu", inputs, in_specs,
-        [jax.ShapeDtypeStruct((groups, d, out_len), q_frame.dtype),
-         jax.ShapeDtypeStruct((groups, frame.num_tiles, d, k2), config.dtype)],
         [_out_tile(frame, d),
          pl.BlockSpec((None, None, d, k2), lambda g, t: (g, t, 0, 0))],
-        cost["dq"],
+        lambda groups: [
+            jax.ShapeDtypeStruct((groups, d, out_len), q_frame.dtype),
+            jax.ShapeDtypeStruct((groups, frame.num_tiles, d, k2), config.dtype)],
+        lambda groups: cost(groups)["dq"],
     )  # fmt: skip
 
     inputs, in_specs, outputs, out_specs = [], [], [], []
     if k_frame is not None:
         inputs.append(k_frame)
         in_specs.append(_in_tile(frame, d))
-        outputs.append(jax.ShapeDtypeStruct((groups, d, out_len), k_frame.dtype))
+        outputs.append((d, k_frame.dtype))
         out_specs.append(_out_tile(frame, d))
     inputs += [v_frame, q_frame, dy_frame, stats_frame] + shared_inputs
     in_specs += [_in_tile(frame, dv), window(d), window(dv), window(2)] + shared_specs
-    outputs.append(jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype))
+    outputs.append((dv, v_frame.dtype))
     out_specs.append(_out_tile(frame, dv))
     dkv = _call(
-        config, _dkv_kernel, "sasa_local_attention_dkv_tpu", inputs, in_specs, outputs,
-        out_specs, cost["dkv"],
+        config, _dkv_kernel, "sasa_local_attention_dkv_tpu", inputs, in_specs, out_specs,
+        lambda groups: [jax.ShapeDtypeStruct((groups, c, out_len), dtype)
+                        for c, dtype in outputs],
+        lambda groups: cost(groups)["dkv"],
     )  # fmt: skip
     dk, dv_out = (dkv[0], dkv[1]) if k_frame is not None else (None, dkv[0])
-    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1)).T  # (k², d)
+    # One partial sum per (image, head, tile), summed here: XLA reduces it across
+    # devices once, like any parameter's gradient.
+    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1, 2)).T  # (k², d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -552,10 +568,10 @@ def _attention_bwd(config, saved, dy):
     frame = config.frame
     q_dtype, k_dtype, v_dtype = config.input_dtypes
     dy_frame = frame.to_frame(dy.astype(v_dtype))
-    dy_tiles = dy_frame[:, :, frame.halo : frame.halo + y_tiles.shape[2]]
+    dy_tiles = dy_frame[..., frame.halo : frame.halo + y_tiles.shape[-1]]
     # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
-    delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
-    stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
+    delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=2)
+    stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, :, 0], delta], axis=2))
     dq, dk, dv, d_offsets = _run_backward(config, residuals, dy_frame, stats)
     grads_q = frame.from_tiles(dq).astype(q_dtype)
     grads_k = None if k_dtype is None else frame.from_tiles(dk).astype(k_dtype)
