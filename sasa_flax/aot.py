@@ -25,6 +25,7 @@ import re
 import time
 
 import jax
+import numpy as np
 
 GIB = 2**30
 # Of a chip's memory, what a program may plan to use: the rest is headroom for the
@@ -128,6 +129,7 @@ class Report:
     # (images × heads, ...) of the images this chip holds.
     kernel_leading_dims: tuple[int, ...]
     collectives: dict[str, int]  # op name -> count in the compiled program
+    collective_sizes: tuple[tuple[str, int], ...]  # (op, elements of its largest array)
     batch_per_chip: int
     hbm_bytes: int
     note: str = ""  # how it was compiled, where not as the trainer would on the device
@@ -166,6 +168,25 @@ class Report:
 
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+_COLLECTIVE_LINE = re.compile(rf"=\s*(.*?)\s({'|'.join(COLLECTIVES)})(?:-start)?\(")
+_ARRAY_TYPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def collective_sizes(text: str) -> list[tuple[str, int]]:
+    """Every collective in compiled HLO ``text`` as (op, elements of its largest array):
+    an all-reduce of a parameter's gradient is parameter-sized; one that carries
+    activations has a batch or spatial dimension in it, and is far larger."""
+    found = []
+    for line in text.splitlines():
+        match = _COLLECTIVE_LINE.search(line)
+        if match is None:
+            continue
+        sizes = [
+            int(np.prod([int(n) for n in dims.split(",") if n], dtype=np.int64))
+            for dims in _ARRAY_TYPE.findall(match.group(1))
+        ]
+        found.append((match.group(2), max(sizes, default=0)))
+    return found
 
 
 def inspect(
@@ -191,7 +212,7 @@ def inspect(
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         kernels=len(kernel_lines), kernel_leading_dims=leading,
         collectives={k: v for k, v in collectives.items() if v},
-        batch_per_chip=batch_per_chip, hbm_bytes=target.hbm_bytes,
+        collective_sizes=tuple(collective_sizes(text)), batch_per_chip=batch_per_chip, hbm_bytes=target.hbm_bytes,
     )  # fmt: skip
 
 
@@ -250,7 +271,7 @@ def compile_layer(
     x = jax.ShapeDtypeStruct(
         (batch_per_chip * chips, size, size, channels), jnp.dtype(dtype), sharding=split
     )
-    step = jax.jit(trainer.on_mesh(mesh, jax.value_and_grad(loss, argnums=(0, 1))))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     compiled, seconds, note = _compile(step, abstract, x, platform=TARGETS[target].platform)
     name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
     return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)

@@ -41,7 +41,6 @@ from sasa_flax.train.steps import (
     ema_decay,
     eval_step,
     global_batch,
-    on_mesh,
     train_step,
 )
 
@@ -51,6 +50,6 @@ __all__ = [
     "compile_steps", "compute_dtype", "data_mesh", "default_decay_mask", "ema_decay",
     "eval_step", "eval_weights", "evaluate", "evaluate_checkpoint", "global_batch",
     "init_state", "learning_rate_schedule", "make_eval_setup", "make_optimizer", "make_setup",
-    "merged_model", "model_setup", "on_mesh", "restore_model_item", "train_and_evaluate",
+    "merged_model", "model_setup", "restore_model_item", "train_and_evaluate",
     "train_step",
 ]  # fmt: skip

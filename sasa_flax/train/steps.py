@@ -123,20 +123,6 @@ def abstract_batch(setup: Setup, batch_size: int) -> dict:
     )
 
 
-def on_mesh(mesh: jax.sharding.Mesh, fn):
-    """``fn`` traced with ``mesh`` in context: layers that split work by hand find it
-    there (the Pallas kernels run one batch shard per device, ``ops/pallas/shards.py``;
-    XLA cannot partition them). Entered inside the trace, so the jitted step carries it
-    wherever it is lowered."""
-
-    @functools.wraps(fn)
-    def traced_on_mesh(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-
-    return traced_on_mesh
-
-
 def device_platform(setup: Setup) -> str:
     """The platform name ``jax.lax.platform_dependent`` lowers the steps for: "cpu",
     "tpu", "cuda" or "rocm"."""
@@ -211,13 +197,13 @@ def compile_steps(setup: Setup, abstract: TrainState):
     ``abstract`` is ``abstract_state(setup)``."""
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     train = jax.jit(
-        on_mesh(setup.mesh, functools.partial(train_step, setup)),
+        functools.partial(train_step, setup),
         in_shardings=(state_shardings, setup.data_sharded),
         out_shardings=(state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
     evaluate_fn = jax.jit(
-        on_mesh(setup.mesh, functools.partial(eval_step, setup)),
+        functools.partial(eval_step, setup),
         in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
         out_shardings=setup.replicated,
     )

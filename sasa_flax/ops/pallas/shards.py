@@ -36,6 +36,7 @@ once, like every other parameter's gradient.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -80,10 +81,20 @@ def per_group(
         if not _manual_axes(arrays) and _explicit(typed.mesh):
             spec = tuple(typed.spec) + (None,) * GROUP_DIMS
             return _mapped(local, grouped, typed.mesh, P(*spec[:GROUP_DIMS]), arrays)
+        if _has_effects(local, arrays):
+            # Pallas' TPU interpreter (tests on one CPU device) calls back into Python:
+            # run as it is.
+            return local(*arrays)
         # Inside a shard_map, or a split decided when the program is lowered.
         return tuple(_per_group_p.bind(*arrays, local=local, grouped=grouped))
 
     return call
+
+
+def _has_effects(fn, arrays) -> bool:
+    structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+    with _vma_unchecked():
+        return bool(jax.make_jaxpr(fn)(*structs).effects)
 
 
 def _first_grouped(arrays, grouped):
@@ -218,10 +229,10 @@ def _program_mesh(ctx):
 def _batching_rule(arrays, dims, *, local, grouped):
     """One call per vmapped slice (per-head relative tables vmap the attention over heads)."""
     mapped = [(x, d) for x, d in zip(arrays, dims, strict=True)]
-    size = next(x.shape[d] for x, d in mapped if d is not batching.not_mapped)
+    size = next(x.shape[d] for x, d in mapped if d is not None)
 
     def one_slice(i):
-        sliced = [x if d is batching.not_mapped else jnp.take(x, i, axis=d) for x, d in mapped]
+        sliced = [x if d is None else jnp.take(x, i, axis=d) for x, d in mapped]
         return _per_group_p.bind(*sliced, local=local, grouped=grouped)
 
     slices = [one_slice(i) for i in range(size)]
@@ -232,6 +243,8 @@ def _batching_rule(arrays, dims, *, local, grouped):
 def _register():
     from jax._src import dispatch  # lowering needs the device assignment, as for shard_map
 
+    # Called outside jit, the call is compiled on its own, as JAX does for primitives.
+    _per_group_p.def_impl(functools.partial(dispatch.apply_primitive, _per_group_p))
     mlir.register_lowering(_per_group_p, _lowering)
     batching.primitive_batchers[_per_group_p] = _batching_rule
     dispatch.prim_requires_devices_during_lowering.add(_per_group_p)
