@@ -212,7 +212,8 @@ def inspect(
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         kernels=len(kernel_lines), kernel_leading_dims=leading,
         collectives={k: v for k, v in collectives.items() if v},
-        collective_sizes=tuple(collective_sizes(text)), batch_per_chip=batch_per_chip, hbm_bytes=target.hbm_bytes,
+        collective_sizes=tuple(collective_sizes(text)), batch_per_chip=batch_per_chip,
+        hbm_bytes=target.hbm_bytes,
     )  # fmt: skip
 
 
