@@ -278,6 +278,112 @@ def compile_layer(
     return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
 
 
+# How researchers put the layer in a program of their own: each is compiled by
+# ``compile_user_program`` with the batch (and for two cases the heads) split over chips.
+USER_PROGRAMS = {
+    "jit": "jax.jit, NamedSharding inputs on jax.make_mesh's default (Explicit) axes, "
+    "no mesh in context",
+    "jit_auto_axes": "jax.jit, NamedSharding inputs on a mesh of Auto axes, no mesh in context",
+    "set_mesh": "jax.set_mesh(jax.make_mesh(...)) around jit, Explicit axes",
+    "set_mesh_replicated": "jax.set_mesh, Explicit axes, the input replicated",
+    "shard_map": "the user's own jax.shard_map over the batch, check_vma=True (JAX's default)",
+    "heads": "the functional core, q/k/v split over batch (data) and heads (model), 2x2 mesh",
+    "tensor_parallel": "the layer on a (data, model) 2x2 mesh, W_Q/W_K/W_V column-split on "
+    "model (Megatron style)",
+    "batch_not_divisible": "2 images fewer than the batch (a slice inside the program), Auto axes",
+    "batch_smaller_than_mesh": "2 images on 4 chips (a slice inside the program), Auto axes",
+}
+
+
+def compile_user_program(
+    target: str, program: str, *, size: int = 28, channels: int = 128, kernel_size: int = 7,
+    batch_per_chip: int = 32, heads: int = 8, impl: str = "auto",
+) -> Report:  # fmt: skip
+    """One of ``USER_PROGRAMS``: ``SelfAttention2D`` forward + gradients (or, for "heads",
+    the functional core's) in bfloat16 on 4 chips of ``target``, built as a researcher
+    would build it, not as our trainer does. ``Report.program`` names the case."""
+    import contextlib
+
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sasa_flax.layers import SelfAttention2D
+    from sasa_flax.ops import local_attention
+
+    if program not in USER_PROGRAMS:
+        raise ValueError(f"program must be one of {sorted(USER_PROGRAMS)}; got {program!r}")
+    devices, chips = target_devices(target, 4), 4
+    two_axes = program in ("heads", "tensor_parallel")
+    shape, names = ((2, 2), ("data", "model")) if two_axes else ((4,), ("data",))
+    # Explicit axes refuse to slice a batch into a size they do not divide (the user's
+    # own program fails there): the slices are taken on Auto axes.
+    auto = program in ("jit_auto_axes", "batch_not_divisible", "batch_smaller_than_mesh")
+    types = (AxisType.Auto,) * len(shape) if auto else None
+    mesh = jax.make_mesh(shape, names, axis_types=types, devices=devices)
+    batch = batch_per_chip * chips
+    bf16 = jnp.bfloat16
+
+    def on(spec):
+        return NamedSharding(mesh, spec)
+
+    def struct(shape, dtype, spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on(spec))
+
+    if program == "heads":
+        d = channels // heads
+        q = struct((batch, size, size, heads, d), bf16, P("data", None, None, "model"))
+        table = struct((kernel_size, d // 2), bf16, P())
+
+        def core_loss(q, k, v, rel_row, rel_col):
+            y = local_attention(q, k, v, rel_row, rel_col, kernel_size=kernel_size, impl=impl)
+            return jnp.sum(y.astype(jnp.float32))
+
+        step = jax.jit(jax.value_and_grad(core_loss, argnums=tuple(range(5))))
+        args = (q, q, q, table, table)
+    else:
+        layer = SelfAttention2D(
+            channels, channels, num_heads=heads, kernel_size=kernel_size, impl=impl,
+            dtype=bf16, rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        graphdef, params = nnx.split(layer)
+        keep = {"batch_not_divisible": batch - 2, "batch_smaller_than_mesh": 2}.get(program)
+
+        def loss(params, x):
+            x = x if keep is None else x[:keep]
+            return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+
+        def param_spec(path, _):
+            column_split = program == "tensor_parallel" and "kernel" in jax.tree_util.keystr(path)
+            return P(None, "model") if column_split else P()
+
+        specs = jax.tree_util.tree_map_with_path(param_spec, params)
+        abstract = jax.tree.map(lambda a, spec: struct(a.shape, a.dtype, spec), params, specs)
+        x_spec = P() if program == "set_mesh_replicated" else P("data")
+        x = struct((batch, size, size, channels), bf16, x_spec)
+        value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
+
+        def per_device(params, x):
+            value, (d_params, d_x) = value_and_grads(params, x)
+            return jax.lax.psum(value, "data"), (d_params, d_x)
+
+        if program == "shard_map":
+            step = jax.jit(
+                jax.shard_map(
+                    per_device, mesh=mesh, in_specs=(P(), P("data")),
+                    out_specs=(P(), (P(), P("data"))),
+                )
+            )  # fmt: skip
+        else:
+            step = jax.jit(value_and_grads)
+        args = (abstract, x)
+    in_context = program.startswith("set_mesh")
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        compiled, seconds, note = _compile(step, *args, platform=TARGETS[target].platform)
+    return inspect(compiled, TARGETS[target], program, seconds, batch_per_chip, note)
+
+
 def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: int = 4):
     """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
     on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on

@@ -13,9 +13,11 @@ the gradient reductions); it fits the chip's memory with headroom.
 
 import os
 
+import jax
 import pytest
 
 from sasa_flax import aot, ops
+from sasa_flax import train as trainer
 
 pytestmark = pytest.mark.compile
 
@@ -38,22 +40,42 @@ def require(target: str) -> None:
     pytest.skip(reason)
 
 
-def assert_runs_per_chip(report: aot.Report, *, expect_kernels: bool) -> None:
+def assert_runs_per_chip(
+    report: aot.Report, *, expect_kernels: bool, frames: int | None = None,
+    largest_collective: int | None = None,
+) -> None:  # fmt: skip
+    """The kernels are compiled in and run on ``frames`` (images × heads) per chip
+    (default: the chip's batch × HEADS); every collective, of every kind, carries fewer
+    than ``largest_collective`` elements (default: one image's activations at the layer,
+    so no batch or spatial dimension crosses chips: only gradient reductions); the
+    program fits the chip."""
     if expect_kernels:
         assert report.kernels > 0, f"{report.program}: no Mosaic/Triton kernel compiled in"
-        frames = max(report.kernel_leading_dims)
-        assert frames == report.batch_per_chip * HEADS, (
-            f"{report.program}: kernel frames of {frames} (images × heads); one chip holds "
-            f"{report.batch_per_chip} × {HEADS}"
-        )
+        got = max(report.kernel_leading_dims)
+        want = frames or report.batch_per_chip * HEADS
+        assert got == want, f"{report.program}: kernel frames of {got} (images × heads), not {want}"
     else:
         assert report.kernels == 0
-    moved = {op: n for op, n in report.collectives.items() if op in ("all-gather", "all-to-all")}
-    assert not moved, f"{report.program} moves activations between chips: {moved}"
+    if largest_collective is not None:
+        moved = [(op, n) for op, n in report.collective_sizes if n >= largest_collective]
+        assert not moved, f"{report.program} moves activations between chips: {moved}"
     assert report.fits, (
         f"{report.program}: {report.peak_bytes / aot.GIB:.1f} GiB per chip, over "
         f"{aot.HEADROOM:.0%} of {report.hbm_bytes / aot.GIB:.0f} GiB"
     )
+
+
+def one_image(size: int, channels: int) -> int:
+    return size * size * channels
+
+
+def state_elements(setup) -> int:
+    """Every parameter and model-state element, and a few scalars (loss, counts): the most
+    that the steps' reductions of gradients and BatchNorm statistics can carry at once.
+    One chip's activations at any stage are larger."""
+    abstract = trainer.abstract_state(setup)
+    leaves = jax.tree.leaves((abstract.params, abstract.model_state))
+    return sum(x.size for x in leaves) + 64
 
 
 @pytest.mark.parametrize("kernel_size", [7, 11])
@@ -66,7 +88,9 @@ def test_layer_forward_and_backward(target, size, channels, kernel_size):
         batch_per_chip=BATCH_PER_CHIP,
     )  # fmt: skip
     choice = ops.auto_choice(aot.TARGETS[target].platform, size, size, kernel_size)
-    assert_runs_per_chip(report, expect_kernels=choice == "pallas")
+    assert_runs_per_chip(
+        report, expect_kernels=choice == "pallas", largest_collective=one_image(size, channels)
+    )
 
 
 @pytest.mark.parametrize("dtype,padding", [("float32", "zeros"), ("bfloat16", "zeros")])
@@ -78,7 +102,42 @@ def test_layer_other_paddings_and_dtypes(target, dtype, padding):
             target, size=size, channels=channels, kernel_size=3, batch_per_chip=32,
             dtype=dtype, padding=padding,
         )  # fmt: skip
-        assert_runs_per_chip(report, expect_kernels=True)
+        assert_runs_per_chip(
+            report, expect_kernels=True, largest_collective=one_image(size, channels)
+        )
+
+
+# Per user program (aot.USER_PROGRAMS, 32 images per chip, 8 heads, 4 chips): the kernel
+# frames each chip should run, and whether every collective must be parameter-sized.
+USER_FRAMES = {
+    "set_mesh_replicated": 128 * HEADS,  # the program asks each chip for the whole batch
+    "heads": 64 * HEADS // 2,  # 2 × 2 mesh: half the images, half the heads
+    "tensor_parallel": 64 * HEADS // 2,
+    "batch_not_divisible": 126 * HEADS // 4,  # no axis divides 126: the heads are split
+    "batch_smaller_than_mesh": 2 * HEADS // 4,
+}
+# Collectives that the user's own program makes, not the layer: Megatron's all-reduce of
+# the input gradient (x is replicated over "model"), and the slices of a split batch.
+PROGRAM_MOVES_ACTIVATIONS = ("tensor_parallel", "batch_not_divisible", "batch_smaller_than_mesh")
+
+
+@pytest.mark.parametrize("program", list(aot.USER_PROGRAMS))
+@pytest.mark.parametrize("target", ["v5e", "h100"])
+def test_users_programs(target, program):
+    """The layer as a researcher puts it in a program of their own (aot.USER_PROGRAMS:
+    jit without a mesh, Explicit and Auto axes, set_mesh, their own shard_map, heads and
+    tensor parallel, batches no axis divides): it compiles, each chip's kernels run on
+    that chip's images and heads, and no collective moves activations."""
+    require(target)
+    report = aot.compile_user_program(target, program)
+    if program == "tensor_parallel":
+        moved = {op for op, _ in report.collective_sizes if op != "all-reduce"}
+        assert not moved, f"tensor parallel gathers or permutes activations: {moved}"
+    largest = None if program in PROGRAM_MOVES_ACTIVATIONS else one_image(28, 128)
+    assert_runs_per_chip(
+        report, expect_kernels=True, frames=USER_FRAMES.get(program),
+        largest_collective=largest,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -92,7 +151,7 @@ def test_trainer_steps(target, variant):
         f"configs/imagenet.py:depth=50,variant={variant}", target, batch_per_chip=BATCH_PER_CHIP
     )
     for report in aot.compile_train_steps(setup, target):
-        assert_runs_per_chip(report, expect_kernels=True)
+        assert_runs_per_chip(report, expect_kernels=True, largest_collective=state_elements(setup))
 
 
 def test_every_imagenet_model_against_resnet50_on_v5e():
@@ -108,7 +167,10 @@ def test_every_imagenet_model_against_resnet50_on_v5e():
         )
         train, evaluate = aot.compile_train_steps(setup, "v5e")
         for report in (train, evaluate):
-            assert_runs_per_chip(report, expect_kernels=variant != "baseline")
+            assert_runs_per_chip(
+                report, expect_kernels=variant != "baseline",
+                largest_collective=state_elements(setup),
+            )  # fmt: skip
         train_temp[variant] = train.temp_bytes
     for variant in ("conv_stem_attention", "full_attention"):
         ratio = train_temp[variant] / train_temp["baseline"]
