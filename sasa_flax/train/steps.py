@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -179,17 +180,46 @@ def kernel_failures_explained():
         raise explained from e
 
 
+# Names our Pallas calls give their kernels (``name=`` of every pallas_call); XLA's
+# compile errors name the custom call that failed.
+KERNEL_NAME_PREFIX = "sasa_local_attention_"
+
+
 def kernel_failure(error: Exception) -> TrainError | None:
-    """A one-line ``TrainError`` naming another attention implementation, if ``error``
-    is the Mosaic or Triton compiler refusing a Pallas kernel; else None."""
-    text = str(error).strip()
-    if not any(word in text for word in ("Mosaic", "Triton", "pallas", "Pallas")):
+    """A one-line ``TrainError`` naming another attention implementation and how to see
+    the whole error, if ``error`` came from compiling our fused kernels; else None.
+
+    Recognised by what raised it, not by words a message may contain: Mosaic's own
+    exception type (a TPU kernel refused by libtpu), a frame of Pallas' lowering or of
+    ``sasa_flax/ops/pallas`` in the traceback (a kernel refused while lowering), or an
+    XLA error that names one of our kernels' custom calls (e.g. a Triton kernel over
+    the GPU's shared memory)."""
+    if not (_raised_by_mosaic(error) or _raised_in_pallas(error) or _names_our_kernel(error)):
         return None
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return TrainError(
         f"the fused attention kernels (impl 'pallas') failed to compile on this device: "
-        f"{text.splitlines()[0][:300]}. Run with --config.model.attention_impl=shifted (or "
-        "=dense for small images) and please report it."
+        f"{type(error).__name__}: {first}. Run with --config.model.attention_impl=shifted "
+        "(or =dense for small images); rerun with --verbose for the whole error, and "
+        "please report it."
     )
+
+
+def _raised_by_mosaic(error: Exception) -> bool:
+    return any(
+        kind.__name__ == "MosaicError" and kind.__module__.startswith("jax._src.pallas")
+        for kind in type(error).__mro__
+    )
+
+
+def _raised_in_pallas(error: Exception) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    places = ("/jax/_src/pallas/", "/sasa_flax/ops/pallas/")
+    return any(any(place in frame.filename for place in places) for frame in frames)
+
+
+def _names_our_kernel(error: Exception) -> bool:
+    return isinstance(error, jax.errors.JaxRuntimeError) and KERNEL_NAME_PREFIX in str(error)
 
 
 def compile_steps(setup: Setup, abstract: TrainState):
