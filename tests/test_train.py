@@ -1,6 +1,8 @@
 """Training and evaluation end to end on 8 fake CPU devices, with real (digits) data."""
 
 import json
+import logging
+import logging.handlers
 import pathlib
 import subprocess
 import sys
@@ -81,7 +83,15 @@ def test_restart_from_the_workdir_continues_exactly(eight_device_run, tmp_path):
 
 def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
     config, workdir, results = eight_device_run
-    again = trainer.evaluate_checkpoint(config, workdir)
+    handler = logging.handlers.BufferingHandler(capacity=1000)
+    logging.getLogger("sasa_flax").addHandler(handler)
+    try:
+        again = trainer.evaluate_checkpoint(config, workdir)
+    finally:
+        logging.getLogger("sasa_flax").removeHandler(handler)
+    plans = [r.getMessage() for r in handler.buffer if r.getMessage().startswith("attention on")]
+    # As train.py logs it: every attention layer's shape, window and implementation.
+    assert len(plans) == 1 and " k=" in plans[0] and " layer" in plans[0], plans
     assert again["step"] == 6 and again["num_examples"] == 360
     assert again["top1"] == pytest.approx(results["top1"], abs=1e-9)
     assert again["loss"] == pytest.approx(results["loss"], rel=1e-5)

@@ -11,7 +11,12 @@ from sasa_flax import checkpointing, data
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.train.progress import log, write_eval_events
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
-from sasa_flax.train.steps import compile_steps, global_batch, kernel_failures_explained
+from sasa_flax.train.steps import (
+    compile_steps,
+    global_batch,
+    kernel_failures_explained,
+    log_attention_plan,
+)
 
 
 def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
@@ -72,6 +77,7 @@ def evaluate_checkpoint(
     ``workdir.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
     split only (``make_eval_setup``)."""
     setup = make_eval_setup(config, devices=devices)
+    log_attention_plan(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
     step, restored = restore_model_item(setup, abstract, workdir, step)
     setting = workdir_lib.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
