@@ -172,6 +172,15 @@ _COLLECTIVE_LINE = re.compile(rf"=\s*(.*?)\s({'|'.join(COLLECTIVES)})(?:-start)?
 _ARRAY_TYPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
 
 
+def peak_bytes(memory) -> int:
+    """A compiled program's peak per device from its ``memory_analysis()``: arguments,
+    outputs and temporaries, donated buffers counted once."""
+    return (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+    )  # fmt: skip
+
+
 def collective_sizes(text: str) -> list[tuple[str, int]]:
     """Every collective in compiled HLO ``text`` as (op, elements of its largest array):
     an all-reduce of a parameter's gradient is parameter-sized; one that carries
@@ -392,8 +401,8 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
     from sasa_flax import train as trainer
 
     config = config_lib.load_config(config_spec)
-    batch = batch_per_chip * chips
-    config.input.update(batch_size=batch, eval_batch_size=batch)
+    # The eval step keeps the config's own eval_batch_size: what a run evaluates with.
+    config.input.batch_size = batch_per_chip * chips
     config.train.compute_dtype = "bfloat16"
     devices = target_devices(target, chips)
     return trainer.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
@@ -407,13 +416,25 @@ def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
 
     batch_per_chip = setup.config.input.batch_size // setup.mesh.size
     abstract = trainer.abstract_state(setup)
-    train, evaluate = trainer.compile_steps(setup, abstract)
+    train, _ = trainer.compile_steps(setup, abstract)
     batch = trainer.abstract_batch(setup, setup.config.input.batch_size)
     platform = TARGETS[target].platform
     compiled, seconds, note = _compile(train, abstract, batch, platform=platform)
     train_report = inspect(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)
-    compiled, seconds, note = _compile(
-        evaluate, abstract.params, abstract.model_state, batch, platform=platform
+    # The eval step as the trainer sizes it for this chip's memory (trainer.fit_eval_step).
+    notes, start = [], time.perf_counter()
+
+    def compile_noting(step, *args):
+        compiled, _, note = _compile(step, *args, platform=platform)
+        notes.append(note)
+        return compiled
+
+    compiled, chunks = trainer.fit_eval_step(
+        setup, abstract, memory_bytes=TARGETS[target].hbm_bytes, compile_fn=compile_noting
     )
-    eval_report = inspect(compiled, TARGETS[target], "eval step", seconds, batch_per_chip, note)
+    eval_per_chip = setup.config.input.eval_batch_size // setup.mesh.size
+    note = "; ".join(filter(None, [notes[-1], chunks > 1 and f"in {chunks} chunks"]))
+    eval_report = inspect(
+        compiled, TARGETS[target], "eval step", time.perf_counter() - start, eval_per_chip, note
+    )
     return train_report, eval_report

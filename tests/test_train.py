@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing
+from sasa_flax import aot, checkpointing
 from sasa_flax import train as trainer
 from sasa_flax.models import resnet
 from tests.helpers import final_params, tiny_config
@@ -247,3 +247,40 @@ def test_a_host_read_per_step_fails_instead_of_stalling_the_loop(
     monkeypatch.setattr(trainer.ProgressLog, "add", add_and_read)
     with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
         trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
+
+
+def test_an_eval_batch_too_large_for_the_device_is_evaluated_in_chunks():
+    """fit_eval_step sizes the eval step from its compiled program: given a device with
+    less memory than the whole per-device batch needs, it evaluates in chunks, says so,
+    and the sums are the same as in one go."""
+    config = tiny_config()
+    config.input.eval_batch_size = 32
+    setup = trainer.model_setup(
+        config, jax.devices()[:4], dataset=None, steps_per_epoch=10, total_steps=10
+    )
+    abstract = trainer.abstract_state(setup)
+    whole, chunks = trainer.fit_eval_step(setup, abstract, memory_bytes=2**40)
+    assert chunks == 1
+    need = aot.peak_bytes(whole.memory_analysis())
+    handler = logging.handlers.BufferingHandler(capacity=100)
+    logging.getLogger("sasa_flax").addHandler(handler)
+    try:  # room for about half the activations
+        small, chunks = trainer.fit_eval_step(setup, abstract, memory_bytes=int(need / 1.5))
+    finally:
+        logging.getLogger("sasa_flax").removeHandler(handler)
+    assert chunks > 1 and aot.peak_bytes(small.memory_analysis()) < need / 1.5 * aot.HEADROOM
+    said = [r.getMessage() for r in handler.buffer if "chunks" in r.getMessage()]
+    assert len(said) == 1 and f"in {chunks} chunks of {8 // chunks}" in said[0], said
+
+    state = trainer.init_state(setup, abstract)
+    rng = np.random.default_rng(0)
+    size = config.input.image_size
+    batch = trainer.global_batch(setup, dict(
+        image=rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8),
+        label=rng.integers(0, config.model.num_classes, 32).astype(np.int32),
+        mask=(np.arange(32) < 29).astype(np.float32),  # a padded last batch
+    ))  # fmt: skip
+    once = jax.device_get(whole(state.params, state.model_state, batch))
+    small_sums = jax.device_get(small(state.params, state.model_state, batch))
+    for key in once:
+        np.testing.assert_allclose(small_sums[key], once[key], rtol=1e-5)

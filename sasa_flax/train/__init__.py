@@ -40,6 +40,7 @@ from sasa_flax.train.steps import (
     compile_steps,
     ema_decay,
     eval_step,
+    fit_eval_step,
     global_batch,
     train_step,
 )
@@ -48,7 +49,8 @@ __all__ = [
     "DevicePrefetch", "ProgressLog", "QueuedSummaryWriter", "Setup", "TrainError",
     "TrainState", "abstract_batch", "abstract_state", "attention_plan", "compile_or_explain",
     "compile_steps", "compute_dtype", "data_mesh", "default_decay_mask", "ema_decay",
-    "eval_step", "eval_weights", "evaluate", "evaluate_checkpoint", "global_batch",
+    "eval_step", "eval_weights", "evaluate", "evaluate_checkpoint", "fit_eval_step",
+    "global_batch",
     "init_state", "learning_rate_schedule", "make_eval_setup", "make_optimizer", "make_setup",
     "merged_model", "model_setup", "restore_model_item", "train_and_evaluate",
     "train_step",

@@ -12,7 +12,7 @@ from sasa_flax import workdir as workdir_lib
 from sasa_flax.train.progress import log, write_eval_events
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
 from sasa_flax.train.steps import (
-    compile_steps,
+    fit_eval_step,
     global_batch,
     kernel_failures_explained,
     log_attention_plan,
@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     abstract = abstract_state(setup)
     step, restored = restore_model_item(setup, abstract, workdir, step)
     setting = workdir_lib.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
-    _, eval_fn = compile_steps(setup, abstract)
+    eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     workdir_lib.write_eval_results(workdir, step, results, setting)
     if jax.process_index() == 0:

@@ -37,6 +37,7 @@ from sasa_flax.train.steps import (
     abstract_batch,
     compile_or_explain,
     compile_steps,
+    fit_eval_step,
     log_attention_plan,
 )
 
@@ -95,7 +96,8 @@ def _train_and_evaluate(
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
     log_attention_plan(setup)
-    train_fn, eval_fn = compile_steps(setup, abstract)
+    train_fn, _ = compile_steps(setup, abstract)
+    eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     t = config.train
     mngr = checkpointing.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints

@@ -87,8 +87,29 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     return new_state, metrics
 
 
-def eval_step(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
-    """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count."""
+def eval_step(
+    setup: Setup, params: dict, model_state: dict, batch: dict, *, chunks: int = 1
+) -> dict:
+    """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count. With
+    ``chunks`` > 1 every device's images go through the model in that many chunks, one
+    after another (``fit_eval_step``): the same sums, a fraction of the activations."""
+    if chunks == 1:
+        return _eval_sums(setup, params, model_state, batch)
+    devices = setup.mesh.size
+
+    def in_chunks(x):  # (B, ...) -> (chunks, B / chunks, ...), every chunk on every device
+        per_chunk = x.shape[0] // (devices * chunks)
+        x = x.reshape(devices, chunks, per_chunk, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(chunks, devices * per_chunk, *x.shape[3:])
+
+    sums = jax.lax.map(
+        lambda part: _eval_sums(setup, params, model_state, part),
+        jax.tree.map(in_chunks, batch),
+    )
+    return jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
+
+
+def _eval_sums(setup: Setup, params: dict, model_state: dict, batch: dict) -> dict:
     model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
     logits = model(data.normalise(batch["image"]))
     mask = batch["mask"]
@@ -222,6 +243,64 @@ def _names_our_kernel(error: Exception) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and KERNEL_NAME_PREFIX in str(error)
 
 
+def fit_eval_step(
+    setup: Setup, abstract: TrainState, memory_bytes: int | None = None, compile_fn=None
+):
+    """(eval step compiled for the config's eval batch, chunks): the whole per-device
+    batch at once if its compiled program fits the device's memory, else in the fewest
+    chunks that do (``eval_step``), said in the log. ``memory_bytes``: per device (by
+    default the device's own, where it reports one; the CPU does not, and gets the lazily
+    compiled step in one chunk). ``compile_fn(step, *args)``: how to compile (default
+    ``compile_or_explain``)."""
+    from sasa_flax import aot  # the compiled programs' memory accounting
+
+    if memory_bytes is None:
+        stats = setup.mesh.devices.flat[0].memory_stats() or {}
+        memory_bytes = stats.get("bytes_limit")
+        if not memory_bytes:
+            return compile_steps(setup, abstract)[1], 1
+    batch_size = setup.config.input.eval_batch_size
+    per_device = batch_size // setup.mesh.size
+    batch = abstract_batch(setup, batch_size)
+    budget = aot.HEADROOM * memory_bytes
+    chunks, first = 1, None
+    while True:
+        step = _jit_eval(setup, chunks)
+        compiled = (compile_fn or compile_or_explain)(
+            step, abstract.params, abstract.model_state, batch
+        )
+        peak = aot.peak_bytes(compiled.memory_analysis())
+        first = first or peak
+        if peak <= budget:
+            break
+        larger = [c for c in range(chunks + 1, per_device + 1) if per_device % c == 0]
+        if not larger:
+            raise TrainError(
+                f"the eval step does not fit this device's {memory_bytes / aot.GIB:.1f} GiB "
+                f"even one image at a time ({peak / aot.GIB:.1f} GiB): set "
+                "--config.input.eval_batch_size smaller, or use a device with more memory."
+            )
+        # The activations scale with the images per chunk: the next try from that estimate.
+        wanted = chunks * peak / budget
+        chunks = next((c for c in larger if c >= wanted), larger[-1])
+    if chunks > 1 and jax.process_index() == 0:
+        log.info(
+            "evaluation: %d images per device need %.1f GiB, over %.0f%% of the device's "
+            "%.1f GiB: evaluated in %d chunks of %d (%.1f GiB)",
+            per_device, first / aot.GIB, 100 * aot.HEADROOM, memory_bytes / aot.GIB,
+            chunks, per_device // chunks, peak / aot.GIB,
+        )  # fmt: skip
+    return compiled, chunks
+
+
+def _jit_eval(setup: Setup, chunks: int = 1):
+    return jax.jit(
+        functools.partial(eval_step, setup, chunks=chunks),
+        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
+        out_shardings=setup.replicated,
+    )
+
+
 def compile_steps(setup: Setup, abstract: TrainState):
     """(train_step, eval_step) jitted with explicit shardings; the state is donated.
     ``abstract`` is ``abstract_state(setup)``."""
@@ -232,9 +311,4 @@ def compile_steps(setup: Setup, abstract: TrainState):
         out_shardings=(state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
-    evaluate_fn = jax.jit(
-        functools.partial(eval_step, setup),
-        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
-        out_shardings=setup.replicated,
-    )
-    return train, evaluate_fn
+    return train, _jit_eval(setup)
