@@ -432,9 +432,10 @@ def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
     compiled, chunks = trainer.fit_eval_step(
         setup, abstract, memory_bytes=TARGETS[target].hbm_bytes, compile_fn=compile_noting
     )
-    eval_per_chip = setup.config.input.eval_batch_size // setup.mesh.size
-    note = "; ".join(filter(None, [notes[-1], chunks > 1 and f"in {chunks} chunks"]))
+    # Per chip, the images of one chunk go through the model at a time.
+    per_chunk = setup.config.input.eval_batch_size // setup.mesh.size // chunks
+    note = "; ".join(filter(None, [notes[-1], chunks > 1 and f"{chunks} chunks of {per_chunk}"]))
     eval_report = inspect(
-        compiled, TARGETS[target], "eval step", time.perf_counter() - start, eval_per_chip, note
+        compiled, TARGETS[target], "eval step", time.perf_counter() - start, per_chunk, note
     )
     return train_report, eval_report

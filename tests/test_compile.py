@@ -87,10 +87,31 @@ def test_layer_forward_and_backward(target, size, channels, kernel_size):
         target, size=size, channels=channels, kernel_size=kernel_size,
         batch_per_chip=BATCH_PER_CHIP,
     )  # fmt: skip
-    choice = ops.auto_choice(aot.TARGETS[target].platform, size, size, kernel_size)
+    platform = aot.TARGETS[target].platform
+    choice = ops.auto_choice(platform, size, size, kernel_size, head_dim=channels // HEADS)
     assert_runs_per_chip(
         report, expect_kernels=choice == "pallas", largest_collective=one_image(size, channels)
     )
+
+
+# Stage 1 to 3 of a SASA-ResNet at 448² (Table 4's largest windows): the Mosaic kernels'
+# tiles fit v4's 16 MiB of VMEM per core (a tile twice the minimum at 112², k = 11, did
+# not: 17.17 MiB), and where none would, auto runs another implementation.
+LARGE_STAGES = [(112, 64), (56, 128), (28, 256)]
+
+
+@pytest.mark.parametrize("kernel_size", [9, 11])
+@pytest.mark.parametrize(
+    "size,channels", LARGE_STAGES, ids=[f"{s}x{s}x{c}" for s, c in LARGE_STAGES]
+)
+def test_tiles_fit_v4_vmem_up_to_448(size, channels, kernel_size):
+    """Compiled per TensorCore: the deviceless v4 topology has no megacore devices (it
+    refuses such options), and a core's 16 MiB of VMEM is what a program gets either way."""
+    require("v4")
+    report = aot.compile_layer(
+        "v4", size=size, channels=channels, kernel_size=kernel_size, batch_per_chip=4,
+    )  # fmt: skip
+    assert_runs_per_chip(report, expect_kernels=True, largest_collective=one_image(size, channels))
 
 
 @pytest.mark.parametrize("dtype,padding", [("float32", "zeros"), ("bfloat16", "zeros")])
@@ -152,6 +173,37 @@ def test_trainer_steps(target, variant):
     )
     for report in aot.compile_train_steps(setup, target):
         assert_runs_per_chip(report, expect_kernels=True, largest_collective=state_elements(setup))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["v5p", "v6e", "a100"])
+def test_trainer_steps_on_other_generations(target):
+    """The trainer's train and eval steps for SASA-ResNet-50 (conv stem + attention) on
+    the other chips we name (slow: the compile selection's -m "compile and slow")."""
+    require(target)
+    setup = aot.trainer_setup(
+        "configs/imagenet.py:depth=50,variant=conv_stem_attention", target,
+        batch_per_chip=BATCH_PER_CHIP,
+    )  # fmt: skip
+    for report in aot.compile_train_steps(setup, target):
+        assert_runs_per_chip(report, expect_kernels=True, largest_collective=state_elements(setup))
+
+
+def test_the_shipped_eval_batch_fits_one_v5e_chip():
+    """configs/imagenet.py full attention, its own eval_batch_size (1024) on one v5e chip
+    (16 GiB): the whole batch would need about 22 GiB, so the evaluator runs it in chunks
+    that fit (trainer.fit_eval_step), instead of running out of memory at the end of a
+    training run."""
+    require("v5e")
+    setup = aot.trainer_setup(
+        "configs/imagenet.py:depth=50,variant=full_attention", "v5e", batch_per_chip=8, chips=1
+    )
+    assert setup.config.input.eval_batch_size == 1024
+    compiled, chunks = trainer.fit_eval_step(
+        setup, trainer.abstract_state(setup), memory_bytes=aot.TARGETS["v5e"].hbm_bytes
+    )
+    assert chunks > 1
+    assert aot.peak_bytes(compiled.memory_analysis()) <= aot.HEADROOM * aot.TARGETS["v5e"].hbm_bytes
 
 
 def test_every_imagenet_model_against_resnet50_on_v5e():

@@ -141,9 +141,13 @@ def local_attention_weights(
 ACCELERATOR_DENSE_POSITIONS = 256
 
 
-def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str:
+def auto_choice(
+    platform: str, height: int, width: int, kernel_size: int, *, head_dim: int = 8,
+    value_dim: int | None = None,
+) -> str:  # fmt: skip
     """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
-    H×W image and window k. The one table of per-platform choices (docs/performance.md, tests):
+    H×W image, window k and heads of width ``head_dim`` (values ``value_dim``, default the
+    same). The one table of per-platform choices (docs/performance.md, tests):
 
     - cpu: "dense" when H·W < 4·k², else "shifted": measured side by side with
       ``benchmarks/local_attention.py`` (ratios in benchmarks/RESULTS.md), "shifted"
@@ -154,8 +158,10 @@ def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str
       backward). By rule: compiled to cubin for H100 in CI (deviceless, ``tests/test_compile.py``),
       not yet timed on a GPU.
     - tpu: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the Mosaic kernels,
-      ``ops/pallas/tpu.py``). By rule: interpreted in CI and compiled by libtpu for v5e
-      and v4 (deviceless, ``tests/test_compile.py``), not yet timed on a TPU.
+      ``ops/pallas/tpu.py``) where a tile of them fits VMEM (``tpu.fits``: not for
+      windows that reach too far, e.g. k = 11 with heads of 32 at 56²), else "shifted".
+      By rule: interpreted in CI and compiled by libtpu for v5e and v4 (deviceless,
+      ``tests/test_compile.py``), not yet timed on a TPU.
     - rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "shifted"
       (its batched accelerator form): no kernel has been lowered for them.
     """
@@ -164,16 +170,20 @@ def auto_choice(platform: str, height: int, width: int, kernel_size: int) -> str
         return "dense" if positions < 4 * kernel_size**2 else "shifted"
     if positions <= ACCELERATOR_DENSE_POSITIONS:
         return "dense"
-    return "pallas" if platform in ("cuda", "tpu") else "shifted"
+    if platform == "tpu":
+        fits = pallas.tpu.fits(height, width, kernel_size, head_dim, value_dim or head_dim)
+        return "pallas" if fits else "shifted"
+    return "pallas" if platform == "cuda" else "shifted"
 
 
 def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
     """``auto_choice`` per platform, decided when the program is lowered (a function
     traced on a CPU host and exported for CUDA or TPU gets that platform's choice)."""
     height, width = q.shape[1:3]
+    widths = dict(head_dim=q.shape[-1], value_dim=v.shape[-1])
 
     def branch(platform):
-        impl = auto_choice(platform, height, width, kernel_size)
+        impl = auto_choice(platform, height, width, kernel_size, **widths)
         options = dict(kernel_size=kernel_size, padding=padding)
         if impl == "pallas":  # lowered for CUDA or TPU only: compiled, never interpreted
             return pallas.compiled(platform, **options)

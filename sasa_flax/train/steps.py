@@ -171,7 +171,9 @@ def attention_plan(setup: Setup) -> list[str]:
         height, width = cost.in_shape[1:3]
         impl, k = layer.options.impl, layer.options.kernel_size
         if impl == "auto":
-            impl = f"auto → {ops.auto_choice(device_platform(setup), height, width, k)}"
+            head = layer.out_features // layer.options.num_heads
+            choice = ops.auto_choice(device_platform(setup), height, width, k, head_dim=head)
+            impl = f"auto → {choice}"
         key = f"{height}×{width} k={k} {impl}"
         layers[key] = layers.get(key, 0) + 1
     return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]

@@ -49,6 +49,7 @@ Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -67,12 +68,16 @@ from sasa_flax.ops.pallas.costs import kernel_costs
 
 LANES = 128
 MAX_TILE = 2048  # positions per program: see choose_tile
-# Live (rows, tile) float32 state per program, rows = the head width rounded up to 8: the
-# (8, 2048) of MAX_TILE at d = 8, k ≤ 7; less for larger windows (× 7 / k). Found by
-# compiling for v4 (16 MiB VMEM) with libtpu: above it the dk/dv kernel's register spills
-# overflow VMEM at k = 9 and 11 (the tile probes are in benchmarks/RESULTS.md).
-MAX_LIVE_STATE = 8 * 2048
-VMEM_BUDGET = 8 * 2**20
+# What one program may hold in VMEM, for every generation we compile for: v4 has 16 MiB
+# per TensorCore (v5e, v5p and v6e more); the rest is the compiler's own scratch.
+VMEM_BUDGET = 14 * 2**20
+# vmem_bytes' model, fitted to what libtpu (0.0.42.1) allocates per kernel on v4 (its VMEM
+# report: blocks, temporaries and register spills) over 28 compiles, k = 3 to 11, head
+# widths 8 to 64, tiles 128 to 2048 (benchmarks/tpu_vmem.py; benchmarks/RESULTS.md):
+# bytes ≈ e^c · k^a · T^b · halo^h · rows^r, times MARGIN, which covers the largest
+# under-prediction seen (1.41).
+_VMEM_FIT = dict(c=3.976, a=1.408, b=0.927, h=0.189, r=0.639)
+VMEM_MARGIN = 1.5
 
 _PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
@@ -193,47 +198,54 @@ def _round_up(n: int, multiple: int) -> int:
 
 def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> int:
     """The multiple of the halo that reads the fewest positions (tile plus two halos,
-    per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
-    VMEM_BUDGET. Ties go to the larger tile (fewer programs).
+    per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``: blocks, temporaries
+    and the register spills of the unrolled k² loop) stays within VMEM_BUDGET. Ties go to
+    the larger tile (fewer programs).
 
-    MAX_TILE (2048, by rule) and MAX_LIVE_STATE (compiled for v4) bound the live vector
-    state: a (8, T) float32 value takes
-    T / 128 of the 64 vregs, and the forward keeps about six of them live (q, the
-    accumulator, the key and value reads, the (1, T) max and normaliser rows). Larger tiles
-    read less (at 56², k = 7, one 3584-position tile reads 11% fewer positions than two
-    of 1792) but spill more. To be tuned on a TPU.
+    Raises ``TileError`` when not even one halo fits (a window reaching too far: many
+    rows of a wide image at a large k); ``impl="auto"`` then runs another implementation
+    (``fits``).
     """
     halo = Frame.halo_for(height, width, kernel_size)
     positions = height * (width + 2 * (kernel_size // 2))
-    live_rows = _round_up(max(head_dim, value_dim), 8)
-    largest = min(MAX_TILE, MAX_LIVE_STATE * min(1.0, 7 / kernel_size) // live_rows)
     best = None
-    for tile in range(halo, max(halo, int(largest)) + 1, halo):
-        if tile > halo and vmem_bytes(tile, halo, head_dim, value_dim, kernel_size) > VMEM_BUDGET:
+    for tile in range(halo, max(halo, MAX_TILE) + 1, halo):
+        if vmem_bytes(tile, halo, head_dim, value_dim, kernel_size) > VMEM_BUDGET:
             break
         cost = pl.cdiv(positions, tile) * (tile + 2 * halo)
         if best is None or cost <= best[0]:
             best = (cost, tile)
         if tile >= positions:
             break
+    if best is None:
+        need = vmem_bytes(halo, halo, head_dim, value_dim, kernel_size) / 2**20
+        raise TileError(
+            f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
+            f"{height}x{width}, k = {kernel_size}, head width {head_dim} (a halo of {halo} "
+            f"positions), over the {VMEM_BUDGET / 2**20:.0f} MiB every TPU generation has: "
+            "use --config.model.attention_impl=shifted (or impl='auto', which does) here."
+        )
     return best[1]
 
 
+class TileError(ValueError):
+    """No tile of the Mosaic kernels fits VMEM at this shape."""
+
+
+def fits(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> bool:
+    """Whether some tile of the Mosaic kernels fits VMEM at this shape (``choose_tile``)."""
+    halo = Frame.halo_for(height, width, kernel_size)
+    return vmem_bytes(halo, halo, head_dim, value_dim, kernel_size) <= VMEM_BUDGET
+
+
 def vmem_bytes(tile: int, halo: int, head_dim: int, value_dim: int, kernel_size: int) -> int:
-    """An upper bound on one program's VMEM, for the largest of the three kernels (dk/dv):
-    its blocks, double-buffered, at 4 bytes per element with sublanes rounded up to 8,
-    plus its float32 temporaries (the windows, their rotations and the accumulators)."""
-    rows = lambda c: _round_up(c, 8)  # noqa: E731
-    window = tile + 2 * halo
-    blocks = (
-        (rows(head_dim) + rows(value_dim) + rows(2) + rows(1)) * window  # q, dy, stats, inside
-        + (rows(head_dim) + rows(value_dim)) * tile * 2  # k, v in; dk, dv out
-        + rows(head_dim) * _round_up(kernel_size**2, LANES)  # offsets
-    )
-    temporaries = (2 * (rows(head_dim) + rows(value_dim)) + 2 * 8) * window + 4 * (
-        rows(head_dim) + rows(value_dim)
-    ) * tile
-    return 4 * (2 * blocks + temporaries)
+    """What the largest of the three kernels holds in VMEM per program, from the model
+    fitted to libtpu's own VMEM reports (``_VMEM_FIT``), with its margin. rows: the wider
+    of the head and value widths, rounded up to a sublane group of 8."""
+    rows = _round_up(max(head_dim, value_dim), 8)
+    f = _VMEM_FIT
+    estimate = math.exp(f["c"]) * kernel_size ** f["a"] * tile ** f["b"] * halo ** f["h"]
+    return int(VMEM_MARGIN * estimate * rows ** f["r"])
 
 
 # ----------------------------------------------------------------------------- kernels
