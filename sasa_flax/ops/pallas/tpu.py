@@ -32,16 +32,17 @@ Kernels (the grid is (B·N, tiles), both dimensions parallel):
   dk, dv:   per key tile, gathers from the queries that see it (query = key − shift_o),
             reading q, dy and the (lse, Σ dy·y) rows through the same halo window.
 
-VMEM per program, double-buffered blocks plus float32 temporaries, is bounded by
-``vmem_bytes``; tiles are chosen to keep it under ``VMEM_BUDGET`` (8 MiB, half of v4's
-16 MiB per core; v5e has 128 MiB). At ResNet-50's 56²×64 with 8 heads and k = 7 the
-tile is 1792 positions (two per image, halo 256) and the bound is 1.9 MiB; at 28²×128,
-1024 positions (the whole image) and 1.9 MiB.
+VMEM per program (blocks, temporaries and the register spills of the unrolled k² loop)
+is bounded by ``vmem_bytes``, a model fitted to libtpu's own VMEM reports; tiles keep it
+within ``VMEM_BUDGET`` (14 MiB: v4 has 16 MiB per core, later generations more).
 
-Verified on CPU only: TPU interpret mode runs these kernels exactly (tests), and
-``jax.export(..., platforms=("tpu",))`` lowers them to ``tpu_custom_call`` (Pallas'
-lowering rules, e.g. (8, 128) blocks). Mosaic's layout passes and the compile run in
-libtpu on a TPU; they have not run yet, nor has anything been timed on a TPU.
+Several devices: every kernel call runs on each device's own (batch, heads) block
+(``shards.per_group``); outside the calls the frames are (B, N, c, L), so that batch
+and heads may each be split.
+
+Verified without a TPU: TPU interpret mode runs these kernels exactly (tests), and libtpu
+compiles them deviceless for v4 and v5e (tests/test_compile.py); nothing has been timed
+on a TPU.
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """
