@@ -9,11 +9,14 @@ r"""Compile for TPUs and NVIDIA GPUs without them: the vendors' compilers, devic
 ``--what layers``: ``SelfAttention2D`` forward + gradients at ResNet-50's four stage
 shapes; ``--what steps``: the trainer's own train and eval steps (``sasa_flax.train``) for
 configs/imagenet.py at ``--depth`` and each ``--variants``, on ``--chips`` chips with
-``--batch-per-chip`` images each. Per program it prints whether it compiled, the
-compile time on this host, the compiled temporaries and peak per chip
-(``memory_analysis()``), an estimate of the largest per-chip batch that fits (temporaries
-taken as linear in the batch), the fused kernels and the collectives. Nothing runs: these
-are the compiler's figures, "compiled, not run". ``--json FILE`` keeps every row.
+``--batch-per-chip`` images each; ``--what users``: the layer as researchers put it in
+programs of their own (``aot.USER_PROGRAMS``: jit without a mesh, Explicit and Auto axes,
+their own shard_map, heads and tensor parallel, batches no axis divides). Per program it
+prints whether it compiled, the compile time on this host, the compiled temporaries and
+peak per chip (``memory_analysis()``), an estimate of the largest per-chip batch that
+fits (temporaries taken as linear in the batch), the fused kernels and the collectives.
+Nothing runs: these are the compiler's figures, "compiled, not run". ``--json FILE``
+keeps every row.
 Exit status 1 if anything failed to compile.
 """
 
@@ -58,6 +61,13 @@ def step_rows(args):
             yield target, f"R{args.depth} {variant}", compile_steps
 
 
+def user_rows(args):
+    for target in args.targets:
+        for program in aot.USER_PROGRAMS:
+            compile_one = functools.partial(aot.compile_user_program, target, program)
+            yield target, f"user program: {program}", lambda c=compile_one: [c()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,11 +95,13 @@ def main(argv=None) -> int:
     rows, failures = [], 0
     print(
         "| target | program | batch/chip | compiled | compile s | temp GiB | peak GiB "
-        "| temp MiB/image | largest batch/chip (est.) | kernels | collectives | note |"
+        "| temp MiB/image | largest batch/chip (est.) | kernels (frames per chip) "
+        "| collectives | note |"
     )
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     jobs = [*(layer_rows(args) if "layers" in args.what else ()),
-            *(step_rows(args) if "steps" in args.what else ())]  # fmt: skip
+            *(step_rows(args) if "steps" in args.what else ()),
+            *(user_rows(args) if "users" in args.what else ())]  # fmt: skip
     for target, name, run in jobs:
         try:
             reports = run()
@@ -102,12 +114,19 @@ def main(argv=None) -> int:
             continue
         for r in reports:
             row = r.row()
-            label = name if r.program.startswith("layer") else f"{name} {r.program}"
+            label = (
+                name
+                if r.program.startswith("layer") or name.startswith("user")
+                else (f"{name} {r.program}")
+            )
+            frames = max(r.kernel_leading_dims, default=0)
+            largest = max((n for _, n in r.collective_sizes), default=0)
             collectives = ", ".join(f"{k} {v}" for k, v in r.collectives.items()) or "none"
             print(f"| {target} | {label} | {r.batch_per_chip} | yes | {row['compile_s']} | "
                   f"{row['temp_gib']} | {row['peak_gib']} | {row['temp_mib_per_image']} | "
-                  f"{row['largest_batch_per_chip']} | {r.kernels} | {collectives} | "
-                  f"{r.note} |", flush=True)  # fmt: skip
+                  f"{row['largest_batch_per_chip']} | {r.kernels} ({frames} frames) | "
+                  f"{collectives} (largest {largest} elements) | {r.note} |",
+                  flush=True)  # fmt: skip
             rows.append(dict(row, program=label))
     if args.json:
         with open(args.json, "w") as f:

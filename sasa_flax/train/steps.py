@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import traceback
 
 import jax
@@ -268,10 +269,17 @@ def fit_eval_step(
     chunks, first = 1, None
     while True:
         step = _jit_eval(setup, chunks)
-        compiled = (compile_fn or compile_or_explain)(
-            step, abstract.params, abstract.model_state, batch
-        )
-        peak = aot.peak_bytes(compiled.memory_analysis())
+        try:
+            compiled = (compile_fn or compile_or_explain)(
+                step, abstract.params, abstract.model_state, batch
+            )
+            peak = aot.peak_bytes(compiled.memory_analysis())
+        except jax.errors.JaxRuntimeError as e:
+            # XLA:TPU refuses a program over the chip's memory outright (status
+            # RESOURCE_EXHAUSTED): that too is a batch to split, by what it asked for.
+            if not str(e).startswith("RESOURCE_EXHAUSTED"):
+                raise
+            peak = _required_bytes(str(e)) or 2 * budget
         first = first or peak
         if peak <= budget:
             break
@@ -293,6 +301,14 @@ def fit_eval_step(
             chunks, per_device // chunks, peak / aot.GIB,
         )  # fmt: skip
     return compiled, chunks
+
+
+def _required_bytes(message: str) -> int | None:
+    """The memory an XLA out-of-memory error says the program needs, if it says."""
+    match = re.search(r"required for HLO temporaries \(([0-9.]+)([KMG])\)", message)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * 2 ** {"K": 10, "M": 20, "G": 30}[match.group(2)])
 
 
 def _jit_eval(setup: Setup, chunks: int = 1):
