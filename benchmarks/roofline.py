@@ -94,7 +94,7 @@ def kernel_costs(impl, batch, size, channels, heads, kernel_size, dtype):
         frame = tpu.Frame.of(shape, kernel_size)
         kernels = tpu.costs(shape, d, kernel_size, has_key=True, itemsize=itemsize)
         to_frame, from_tiles = frame.to_frame, frame.from_tiles
-        tiles = (batch * heads, d, frame.num_tiles * frame.tile)
+        tiles = (batch, heads, d, frame.num_tiles * frame.tile)
         out_dtype = dtype
     else:
         kernels = gpu.costs(shape, d, kernel_size, has_key=True, itemsize=itemsize)
@@ -102,7 +102,7 @@ def kernel_costs(impl, batch, size, channels, heads, kernel_size, dtype):
         width = gpu._padded_width(d)
         to_frame = functools.partial(frame.to_frame, width=width)
         from_tiles = functools.partial(frame.from_tiles, channels=d)
-        tiles = (batch * heads, frame.num_tiles * frame.tile, width)
+        tiles = (batch, heads, frame.num_tiles * frame.tile, width)
         out_dtype = jnp.float32
     flops = sum(c.flops for c in kernels.values())
     kernel_bytes = sum(c.bytes_accessed for c in kernels.values())
