@@ -258,8 +258,7 @@ def fit_eval_step(
     from sasa_flax import aot  # the compiled programs' memory accounting
 
     if memory_bytes is None:
-        stats = setup.mesh.devices.flat[0].memory_stats() or {}
-        memory_bytes = stats.get("bytes_limit")
+        memory_bytes = _device_memory(setup)
         if not memory_bytes:
             return compile_steps(setup, abstract)[1], 1
     batch_size = setup.config.input.eval_batch_size
@@ -301,6 +300,14 @@ def fit_eval_step(
             chunks, per_device // chunks, peak / aot.GIB,
         )  # fmt: skip
     return compiled, chunks
+
+
+def _device_memory(setup: Setup) -> int | None:
+    """Bytes of memory of this process's first device of the mesh, where its platform
+    says (TPU and GPU; not the CPU). Every process compiles the same program for the same
+    kind of device, so they all choose the same chunks."""
+    local = next(d for d in setup.mesh.devices.flat if d.process_index == jax.process_index())
+    return (local.memory_stats() or {}).get("bytes_limit")
 
 
 def _required_bytes(message: str) -> int | None:
