@@ -260,7 +260,7 @@ def fit_eval_step(
     if memory_bytes is None:
         memory_bytes = _device_memory(setup)
         if not memory_bytes:
-            return compile_steps(setup, abstract)[1], 1
+            return _jit_eval(setup), 1
     batch_size = setup.config.input.eval_batch_size
     per_device = batch_size // setup.mesh.size
     batch = abstract_batch(setup, batch_size)

@@ -256,32 +256,46 @@ def _grouped(config, k_frame, operands: int):
     return grouped
 
 
-def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
-    frame = config.frame
-    tiles, dv = frame.num_tiles, v_frame.shape[-1]
-    whole = pl.no_block_spec
+def _call(config, kernel, name, inputs, out_specs, outputs):
+    """``kernel`` over the (B, N, ...) frames of ``inputs`` (whole arrays, indexed by the
+    program ids), on each device's block of (batch, heads) (``shards.per_group``).
+    ``outputs(groups)``: the output shapes for one device's b·n groups."""
 
     def on_groups(*frames):
         groups = frames[0].shape[0]
         return pl.pallas_call(
-            functools.partial(_forward_kernel, config),
-            grid=(groups, tiles),
-            in_specs=[whole] * 5,
-            out_specs=[
-                pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
-                pl.BlockSpec((None, frame.tile), lambda g, t: (g, t)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((groups, tiles * frame.tile, dv), config.dtype),
-                jax.ShapeDtypeStruct((groups, tiles * frame.tile), config.dtype),
-            ],
+            functools.partial(kernel, config),
+            grid=(groups, config.frame.num_tiles),
+            in_specs=[pl.no_block_spec] * len(frames),
+            out_specs=out_specs,
+            out_shape=outputs(groups),
             interpret=config.interpret,
             compiler_params=_TRITON,
-            name="sasa_local_attention_fwd",
+            name=name,
         )(*frames)
 
-    inputs = (q_frame, k_frame, v_frame, offsets, inside)
-    return shards.per_group(on_groups, _grouped(config, k_frame, len(inputs)))(*inputs)
+    return shards.per_group(on_groups, _grouped(config, len(inputs)))(*inputs)
+
+
+def _grouped(config, operands: int):
+    """Which operands of a kernel are (B, N, ...) frames (``shards.per_group``): all but
+    the offsets' table, the in-image mask and, without keys, the dummy key frame."""
+    grouped = [True] * operands
+    grouped[1], grouped[3], grouped[4] = config.has_key, False, False
+    return grouped
+
+
+def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
+    frame = config.frame
+    length, dv = frame.num_tiles * frame.tile, v_frame.shape[-1]
+    return _call(
+        config, _forward_kernel, "sasa_local_attention_fwd",
+        (q_frame, k_frame, v_frame, offsets, inside),
+        [pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
+         pl.BlockSpec((None, frame.tile), lambda g, t: (g, t))],
+        lambda groups: [jax.ShapeDtypeStruct((groups, length, dv), config.dtype),
+                        jax.ShapeDtypeStruct((groups, length), config.dtype)],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- backward
@@ -358,48 +372,20 @@ def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
     tiles, tile = frame.num_tiles, frame.tile
     d, dv = q_frame.shape[-1], v_frame.shape[-1]
     offsets_rows = pl.next_power_of_2(config.kernel_size**2)
-    whole = pl.no_block_spec
     per_tile = lambda c: pl.BlockSpec((None, tile, c), lambda g, t: (g, t, 0))  # noqa: E731
+    positions = lambda groups, c: jax.ShapeDtypeStruct((groups, tiles * tile, c), config.dtype)  # noqa: E731
     inputs = (q_frame, k_frame, v_frame, offsets, inside, dy_frame, lse_frame, delta_frame)
-    grouped = _grouped(config, k_frame, len(inputs))
-
-    def dq_on_groups(*frames):
-        groups = frames[0].shape[0]
-        return pl.pallas_call(
-            functools.partial(_dq_kernel, config),
-            grid=(groups, tiles),
-            in_specs=[whole] * len(inputs),
-            out_specs=[
-                per_tile(d),
-                pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
-                jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype),
-            ],
-            interpret=config.interpret,
-            compiler_params=_TRITON,
-            name="sasa_local_attention_dq",
-        )(*frames)
-
-    def dkv_on_groups(*frames):
-        groups = frames[0].shape[0]
-        return pl.pallas_call(
-            functools.partial(_dkv_kernel, config),
-            grid=(groups, tiles),
-            in_specs=[whole] * len(inputs),
-            out_specs=[per_tile(d), per_tile(dv)],
-            out_shape=[
-                jax.ShapeDtypeStruct((groups, tiles * tile, d), config.dtype),
-                jax.ShapeDtypeStruct((groups, tiles * tile, dv), config.dtype),
-            ],
-            interpret=config.interpret,
-            compiler_params=_TRITON,
-            name="sasa_local_attention_dkv",
-        )(*frames)
-
-    dq, d_offsets = shards.per_group(dq_on_groups, grouped)(*inputs)
-    dk, dv_out = shards.per_group(dkv_on_groups, grouped)(*inputs)
+    dq, d_offsets = _call(
+        config, _dq_kernel, "sasa_local_attention_dq", inputs,
+        [per_tile(d), pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0))],
+        lambda groups: [
+            positions(groups, d),
+            jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype)],
+    )  # fmt: skip
+    dk, dv_out = _call(
+        config, _dkv_kernel, "sasa_local_attention_dkv", inputs, [per_tile(d), per_tile(dv)],
+        lambda groups: [positions(groups, d), positions(groups, dv)],
+    )  # fmt: skip
     # One partial sum per (image, head, tile), summed here: XLA reduces it across
     # devices once, like any parameter's gradient.
     return dq, dk, dv_out, d_offsets.sum(axis=(0, 1, 2))[: config.kernel_size**2]

@@ -50,8 +50,9 @@ GROUP_DIMS = 2  # (batch, heads): the leading dimensions of every grouped operan
 
 
 def per_group(
-    kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool]
-) -> Callable[..., tuple[jax.Array, ...]]:
+    kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool], *,
+    local_only: bool = False,
+) -> Callable[..., tuple[jax.Array, ...]]:  # fmt: skip
     """``kernel`` run on each device's block of (batch, heads) (module docstring).
 
     Args:
@@ -60,6 +61,9 @@ def per_group(
         (the kernels' (G, ...) frames) and every other operand whole, and returns arrays
         whose first dimension is the same b·n groups.
       grouped: per operand, True when its leading dimensions are (batch, heads).
+      local_only: call ``kernel`` on the arrays as they are, nothing split (Pallas' TPU
+        interpreter, on one CPU device in the tests: it calls back into Python, which
+        the split decided at lowering cannot hold).
 
     Returns:
       ``f(*arrays)``: grouped operands as (B, N, ...), every output as (B, N, ...).
@@ -77,24 +81,23 @@ def per_group(
         return tuple(y.reshape(batch, heads, *y.shape[1:]) for y in kernel(*merged))
 
     def call(*arrays):
+        if local_only:
+            return local(*arrays)
         typed = jax.typeof(_first_grouped(arrays, grouped)).sharding
         if not _manual_axes(arrays) and _explicit(typed.mesh):
             spec = tuple(typed.spec) + (None,) * GROUP_DIMS
-            return _mapped(local, grouped, typed.mesh, P(*spec[:GROUP_DIMS]), arrays)
-        if _has_effects(local, arrays):
-            # Pallas' TPU interpreter (tests on one CPU device) calls back into Python:
-            # run as it is.
-            return local(*arrays)
+            split = P(*spec[:GROUP_DIMS])
+            specs = _specs(grouped, split)
+            # Types must equal in_specs: gather any other split dimension first.
+            arrays = [
+                jax.sharding.reshard(x, NamedSharding(typed.mesh, spec))
+                for x, spec in zip(arrays, specs, strict=True)
+            ]
+            return _shard_mapped(local, typed.mesh, specs, split)(*arrays)
         # Inside a shard_map, or a split decided when the program is lowered.
         return tuple(_per_group_p.bind(*arrays, local=local, grouped=grouped))
 
     return call
-
-
-def _has_effects(fn, arrays) -> bool:
-    structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
-    with _vma_unchecked():
-        return bool(jax.make_jaxpr(fn)(*structs).effects)
 
 
 def _first_grouped(arrays, grouped):
@@ -114,21 +117,16 @@ def _manual_axes(arrays) -> bool:
     return any(jax.typeof(x).manual_axis_type.varying for x in arrays)
 
 
-def _mapped(local, grouped, mesh, split: P, arrays):
-    """``local`` under shard_map on ``mesh``: grouped operands split as ``split`` on
-    (batch, heads) and whole along the rest, other operands replicated."""
-    specs = tuple(split if g else P() for g in grouped)
-    if _explicit(mesh):
-        # Types must equal in_specs: gather any other split dimension first.
-        arrays = [
-            jax.sharding.reshard(x, NamedSharding(mesh, spec))
-            for x, spec in zip(arrays, specs, strict=True)
-        ]
+def _specs(grouped, split: P) -> tuple[P, ...]:
+    """Grouped operands split as ``split`` on (batch, heads) and whole along the rest;
+    the other operands replicated."""
+    return tuple(split if g else P() for g in grouped)
+
+
+def _shard_mapped(local, mesh, specs, split: P):
     # check_vma=False: a pallas_call's outputs carry no varying-axes type here; every
     # output is split as ``split`` and the tables' partial sums are reduced outside.
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)(
-        *arrays
-    )
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)
 
 
 def split_for(mesh, batch: int, heads: int) -> P:
@@ -196,8 +194,7 @@ def _lowering(ctx, *values, local, grouped):
             return mlir.lower_fun(local, multiple_results=True)(ctx, *values)
     batch, heads = _first_grouped(ctx.avals_in, grouped).shape[:GROUP_DIMS]
     split = split_for(mesh, batch, heads)
-    specs = tuple(split if g else P() for g in grouped)
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)
+    mapped = _shard_mapped(local, mesh, _specs(grouped, split), split)
     return mlir.lower_fun(mapped, multiple_results=True)(ctx, *values)
 
 

@@ -448,7 +448,8 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, shar
         )(*frames)
 
     grouped = [True] * (len(inputs) - shared) + [False] * shared
-    return shards.per_group(on_groups, grouped)(*inputs)
+    interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
+    return shards.per_group(on_groups, grouped, local_only=interpreted)(*inputs)
 
 
 # ------------------------------------------------------------------------ accounting
