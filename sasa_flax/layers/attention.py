@@ -136,7 +136,8 @@ class SelfAttention2D(nnx.Module):
         o = self.options
         _, height, width, _ = x.shape
         heads = lambda linear: split_heads(apply_projection(linear, x), o.num_heads)  # noqa: E731
-        q, k, v = heads(self.query), heads(self.key) if o.content else None, heads(self.value)
+        with jax.named_scope("projection"):
+            q, k, v = heads(self.query), heads(self.key) if o.content else None, heads(self.value)
         if o.scale_queries:
             q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
         if o.pos_encoding == "absolute":

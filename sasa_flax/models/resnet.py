@@ -324,11 +324,16 @@ class ResNet(nnx.Module):
         )
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = self.stem(images)
+        # Name scopes reach the compiled program's metadata: profiles and the TPU
+        # estimate (sasa_flax.tpu_schedule) attribute each op to its part of the model.
+        with jax.named_scope("stem"):
+            x = self.stem(images)
         for block in self.blocks:
-            x = block(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return self.head(x).astype(jnp.float32)
+            with jax.named_scope(f"group{block.spec.group + 1}_block{block.spec.index + 1}"):
+                x = block(x)
+        with jax.named_scope("head"):
+            x = jnp.mean(x, axis=(1, 2))
+            return self.head(x).astype(jnp.float32)
 
     def check_image_size(self, height: int, width: int) -> None:
         """Raises ArgumentError("image_size", ...) for a size the stem cannot take."""

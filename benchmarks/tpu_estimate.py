@@ -1,0 +1,172 @@
+r"""How fast the trainer's steps would run on a TPU, from libtpu's own static schedule.
+
+    .venv-compile/bin/python -m benchmarks.tpu_estimate                       # v5e and v4
+    .venv-compile/bin/python -m benchmarks.tpu_estimate --generations v5e \
+        --programs sasa_conv_stem --json estimate.json
+    .venv-compile/bin/python -m benchmarks.tpu_estimate --layer 56,64,7       # one SelfAttention2D
+
+Compiles (deviceless, libtpu) the trainer's train step (loss, gradients, optimizer; BatchNorm
+in training mode, as ``aot`` builds it) for configs/imagenet.py depth 50 on one chip, and
+reads back what the compiler scheduled (``sasa_flax.tpu_schedule``): XLA's estimated cycles
+per fusion, each Mosaic kernel's scheduled bundles times its loops, HBM traffic where it
+bounds a kernel. Prints the step time, images/s per chip and the ratio to ResNet-50, a
+breakdown by kind and by layer, and every kernel's bundles, spill and VALU share.
+``--layer H,C,K``: one ``SelfAttention2D`` (forward + gradients) at H×H×C, window K,
+instead. Every figure is *estimated from libtpu's static schedule, not run*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the targets are compiled for, never run
+
+PROGRAMS = {
+    "resnet50": "configs/imagenet.py:depth=50,variant=baseline",
+    "sasa_conv_stem": "configs/imagenet.py:depth=50,variant=conv_stem_attention",
+    "sasa_full": "configs/imagenet.py:depth=50,variant=full_attention",
+}
+
+
+def _dump_directory(requested: str | None) -> str:
+    """Makes libtpu dump the kernels' schedules: must run before libtpu loads."""
+    from sasa_flax import tpu_schedule
+
+    directory = requested or tempfile.mkdtemp(prefix="sasa_tpu_schedule_")
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(
+        filter(None, [os.environ.get("LIBTPU_INIT_ARGS"), tpu_schedule.dump_flags(directory)])
+    )
+    return directory
+
+
+def estimate_step(name: str, generation: str, batch_per_chip: int, directory: str, step: str):
+    from sasa_flax import aot, tpu_schedule
+    from sasa_flax import train as trainer
+
+    setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
+    abstract = trainer.abstract_state(setup)
+    train, evaluate = trainer.compile_steps(setup, abstract)
+    batch = trainer.abstract_batch(setup, batch_per_chip)
+    since = tpu_schedule.files(directory)
+    if step == "train":
+        compiled = train.lower(abstract, batch).compile()
+    else:
+        compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
+    return tpu_schedule.read(
+        compiled.as_text(), directory, generation=generation, program=f"{name} {step}",
+        images_per_device=batch_per_chip, since=since,
+    )  # fmt: skip
+
+
+def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sasa_flax import aot, tpu_schedule
+    from sasa_flax.layers import SelfAttention2D
+
+    mesh = jax.sharding.Mesh(aot.target_devices(generation, 1), ("data",))
+    on_chip = NamedSharding(mesh, P())
+    layer = nnx.eval_shape(lambda: SelfAttention2D(
+        channels, channels, num_heads=8, kernel_size=kernel_size, dtype=jnp.bfloat16,
+        rngs=nnx.Rngs(0)))  # fmt: skip
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+
+    def struct(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+
+    abstract = jax.tree.map(lambda a: struct(a.shape, a.dtype), params)
+    x = struct((batch_per_chip, size, size, channels), jnp.bfloat16)
+    since = tpu_schedule.files(directory)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
+    return tpu_schedule.read(
+        compiled.as_text(), directory, generation=generation,
+        program=f"layer {size}x{size}x{channels} k={kernel_size}", images_per_device=batch_per_chip,
+        since=since,
+    )  # fmt: skip
+
+
+def print_estimate(estimate, baseline=None) -> None:
+    s = estimate.summary()
+    ratio = f", {estimate.seconds / baseline.seconds:.2f}x ResNet-50's step" if baseline else ""
+    print(f"\n== {s['program']} on {s['generation']}, {s['images_per_device']} images per chip "
+          f"(estimated from libtpu's static schedule, not run)")  # fmt: skip
+    print(f"   {s['cycles'] / 1e6:.1f} M cycles: {s['step_ms']} ms per step, "
+          f"{s['images_per_second']} img/s per chip{ratio}")  # fmt: skip
+    total = max(s["cycles"], 1)
+    kinds = s["by_kind"].items()
+    print("   by kind:  " + "; ".join(f"{k} {v / 1e6:.1f} M ({v / total:.0%})" for k, v in kinds))
+    layers = list(s["by_layer"].items())
+    print("   by layer: " + "; ".join(f"{k} {v / 1e6:.1f} M" for k, v in layers))
+    for row in s["kernels"]:
+        print(f"   kernel {row['kernel']}: {row['calls']} calls, {row['bundles']} bundles, "
+              f"loops {row['loops']}, {row['cycles_per_call'] / 1e6:.2f} M cycles per call, "
+              f"spill {row['spill_share']:.0%}, VALU {row['valu_share']:.0%}, "
+              f"MXU {row['mxu_share']:.0%}")  # fmt: skip
+    if s["missing_kernels"]:
+        print(f"   ({s['missing_kernels']} kernel calls without a dumped schedule: not counted)")
+    if s["collectives"]:
+        print(f"   collectives (not timed): {s['collectives']}")
+
+
+def calibration(estimate) -> str:
+    from sasa_flax import tpu_schedule
+
+    published = tpu_schedule.CALIBRATION.get(estimate.generation)
+    if published is None:
+        return (f"   calibration: no published ResNet-50 figure for {estimate.generation} is "
+                "stored here; v4's ratio is the uncertainty")  # fmt: skip
+    figure, source = published
+    return (f"   calibration: estimated {estimate.images_per_second:.0f} img/s per chip against "
+            f"{figure:.0f} published ({source}): estimate / published = "
+            f"{estimate.images_per_second / figure:.2f}")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generations", default="v5e,v4")
+    parser.add_argument("--programs", default="resnet50,sasa_conv_stem,sasa_full")
+    parser.add_argument("--steps", default="train", help="train,eval")
+    parser.add_argument("--batch-per-chip", type=int, default=128)
+    parser.add_argument("--layer", help="H,C,K: one SelfAttention2D instead of the steps")
+    parser.add_argument("--dump-to", help="where libtpu writes the schedules (default: a temp dir)")
+    parser.add_argument("--json", help="write every estimate's summary here")
+    args = parser.parse_args(argv)
+    directory = _dump_directory(args.dump_to)
+    from sasa_flax import tpu_schedule
+
+    estimates = []
+    for generation in args.generations.split(","):
+        if args.layer:
+            size, channels, k = (int(x) for x in args.layer.split(","))
+            estimate = estimate_layer(size, channels, k, generation, args.batch_per_chip, directory)
+            print_estimate(estimate)
+            estimates.append(estimate)
+            continue
+        for step in args.steps.split(","):
+            baseline = None
+            for name in args.programs.split(","):
+                estimate = estimate_step(name, generation, args.batch_per_chip, directory, step)
+                estimates.append(estimate)
+                print_estimate(estimate, baseline)
+                if name == "resnet50":
+                    baseline = estimate
+                    print(calibration(estimate))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(tpu_schedule.to_json(estimates))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    sys.exit(main())

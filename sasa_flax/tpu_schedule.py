@@ -1,0 +1,413 @@
+"""How fast a TPU program would run, read from libtpu's own static schedule: no TPU needed.
+
+A deviceless compile (``aot``) runs libtpu's whole backend, instruction scheduler included.
+This module reads back what it decided, for one compiled program:
+
+- **XLA fusions**: each carries ``"estimated_cycles"`` in its backend config
+  (``compiled.as_text()``), XLA:TPU's own estimate. Fusions inside a ``while`` loop count
+  once per iteration (its ``known_trip_count``).
+- **Mosaic kernels** carry none. With ``dump_flags(DIR)`` in ``LIBTPU_INIT_ARGS`` (set
+  before libtpu loads: ``benchmarks/tpu_estimate.py`` starts a process for it) libtpu
+  writes each distinct kernel's final VLIW program. A kernel's cycles are its scheduled
+  bundles, each counted once per iteration of every loop around it: the grid is a loop
+  (its exit test compares with the grid size + 2 pipeline steps), and loops inside the
+  body multiply again (``kernel_cycles``). libtpu compiles identical kernels once, so each
+  call in the HLO is matched to its program by the kernel body it carries. DMA waits the
+  static schedule does not show are bounded from below by the HBM traffic the kernel
+  declares (its ``CostEstimate``) over the chip's bandwidth: the larger of the two counts.
+- **Collectives** are listed, not timed.
+
+Every figure here is *estimated from libtpu's static schedule, not run*: it ignores stalls,
+the input pipeline and the host. For plain XLA programs the sum is within about 1.3× of a
+real run (ResNet-50 on v4, ``CALIBRATION``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+
+KERNEL_TARGET = "tpu_custom_call"
+# What libtpu dumps, per program: only the final schedule (four small files), not every
+# pass (~70 files of megabytes each).
+_DUMP_FLAGS = (
+    "--xla_jf_dump_to={} --xla_jf_dump_llo_text=true --xla_jf_dump_llo_pass_label_regex=final"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: TensorCore clock, cores that one device (a chip: megacore on
+    v4 and v5p) runs on, HBM bandwidth per chip. Clocks as published (v4, v5e) or derived
+    from the chip's published bf16 peak and its matrix units (v5p, v6e)."""
+
+    clock_hz: float
+    cores_per_chip: int
+    hbm_bytes_per_s: float
+
+
+CHIPS = {
+    "v4": Chip(1.05e9, 2, 1.2e12),
+    "v5e": Chip(1.5e9, 1, 819e9),
+    "v5p": Chip(1.75e9, 2, 2.765e12),
+    "v6e": Chip(1.75e9, 1, 1.64e12),
+}
+
+# Published ResNet-50 training throughput, images/s per chip, to set the estimate beside:
+# MLPerf Training v1.0 / v1.1, TPU v4 (about 2.3-2.4k per chip). None is stored here for
+# later generations; their estimates carry v4's ratio as the uncertainty.
+CALIBRATION = {"v4": (2350.0, "MLPerf Training v1.x, TPU v4: about 2.3-2.4k img/s per chip")}
+
+
+def dump_flags(directory: str | os.PathLike) -> str:
+    """What ``LIBTPU_INIT_ARGS`` must hold, before libtpu loads, for ``read`` to find the
+    kernels' schedules in ``directory``."""
+    return _DUMP_FLAGS.format(directory)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@dataclasses.dataclass
+class KernelProgram:
+    """One Mosaic kernel as libtpu scheduled it."""
+
+    name: str
+    bundles: int  # scheduled VLIW bundles in the program
+    cycles: int  # bundles weighted by the trip counts of the loops around them
+    loops: tuple[int, ...]  # trip count of each loop, outermost first
+    slot_share: dict[str, float]  # per slot: used / (capacity × bundles)
+
+    @property
+    def spill_share(self) -> float:
+        """Share of bundles' store slots spent storing spilled registers."""
+        return self.slot_share.get("VSTORE:SPILL", 0.0)
+
+
+_BUNDLE = re.compile(r"^\s*(?:0x[0-9a-f]+|0)\s+(LB:)?\s*[^{]*\{")
+_EXIT_TEST = re.compile(r"scmp\.[a-z]+\.s32\.totalorder\s+%\w+,\s*(\d+)\s*/\* loop exit test \*/")
+
+
+def kernel_cycles(final_bundles: str) -> tuple[int, int, tuple[int, ...]]:
+    """(cycles, bundles, loop trip counts) of a kernel's final program (libtpu's
+    ``*-final_bundles.txt``): a loop opens at a bundle marked ``LB:`` and closes at its
+    exit test, which compares the counter with the trip count; every bundle counts once
+    per iteration of each loop it is in."""
+    starts: list[int] = []  # bundle count when each open loop began
+    weights: list[int] = []  # per bundle: its position in the nest
+    closed: list[tuple[int, int, int]] = []  # (start, end, trips)
+    for line in final_bundles.splitlines():
+        match = _BUNDLE.match(line)
+        if not match:
+            continue
+        if match.group(1):
+            starts.append(len(weights))
+        weights.append(1)
+        exit_test = _EXIT_TEST.search(line)
+        if exit_test and starts:
+            closed.append((starts.pop(), len(weights), int(exit_test.group(1))))
+    multiplier = [1] * len(weights)
+    for start, end, trips in closed:
+        for i in range(start, end):
+            multiplier[i] *= trips
+    loops = tuple(trips for _, _, trips in sorted(closed))
+    return sum(multiplier), len(weights), loops
+
+
+def _slot_share(utilization: str) -> dict[str, float]:
+    lines = utilization.splitlines()
+    names = lines[1].replace(",", "").split()
+    capacity = [int(x) for x in lines[2].split()]
+    start = lines.index("== UTILIZATION:")
+    rows = [
+        [int(x) for x in line.split()]
+        for line in lines[start + 1 :]
+        if len(line.split()) == len(capacity) and line.split()[0].isdigit()
+    ]
+    if not rows:
+        return {}
+    return {
+        name: sum(r[j] for r in rows) / (capacity[j] * len(rows)) for j, name in enumerate(names)
+    }
+
+
+def read_kernel_programs(directory, since: set[str] = frozenset()) -> dict[str, KernelProgram]:
+    """Every kernel program libtpu dumped in ``directory`` (files not in ``since``), by
+    its HLO instruction name (e.g. ``sasa_local_attention_fwd_tpu.1``)."""
+    directory = pathlib.Path(directory)
+    programs = {}
+    for path in sorted(directory.glob("*-final_bundles.txt")):
+        if path.name in since or "schedule-analysis" in path.name:
+            continue
+        match = re.match(r"\d+-(.+?)-\d+-final_bundles\.txt$", path.name)
+        if match is None or KERNEL_NAME not in match.group(1):
+            continue
+        name = match.group(1)
+        cycles, bundles, loops = kernel_cycles(path.read_text())
+        pattern = f"*-{name}-*-final_hlo-static-per-bundle-utilization.txt"
+        utilization = next((p for p in directory.glob(pattern) if p.name not in since), None)
+        share = _slot_share(utilization.read_text()) if utilization else {}
+        programs[name] = KernelProgram(name, bundles, cycles, loops, share)
+    return programs
+
+
+KERNEL_NAME = "sasa_"  # our Mosaic kernels' names start so (ops/pallas/tpu.py)
+
+
+# ------------------------------------------------------------------------------- HLO
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    kind: str  # "fusion", "kernel", a collective's op name
+    cycles: int  # estimated: XLA's for a fusion, the schedule's for a kernel
+    op_name: str  # the JAX op that made it (metadata), with its name scopes
+    times: int = 1  # executions per step (loops)
+    hbm_bytes: int = 0  # a kernel's declared HBM traffic
+    program: str = ""  # a kernel's dumped program
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?body=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CALLED = re.compile(r"(?:to_apply|branch_computations|calls)=\{?%?([\w.\-, %]+)\}?")
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    computations, current = {}, None
+    for line in text.splitlines():
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match:
+                current = match.group(1)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    computations["__entry__"] = computations[current]
+            continue
+        if line.strip() == "}":
+            current = None
+        else:
+            computations[current].append(line)
+    return computations
+
+
+def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
+    """How many times each computation runs per call of the entry: ``while`` bodies
+    their known trip count times (1 when unknown), called computations as their caller."""
+    times = {"__entry__": 1}
+    entry = next(
+        name for name, body in computations.items()
+        if body is computations["__entry__"] and name != "__entry__"
+    )  # fmt: skip
+    times[entry] = 1
+    pending = [entry]
+    while pending:
+        name = pending.pop()
+        for line in computations.get(name, ()):
+            if " fusion(" in line:
+                continue  # a fusion's computation is costed on its call line
+            callees = []
+            loop = _WHILE.search(line)
+            if loop:
+                trips = _TRIP.search(line)
+                callees.append((loop.group(1), int(trips.group(1)) if trips else 1))
+            for group in _CALLED.findall(line):
+                callees += [(c.strip(" %"), 1) for c in group.split(",") if c.strip(" %")]
+            for callee, trips in callees:
+                if callee in computations and callee not in times:
+                    times[callee] = times[name] * trips
+                    pending.append(callee)
+    return times
+
+
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def instructions(text: str) -> list[Instruction]:
+    """The fusions, kernel calls and collectives of compiled HLO ``text``, with their
+    estimated cycles (kernels' filled in by ``read``) and executions per step."""
+    computations = _computations(text)
+    times = _executions(computations)
+    found = []
+    for computation, lines in computations.items():
+        if computation == "__entry__" or computation not in times:
+            continue
+        for line in lines:
+            name = line.strip().split(" ", 1)[0].lstrip("%")
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            op_name = op_name.group(1) if op_name else ""
+            if f'custom_call_target="{KERNEL_TARGET}"' in line:
+                body = re.search(r'"body":"([^"]*)"', line)
+                declared = re.search(r'"bytes_accessed":"(\d+)"', line)
+                found.append(Instruction(
+                    name, "kernel", 0, op_name, times[computation],
+                    int(declared.group(1)) if declared else 0,
+                    program=hashlib.sha1((body.group(1) if body else name).encode()).hexdigest(),
+                ))  # fmt: skip
+                continue
+            cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+            if cycles:
+                cycles = int(cycles.group(1))
+                found.append(Instruction(name, "fusion", cycles, op_name, times[computation]))
+                continue
+            for op in COLLECTIVES:
+                if re.search(rf"\s{op}(?:-start)?\(", line):
+                    found.append(Instruction(name, op, 0, op_name, times[computation]))
+    return found
+
+
+# -------------------------------------------------------------------------- estimate
+
+
+# Kinds, decided from the name scopes and the JAX op in a fusion's metadata (the model
+# names its parts: ``jax.named_scope`` in models/resnet.py, layers/attention.py, stem.py).
+KINDS = (
+    "attention kernels", "attention (XLA)", "layout glue", "projections", "convolutions",
+    "norms and elementwise", "optimizer", "other",
+)  # fmt: skip
+_GLUE_OPS = ("transpose", "pad", "slice", "reshape", "concatenate", "copy", "select_n",
+             "broadcast_in_dim", "convert_element_type", "dynamic_slice", "dynamic_update_slice",
+             "squeeze", "expand_dims", "rev", "gather", "scatter", "iota")  # fmt: skip
+
+
+def kind_of(instruction: Instruction) -> str:
+    if instruction.kind == "kernel":
+        return "attention kernels"
+    op = instruction.op_name
+    last = re.sub(r"\[.*$", "", op.rsplit("/", 1)[-1])
+    if "local_attention" in op or "attention_core" in op:
+        return (
+            "layout glue"
+            if last in _GLUE_OPS or last.startswith("reduce_sum")
+            else "attention (XLA)"
+        )
+    if "projection" in op:
+        return "projections"
+    if "conv_general_dilated" in op:
+        return "convolutions"
+    if "optimizer" in op or "optax" in op:
+        return "optimizer"
+    if "dot_general" in op:
+        return "projections"
+    return "norms and elementwise" if op else "other"
+
+
+_SCOPE = re.compile(r"\b(stem|head|group\d+_block\d+)\b")
+
+
+def layer_of(instruction: Instruction) -> str:
+    """The model part an instruction belongs to (its name scope), or "other"."""
+    match = _SCOPE.search(instruction.op_name)
+    if match is None:
+        return "optimizer" if kind_of(instruction) == "optimizer" else "other"
+    return match.group(1)
+
+
+@dataclasses.dataclass
+class Estimate:
+    """One program's step, estimated from libtpu's static schedule (not run)."""
+
+    generation: str
+    program: str
+    images_per_device: int
+    instructions: list[Instruction]
+    kernels: dict[str, KernelProgram]  # by body hash
+    missing_kernels: int  # calls whose program was not found in the dump
+
+    @property
+    def chip(self) -> Chip:
+        return CHIPS[self.generation]
+
+    def kernel_cycles(self, instruction: Instruction) -> int:
+        """A kernel call's cycles: its schedule, or its declared HBM traffic at the chip's
+        bandwidth where that takes longer."""
+        program = self.kernels.get(instruction.program)
+        scheduled = program.cycles if program else 0
+        per_core_bandwidth = self.chip.hbm_bytes_per_s / self.chip.cores_per_chip
+        memory = instruction.hbm_bytes / per_core_bandwidth * self.chip.clock_hz
+        return max(scheduled, int(memory))
+
+    def cycles_of(self, instruction: Instruction) -> int:
+        per_run = (
+            self.kernel_cycles(instruction) if instruction.kind == "kernel" else instruction.cycles
+        )
+        return per_run * instruction.times
+
+    @property
+    def cycles(self) -> int:
+        return sum(self.cycles_of(i) for i in self.instructions)
+
+    def by(self, key) -> dict[str, int]:
+        totals = collections.Counter()
+        for i in self.instructions:
+            totals[key(i)] += self.cycles_of(i)
+        return dict(totals.most_common())
+
+    @property
+    def seconds(self) -> float:
+        """One step on one device: a TensorCore's cycles; a megacore chip (v4, v5p) runs
+        the device's program on its two cores, taken as twice as fast."""
+        return self.cycles / self.chip.clock_hz / self.chip.cores_per_chip
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_per_device / self.seconds
+
+    def kernel_table(self) -> list[dict]:
+        """Per distinct kernel program: calls, bundles, loops, cycles, slot shares."""
+        calls = collections.Counter(i.program for i in self.instructions if i.kind == "kernel")
+        names = {i.program: i.name for i in self.instructions if i.kind == "kernel"}
+        rows = []
+        for key, count in calls.most_common():
+            program = self.kernels.get(key)
+            if program is None:
+                continue
+            rows.append(dict(
+                kernel=names[key], calls=count, bundles=program.bundles, loops=program.loops,
+                cycles_per_call=program.cycles, spill_share=round(program.spill_share, 3),
+                valu_share=round(program.slot_share.get("VALU", 0.0), 3),
+                mxu_share=round(program.slot_share.get("MXU", 0.0), 3),
+            ))  # fmt: skip
+        return rows
+
+    def summary(self) -> dict:
+        collectives = collections.Counter(
+            i.kind for i in self.instructions if i.kind in COLLECTIVES
+        )
+        return dict(
+            generation=self.generation, program=self.program,
+            images_per_device=self.images_per_device, cycles=self.cycles,
+            step_ms=round(self.seconds * 1e3, 2), images_per_second=round(self.images_per_second),
+            by_kind=self.by(kind_of), by_layer=self.by(layer_of), kernels=self.kernel_table(),
+            missing_kernels=self.missing_kernels, collectives=dict(collectives),
+            label="estimated from libtpu's static schedule, not run",
+        )  # fmt: skip
+
+
+def read(text: str, directory, *, generation: str, program: str, images_per_device: int,
+         since: set[str] = frozenset()) -> Estimate:  # fmt: skip
+    """The ``Estimate`` of compiled HLO ``text`` whose kernels libtpu dumped in
+    ``directory`` (files not in ``since``: those of earlier compiles)."""
+    found = instructions(text)
+    dumped = read_kernel_programs(directory, since)
+    by_body = {}
+    for i in found:
+        if i.kind == "kernel" and i.name in dumped:
+            by_body[i.program] = dumped[i.name]
+    missing = sum(1 for i in found if i.kind == "kernel" and i.program not in by_body)
+    return Estimate(generation, program, images_per_device, found, by_body, missing)
+
+
+def files(directory) -> set[str]:
+    """The files in ``directory`` now: pass as ``since`` to read only later compiles'."""
+    return {p.name for p in pathlib.Path(directory).glob("*")}
+
+
+def to_json(estimates: list[Estimate]) -> str:
+    return json.dumps([e.summary() for e in estimates], indent=1)
