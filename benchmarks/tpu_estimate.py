@@ -61,7 +61,8 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     )  # fmt: skip
 
 
-def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory):
+def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory,
+                   impl="auto"):  # fmt: skip
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -75,7 +76,7 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     on_chip = NamedSharding(mesh, P())
     layer = nnx.eval_shape(lambda: SelfAttention2D(
         channels, channels, num_heads=8, kernel_size=kernel_size, dtype=jnp.bfloat16,
-        rngs=nnx.Rngs(0)))  # fmt: skip
+        impl=impl, rngs=nnx.Rngs(0)))  # fmt: skip
     graphdef, params = nnx.split(layer)
 
     def loss(params, x):
@@ -90,9 +91,49 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
     return tpu_schedule.read(
         compiled.as_text(), directory, generation=generation,
-        program=f"layer {size}x{size}x{channels} k={kernel_size}", images_per_device=batch_per_chip,
+        program=f"layer {size}x{size}x{channels} k={kernel_size} {impl}",
+        images_per_device=batch_per_chip,
         since=since,
     )  # fmt: skip
+
+
+# ResNet-50's attention stages at 224² (8 heads): (size, channels).
+STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
+CHOICE_IMPLS = ("dense", "shifted", "pallas")
+DENSE_POSITIONS = 1024  # larger images are not compiled densely for the table
+
+
+def choice_table(generations, kernel_sizes, batch_per_chip, directory) -> dict:
+    """For each generation, stage and k: every implementation's estimated cycles for the
+    layer's forward and gradients, and the cheapest (``ops.local_attention``'s table)."""
+    from sasa_flax.ops.pallas import tpu
+
+    table = {}
+    for generation in generations:
+        for size, channels in STAGES:
+            for k in kernel_sizes:
+                cycles = {}
+                for impl in CHOICE_IMPLS:
+                    head = channels // 8
+                    if impl == "pallas" and not tpu.fits(size, size, k, head, head):
+                        continue
+                    if impl == "dense" and size * size > DENSE_POSITIONS:
+                        continue  # (H·W)² logits: out of HBM, or far slower (56²: 33 GiB)
+                    try:
+                        estimate = estimate_layer(size, channels, k, generation,
+                                                  batch_per_chip, directory, impl)  # fmt: skip
+                    except Exception as e:  # noqa: BLE001  (e.g. dense at 56²: out of HBM)
+                        if "RESOURCE_EXHAUSTED" not in str(e):
+                            raise
+                        continue  # does not fit the chip: not a choice
+                    cycles[impl] = estimate.cycles
+                choice = min(cycles, key=cycles.get)
+                key = f"{size}x{size}x{channels // 8} k={k}"
+                table.setdefault(generation, {})[key] = dict(cycles=cycles, choice=choice)
+                print(f"{generation} {key}: " + ", ".join(
+                    f"{i} {c / 1e6:.2f} M" for i, c in cycles.items()) + f" -> {choice}",
+                    flush=True)  # fmt: skip
+    return table
 
 
 def print_estimate(estimate, baseline=None) -> None:
@@ -140,10 +181,28 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", help="H,C,K: one SelfAttention2D instead of the steps")
     parser.add_argument("--dump-to", help="where libtpu writes the schedules (default: a temp dir)")
     parser.add_argument("--json", help="write every estimate's summary here")
+    parser.add_argument(
+        "--choices",
+        action="store_true",
+        help="compare dense, shifted and pallas per stage and k instead",
+    )
+    parser.add_argument("--kernel-sizes", default="3,5,7,9,11")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="with --choices: write the table into sasa_flax/ops/tpu_choices.json",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --choices: exit 1 where the checked-in table chooses otherwise",
+    )
     args = parser.parse_args(argv)
     directory = _dump_directory(args.dump_to)
     from sasa_flax import tpu_schedule
 
+    if args.choices:
+        return _choices(args, directory)
     estimates = []
     for generation in args.generations.split(","):
         if args.layer:
@@ -164,6 +223,24 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(tpu_schedule.to_json(estimates))
+    return 0
+
+
+def _choices(args, directory) -> int:
+    import importlib
+
+    local_attention = importlib.import_module("sasa_flax.ops.local_attention")
+
+    kernel_sizes = [int(k) for k in args.kernel_sizes.split(",")]
+    table = choice_table(args.generations.split(","), kernel_sizes, args.batch_per_chip,
+                         directory)  # fmt: skip
+    if args.write:
+        local_attention.write_tpu_choices(table, batch_per_chip=args.batch_per_chip)
+    if args.check:
+        stale = local_attention.stale_tpu_choices(table)
+        for line in stale:
+            print("stale:", line)
+        return 1 if stale else 0
     return 0
 
 

@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     dump = tempfile.mkdtemp(prefix="sasa-llo-")
-    os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_text=true"
+    os.environ["LIBTPU_INIT_ARGS"] = (
+        f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_text=true "
+        "--xla_jf_dump_llo_pass_label_regex=final"  # the report, not every pass
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     worst = float("inf")
     for case in args.cases.split(","):
         size, k, head, *tile = (int(x) for x in case.split("x"))
-        tile = tile[0] if tile else tpu.choose_tile(size, size, k, head, head)
+        tile = tile[0] if tile else tpu.choose_tile(size, size, k, head, head, itemsize=2)
         halo = tpu.Frame.halo_for(size, size, k)
         q = jax.ShapeDtypeStruct((2, size, size, args.heads, head), jnp.bfloat16, sharding=on_chip)
         table = jax.ShapeDtypeStruct((k, head // 2), jnp.bfloat16, sharding=on_chip)
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
         for path in reports:
             with open(path) as f:
                 found.update(kernel_vmem(f.read()))
-        model = tpu.vmem_bytes(tile, halo, head, head, k)
+        model = tpu.vmem_bytes(tile, halo, head, head, k, itemsize=2)  # bfloat16 frames
         mib = lambda n: f"{n / 2**20:.2f}" if n else "-"  # noqa: E731
         largest = max(found.values(), default=0)
         ratio = model / largest if largest else float("nan")

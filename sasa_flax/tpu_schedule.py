@@ -90,33 +90,35 @@ class KernelProgram:
 
 
 _BUNDLE = re.compile(r"^\s*(?:0x[0-9a-f]+|0)\s+(LB:)?\s*[^{]*\{")
-_EXIT_TEST = re.compile(r"scmp\.[a-z]+\.s32\.totalorder\s+%\w+,\s*(\d+)\s*/\* loop exit test \*/")
+_EXIT_TEST = re.compile(
+    r"(%p\w+) = scmp\.\w+\.s32\.totalorder (?:\(!?%p\w+\), )?%\w+, (\d+) /\* loop exit test \*/"
+)
+_BRANCH = re.compile(r"sbr\.rel \(!?(%p\w+)\) target = \$region(\d+)")
+_REGION_START = re.compile(r"Start region (\d+)")
 
 
 def kernel_cycles(final_bundles: str) -> tuple[int, int, tuple[int, ...]]:
     """(cycles, bundles, loop trip counts) of a kernel's final program (libtpu's
-    ``*-final_bundles.txt``): a loop opens at a bundle marked ``LB:`` and closes at its
-    exit test, which compares the counter with the trip count; every bundle counts once
-    per iteration of each loop it is in."""
-    starts: list[int] = []  # bundle count when each open loop began
-    weights: list[int] = []  # per bundle: its position in the nest
-    closed: list[tuple[int, int, int]] = []  # (start, end, trips)
-    for line in final_bundles.splitlines():
-        match = _BUNDLE.match(line)
-        if not match:
-            continue
-        if match.group(1):
-            starts.append(len(weights))
-        weights.append(1)
-        exit_test = _EXIT_TEST.search(line)
-        if exit_test and starts:
-            closed.append((starts.pop(), len(weights), int(exit_test.group(1))))
-    multiplier = [1] * len(weights)
-    for start, end, trips in closed:
-        for i in range(start, end):
-            multiplier[i] *= trips
-    loops = tuple(trips for _, _, trips in sorted(closed))
-    return sum(multiplier), len(weights), loops
+    ``*-final_bundles.txt``). A loop runs from a bundle marked ``LB:`` (which starts its
+    region) to the branch back to that region; the branch's predicate is the loop exit
+    test, which compares the counter with the trip count. Every bundle counts once per
+    iteration of each loop it is in."""
+    bundles = [line for line in final_bundles.splitlines() if _BUNDLE.match(line)]
+    trips = {m.group(1): int(m.group(2)) for m in _EXIT_TEST.finditer(final_bundles)}
+    starts = {}  # region -> index of the LB bundle that starts it
+    loops = []  # (start, end, trips)
+    for index, line in enumerate(bundles):
+        if _BUNDLE.match(line).group(1):
+            starts.update((region, index) for region in _REGION_START.findall(line))
+        for predicate, region in _BRANCH.findall(line):
+            if region in starts and predicate in trips and starts[region] <= index:
+                loops.append((starts[region], index, trips[predicate]))
+    multiplier = [1] * len(bundles)
+    for start, end, count in loops:
+        for i in range(start, end + 1):
+            multiplier[i] *= count
+    nest = tuple(count for _, _, count in sorted(loops, key=lambda x: (x[0], -x[1])))
+    return sum(multiplier), len(bundles), nest
 
 
 def _slot_share(utilization: str) -> dict[str, float]:

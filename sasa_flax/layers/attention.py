@@ -135,11 +135,16 @@ class SelfAttention2D(nnx.Module):
         check_input(x, self.in_features, "SelfAttention2D")
         o = self.options
         _, height, width, _ = x.shape
-        heads = lambda linear: split_heads(apply_projection(linear, x), o.num_heads)  # noqa: E731
+        heads = lambda y: split_heads(y, o.num_heads)  # noqa: E731
         with jax.named_scope("projection"):
-            q, k, v = heads(self.query), heads(self.key) if o.content else None, heads(self.value)
-        if o.scale_queries:
-            q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+            q = apply_projection(self.query, x)
+            if o.scale_queries:
+                # Scaled before the heads are split: on TPU an array with d on the lanes
+                # is padded to 128 of them, and a product over it (and its gradient)
+                # cost as much as the projection (libtpu's schedule).
+                q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+            k = heads(apply_projection(self.key, x)) if o.content else None
+            q, v = heads(q), heads(apply_projection(self.value, x))
         if o.pos_encoding == "absolute":
             p = jnp.asarray(sinusoidal_2d(height, width, self.head_dim), q.dtype)
             p = jnp.broadcast_to(p[None, :, :, None, :], q.shape)

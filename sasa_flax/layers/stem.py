@@ -192,8 +192,9 @@ class AttentionStem(nnx.Module):
         """Block attention before the norm: (B, H, W, in_features) -> (B, H, W,
         out_features); ``values`` (B, H, W, out_features) if computed already."""
         split = functools.partial(split_heads, num_heads=self.options.num_heads)
-        q = split(apply_projection(self.query, x))
-        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        # Scaled before the heads are split, as in SelfAttention2D (TPU layouts).
+        q = apply_projection(self.query, x)
+        q = split(q * jnp.asarray(self.head_dim**-0.5, q.dtype))
         rel_row, rel_col = in_dtype(self.dtype, self.rel_row, self.rel_col)
         y = block_local_attention(
             q,

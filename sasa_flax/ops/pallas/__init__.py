@@ -1,7 +1,8 @@
 """impl="pallas": fused Pallas kernels, one module per accelerator.
 
 - ``gpu``: Triton kernels, (B·N, L, d) frames with the head width on the lanes.
-- ``tpu``: Mosaic kernels, (B·N, d, L) frames with positions on the 128 lanes.
+- ``tpu``: Mosaic kernels, (B, d, N, L) frames: heads on the sublanes, positions on the
+  128 lanes.
 
 ``local_attention`` picks the kernels for the platform the program is lowered for
 (``jax.lax.platform_dependent``): Triton on CUDA (and ROCm), Mosaic on TPU, and on CPU

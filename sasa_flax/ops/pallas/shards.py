@@ -46,21 +46,23 @@ from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-GROUP_DIMS = 2  # (batch, heads): the leading dimensions of every grouped operand
+GROUP_DIMS = 2  # (batch, heads): the leading dimensions of a merged (GPU) operand
 
 
 def per_group(
     kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool], *,
-    local_only: bool = False,
+    local_only: bool = False, heads_axis: int = 1, merge: bool = True,
 ) -> Callable[..., tuple[jax.Array, ...]]:  # fmt: skip
     """``kernel`` run on each device's block of (batch, heads) (module docstring).
 
     Args:
-      kernel: ``kernel(*arrays) -> outputs``, a sequence of arrays. It receives each
-        grouped operand with its (batch, heads) dimensions merged into one of b·n groups
-        (the kernels' (G, ...) frames) and every other operand whole, and returns arrays
-        whose first dimension is the same b·n groups.
-      grouped: per operand, True when its leading dimensions are (batch, heads).
+      kernel: ``kernel(*arrays) -> outputs``, a sequence of arrays. With ``merge`` it
+        receives each grouped operand with its (batch, heads) dimensions merged into one
+        of b·n groups (the GPU kernels' (G, ...) frames) and returns arrays whose first
+        dimension is the same b·n groups; without, it receives and returns grouped arrays
+        as they are (batch first, heads at ``heads_axis``). Every other operand whole.
+      grouped: per operand, True when it is grouped: batch on axis 0, heads on
+        ``heads_axis`` (1: (B, N, ...), the GPU frames; 2: (B, c, N, L), the TPU frames).
       local_only: call ``kernel`` on the arrays as they are, nothing split (Pallas' TPU
         interpreter, on one CPU device in the tests: it calls back into Python, which
         the split decided at lowering cannot hold).
@@ -71,8 +73,12 @@ def per_group(
     grouped = tuple(grouped)
     if not any(grouped):
         raise ValueError("per_group needs at least one grouped operand")
+    if merge and heads_axis != 1:
+        raise ValueError("merge needs the heads on axis 1")
 
     def local(*arrays):
+        if not merge:
+            return tuple(kernel(*arrays))
         batch, heads = _first_grouped(arrays, grouped).shape[:GROUP_DIMS]
         merged = [
             x.reshape(batch * heads, *x.shape[GROUP_DIMS:]) if g else x
@@ -85,8 +91,8 @@ def per_group(
             return local(*arrays)
         typed = jax.typeof(_first_grouped(arrays, grouped)).sharding
         if not _manual_axes(arrays) and _explicit(typed.mesh):
-            spec = tuple(typed.spec) + (None,) * GROUP_DIMS
-            split = P(*spec[:GROUP_DIMS])
+            spec = tuple(typed.spec) + (None,) * (heads_axis + 1)
+            split = _grouped_spec(spec[0], spec[heads_axis], heads_axis)
             specs = _specs(grouped, split)
             # Types must equal in_specs: gather any other split dimension first.
             arrays = [
@@ -95,7 +101,9 @@ def per_group(
             ]
             return _shard_mapped(local, typed.mesh, specs, split)(*arrays)
         # Inside a shard_map, or a split decided when the program is lowered.
-        return tuple(_per_group_p.bind(*arrays, local=local, grouped=grouped))
+        return tuple(
+            _per_group_p.bind(*arrays, local=local, grouped=grouped, heads_axis=heads_axis)
+        )
 
     return call
 
@@ -115,6 +123,11 @@ def _manual_axes(arrays) -> bool:
     if not mesh.empty and mesh.manual_axes:
         return True
     return any(jax.typeof(x).manual_axis_type.varying for x in arrays)
+
+
+def _grouped_spec(batch_entry, heads_entry, heads_axis: int) -> P:
+    """How a grouped array is split: batch on axis 0, heads on ``heads_axis``."""
+    return P(batch_entry, *(None,) * (heads_axis - 1), heads_entry)
 
 
 def _specs(grouped, split: P) -> tuple[P, ...]:
@@ -154,11 +167,11 @@ _per_group_p.multiple_results = True
 
 
 @_per_group_p.def_abstract_eval
-def _abstract_eval(*avals, local, grouped):
+def _abstract_eval(*avals, local, grouped, heads_axis):
     """The kernels' outputs; inside a shard_map, varying over the operands' manual axes
     (the kernels are per-device computations, never differentiated themselves: they sit
     inside custom VJP rules, so these types sum or broadcast nothing)."""
-    del grouped
+    del grouped, heads_axis
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
     like = max(avals, key=lambda a: len(a.manual_axis_type.varying))
     with _vma_unchecked():
@@ -183,7 +196,7 @@ def _vma_unchecked():
     return config._check_vma(False)
 
 
-def _lowering(ctx, *values, local, grouped):
+def _lowering(ctx, *values, local, grouped, heads_axis):
     mesh = _program_mesh(ctx)
     if mesh is None:
         # The kernels are lowered on plain (device-local) types: their bodies know
@@ -192,8 +205,8 @@ def _lowering(ctx, *values, local, grouped):
         ctx = ctx.replace(avals_in=plain(ctx.avals_in), avals_out=plain(ctx.avals_out))
         with _vma_unchecked():
             return mlir.lower_fun(local, multiple_results=True)(ctx, *values)
-    batch, heads = _first_grouped(ctx.avals_in, grouped).shape[:GROUP_DIMS]
-    split = split_for(mesh, batch, heads)
+    shape = _first_grouped(ctx.avals_in, grouped).shape
+    split = _grouped_spec(*split_for(mesh, shape[0], shape[heads_axis]), heads_axis)
     mapped = _shard_mapped(local, mesh, _specs(grouped, split), split)
     return mlir.lower_fun(mapped, multiple_results=True)(ctx, *values)
 
@@ -223,14 +236,14 @@ def _program_mesh(ctx):
     return mesh
 
 
-def _batching_rule(arrays, dims, *, local, grouped):
+def _batching_rule(arrays, dims, *, local, grouped, heads_axis):
     """One call per vmapped slice (per-head relative tables vmap the attention over heads)."""
     mapped = [(x, d) for x, d in zip(arrays, dims, strict=True)]
     size = next(x.shape[d] for x, d in mapped if d is not None)
 
     def one_slice(i):
         sliced = [x if d is None else jnp.take(x, i, axis=d) for x, d in mapped]
-        return _per_group_p.bind(*sliced, local=local, grouped=grouped)
+        return _per_group_p.bind(*sliced, local=local, grouped=grouped, heads_axis=heads_axis)
 
     slices = [one_slice(i) for i in range(size)]
     outputs = [jnp.stack(ys) for ys in zip(*slices, strict=True)]

@@ -1,48 +1,50 @@
 """impl="pallas" on TPUs: fused Pallas kernels lowered through Mosaic.
 
-The same function and the same backward as the GPU kernels (``pallas/gpu.py``):
-an online softmax per query, nothing of size k² per pixel written to HBM, and a
-backward that recomputes the weights from the saved log-sum-exp. The layout is shaped
-for the TPU's vector unit instead of copied from the GPU:
+The same function and the same backward as the GPU kernels (``pallas/gpu.py``): an
+online softmax per query, nothing of size k² per pixel written to HBM, and a backward
+that recomputes the weights from the saved log-sum-exp. The layout is shaped for the
+TPU's vector unit, and was rebuilt against libtpu's own schedule (``sasa_flax.tpu_schedule``;
+``benchmarks/RESULTS.md``):
 
-Layout: (B·N, c, L) frames, channels on sublanes, positions on the 128 lanes. Each
-image is zero-padded by r = k // 2 columns on both sides and flattened row by row
-(row width Wp = W + 2r), so the neighbour (dy, dx) of every pixel is the constant
-frame distance
+Layout: (B, c, N, L) frames per image: channel c of every head on one row of vregs, the
+N heads on the sublanes, positions on the 128 lanes. An image is flattened row by row
+(no padding columns), so the neighbour (dy, dx) of every pixel is the constant frame
+distance ``shift = dy·W + dx``; a neighbour that a row's end wraps to the next row is
+masked by the query's column. With 8 heads one vreg holds 128 positions of all heads:
+the dot over the head width is a sum of whole vregs (no cross-sublane reduction), and the
+online softmax works on full vregs.
 
-    shift(dy, dx) = dy·Wp + dx,   |shift| ≤ reach = r·Wp + r,
+Tiles and halos: one program per (image, tile of T positions). It reads its tile with a
+halo of ``halo`` positions on each side (halo = reach rounded up to 128) as one
+lane-aligned block (``pl.Element`` blocks, which may overlap). Inside, a loop over chunks
+of 128 positions keeps one chunk's queries, accumulators and softmax state in registers
+(no spills of whole tiles); the k² neighbour reads of a chunk are aligned loads followed
+by a static lane rotation (``pltpu.roll``, 32-bit values). A frame is one halo of zeros,
+the tiles, one halo of zeros.
 
-and a head of width 8 is exactly one sublane group of a vreg holding 128 positions.
-Sums over the head width are sublane reductions (cheap); nothing is reduced along
-lanes except the relative tables' gradient, once per offset and tile.
+The relative term is factored: q·r_(dy,dx) = q_row·rel_row[dy] + q_col·rel_col[dx], so a
+chunk computes its k row terms and k column terms once (the tables are scalars in SMEM)
+and adds two of them per offset; the backward sums ds over dx and over dy the same way.
 
-Tiles and halos: one program per (batch·head, tile of T positions). It reads its
-tile with a halo of ``halo`` positions on each side (halo = reach rounded up to 128,
-T a multiple of halo) as one lane-aligned block: ``pl.Element`` blocks, which may
-overlap, starting at lane t·T. The k² neighbour reads are then static rotations of
-that window (``pltpu.roll``, 32-bit values) followed by an aligned slice: no dynamic or
-unaligned lane offsets. A frame is one halo of zeros, the tiles, one halo of zeros.
-
-Kernels (the grid is (B·N, tiles), both dimensions parallel):
-  forward:  per offset, logit = Σ_d q·(k_o + r_o) (the relative term folded into the
-            key read), masked outside the image under "mask", online-softmax update
-            of (max, normaliser, Σ w·v). Writes y and the log-sum-exp (a (1, T) row).
+Kernels (grid (B, tiles), both parallel):
+  forward:  per offset, logit = q·k_o + the relative term, masked outside the image under
+            "mask" (zero keys and values under "zeros"), online-softmax update of
+            (max, normaliser, Σ w·v). Writes y and the log-sum-exp.
   dq:       recomputes p_o = exp(logit_o − lse), ds_o = p_o (dy·v_o − Σ dy·y);
-            dq = Σ_o ds_o (k_o + r_o) and the per-offset Σ_T ds_o q for the tables.
-  dk, dv:   per key tile, gathers from the queries that see it (query = key − shift_o),
+            dq = Σ_o ds_o k_o + the tables' rows weighted by Σ ds, and the tables'
+            gradient as one partial sum per (image, head, tile).
+  dk, dv:   per key chunk, gathers from the queries that see it (query = key − shift_o),
             reading q, dy and the (lse, Σ dy·y) rows through the same halo window.
 
-VMEM per program (blocks, temporaries and the register spills of the unrolled k² loop)
-is bounded by ``vmem_bytes``, a model fitted to libtpu's own VMEM reports; tiles keep it
-within ``VMEM_BUDGET`` (14 MiB: v4 has 16 MiB per core, later generations more).
+VMEM per program is the blocks (double-buffered) and the tables' gradient accumulator,
+counted by ``vmem_bytes``; tiles keep it within ``VMEM_BUDGET`` (v4 has 16 MiB per core).
 
 Several devices: every kernel call runs on each device's own (batch, heads) block
-(``shards.per_group``); outside the calls the frames are (B, N, c, L), so that batch
-and heads may each be split.
+(``shards.per_group``, heads on axis 2 of the frames).
 
 Verified without a TPU: TPU interpret mode runs these kernels exactly (tests), and libtpu
-compiles them deviceless for v4 and v5e (tests/test_compile.py); nothing has been timed
-on a TPU.
+compiles them deviceless for v4, v5e, v5p and v6e (tests/test_compile.py); nothing has
+been timed on a TPU.
 
 Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 """
@@ -50,7 +52,6 @@ Arguments are validated by ``sasa_flax.ops.local_attention``; call that.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -58,27 +59,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sasa_flax.ops.common import (
-    MASKED_LOGIT,
-    accumulation_dtype,
-    offset_vectors,
-    relative_table_grads,
-)
+from sasa_flax.ops.common import MASKED_LOGIT, accumulation_dtype
 from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
 
-LANES = 128
-MAX_TILE = 2048  # positions per program: see choose_tile
+LANES = 128  # positions per vreg row, and per chunk of a kernel's inner loop
+MAX_TILE = 8192  # positions per program: see choose_tile
 # What one program may hold in VMEM, for every generation we compile for: v4 has 16 MiB
 # per TensorCore (v5e, v5p and v6e more); the rest is the compiler's own scratch.
-VMEM_BUDGET = 14 * 2**20
-# vmem_bytes' model, fitted to what libtpu (0.0.42.1) allocates per kernel on v4 (its VMEM
-# report: blocks, temporaries and register spills) over 28 compiles, k = 3 to 11, head
-# widths 8 to 64, tiles 128 to 2048 (benchmarks/tpu_vmem.py; benchmarks/RESULTS.md):
-# bytes ≈ e^c · k^a · T^b · halo^h · rows^r, times MARGIN, which covers the largest
-# under-prediction seen (1.41).
-_VMEM_FIT = dict(c=3.976, a=1.408, b=0.927, h=0.189, r=0.639)
-VMEM_MARGIN = 1.5
+VMEM_BUDGET = 12 * 2**20
+# VMEM that libtpu's register allocator spills to, per offset of the unrolled loop and
+# channel of q and v (a bound read from its VMEM reports: the dk/dv kernel at k = 11
+# spills about 3 MiB with heads of 8, twice that with heads of 16).
+SPILL_PER_OFFSET_CHANNEL = 2 * 2**10
+SPILL_CHANNELS = 32  # beyond, the spills grew no more (heads of 32 spill as heads of 16)
+HEADS_AXIS = 2  # of the (B, c, N, L) frames: what shards.per_group splits with the batch
 
 _PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
@@ -89,18 +84,20 @@ def local_attention(
 ) -> jax.Array:  # fmt: skip
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
 
-    ``tile``: positions per program, a multiple of the halo (``Frame.halo_for``);
-    by default the tile that reads least (``choose_tile``). ``interpret``: False to
-    compile for a TPU, or ``pltpu.InterpretParams(...)`` to run the kernels exactly on
-    CPU in TPU interpret mode (the tests).
+    ``tile``: positions per program, a multiple of 128; by default the tile that reads
+    least within VMEM (``choose_tile``). ``interpret``: False to compile for a TPU, or
+    ``pltpu.InterpretParams(...)`` to run the kernels exactly on CPU in TPU interpret
+    mode (the tests).
     """
-    frame = Frame.of(q.shape, kernel_size, tile, value_dim=v.shape[-1])
+    frame = Frame.of(q.shape, kernel_size, tile, value_dim=v.shape[-1], itemsize=q.dtype.itemsize)
     config = _Config(
         kernel_size=kernel_size,
         padding=padding,
         has_key=k is not None,
         has_rel=rel_row is not None,
         frame=frame,
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
         dtype=accumulation_dtype(q, v),
         input_dtypes=(q.dtype, None if k is None else k.dtype, v.dtype),
         interpret=interpret,
@@ -113,7 +110,7 @@ def local_attention(
 
 
 class Frame(NamedTuple):
-    """Geometry of the (B·N, c, L) frames shared by all kernels."""
+    """Geometry of the (B, c, N, L) frames shared by all kernels."""
 
     batch: int
     height: int
@@ -125,34 +122,31 @@ class Frame(NamedTuple):
 
     @classmethod
     def of(
-        cls, q_shape, kernel_size: int, tile: int | None = None, value_dim: int | None = None
-    ) -> Frame:
+        cls, q_shape, kernel_size: int, tile: int | None = None, value_dim: int | None = None,
+        itemsize: int = 4,
+    ) -> Frame:  # fmt: skip
         batch, height, width, heads, head_dim = q_shape
         halo = cls.halo_for(height, width, kernel_size)
         if tile is None:
-            tile = choose_tile(height, width, kernel_size, head_dim, value_dim or head_dim)
-        elif tile < halo or tile % halo:
-            raise ValueError(
-                f"tile must be a positive multiple of the halo, {halo} positions at "
-                f"{height}x{width}, k = {kernel_size}; got {tile}."
-            )
+            tile = choose_tile(
+                height, width, kernel_size, head_dim, value_dim or head_dim, heads=heads,
+                itemsize=itemsize,
+            )  # fmt: skip
+        elif tile < LANES or tile % LANES:
+            raise ValueError(f"tile must be a positive multiple of {LANES} positions; got {tile}.")
         return cls(batch, height, width, heads, kernel_size // 2, tile, halo)
 
     @staticmethod
     def halo_for(height: int, width: int, kernel_size: int) -> int:
-        """The reach r·Wp + r rounded up to whole lanes."""
+        """The reach r·W + r, plus one, rounded up to whole lanes: every neighbour read
+        (two vregs from an aligned lane) then stays inside the tile's window."""
         del height
         r = kernel_size // 2
-        return max(LANES, _round_up(r * (width + 2 * r) + r, LANES))
-
-    @property
-    def padded_width(self) -> int:
-        return self.width + 2 * self.radius
+        return _round_up(r * width + r + 1, LANES)
 
     @property
     def positions(self) -> int:
-        """Frame positions holding query rows (with their padding columns)."""
-        return self.height * self.padded_width
+        return self.height * self.width
 
     @property
     def num_tiles(self) -> int:
@@ -165,53 +159,62 @@ class Frame(NamedTuple):
     def shift(self, offset: int) -> int:
         """Static frame distance from a pixel to its neighbour number ``offset``."""
         size = 2 * self.radius + 1
-        dy, dx = divmod(offset, size)
-        return (dy - self.radius) * self.padded_width + (dx - self.radius)
+        return self.offset_shift(*divmod(offset, size))
+
+    def offset_shift(self, dy, dx: int):
+        """Frame distance to the neighbour (dy − r, dx − r); ``dy`` may be traced."""
+        return (dy - self.radius) * self.width + (dx - self.radius)
 
     def to_frame(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, N, c) -> (B, N, c, L), zeros outside the image. Batch and heads stay
-        separate dimensions, so that either may be split over devices (``shards``)."""
-        r, (batch, _, _, heads, c) = self.radius, x.shape
-        x = jnp.pad(x, [(0, 0), (0, 0), (r, r), (0, 0), (0, 0)])
-        x = jnp.transpose(x, (0, 3, 4, 1, 2)).reshape(batch, heads, c, -1)
-        tail = self.length - self.halo - self.positions
-        return jnp.pad(x, [(0, 0), (0, 0), (0, 0), (self.halo, tail)])
+        """(B, H, W, N, c) -> (B, c, N, L), zeros outside the image."""
+        batch, _, _, heads, c = x.shape
+        x = jnp.transpose(x.reshape(batch, self.positions, heads, c), (0, 3, 2, 1))
+        return self.tiles_to_frame(x, tail=self.num_tiles * self.tile - self.positions)
 
     def from_tiles(self, x: jax.Array) -> jax.Array:
-        """(B, N, c, tiles·T) tile outputs -> (B, H, W, N, c)."""
-        r, (batch, heads, c, _) = self.radius, x.shape
-        x = x[..., : self.positions].reshape(batch, heads, c, self.height, self.padded_width)
-        return jnp.transpose(x[..., r : r + self.width], (0, 3, 4, 1, 2))
+        """(B, c, N, tiles·T) tile outputs -> (B, H, W, N, c)."""
+        batch, c, heads, _ = x.shape
+        x = jnp.transpose(x[..., : self.positions], (0, 3, 2, 1))
+        return x.reshape(batch, self.height, self.width, heads, c)
 
-    def tiles_to_frame(self, x: jax.Array) -> jax.Array:
-        """(B, N, c, tiles·T) -> (B, N, c, L): the tiles in place, zeros around them."""
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.halo, self.halo)])
+    def tiles_to_frame(self, x: jax.Array, tail: int = 0) -> jax.Array:
+        """(..., tiles·T) -> (..., L): the tiles in place, zeros around them."""
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.halo, self.halo + tail)])
 
     def inside(self) -> jax.Array:
-        """(1, 1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
-        ones = jnp.ones((1, self.height, self.width, 1, 1), jnp.float32)
-        return self.to_frame(ones)[0]
+        """(1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
+        ones = jnp.ones((1, self.positions), jnp.float32)
+        return self.tiles_to_frame(ones, tail=self.num_tiles * self.tile - self.positions)
+
+    def columns(self) -> jax.Array:
+        """(1, L) float32: the image column of every position (0 outside the image)."""
+        columns = jnp.tile(jnp.arange(self.width, dtype=jnp.float32), self.height)[None]
+        return self.tiles_to_frame(columns, tail=self.num_tiles * self.tile - self.positions)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> int:
-    """The multiple of the halo that reads the fewest positions (tile plus two halos,
-    per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``: blocks, temporaries
-    and the register spills of the unrolled k² loop) stays within VMEM_BUDGET. Ties go to
-    the larger tile (fewer programs).
+def choose_tile(
+    height: int, width: int, kernel_size: int, head_dim: int, value_dim: int, *, heads: int = 8,
+    itemsize: int = 4,
+) -> int:  # fmt: skip
+    """The multiple of 128 that reads the fewest positions (tile plus two halos, per
+    tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
+    VMEM_BUDGET. Ties go to the larger tile (fewer programs).
 
-    Raises ``TileError`` when not even one halo fits (a window reaching too far: many
+    Raises ``TileError`` when not even 128 positions fit (a window reaching too far: many
     rows of a wide image at a large k); ``impl="auto"`` then runs another implementation
     (``fits``).
     """
     halo = Frame.halo_for(height, width, kernel_size)
-    positions = height * (width + 2 * (kernel_size // 2))
+    positions = height * width
     best = None
-    for tile in range(halo, max(halo, MAX_TILE) + 1, halo):
-        if vmem_bytes(tile, halo, head_dim, value_dim, kernel_size) > VMEM_BUDGET:
+    for tile in range(LANES, max(LANES, MAX_TILE) + 1, LANES):
+        need = vmem_bytes(tile, halo, head_dim, value_dim, kernel_size, heads=heads,
+                          itemsize=itemsize)  # fmt: skip
+        if need > VMEM_BUDGET:
             break
         cost = pl.cdiv(positions, tile) * (tile + 2 * halo)
         if best is None or cost <= best[0]:
@@ -219,12 +222,13 @@ def choose_tile(height: int, width: int, kernel_size: int, head_dim: int, value_
         if tile >= positions:
             break
     if best is None:
-        need = vmem_bytes(halo, halo, head_dim, value_dim, kernel_size) / 2**20
+        need = vmem_bytes(LANES, halo, head_dim, value_dim, kernel_size, heads=heads,
+                          itemsize=itemsize) / 2**20  # fmt: skip
         raise TileError(
             f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
             f"{height}x{width}, k = {kernel_size}, head width {head_dim} (a halo of {halo} "
-            f"positions), over the {VMEM_BUDGET / 2**20:.0f} MiB every TPU generation has: "
-            "use --config.model.attention_impl=shifted (or impl='auto', which does) here."
+            f"positions), over the {VMEM_BUDGET / 2**20:.0f} MiB budget: use "
+            "--config.model.attention_impl=shifted (or impl='auto', which does) here."
         )
     return best[1]
 
@@ -233,20 +237,46 @@ class TileError(ValueError):
     """No tile of the Mosaic kernels fits VMEM at this shape."""
 
 
-def fits(height: int, width: int, kernel_size: int, head_dim: int, value_dim: int) -> bool:
+def fits(
+    height: int, width: int, kernel_size: int, head_dim: int, value_dim: int, *, heads: int = 8,
+    itemsize: int = 4,
+) -> bool:  # fmt: skip
     """Whether some tile of the Mosaic kernels fits VMEM at this shape (``choose_tile``)."""
     halo = Frame.halo_for(height, width, kernel_size)
-    return vmem_bytes(halo, halo, head_dim, value_dim, kernel_size) <= VMEM_BUDGET
+    need = vmem_bytes(LANES, halo, head_dim, value_dim, kernel_size, heads=heads,
+                      itemsize=itemsize)  # fmt: skip
+    return need <= VMEM_BUDGET
 
 
-def vmem_bytes(tile: int, halo: int, head_dim: int, value_dim: int, kernel_size: int) -> int:
-    """What the largest of the three kernels holds in VMEM per program, from the model
-    fitted to libtpu's own VMEM reports (``_VMEM_FIT``), with its margin. rows: the wider
-    of the head and value widths, rounded up to a sublane group of 8."""
-    rows = _round_up(max(head_dim, value_dim), 8)
-    f = _VMEM_FIT
-    estimate = math.exp(f["c"]) * kernel_size ** f["a"] * tile ** f["b"] * halo ** f["h"]
-    return int(VMEM_MARGIN * estimate * rows ** f["r"])
+def vmem_bytes(
+    tile: int, halo: int, head_dim: int, value_dim: int, kernel_size: int, *, heads: int = 8,
+    itemsize: int = 4,
+) -> int:  # fmt: skip
+    """What the largest of the three kernels holds in VMEM per program: its blocks, each
+    double-buffered by the pipeline (heads padded to a sublane group of 8, the frames at
+    ``itemsize``: 4 by default, float32, the larger case), the tables' gradient
+    accumulator of dq, the register spills of the unrolled k² offsets
+    (SPILL_PER_OFFSET_CHANNEL per offset and channel: libtpu spills more as k and the
+    heads grow, not as the tile does, since the inner loop holds one chunk) and 1 MiB
+    for Mosaic's own scratch. Checked against libtpu's own VMEM reports
+    (``benchmarks/tpu_vmem.py``; tests/test_pallas_tpu.py)."""
+    rows = _round_up(heads, 8)
+    window = tile + 2 * halo
+    d, dv = head_dim, value_dim
+
+    def frames(channels, positions, size=itemsize):
+        return channels * rows * positions * size
+
+    rows_f32 = 8 * window * 4  # a (1, window) float32 row (inside), padded to 8 sublanes
+    forward = (frames(d, tile) + frames(d + dv, window) + rows_f32 + frames(dv, tile)
+               + frames(1, tile, 4))  # fmt: skip
+    dq = (frames(d + dv, tile) + frames(2, tile, 4) + frames(d + dv, window) + rows_f32
+          + frames(d, tile) + rows * _round_up(kernel_size * d, LANES) * 4)  # fmt: skip
+    dkv = (frames(2 * d + 2 * dv, tile) + frames(d + dv, window) + frames(2, window, 4)
+           + rows_f32)  # fmt: skip
+    accumulator = kernel_size * d * rows * LANES * 4
+    spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL
+    return 2 * max(forward, dq, dkv) + accumulator + spills + 2**20
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -258,156 +288,276 @@ class _Config(NamedTuple):
     has_key: bool
     has_rel: bool
     frame: Frame
+    head_dim: int
+    value_dim: int
     dtype: jnp.dtype  # of logits, softmax and sums: float32 (float64 inputs: float64)
     input_dtypes: tuple  # of q, k (None without keys), v: the gradients' dtypes
     interpret: object
 
     @property
-    def offsets(self) -> range:
-        return range(self.kernel_size**2)
+    def size(self) -> int:
+        return self.kernel_size
+
+    @property
+    def half(self) -> int:
+        return self.head_dim // 2
 
 
-def _window(config, ref) -> jax.Array:
-    """(c, halo + T + halo) in the accumulation dtype: a tile and its two halos."""
-    return ref[0].astype(config.dtype)
+def _row(config, ref, channel: int, start, chunk) -> jax.Array:
+    """(N, 128) in the accumulation dtype: channel ``channel`` of the block ``ref`` (1, c,
+    N, ·) at positions ``chunk + start`` .. + 128, ``chunk`` a multiple of 128 and
+    ``start`` within [1, 2·halo): an aligned load of two vregs, then a lane rotation of
+    the 32-bit values (a static one where ``start`` is a Python int)."""
+    base, rotation = _aligned(start, chunk)
+    pair = ref[0, channel, :, pl.ds(base, 2 * LANES)].astype(config.dtype)
+    return pltpu.roll(pair, rotation, 1)[:, :LANES]
 
 
-def _at(config, window: jax.Array, shift: int) -> jax.Array:
-    """(c, T): window positions halo + shift + [0, T). A static lane rotation of the
-    32-bit window, then an aligned slice."""
-    frame = config.frame
-    start = frame.halo + shift
-    rotated = pltpu.roll(window, (window.shape[1] - start) % window.shape[1], 1)
-    return rotated[:, : frame.tile]
+def _shared_row(config, ref, start, chunk) -> jax.Array:
+    """(1, 128): a row every image shares ((1, ·) block), read like ``_row``."""
+    base, rotation = _aligned(start, chunk)
+    pair = ref[:, pl.ds(base, 2 * LANES)].astype(config.dtype)
+    return pltpu.roll(pair, rotation, 1)[:, :LANES]
 
 
-def _full_key(config, key, offsets, o):
-    """k_o + r_o, what a query is dotted with for offset o: (d, T), or (d, 1) without keys."""
-    r_o = offsets[:, o : o + 1] if config.has_rel else None
-    if not config.has_key:
-        return r_o
-    return key + r_o if config.has_rel else key
+def _aligned(start, chunk):
+    """(the aligned lane to load two vregs from, the rotation that brings ``start`` to
+    lane 0). ``start`` > 0: lax's truncating division and remainder are floor ones here
+    (Mosaic lowers them without the sign fix-ups of ``//`` and ``%``)."""
+    start, lanes = jnp.asarray(start, jnp.int32), jnp.int32(LANES)
+    base = pl.multiple_of(chunk + jax.lax.div(start, lanes) * lanes, LANES)
+    rotation = jax.lax.rem(2 * lanes - jax.lax.rem(start, lanes), 2 * lanes)
+    return base, rotation
 
 
-def _masked(config, logit, inside):
+def _columns_ok(config, columns, sign: int) -> list[jax.Array]:
+    """Per dx, (1, 128) bool: whether the pixel ``sign``·(dx − r) columns away from each
+    position's column lies in the image (no wrap to the next or previous row)."""
+    r, width = config.frame.radius, config.frame.width
+    return [
+        (columns + sign * (dx - r) >= 0) & (columns + sign * (dx - r) < width)
+        for dx in range(config.size)
+    ]
+
+
+def _tile_rows(config, ref, count: int, chunk) -> list[jax.Array]:
+    """The first ``count`` channels of a tile block (1, c, N, T) at ``chunk``: (N, 128)
+    each, in the accumulation dtype."""
+    return [ref[0, j, :, pl.ds(chunk, LANES)].astype(config.dtype) for j in range(count)]
+
+
+def _dot_table(config, table, t, channels) -> jax.Array:
+    """Σ_j channels[j] · table[t, j]: a query's relative term for row (or column) t."""
+    return sum(q * table[t, j].astype(config.dtype) for j, q in enumerate(channels))
+
+
+def _logit(config, content, position, ok):
+    """The logit of one offset, (N, 128): "mask" sends out-of-image neighbours to
+    MASKED_LOGIT; "zeros" gives them a zero key (the positional term alone)."""
     if config.padding == "mask":
-        return jnp.where(inside > 0, logit, MASKED_LOGIT)
-    return logit
+        terms = [t for t in (content, position) if t is not None]
+        return jnp.where(ok, sum(terms[1:], terms[0]), MASKED_LOGIT)
+    content = None if content is None else jnp.where(ok, content, 0.0)
+    if position is None:
+        return content
+    return position if content is None else content + position
 
 
-def _neighbour_inputs(config, refs):
-    """The forward's and dq's shared inputs, in ``_run_forward``/``_run_backward``'s
-    order: (keys or None, values, inside) windows, the (d, k²) offset vectors, and the
-    remaining refs (the outputs)."""
-    refs = list(refs)
-    keys = _window(config, refs.pop(0)) if config.has_key else None
-    values = _window(config, refs.pop(0))
-    inside = _window(config, refs.pop(0))
-    offsets = refs.pop(0)[...].astype(config.dtype)
-    return keys, values, inside, offsets, refs
-
-
-def _forward_kernel(config, *refs):
-    q_ref, *refs = refs
-    keys, values, inside, offsets, (y_ref, lse_ref) = _neighbour_inputs(config, refs)
-    frame, dtype = config.frame, config.dtype
-    q = q_ref[0].astype(dtype)
-    running_max = jnp.full((1, frame.tile), MASKED_LOGIT, dtype)
-    normaliser = jnp.zeros((1, frame.tile), dtype)
-    acc = jnp.zeros((values.shape[0], frame.tile), dtype)
-    for o in config.offsets:  # static: unrolled, every shift a constant
-        shift = frame.shift(o)
-        key = _at(config, keys, shift) if config.has_key else None
-        logit = jnp.sum(q * _full_key(config, key, offsets, o), axis=0, keepdims=True)
-        logit = _masked(config, logit, _at(config, inside, shift))
-        new_max = jnp.maximum(running_max, logit)
-        rescale, weight = jnp.exp(running_max - new_max), jnp.exp(logit - new_max)
-        acc = acc * rescale + weight * _at(config, values, shift)
-        normaliser = normaliser * rescale + weight
-        running_max = new_max
-    y_ref[...] = (acc / normaliser).astype(y_ref.dtype)
-    lse_ref[...] = running_max + jnp.log(normaliser)
-
-
-def _dq_kernel(config, *refs):
-    q_ref, dy_ref, stats_ref, *refs = refs
-    keys, values, inside, offsets, (dq_ref, d_offsets_ref) = _neighbour_inputs(config, refs)
-    frame, dtype = config.frame, config.dtype
-    q, dy = q_ref[0].astype(dtype), dy_ref[0].astype(dtype)
-    stats = stats_ref[0]
-    lse, delta = stats[0:1], stats[1:2]
-    column = jax.lax.broadcasted_iota(jnp.int32, (1, d_offsets_ref.shape[1]), 1)
-    dq = jnp.zeros_like(q)
-    d_offsets = jnp.zeros(d_offsets_ref.shape, dtype)
-    for o in config.offsets:
-        shift = frame.shift(o)
-        key = _at(config, keys, shift) if config.has_key else None
-        full_key = _full_key(config, key, offsets, o)
-        logit = jnp.sum(q * full_key, axis=0, keepdims=True)
-        p = jnp.exp(_masked(config, logit, _at(config, inside, shift)) - lse)
-        ds = p * (jnp.sum(dy * _at(config, values, shift), axis=0, keepdims=True) - delta)
-        dq = dq + ds * full_key
-        if config.has_rel:  # queries outside the image have ds = 0 (dy = 0, delta = 0)
-            per_offset = jnp.sum(ds * q, axis=1, keepdims=True)  # (d, 1)
-            d_offsets = d_offsets + jnp.where(column == o, per_offset, 0.0)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    d_offsets_ref[...] = d_offsets
-
-
-def _dkv_kernel(config, *refs):
-    refs = list(refs)
-    key_ref = refs.pop(0) if config.has_key else None
-    value_ref = refs.pop(0)
-    queries = _window(config, refs.pop(0))
-    d_out = _window(config, refs.pop(0))
-    stats = _window(config, refs.pop(0))
-    inside = _window(config, refs.pop(0))
-    offsets = refs.pop(0)[...].astype(config.dtype)
-    dk_ref = refs.pop(0) if config.has_key else None
-    (dv_ref,) = refs
-    frame, dtype = config.frame, config.dtype
-    key = key_ref[0].astype(dtype) if config.has_key else None
-    value = value_ref[0].astype(dtype)
-    dk = jnp.zeros_like(key) if config.has_key else None
-    dv = jnp.zeros_like(value)
-    for o in config.offsets:
-        shift = -frame.shift(o)  # the query that sees this key through offset o
-        q, dy = _at(config, queries, shift), _at(config, d_out, shift)
-        stat = _at(config, stats, shift)
-        logit = jnp.sum(q * _full_key(config, key, offsets, o), axis=0, keepdims=True)
-        # Keys of this tile inside the image are never masked for a query that sees
-        # them; keys outside it are not inputs (their rows are discarded). Queries
-        # outside the image take no part.
-        p = jnp.where(_at(config, inside, shift) > 0, jnp.exp(logit - stat[0:1]), 0.0)
-        dv = dv + p * dy
+def _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok, row_term, column_terms, dy):
+    """For the k offsets (dy, ·) of a chunk of queries: (window start, in-image mask,
+    logit) each. Offsets are unrolled (static lane rotations): libtpu schedules them
+    best so (a loop over dy with traced rotations was slower in its schedule)."""
+    frame, found = config.frame, []
+    for dx in range(config.size):
+        start = frame.halo + frame.offset_shift(dy, dx)
+        ok = (_shared_row(config, inside_ref, start, chunk) > 0) & columns_ok[dx]
+        content = None
         if config.has_key:
-            ds = p * (jnp.sum(dy * value, axis=0, keepdims=True) - stat[1:2])
-            dk = dk + ds * q
-    if config.has_key:
-        dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+            keys = (_row(config, k_ref, j, start, chunk) for j in range(config.head_dim))
+            content = sum(q * key for q, key in zip(queries, keys, strict=True))
+        position = row_term + column_terms[dx] if config.has_rel else None
+        found.append((start, ok, _logit(config, content, position, ok)))
+    return found
+
+
+def _forward_kernel(config, q_ref, k_ref, v_ref, inside_ref, columns_ref, rel_row, rel_col,
+                    y_ref, lse_ref):  # fmt: skip
+    frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
+
+    def chunk_step(index, carry):
+        chunk = pl.multiple_of(index * LANES, LANES)
+        queries = _tile_rows(config, q_ref, config.head_dim, chunk)
+        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], +1)
+        column_terms = None
+        if config.has_rel:
+            column_terms = [_dot_table(config, rel_col, dx, queries[half:]) for dx in range(size)]
+        shape = queries[0].shape
+        running_max = jnp.full(shape, MASKED_LOGIT, dtype)
+        normaliser = jnp.zeros(shape, dtype)
+        acc = [jnp.zeros(shape, dtype) for _ in range(config.value_dim)]
+        for dy in range(size):
+            # One row of offsets at a time: its k logits are independent, then one
+            # rescale of the running sums per row (not per offset).
+            row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
+            found = _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok,
+                                row_term, column_terms, dy)  # fmt: skip
+            new_max = functools.reduce(jnp.maximum, [logit for _, _, logit in found], running_max)
+            rescale = jnp.exp(running_max - new_max)
+            acc = [a * rescale for a in acc]
+            normaliser = normaliser * rescale
+            for start, ok, logit in found:
+                weight = jnp.exp(logit - new_max)
+                normaliser = normaliser + weight
+                if config.padding == "zeros":  # a neighbour outside has a zero value
+                    weight = jnp.where(ok, weight, 0.0)
+                values = (_row(config, v_ref, j, start, chunk) for j in range(len(acc)))
+                acc = [a + weight * value for a, value in zip(acc, values, strict=True)]
+            running_max = new_max
+        for j, a in enumerate(acc):
+            y_ref[0, j, :, pl.ds(chunk, LANES)] = (a / normaliser).astype(y_ref.dtype)
+        lse_ref[0, 0, :, pl.ds(chunk, LANES)] = running_max + jnp.log(normaliser)
+        return carry
+
+    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
+
+
+def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, columns_ref,
+               rel_row, rel_col, dq_ref, d_rel_ref, accumulator):  # fmt: skip
+    frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
+    if config.has_rel:
+        accumulator[...] = jnp.zeros(accumulator.shape, accumulator.dtype)
+
+    def accumulate(slot, term):
+        accumulator[slot] = accumulator[slot] + term.astype(accumulator.dtype)
+
+    def chunk_step(index, carry):
+        chunk = pl.multiple_of(index * LANES, LANES)
+        queries = _tile_rows(config, q_ref, config.head_dim, chunk)
+        d_out = _tile_rows(config, dy_ref, config.value_dim, chunk)
+        lse, delta = _tile_rows(config, stats_ref, 2, chunk)
+        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], +1)
+        column_terms = column_sums = None
+        if config.has_rel:
+            column_terms = [_dot_table(config, rel_col, dx, queries[half:]) for dx in range(size)]
+            column_sums = [jnp.zeros(lse.shape, dtype) for _ in range(size)]
+        dq = [jnp.zeros(lse.shape, dtype) for _ in range(config.head_dim)]
+        for dy in range(size):
+            row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
+            row_sum = jnp.zeros(lse.shape, dtype)
+            found = _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok,
+                                row_term, column_terms, dy)  # fmt: skip
+            for dx, (start, ok, logit) in enumerate(found):
+                p = jnp.exp(logit - lse)
+                values = (_row(config, v_ref, j, start, chunk) for j in range(len(d_out)))
+                dp = sum(g * value for g, value in zip(d_out, values, strict=True))
+                if config.padding == "zeros":  # an outside neighbour's value is zero
+                    dp = jnp.where(ok, dp, 0.0)
+                ds = p * (dp - delta)
+                if config.has_key:
+                    # "zeros": an outside neighbour's key is zero, whatever the frame holds.
+                    ds_key = ds if config.padding == "mask" else jnp.where(ok, ds, 0.0)
+                    keys = (_row(config, k_ref, j, start, chunk) for j in range(len(dq)))
+                    dq = [g + ds_key * key for g, key in zip(dq, keys, strict=True)]
+                if config.has_rel:
+                    row_sum = row_sum + ds
+                    column_sums[dx] = column_sums[dx] + ds
+            if config.has_rel:  # r_o = (rel_row[dy], rel_col[dx]): Σ ds over a row, a column
+                for j in range(half):
+                    dq[j] = dq[j] + row_sum * rel_row[dy, j].astype(dtype)
+                    accumulate(dy * half + j, row_sum * queries[j])
+        if config.has_rel:
+            for dx in range(size):
+                for j in range(half):
+                    dq[half + j] = dq[half + j] + column_sums[dx] * rel_col[dx, j].astype(dtype)
+                    accumulate((size + dx) * half + j, column_sums[dx] * queries[half + j])
+        for j, g in enumerate(dq):
+            dq_ref[0, j, :, pl.ds(chunk, LANES)] = g.astype(dq_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
+    if config.has_rel:
+        # One partial sum per head and table entry: entry m in lane m of (N, ≥ k·d).
+        lane = jax.lax.broadcasted_iota(jnp.int32, d_rel_ref.shape[2:], 1)
+        out = jnp.zeros(d_rel_ref.shape[2:], d_rel_ref.dtype)
+        for slot in range(accumulator.shape[0]):
+            out = jnp.where(lane == slot, jnp.sum(accumulator[slot], axis=1, keepdims=True), out)
+        d_rel_ref[0, 0] = out
+
+
+def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, inside_ref, columns_ref,
+                rel_row, rel_col, dk_ref, dv_ref):  # fmt: skip
+    frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
+
+    def chunk_step(index, carry):
+        chunk = pl.multiple_of(index * LANES, LANES)
+        # The query that sees a key through (dy, dx) lies -(dx - r) columns away.
+        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], -1)
+        shape = (q_ref.shape[2], LANES)
+        dk = [jnp.zeros(shape, dtype) for _ in range(config.head_dim * config.has_key)]
+        dv = [jnp.zeros(shape, dtype) for _ in range(config.value_dim)]
+        for dy in range(size):
+            for dx in range(size):
+                start = frame.halo - frame.offset_shift(dy, dx)
+                ok = (_shared_row(config, inside_ref, start, chunk) > 0) & columns_ok[dx]
+                queries = [_row(config, q_ref, j, start, chunk) for j in range(config.head_dim)]
+                logit = 0.0
+                if config.has_key:
+                    keys = _tile_rows(config, k_ref, config.head_dim, chunk)
+                    logit = sum(q * key for q, key in zip(queries, keys, strict=True))
+                if config.has_rel:
+                    logit = logit + _dot_table(config, rel_row, dy, queries[:half])
+                    logit = logit + _dot_table(config, rel_col, dx, queries[half:])
+                # Keys of this tile inside the image are never masked for a query that
+                # sees them; queries outside the image, or wrapped rows, take no part.
+                p = jnp.where(ok, jnp.exp(logit - _row(config, stats_ref, 0, start, chunk)), 0.0)
+                d_out = [_row(config, dy_ref, j, start, chunk) for j in range(config.value_dim)]
+                dv = [a + p * g for a, g in zip(dv, d_out, strict=True)]
+                if config.has_key:
+                    values = _tile_rows(config, v_ref, config.value_dim, chunk)
+                    dp = sum(g * value for g, value in zip(d_out, values, strict=True))
+                    ds = p * (dp - _row(config, stats_ref, 1, start, chunk))
+                    dk = [a + ds * q for a, q in zip(dk, queries, strict=True)]
+        for j, a in enumerate(dk):
+            dk_ref[0, j, :, pl.ds(chunk, LANES)] = a.astype(dk_ref.dtype)
+        for j, a in enumerate(dv):
+            dv_ref[0, j, :, pl.ds(chunk, LANES)] = a.astype(dv_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
 
 
 # ---------------------------------------------------------------------------- specs
 
 
-def _window_spec(frame: Frame, rows: int, shared: bool = False) -> pl.BlockSpec:
-    """Tile t of a (G, rows, L) frame with a halo on each side: (1, rows, halo + T + halo)
-    from lane t·T (aligned); of the (1, rows, L) array shared by every group when
-    ``shared``. Element blocks may overlap, so each window is one copy."""
+def _window_spec(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
+    """Tile t of a (B, channels, N, L) frame with a halo on each side: (1, channels, N,
+    halo + T + halo) from lane t·T (aligned). Element blocks may overlap."""
     width = pl.Element(frame.halo + frame.tile + frame.halo)
-    group = (lambda g: 0) if shared else (lambda g: g)
     return pl.BlockSpec(
-        (pl.Element(1), pl.Element(rows), width),
-        lambda g, t: (group(g), 0, _lane_aligned(t * frame.tile)),
+        (pl.Element(1), pl.Element(channels), pl.Element(heads), width),
+        lambda b, t: (b, 0, 0, _lane_aligned(t * frame.tile)),
     )
 
 
-def _in_tile(frame: Frame, rows: int) -> pl.BlockSpec:
-    """Tile t of a (G, rows, L) frame, without halos: (1, rows, T)."""
+def _in_tile(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
+    """Tile t of a (B, channels, N, L) frame, without halos: (1, channels, N, T)."""
     return pl.BlockSpec(
-        (pl.Element(1), pl.Element(rows), pl.Element(frame.tile)),
-        lambda g, t: (g, 0, _lane_aligned(frame.halo + t * frame.tile)),
+        (pl.Element(1), pl.Element(channels), pl.Element(heads), pl.Element(frame.tile)),
+        lambda b, t: (b, 0, 0, _lane_aligned(frame.halo + t * frame.tile)),
+    )
+
+
+def _shared_window(frame: Frame) -> pl.BlockSpec:
+    """Tile t of a (1, L) row every image shares, with its halos."""
+    width = pl.Element(frame.halo + frame.tile + frame.halo)
+    return pl.BlockSpec((pl.Element(1), width), lambda b, t: (0, _lane_aligned(t * frame.tile)))
+
+
+def _shared_tile(frame: Frame) -> pl.BlockSpec:
+    """Tile t of a (1, L) row every image shares, without halos."""
+    return pl.BlockSpec(
+        (pl.Element(1), pl.Element(frame.tile)),
+        lambda b, t: (0, _lane_aligned(frame.halo + t * frame.tile)),
     )
 
 
@@ -419,37 +569,60 @@ def _lane_aligned(index):
     return pl.multiple_of(index, 128)
 
 
-def _out_tile(frame: Frame, rows: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, rows, frame.tile), lambda g, t: (g, 0, t))
+def _out_tile(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
+    return pl.BlockSpec((1, channels, heads, frame.tile), lambda b, t: (b, 0, 0, t))
 
 
-def _whole(shape) -> pl.BlockSpec:
-    return pl.BlockSpec(shape, lambda g, t: (0,) * len(shape))
+_SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, shared=2):
-    """``kernel`` over (B, N, c, ·) frames, the last ``shared`` inputs whole arrays that
-    every program reads. ``outputs(groups)`` and ``cost(groups)`` give the output shapes
-    and the ``CostEstimate`` for the b·n groups of one device (``shards.per_group``)."""
-    frame = config.frame
+def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scratch=()):
+    """``kernel(config, **refs)`` over (B, c, N, ·) frames on a (B, tiles) grid. ``inputs``
+    and ``in_specs`` are dicts by the kernel's argument names in its order, a None input
+    absent (no keys, no tables: the kernel gets None); grouped inputs are the frames
+    (rank 4), the others are shared by every image. ``outputs(batch, heads)`` and
+    ``cost(batch, heads)`` give the output shapes and the ``CostEstimate`` for one
+    device's images and heads (``shards.per_group``)."""
+    names = list(inputs)
+    present = [name for name in names if inputs[name] is not None]
+    arrays = [inputs[name] for name in present]
+    specs = [in_specs[name] for name in present]
+    out_names = list(out_specs)
 
-    def on_groups(*frames):
-        groups = frames[0].shape[0]
+    def body(*refs):
+        # Pallas passes the refs of the inputs given, the outputs, then the scratch.
+        given = iter(refs)
+        arguments = {name: next(given) if inputs[name] is not None else None for name in names}
+        arguments |= {name: next(given) if out_specs[name] is not None else None
+                      for name in out_names}  # fmt: skip
+        if kernel is _dq_kernel:
+            arguments["accumulator"] = next(given) if scratch else None
+        kernel(config, **arguments)
+
+    live_outputs = [n for n in out_names if out_specs[n] is not None]
+
+    def on_device(*frames):
+        batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
+        shapes = outputs(batch, heads)
         return pl.pallas_call(
-            functools.partial(kernel, config),
-            grid=(groups, frame.num_tiles),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            out_shape=outputs(groups),
+            body,
+            grid=(batch, config.frame.num_tiles),
+            in_specs=[spec(heads) if callable(spec) else spec for spec in specs],
+            out_specs=[out_specs[n](heads) for n in live_outputs],
+            out_shape=[shapes[n] for n in live_outputs],
+            scratch_shapes=[s(heads) for s in scratch],
             compiler_params=_PARALLEL,
             interpret=config.interpret,
-            cost_estimate=cost(groups),
+            cost_estimate=cost(batch, heads),
             name=name,
         )(*frames)
 
-    grouped = [True] * (len(inputs) - shared) + [False] * shared
+    grouped = [x.ndim == 4 for x in arrays]
     interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
-    return shards.per_group(on_groups, grouped, local_only=interpreted)(*inputs)
+    results = shards.per_group(
+        on_device, grouped, local_only=interpreted, heads_axis=HEADS_AXIS, merge=False
+    )(*arrays)
+    return dict(zip(live_outputs, results, strict=True))
 
 
 # ------------------------------------------------------------------------ accounting
@@ -471,13 +644,13 @@ def costs(
     )  # fmt: skip
 
 
-def _costs(config, groups: int, q_frame, v_frame) -> dict[str, pl.CostEstimate]:
-    """``costs`` for ``groups`` (images × heads) frames: one device's share."""
+def _costs(config, batch: int, heads: int, itemsize: int) -> dict[str, pl.CostEstimate]:
+    """``costs`` for one device's ``batch`` images and ``heads`` heads."""
     frame = config.frame
-    q_shape = (groups, frame.height, frame.width, 1, q_frame.shape[2])
+    q_shape = (batch, frame.height, frame.width, heads, config.head_dim)
     return costs(
-        q_shape, v_frame.shape[2], config.kernel_size, has_key=config.has_key,
-        itemsize=q_frame.dtype.itemsize, tile=frame.tile,
+        q_shape, config.value_dim, config.kernel_size, has_key=config.has_key,
+        itemsize=itemsize, tile=frame.tile,
     )  # fmt: skip
 
 
@@ -486,82 +659,94 @@ def _costs(config, groups: int, q_frame, v_frame) -> dict[str, pl.CostEstimate]:
 
 def _prepare(q, k, v, rel, config):
     frame = config.frame
-    d = q.shape[-1]
-    offsets = jnp.zeros((d, config.kernel_size**2), config.dtype)
-    if rel is not None:
-        offsets = offset_vectors(rel, config.kernel_size, config.dtype).T  # (d, k²)
-    k_frame = None if k is None else frame.to_frame(k)
-    return frame.to_frame(q), k_frame, frame.to_frame(v), offsets, frame.inside()
+    tables = (None, None) if rel is None else tuple(t.astype(jnp.float32) for t in rel)
+    if config.dtype == jnp.float64:
+        tables = (None, None) if rel is None else tuple(rel)
+
+    def to_frame(x):
+        return None if x is None else frame.to_frame(x)
+
+    return (to_frame(q), to_frame(k), to_frame(v), *tables, frame.inside(), frame.columns())
 
 
-def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
+def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, columns):
     frame = config.frame
-    d, dv = q_frame.shape[2], v_frame.shape[2]
-    window = functools.partial(_window_spec, frame)
-    inputs, in_specs = [q_frame], [_in_tile(frame, d)]
-    if k_frame is not None:
-        inputs.append(k_frame)
-        in_specs.append(window(d))
-    inputs += [v_frame, inside, offsets]
-    in_specs += [window(dv), window(1, shared=True), _whole(offsets.shape)]
+    d, dv = config.head_dim, config.value_dim
     out_len = frame.num_tiles * frame.tile
-    return _call(
-        config, _forward_kernel, "sasa_local_attention_fwd_tpu", inputs, in_specs,
-        [_out_tile(frame, dv), _out_tile(frame, 1)],
-        lambda groups: [jax.ShapeDtypeStruct((groups, dv, out_len), v_frame.dtype),
-                        jax.ShapeDtypeStruct((groups, 1, out_len), config.dtype)],
-        lambda groups: _costs(config, groups, q_frame, v_frame)["forward"],
+    window = functools.partial(_window_spec, frame)
+    in_tile = functools.partial(_in_tile, frame)
+    outputs = _call(
+        config, _forward_kernel, "sasa_local_attention_fwd_tpu",
+        dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, inside_ref=inside,
+             columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
+        dict(q_ref=functools.partial(in_tile, d), k_ref=functools.partial(window, d),
+             v_ref=functools.partial(window, dv), inside_ref=_shared_window(frame),
+             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+        dict(y_ref=functools.partial(_out_tile, frame, dv),
+             lse_ref=functools.partial(_out_tile, frame, 1)),
+        lambda b, n: dict(y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
+                          lse_ref=jax.ShapeDtypeStruct((b, 1, n, out_len), config.dtype)),
+        lambda b, n: _costs(config, b, n, q_frame.dtype.itemsize)["forward"],
     )  # fmt: skip
+    return outputs["y_ref"], outputs["lse_ref"]
 
 
 def _run_backward(config, residuals, dy_frame, stats_frame):
-    q_frame, k_frame, v_frame, offsets, inside = residuals
+    q_frame, k_frame, v_frame, rel_row, rel_col, inside, columns = residuals
     frame = config.frame
-    d, dv = q_frame.shape[2], v_frame.shape[2]
+    d, dv, k = config.head_dim, config.value_dim, config.kernel_size
     out_len = frame.num_tiles * frame.tile
-    k2 = config.kernel_size**2
-    cost = functools.partial(_costs, config, q_frame=q_frame, v_frame=v_frame)
     window = functools.partial(_window_spec, frame)
-    shared_inputs = [inside, offsets]
-    shared_specs = [window(1, shared=True), _whole(offsets.shape)]
+    in_tile = functools.partial(_in_tile, frame)
+    out_tile = functools.partial(_out_tile, frame)
+    cost = functools.partial(_costs, config, itemsize=q_frame.dtype.itemsize)
+    slots = _round_up(k * d, LANES)  # lanes of the tables' partial sums
+    has_rel = config.has_rel
 
-    inputs = [q_frame, dy_frame, stats_frame]
-    in_specs = [_in_tile(frame, d), _in_tile(frame, dv), _in_tile(frame, 2)]
-    if k_frame is not None:
-        inputs.append(k_frame)
-        in_specs.append(window(d))
-    inputs += [v_frame] + shared_inputs
-    in_specs += [window(dv)] + shared_specs
-    dq, d_offsets = _call(
-        config, _dq_kernel, "sasa_local_attention_dq_tpu", inputs, in_specs,
-        [_out_tile(frame, d),
-         pl.BlockSpec((None, None, d, k2), lambda g, t: (g, t, 0, 0))],
-        lambda groups: [
-            jax.ShapeDtypeStruct((groups, d, out_len), q_frame.dtype),
-            jax.ShapeDtypeStruct((groups, frame.num_tiles, d, k2), config.dtype)],
-        lambda groups: cost(groups)["dq"],
+    def d_rel_spec(heads):
+        return pl.BlockSpec((1, 1, heads, slots), lambda b, t: (b, t, 0, 0))
+
+    dq_out = _call(
+        config, _dq_kernel, "sasa_local_attention_dq_tpu",
+        dict(q_ref=q_frame, dy_ref=dy_frame, stats_ref=stats_frame, k_ref=k_frame,
+             v_ref=v_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
+             rel_col=rel_col),
+        dict(q_ref=functools.partial(in_tile, d), dy_ref=functools.partial(in_tile, dv),
+             stats_ref=functools.partial(in_tile, 2), k_ref=functools.partial(window, d),
+             v_ref=functools.partial(window, dv), inside_ref=_shared_window(frame),
+             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+        dict(dq_ref=functools.partial(out_tile, d), d_rel_ref=d_rel_spec if has_rel else None),
+        lambda b, n: dict(
+            dq_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[0]),
+            d_rel_ref=jax.ShapeDtypeStruct((b, frame.num_tiles, n, slots), config.dtype)),
+        lambda b, n: cost(b, n)["dq"],
+        scratch=[lambda n: pltpu.VMEM((k * d, n, LANES), config.dtype)] if has_rel else (),
     )  # fmt: skip
 
-    inputs, in_specs, outputs, out_specs = [], [], [], []
-    if k_frame is not None:
-        inputs.append(k_frame)
-        in_specs.append(_in_tile(frame, d))
-        outputs.append((d, k_frame.dtype))
-        out_specs.append(_out_tile(frame, d))
-    inputs += [v_frame, q_frame, dy_frame, stats_frame] + shared_inputs
-    in_specs += [_in_tile(frame, dv), window(d), window(dv), window(2)] + shared_specs
-    outputs.append((dv, v_frame.dtype))
-    out_specs.append(_out_tile(frame, dv))
-    dkv = _call(
-        config, _dkv_kernel, "sasa_local_attention_dkv_tpu", inputs, in_specs, out_specs,
-        lambda groups: [jax.ShapeDtypeStruct((groups, c, out_len), dtype)
-                        for c, dtype in outputs],
-        lambda groups: cost(groups)["dkv"],
+    dkv_out = _call(
+        config, _dkv_kernel, "sasa_local_attention_dkv_tpu",
+        dict(k_ref=k_frame, v_ref=v_frame, q_ref=q_frame, dy_ref=dy_frame,
+             stats_ref=stats_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
+             rel_col=rel_col),
+        dict(k_ref=functools.partial(in_tile, d), v_ref=functools.partial(in_tile, dv),
+             q_ref=functools.partial(window, d), dy_ref=functools.partial(window, dv),
+             stats_ref=functools.partial(window, 2), inside_ref=_shared_window(frame),
+             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+        dict(dk_ref=functools.partial(out_tile, d) if config.has_key else None,
+             dv_ref=functools.partial(out_tile, dv)),
+        lambda b, n: dict(
+            dk_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[1] or config.dtype),
+            dv_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2])),
+        lambda b, n: cost(b, n)["dkv"],
     )  # fmt: skip
-    dk, dv_out = (dkv[0], dkv[1]) if k_frame is not None else (None, dkv[0])
-    # One partial sum per (image, head, tile), summed here: XLA reduces it across
-    # devices once, like any parameter's gradient.
-    return dq, dk, dv_out, d_offsets.sum(axis=(0, 1, 2)).T  # (k², d)
+    d_rel = None
+    if has_rel:
+        # One partial sum per (image, tile, head), summed here: XLA reduces it across
+        # devices once, like any parameter's gradient.
+        sums = dq_out["d_rel_ref"].sum(axis=(0, 1, 2))[: k * d]
+        half = d // 2
+        d_rel = (sums[: k * half].reshape(k, half), sums[k * half :].reshape(k, half))
+    return dq_out["dq_ref"], dkv_out.get("dk_ref"), dkv_out["dv_ref"], d_rel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -584,13 +769,14 @@ def _attention_bwd(config, saved, dy):
     dy_frame = frame.to_frame(dy.astype(v_dtype))
     dy_tiles = dy_frame[..., frame.halo : frame.halo + y_tiles.shape[-1]]
     # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
-    delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=2)
-    stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, :, 0], delta], axis=2))
-    dq, dk, dv, d_offsets = _run_backward(config, residuals, dy_frame, stats)
+    delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
+    stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
+    dq, dk, dv, d_rel = _run_backward(config, residuals, dy_frame, stats)
     grads_q = frame.from_tiles(dq).astype(q_dtype)
     grads_k = None if k_dtype is None else frame.from_tiles(dk).astype(k_dtype)
     grads_v = frame.from_tiles(dv).astype(v_dtype)
-    d_rel = None if rel is None else relative_table_grads(d_offsets, rel)
+    if rel is not None:
+        d_rel = tuple(g.astype(t.dtype) for g, t in zip(d_rel, rel, strict=True))
     return grads_q, grads_k, grads_v, d_rel
 
 
