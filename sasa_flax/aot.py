@@ -125,8 +125,9 @@ class Report:
     output_bytes: int
     alias_bytes: int
     kernels: int  # Mosaic / Triton calls in the compiled program
-    # Leading dimension of every kernel operand and result of rank 3 or more: the frames,
-    # (images × heads, ...) of the images this chip holds.
+    # Per kernel operand and result of rank 3 or more: the images × heads it holds, read
+    # from the frames' shapes ((B·N, L, d) on GPU, (B, c, N, L) on TPU): what one chip's
+    # kernels run on.
     kernel_leading_dims: tuple[int, ...]
     collectives: dict[str, int]  # op name -> count in the compiled program
     collective_sizes: tuple[tuple[str, int], ...]  # (op, elements of its largest array)
@@ -207,10 +208,15 @@ def inspect(
         line for line in text.splitlines()
         if f'custom_call_target="{KERNEL_TARGETS[target.platform]}"' in line
     ]  # fmt: skip
-    leading = tuple(
-        int(m.group(1))
+    shapes = [
+        [int(n) for n in m.group(1).split(",")]
         for line in kernel_lines
-        for m in re.finditer(r"\b(?:bf16|f16|f32|f64)\[(\d+),\d+,\d+", line)
+        for m in re.finditer(r"\b(?:bf16|f16|f32|f64)\[(\d+(?:,\d+){2,})\]", line)
+    ]
+    # TPU frames keep the heads on axis 2 (ops/pallas/tpu.py, HEADS_AXIS).
+    leading = tuple(
+        dims[0] * dims[2] if target.platform == "tpu" and len(dims) == 4 else dims[0]
+        for dims in shapes
     )
     # An op's name follows its (possibly tuple) shape and a space: "... all-reduce(".
     collectives = {op: len(re.findall(rf"\s{op}(?:-start)?\(", text)) for op in COLLECTIVES}

@@ -234,7 +234,7 @@ def auto_choice(
       backward). By rule: compiled to cubin for H100 in CI (deviceless, ``tests/test_compile.py``),
       not yet timed on a GPU.
     - tpu: the choice table (``tpu_choices.json``: the implementation libtpu's schedule
-      estimates fastest at ResNet-50's stages, k = 3…11, on v4 and v5e) where it covers
+      estimates fastest at ResNet-50's stages: k = 3…11 on v5e, k = 7 on v4) where it covers
       the shape; elsewhere "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the
       Mosaic kernels, ``ops/pallas/tpu.py``) where a tile of them fits VMEM
       (``tpu.fits``), else "shifted". Estimated, never timed on a TPU.
