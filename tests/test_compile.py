@@ -236,9 +236,10 @@ def test_every_imagenet_model_against_resnet50_on_v5e():
 
 # What the attention path reached by libtpu's own schedule (benchmarks/tpu_estimate.py,
 # benchmarks/RESULTS.md): SASA-R50 (conv stem + attention) train step against ResNet-50's,
-# one v5e chip, 128 images. The same libtpu gives the same schedule: a rise means a change
-# made the step slower, by the compiler's own account.
-ESTIMATED_RATIO_REACHED = 3.8
+# one v5e chip, 128 images: 3.75x on 2026-12-05, with a few percent of room for tiles that
+# move. The same libtpu gives the same schedule: a rise means a change made the step
+# slower, by the compiler's own account.
+ESTIMATED_RATIO_REACHED = 3.9
 
 
 def _estimate(*args: str, tmp_path) -> tuple[int, str]:
