@@ -267,12 +267,10 @@ def instructions(text: str) -> list[Instruction]:
 # -------------------------------------------------------------------------- estimate
 
 
-# Kinds, decided from the name scopes and the JAX op in a fusion's metadata (the model
-# names its parts: ``jax.named_scope`` in models/resnet.py, layers/attention.py, stem.py).
-KINDS = (
-    "attention kernels", "attention (XLA)", "layout glue", "projections", "convolutions",
-    "norms and elementwise", "optimizer", "other",
-)  # fmt: skip
+# Kinds (attention kernels, attention (XLA), layout glue, projections, convolutions, norms
+# and elementwise, optimizer, other), decided from the name scopes and the JAX op in a
+# fusion's metadata (the model names its parts: ``jax.named_scope`` in models/resnet.py,
+# layers/attention.py, stem.py).
 _GLUE_OPS = ("transpose", "pad", "slice", "reshape", "concatenate", "copy", "select_n",
              "broadcast_in_dim", "convert_element_type", "dynamic_slice", "dynamic_update_slice",
              "squeeze", "expand_dims", "rev", "gather", "scatter", "iota")  # fmt: skip

@@ -156,11 +156,6 @@ class Frame(NamedTuple):
     def length(self) -> int:
         return self.halo + self.num_tiles * self.tile + self.halo
 
-    def shift(self, offset: int) -> int:
-        """Static frame distance from a pixel to its neighbour number ``offset``."""
-        size = 2 * self.radius + 1
-        return self.offset_shift(*divmod(offset, size))
-
     def offset_shift(self, dy, dx: int):
         """Frame distance to the neighbour (dy − r, dx − r); ``dy`` may be traced."""
         return (dy - self.radius) * self.width + (dx - self.radius)
@@ -576,30 +571,32 @@ def _out_tile(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
 _SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scratch=()):
+def _shared_specs(frame: Frame) -> dict[str, pl.BlockSpec]:
+    """What every kernel reads beside its frames: the in-image row and the columns (one
+    for all images), the relative tables (SMEM scalars)."""
+    return dict(inside_ref=_shared_window(frame), columns_ref=_shared_tile(frame),
+                rel_row=_SMEM, rel_col=_SMEM)  # fmt: skip
+
+
+def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scratch=None):
     """``kernel(config, **refs)`` over (B, c, N, ·) frames on a (B, tiles) grid. ``inputs``
     and ``in_specs`` are dicts by the kernel's argument names in its order, a None input
     absent (no keys, no tables: the kernel gets None); grouped inputs are the frames
-    (rank 4), the others are shared by every image. ``outputs(batch, heads)`` and
-    ``cost(batch, heads)`` give the output shapes and the ``CostEstimate`` for one
-    device's images and heads (``shards.per_group``)."""
-    names = list(inputs)
-    present = [name for name in names if inputs[name] is not None]
+    (rank 4), the others are shared by every image. ``out_specs`` and ``scratch`` (scratch
+    shapes as ``f(heads)``) likewise, by name, None where absent. ``outputs(batch,
+    heads)`` and ``cost(batch, heads)`` give the output shapes and the ``CostEstimate``
+    for one device's images and heads (``shards.per_group``)."""
+    scratch = scratch or {}
+    present = [name for name in inputs if inputs[name] is not None]
     arrays = [inputs[name] for name in present]
     specs = [in_specs[name] for name in present]
-    out_names = list(out_specs)
+    live_outputs = [n for n in out_specs if out_specs[n] is not None]
+    live_scratch = [n for n in scratch if scratch[n] is not None]
 
     def body(*refs):
         # Pallas passes the refs of the inputs given, the outputs, then the scratch.
-        given = iter(refs)
-        arguments = {name: next(given) if inputs[name] is not None else None for name in names}
-        arguments |= {name: next(given) if out_specs[name] is not None else None
-                      for name in out_names}  # fmt: skip
-        if kernel is _dq_kernel:
-            arguments["accumulator"] = next(given) if scratch else None
-        kernel(config, **arguments)
-
-    live_outputs = [n for n in out_names if out_specs[n] is not None]
+        given = dict(zip(present + live_outputs + live_scratch, refs, strict=True))
+        kernel(config, **{n: given.get(n) for n in [*inputs, *out_specs, *scratch]})
 
     def on_device(*frames):
         batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
@@ -610,7 +607,7 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
             in_specs=[spec(heads) if callable(spec) else spec for spec in specs],
             out_specs=[out_specs[n](heads) for n in live_outputs],
             out_shape=[shapes[n] for n in live_outputs],
-            scratch_shapes=[s(heads) for s in scratch],
+            scratch_shapes=[scratch[n](heads) for n in live_scratch],
             compiler_params=_PARALLEL,
             interpret=config.interpret,
             cost_estimate=cost(batch, heads),
@@ -659,9 +656,8 @@ def _costs(config, batch: int, heads: int, itemsize: int) -> dict[str, pl.CostEs
 
 def _prepare(q, k, v, rel, config):
     frame = config.frame
-    tables = (None, None) if rel is None else tuple(t.astype(jnp.float32) for t in rel)
-    if config.dtype == jnp.float64:
-        tables = (None, None) if rel is None else tuple(rel)
+    # SMEM scalars in the accumulation dtype (float32; float64 for the float64 tests).
+    tables = (None, None) if rel is None else tuple(t.astype(config.dtype) for t in rel)
 
     def to_frame(x):
         return None if x is None else frame.to_frame(x)
@@ -680,8 +676,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, co
         dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, inside_ref=inside,
              columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
         dict(q_ref=functools.partial(in_tile, d), k_ref=functools.partial(window, d),
-             v_ref=functools.partial(window, dv), inside_ref=_shared_window(frame),
-             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+             v_ref=functools.partial(window, dv), **_shared_specs(frame)),
         dict(y_ref=functools.partial(_out_tile, frame, dv),
              lse_ref=functools.partial(_out_tile, frame, 1)),
         lambda b, n: dict(y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
@@ -713,14 +708,14 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
              rel_col=rel_col),
         dict(q_ref=functools.partial(in_tile, d), dy_ref=functools.partial(in_tile, dv),
              stats_ref=functools.partial(in_tile, 2), k_ref=functools.partial(window, d),
-             v_ref=functools.partial(window, dv), inside_ref=_shared_window(frame),
-             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+             v_ref=functools.partial(window, dv), **_shared_specs(frame)),
         dict(dq_ref=functools.partial(out_tile, d), d_rel_ref=d_rel_spec if has_rel else None),
         lambda b, n: dict(
             dq_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[0]),
             d_rel_ref=jax.ShapeDtypeStruct((b, frame.num_tiles, n, slots), config.dtype)),
         lambda b, n: cost(b, n)["dq"],
-        scratch=[lambda n: pltpu.VMEM((k * d, n, LANES), config.dtype)] if has_rel else (),
+        scratch=dict(accumulator=(lambda n: pltpu.VMEM((k * d, n, LANES), config.dtype))
+                     if has_rel else None),
     )  # fmt: skip
 
     dkv_out = _call(
@@ -730,8 +725,7 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
              rel_col=rel_col),
         dict(k_ref=functools.partial(in_tile, d), v_ref=functools.partial(in_tile, dv),
              q_ref=functools.partial(window, d), dy_ref=functools.partial(window, dv),
-             stats_ref=functools.partial(window, 2), inside_ref=_shared_window(frame),
-             columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM),
+             stats_ref=functools.partial(window, 2), **_shared_specs(frame)),
         dict(dk_ref=functools.partial(out_tile, d) if config.has_key else None,
              dv_ref=functools.partial(out_tile, dv)),
         lambda b, n: dict(
