@@ -56,7 +56,7 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     else:
         compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
     return tpu_schedule.read(
-        compiled.as_text(), directory, generation=generation, program=f"{name} {step}",
+        compiled, directory, generation=generation, program=f"{name} {step}",
         images_per_device=batch_per_chip, since=since,
     )  # fmt: skip
 
@@ -90,7 +90,7 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     since = tpu_schedule.files(directory)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
     return tpu_schedule.read(
-        compiled.as_text(), directory, generation=generation,
+        compiled, directory, generation=generation,
         program=f"layer {size}x{size}x{channels} k={kernel_size} {impl}",
         images_per_device=batch_per_chip,
         since=since,
@@ -143,6 +143,9 @@ def print_estimate(estimate, baseline=None) -> None:
           f"(estimated from libtpu's static schedule, not run)")  # fmt: skip
     print(f"   {s['cycles'] / 1e6:.1f} M cycles: {s['step_ms']} ms per step, "
           f"{s['images_per_second']} img/s per chip{ratio}")  # fmt: skip
+    if s["peak_bytes"]:
+        print(f"   memory (compiled): temporaries {s['temp_bytes'] / 2**30:.2f} GiB, "
+              f"peak {s['peak_bytes'] / 2**30:.2f} GiB per chip")  # fmt: skip
     total = max(s["cycles"], 1)
     kinds = s["by_kind"].items()
     print("   by kind:  " + "; ".join(f"{k} {v / 1e6:.1f} M ({v / total:.0%})" for k, v in kinds))

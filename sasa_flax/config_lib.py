@@ -129,6 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
             # finished run is extended).
             allow_schedule_change=False,
             compute_dtype="auto",  # bfloat16 on TPU/GPU, float32 on CPU
+            # Gradient accumulation: each optimizer step runs input.batch_size images through
+            # the model in this many micro-batches, one after another in one compiled step,
+            # and applies their mean gradient: the recipe's batch on fewer chips, the
+            # activations' memory of a micro-batch. BatchNorm statistics are per micro-batch.
+            accumulation_steps=1,
             seed=0,
             log_every_steps=100,
             eval_every_steps=0,  # 0: evaluate at the end only
@@ -281,6 +286,7 @@ def _validate_input_and_train(config) -> None:
     for field in ("train.base_learning_rate", "train.log_every_steps",
                   "train.checkpoint_every_steps", "train.keep_checkpoints"):  # fmt: skip
         _positive(config, field)
+    _positive(config, "train.accumulation_steps", kind=int)
     if t.num_steps == 0:
         _positive(config, "train.num_epochs")
     if not 0.0 <= t.ema_decay < 1.0:

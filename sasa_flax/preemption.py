@@ -1,17 +1,23 @@
 """Stopping cleanly when the scheduler says so.
 
 Cloud TPU, spot GPU machines and most batch schedulers preempt with SIGTERM and allow a
-grace period; people press Ctrl-C (SIGINT). Either asks the trainer to finish the step it
-is on, write a checkpoint, wait until it is durable and exit 0, so that the same command
-resumes. A second SIGINT means "now": it raises ``KeyboardInterrupt`` at once (the newest
-complete checkpoint stays the one to resume from; orbax never lists a half-written one).
+grace period; people press Ctrl-C (SIGINT); closing the terminal or ssh session a run was
+started from sends SIGHUP (start long runs under nohup or tmux). Any of them asks the
+trainer to finish the step it is on, write a checkpoint, wait until it is durable and
+exit 0, so that the same command resumes. A second SIGINT means "now": it raises
+``KeyboardInterrupt`` at once (the newest complete checkpoint stays the one to resume
+from; orbax never lists a half-written one).
 
 Several processes must agree on the step they stop after, or they would deadlock in the
 next collective or save different steps. The agreement is JAX's own preemption service
 (``multihost_utils.reached_preemption_sync_point``), which ``jax.distributed.initialize``
 starts and which listens for SIGTERM itself: every process stops after the same step, one
 past the largest step any process had reached when the notice arrived. A SIGINT on one
-process of a multi-process run is therefore passed on to that service as a SIGTERM.
+process (or a SIGHUP) of a multi-process run is therefore passed on to that service as a
+SIGTERM.
+
+The loop keeps at most two steps in flight on the devices (``train.loop``), so a request is
+acted on within two steps after the one the devices are running.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+# What each signal asks, as said on stderr when it arrives (SIGTERM: the scheduler's own).
+SAID = {
+    signal.SIGINT: "SIGINT: stopping after this step with a checkpoint; press Ctrl-C again to "
+    "stop at once.\n",
+    signal.SIGHUP: "SIGHUP (the terminal or ssh session closed): stopping after this step "
+    "with a checkpoint; start long runs under nohup or tmux (docs/tpu.md).\n",
+}
+
 
 class StopRequest:
-    """Records SIGTERM / SIGINT; ``should_stop(step)`` says when to save and leave."""
+    """Records SIGTERM / SIGINT / SIGHUP; ``should_stop(step)`` says when to save and leave."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -38,12 +52,10 @@ class StopRequest:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, no checkpoint
         self.signal_name = self.signal_name or name
-        if signum == signal.SIGINT:
-            sys.stderr.write(
-                "SIGINT: stopping after this step with a checkpoint; press Ctrl-C again to "
-                "stop at once.\n"
-            )
-        if self._multi_process and signum == signal.SIGINT:
+        if signum in SAID:
+            with contextlib.suppress(OSError):  # stderr may be the closed terminal
+                sys.stderr.write(SAID[signum])
+        if self._multi_process and signum != signal.SIGTERM:
             # Hand the request to JAX's preemption service, which owns SIGTERM here.
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -68,7 +80,7 @@ def stop_on_signals():
         yield request
         return
     # With several processes, JAX's preemption service has its own SIGTERM handler.
-    signals = [signal.SIGINT] + ([] if request._multi_process else [signal.SIGTERM])
+    signals = [signal.SIGINT, signal.SIGHUP] + ([] if request._multi_process else [signal.SIGTERM])
     previous = {s: signal.signal(s, request._on_signal) for s in signals}
     try:
         yield request

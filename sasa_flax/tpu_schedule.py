@@ -319,6 +319,8 @@ class Estimate:
     instructions: list[Instruction]
     kernels: dict[str, KernelProgram]  # by body hash
     missing_kernels: int  # calls whose program was not found in the dump
+    temp_bytes: int = 0  # the compiled program's memory_analysis(), per device
+    peak_bytes: int = 0  # arguments + outputs + temporaries, donated buffers counted once
 
     @property
     def chip(self) -> Chip:
@@ -386,22 +388,30 @@ class Estimate:
             step_ms=round(self.seconds * 1e3, 2), images_per_second=round(self.images_per_second),
             by_kind=self.by(kind_of), by_layer=self.by(layer_of), kernels=self.kernel_table(),
             missing_kernels=self.missing_kernels, collectives=dict(collectives),
+            temp_bytes=self.temp_bytes, peak_bytes=self.peak_bytes,
             label="estimated from libtpu's static schedule, not run",
         )  # fmt: skip
 
 
-def read(text: str, directory, *, generation: str, program: str, images_per_device: int,
+def read(compiled, directory, *, generation: str, program: str, images_per_device: int,
          since: set[str] = frozenset()) -> Estimate:  # fmt: skip
-    """The ``Estimate`` of compiled HLO ``text`` whose kernels libtpu dumped in
-    ``directory`` (files not in ``since``: those of earlier compiles)."""
-    found = instructions(text)
+    """The ``Estimate`` of a ``compiled`` program (or its HLO text) whose kernels libtpu
+    dumped in ``directory`` (files not in ``since``: those of earlier compiles)."""
+    memory = {}
+    if not isinstance(compiled, str):
+        from sasa_flax import aot  # jax: only where a compiled program is given
+
+        analysis = compiled.memory_analysis()
+        memory = dict(temp_bytes=analysis.temp_size_in_bytes, peak_bytes=aot.peak_bytes(analysis))
+        compiled = compiled.as_text()
+    found = instructions(compiled)
     dumped = read_kernel_programs(directory, since)
     by_body = {}
     for i in found:
         if i.kind == "kernel" and i.name in dumped:
             by_body[i.program] = dumped[i.name]
     missing = sum(1 for i in found if i.kind == "kernel" and i.program not in by_body)
-    return Estimate(generation, program, images_per_device, found, by_body, missing)
+    return Estimate(generation, program, images_per_device, found, by_body, missing, **memory)
 
 
 def files(directory) -> set[str]:

@@ -48,7 +48,7 @@ def complete_steps(workdir) -> list[int]:
 
 
 @slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_resumes_exactly(
     signum, uninterrupted, tmp_path, rng
 ):
@@ -65,6 +65,27 @@ def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_resumes_exactly(
     assert rerun.finish() == 0, rerun.output
     assert f"resumed from step {stopped} " in rerun.output
     assert_same_final_parameters(tmp_path, uninterrupted)
+
+
+@slow
+def test_a_stop_is_acted_on_within_two_steps_of_the_devices(tmp_path):
+    """End to end, a real train.py: SIGTERM right after a log line (a host read: the
+    devices had finished that step) stops within STEPS_IN_FLIGHT steps of it. That the
+    loop's wait is what bounds it is shown where the device can be made slow on purpose
+    (test_train.py::test_the_loop_keeps_at_most_two_steps_in_flight)."""
+    from sasa_flax.train.loop import STEPS_IN_FLIGHT
+
+    # configs/digits.py (its 32² model runs behind the host on CPU), a log line at step 20.
+    flags = ["--config.train.num_steps=200", "--config.train.log_every_steps=20"]
+    run = helpers.Process(
+        ["train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path), *flags],
+        helpers.environment(),
+    )
+    run.wait_for(r"step 20/200")
+    run.popen.send_signal(signal.SIGTERM)
+    assert run.finish() == 0, run.output
+    stopped = int(run.wait_for(r"stopped by SIGTERM after step (\d+)", timeout=1)[1])
+    assert 20 <= stopped <= 20 + STEPS_IN_FLIGHT + 1, run.output
 
 
 @slow

@@ -284,3 +284,44 @@ def test_an_eval_batch_too_large_for_the_device_is_evaluated_in_chunks():
     small_sums = jax.device_get(small(state.params, state.model_state, batch))
     for key in once:
         np.testing.assert_allclose(small_sums[key], once[key], rtol=1e-5)
+
+
+def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path, monkeypatch):
+    """Dispatch is asynchronous: unchecked, the loop ran tens of steps ahead of the
+    devices, and a SIGTERM at step 8 stopped after step 35. Here each step is given
+    about 0.1 s more device work (matrix products on its outputs, which the CPU runs
+    asynchronously, as a TPU runs every step) while dispatch returns at once: every step
+    is still dispatched with at most STEPS_IN_FLIGHT earlier steps unfinished (all of
+    them without the wait), so a stop request is acted on within that many steps of the
+    devices."""
+    import jax.numpy as jnp
+
+    from sasa_flax.train import loop
+
+    factor = jnp.ones((600, 600)) / 600
+
+    @jax.jit
+    def late(x):  # x, after about 0.1 s of device work
+        work = jax.lax.fori_loop(0, 40, lambda i, a: a @ factor, factor)
+        return x & (jnp.sum(work) > 0)
+
+    unfinished_at_dispatch, outputs = [], []
+    compile_train_step = loop.compile_train_step
+
+    def slowed(*args, **kwargs):
+        compiled = compile_train_step(*args, **kwargs)
+
+        def step(state, batch):
+            unfinished_at_dispatch.append(sum(not x.is_ready() for x in outputs))
+            state, metrics = compiled(state, batch)
+            metrics = dict(metrics, finite=late(metrics["finite"]))
+            outputs.append(metrics["finite"])
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(loop, "compile_train_step", slowed)
+    config = tiny_config(num_steps=20, log_every_steps=1000, checkpoint_every_steps=1000)
+    trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert len(unfinished_at_dispatch) == 20 and loop.STEPS_IN_FLIGHT <= 2
+    assert max(unfinished_at_dispatch) <= loop.STEPS_IN_FLIGHT, unfinished_at_dispatch

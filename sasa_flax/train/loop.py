@@ -11,6 +11,7 @@ program):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
@@ -34,12 +35,13 @@ from sasa_flax.train.setup import (
     make_setup,
 )
 from sasa_flax.train.steps import (
-    abstract_batch,
-    compile_or_explain,
     compile_steps,
+    compile_train_step,
     fit_eval_step,
     log_attention_plan,
 )
+
+STEPS_IN_FLIGHT = 2  # steps the loop may dispatch beyond the last one finished
 
 
 def _nonfinite_error(mngr, bad: int, metrics: dict, done: int) -> TrainError:
@@ -96,8 +98,16 @@ def _train_and_evaluate(
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
     log_attention_plan(setup)
+    # Both steps compiled before any state exists, and checked against the device's
+    # memory: a batch that cannot fit ends here naming the accumulation that would; an
+    # eval batch that cannot is evaluated in chunks.
     train_fn, _ = compile_steps(setup, abstract)
-    eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
+    compile_start = time.perf_counter()
+    train_fn = compile_train_step(setup, train_fn, abstract)
+    compile_seconds = time.perf_counter() - compile_start
+    if jax.process_index() == 0:
+        log.info("compiled the train step in %s", format_duration(compile_seconds))
+    eval_fn, _ = fit_eval_step(setup, abstract)
     t = config.train
     mngr = checkpointing.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
@@ -130,22 +140,17 @@ def _train_and_evaluate(
             }
         )
 
-    # 4. Loop. The train step is compiled first (timed once); batches are put on the
-    # devices two steps ahead by a background thread; the loop reads from the devices
-    # only at log lines, evaluations and saves, never once per step.
-    batch_size = config.input.batch_size
-    compile_start = time.perf_counter()
-    train_fn = compile_or_explain(train_fn, abstract, abstract_batch(setup, batch_size))
-    compile_seconds = time.perf_counter() - compile_start
+    # 4. Loop. Batches are put on the devices two steps ahead by a background thread; the
+    # loop reads from the devices only at log lines, evaluations and saves, never once
+    # per step.
     writer.write_scalars(start_step, {"train/compile_seconds": compile_seconds})
-    if jax.process_index() == 0:
-        log.info("compiled the train step in %s", format_duration(compile_seconds))
     batches = data.train_batches(setup.dataset, config.input, seed=t.seed, start_step=start_step)
     end_step = (
         setup.total_steps if stop_after_step is None else min(stop_after_step, setup.total_steps)
     )
     prefetch = DevicePrefetch(setup, batches)
     progress = ProgressLog(setup, writer, start_step, prefetch)
+    in_flight = collections.deque()  # a small output of each step not yet waited for
     try:
         with preemption.stop_on_signals() as stop_request:
             for step in range(start_step, end_step):
@@ -156,6 +161,14 @@ def _train_and_evaluate(
                     state, metrics = train_fn(state, next(prefetch))
                     done = step + 1
                     progress.add(done, metrics)
+                # Dispatch is asynchronous: unchecked, the loop runs tens of steps ahead of
+                # the devices and a stop request waits for all of them. It waits instead
+                # for the step STEPS_IN_FLIGHT back to finish (no transfer: the devices
+                # always have the next steps queued), so a stop is acted on within that
+                # many steps after the one the devices are running.
+                in_flight.append(metrics["finite"])
+                if len(in_flight) > STEPS_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
                 stopping = stop_request.should_stop(done)
                 force = done == end_step or stopping
                 evaluating = bool(

@@ -81,6 +81,17 @@ def compute_dtype(name: str):
 
 
 def check_batch_sizes(config, num_devices: int, process_count: int) -> None:
+    n = config.train.accumulation_steps
+    if n > 1 and config.input.batch_size % (num_devices * n):
+        per_device = config.input.batch_size // num_devices
+        fits = [c for c in range(1, per_device + 1) if per_device % c == 0]
+        raise TrainError(
+            f"config.train.accumulation_steps={n}: config.input.batch_size="
+            f"{config.input.batch_size} on {num_devices} devices is not a whole number of "
+            f"micro-batches; every device must split its images into {n} equal parts. "
+            f"Use a batch that is a multiple of {num_devices * n}, or accumulation_steps "
+            f"dividing {per_device}, e.g. {max(c for c in fits if c <= n)}."
+        )
     for field in ("batch_size", "eval_batch_size"):
         value = config.input[field]
         if value % num_devices or value % process_count:

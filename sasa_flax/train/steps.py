@@ -44,22 +44,52 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     """One SGD step on a global batch. ``batch["mask"]`` is 0 for images that could not be
     decoded (config.input.corrupt_images='skip'): they carry no loss.
 
+    With ``config.train.accumulation_steps`` = n > 1 the batch goes through the model in
+    n micro-batches, one after another inside this one compiled step (every device takes
+    1/n of its images each time), and their gradients are summed before the one update:
+    the same mean gradient as the whole batch at once, with the activations of a micro-
+    batch. BatchNorm normalises each micro-batch by its own statistics and updates its
+    running averages once per micro-batch; Dropout and stochastic depth draw new keys per
+    micro-batch.
+
     A step whose loss or gradient norm is not finite changes nothing but the step counter
     and ``nonfinite_steps``; the host then stops the run or goes on (config.train.on_nonfinite).
     """
     t = setup.config.train
     num_classes = setup.config.model.num_classes
-    mask = batch["mask"]
-    count = jnp.maximum(jnp.sum(mask), 1.0)
+    n = t.accumulation_steps
+    count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)  # the whole batch's, for every part
 
-    def loss_fn(params):
-        model = merged_model(setup, setup.train_graphdef, params, state.model_state, state.step)
-        logits = model(data.normalise(batch["image"]))
-        losses = _cross_entropy(logits, batch["label"], num_classes, t.label_smoothing)
-        loss = jnp.sum(losses * mask) / count
-        return loss, (logits, nnx.to_pure_dict(nnx.state(model, MODEL_STATE)))
+    def loss_fn(params, model_state, part, seed_step):
+        model = merged_model(setup, setup.train_graphdef, params, model_state, seed_step)
+        logits = model(data.normalise(part["image"]))
+        losses = _cross_entropy(logits, part["label"], num_classes, t.label_smoothing)
+        hits = jnp.sum((jnp.argmax(logits, -1) == part["label"]) * part["mask"])
+        new_model_state = nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
+        return jnp.sum(losses * part["mask"]) / count, (hits, new_model_state)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    gradient = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        (loss, (hits, model_state)), grads = gradient(
+            state.params, state.model_state, batch, state.step
+        )
+    else:
+
+        def accumulate(carry, micro):
+            grads, loss, hits, model_state = carry
+            index, part = micro
+            (part_loss, (part_hits, model_state)), part_grads = gradient(
+                state.params, model_state, part, state.step * n + index
+            )
+            grads = jax.tree.map(jnp.add, grads, part_grads)
+            return (grads, loss + part_loss, hits + part_hits, model_state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        parts = jax.tree.map(lambda x: per_device_chunks(x, setup.mesh.size, n), batch)
+        start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.model_state)
+        (grads, loss, hits, model_state), _ = jax.lax.scan(
+            accumulate, start, (jnp.arange(n), parts)
+        )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -77,15 +107,24 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     )
     metrics = dict(
         loss=loss,
-        top1=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count,
+        top1=hits / count,
         # The rate this update applied: the schedule at the number of updates applied so
         # far, which a skipped (non-finite) step does not advance, unlike state.step.
         learning_rate=setup.schedule(state.step - state.nonfinite_steps),
         grad_norm=grad_norm,
         finite=finite,
-        skipped_images=jnp.sum(mask == 0),
+        skipped_images=jnp.sum(batch["mask"] == 0),
     )
     return new_state, metrics
+
+
+def per_device_chunks(x: jax.Array, devices: int, chunks: int) -> jax.Array:
+    """(B, ...) sharded over ``devices`` -> (chunks, B / chunks, ...): chunk i holds the
+    i-th 1/chunks of every device's images, so each chunk stays spread over every device
+    and nothing moves between them."""
+    per_chunk = x.shape[0] // (devices * chunks)
+    x = x.reshape(devices, chunks, per_chunk, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(chunks, devices * per_chunk, *x.shape[3:])
 
 
 def eval_step(
@@ -96,16 +135,9 @@ def eval_step(
     after another (``fit_eval_step``): the same sums, a fraction of the activations."""
     if chunks == 1:
         return _eval_sums(setup, params, model_state, batch)
-    devices = setup.mesh.size
-
-    def in_chunks(x):  # (B, ...) -> (chunks, B / chunks, ...), every chunk on every device
-        per_chunk = x.shape[0] // (devices * chunks)
-        x = x.reshape(devices, chunks, per_chunk, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1).reshape(chunks, devices * per_chunk, *x.shape[3:])
-
     sums = jax.lax.map(
         lambda part: _eval_sums(setup, params, model_state, part),
-        jax.tree.map(in_chunks, batch),
+        jax.tree.map(lambda x: per_device_chunks(x, setup.mesh.size, chunks), batch),
     )
     return jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
 
@@ -244,6 +276,65 @@ def _raised_in_pallas(error: Exception) -> bool:
 
 def _names_our_kernel(error: Exception) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and KERNEL_NAME_PREFIX in str(error)
+
+
+def compile_train_step(setup: Setup, train_fn, abstract: TrainState, memory_bytes=None):
+    """``train_fn`` compiled for the config's global batch (``compile_or_explain``) and
+    checked, before any step runs, against the memory of the device (``memory_bytes`` per
+    device; by default the device's own where it reports it: TPU and GPU, not the CPU). A
+    step that cannot fit ends in one line naming the accumulation that would."""
+    batch_size = setup.config.input.batch_size
+    if memory_bytes is None:
+        memory_bytes = _device_memory(setup)
+    try:
+        compiled = compile_or_explain(train_fn, abstract, abstract_batch(setup, batch_size))
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses a program over the chip's memory outright, saying what its
+        # temporaries need; the rest is the state, the batch and the outputs.
+        required = _required_bytes(str(e)) if str(e).startswith("RESOURCE_EXHAUSTED") else None
+        if not (memory_bytes and required):
+            raise
+        fixed = sum(x.nbytes for x in jax.tree.leaves(abstract))  # replicated: whole per device
+        raise _train_step_too_large(setup, memory_bytes, fixed + required, required) from None
+    if memory_bytes:
+        from sasa_flax import aot  # the compiled programs' memory accounting
+
+        analysis = compiled.memory_analysis()
+        peak = aot.peak_bytes(analysis)
+        if peak > aot.HEADROOM * memory_bytes:
+            raise _train_step_too_large(setup, memory_bytes, peak, analysis.temp_size_in_bytes)
+    return compiled
+
+
+def _train_step_too_large(setup: Setup, memory_bytes: int, peak: int, temp: int) -> TrainError:
+    """The line for a train step over the device's memory: the accumulation_steps whose
+    micro-batch would fit, the activations taken as linear in the images at once."""
+    from sasa_flax import aot
+
+    batch_size, n = setup.config.input.batch_size, setup.config.train.accumulation_steps
+    per_device = batch_size // setup.mesh.size
+    at_once = per_device // n
+    budget = aot.HEADROOM * memory_bytes
+    fixed, per_image = peak - temp, temp / at_once
+    fitting = [m for m in range(1, per_device + 1)
+               if per_device % m == 0 and fixed + per_image * m <= budget]  # fmt: skip
+    said = (
+        f"the train step needs {peak / aot.GIB:.1f} GiB per device ({at_once} images per "
+        f"device at once), over {aot.HEADROOM:.0%} of the device's "
+        f"{memory_bytes / aot.GIB:.1f} GiB"
+    )
+    if not fitting:
+        return TrainError(
+            f"{said}; even one image per device would not fit (the state and the rest take "
+            f"{fixed / aot.GIB:.1f} GiB): use devices with more memory, or a smaller model "
+            "or image size."
+        )
+    m = max(fitting)
+    return TrainError(
+        f"{said}: set --config.train.accumulation_steps={per_device // m} ({m} images per "
+        f"device at once, estimated to fit; the same {batch_size} images per optimizer step), "
+        "or a smaller --config.input.batch_size."
+    )
 
 
 def fit_eval_step(
