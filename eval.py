@@ -33,6 +33,8 @@ def main(argv):
         f"step {r['step']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}"
         f"  ({r['num_examples']} examples; setting: {r['setting']})"
     )
+    if not r["written"]:
+        print(f"(not written: {_WORKDIR.value} is not writable)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def main(argv):
         results = trainer.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, command=cli.config_arguments()
         )
-    if "stopped_by" in results:
+    if results.get("already_finished"):
+        print(
+            f"already finished at step {results['step']}: final test top-1 "
+            f"{results['top1']:.2f}%  top-5 {results['top5']:.2f}%; nothing was done."
+        )
+    elif "stopped_by" in results:
         print(
             f"stopped by {results['stopped_by']} after step {results['step']}, checkpoint "
             "written; the same command resumes."

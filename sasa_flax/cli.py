@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import pathlib
+import re
 import sys
 import traceback
 
@@ -77,7 +80,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             flags.FLAGS.config.keys()  # ml_collections reports a missing file only on use
         return remaining
     except OSError as e:
-        message = "cannot load --config: " + " ".join(
+        message = _missing_config_file(argv) or "cannot load --config: " + " ".join(
             line.strip() for line in str(e).splitlines()[1:] if line.strip()
         )
     except (KeyError, AttributeError) as e:
@@ -90,8 +93,39 @@ def parse_flags(argv: list[str]) -> list[str]:
             "(sasa_flax/models) and config_lib.base_config()'s input and train sections."
         )
     except flags.Error as e:
-        message = str(_user_error_in(e) or e)
+        message = _missing_flag(e) or str(_user_error_in(e) or e)
     sys.exit(f"error: {message}\nPass --helpfull to see the flags.")
+
+
+EXAMPLES = {
+    "config": "--config configs/digits.py (a config file[:argument], e.g. "
+    "configs/imagenet.py:depth=50; the shipped ones are in configs/)",
+    "workdir": "--workdir /tmp/sasa-digits (where checkpoints, logs and results go; "
+    "local or gs://bucket/path)",
+}
+
+
+def _missing_flag(error: flags.Error) -> str | None:
+    """A required flag left out: its name and an example, instead of absl's message."""
+    match = re.search(r"--(\w+) must have a value other than None", str(error))
+    if match is None:
+        return None
+    name = match.group(1)
+    return f"--{name} is required: e.g. {EXAMPLES.get(name, f'--{name}=...')}."
+
+
+def _missing_config_file(argv: list[str]) -> str | None:
+    """A --config path that does not exist: named, with the nearest existing config file."""
+    spec = config_arguments(argv[1:])["config_spec"]
+    path = pathlib.Path(spec.partition(":")[0])
+    if not spec or path.is_file():
+        return None
+    folder = path.parent if path.parent.is_dir() else pathlib.Path("configs")
+    known = sorted(str(p) for p in folder.glob("*.py")) if folder.is_dir() else []
+    near = difflib.get_close_matches(str(path), known, n=1, cutoff=0.6)
+    where = "there" if folder == path.parent else "shipped"
+    hint = f"did you mean {near[0]}?" if near else f"config files {where}: {', '.join(known)}."
+    return f"--config {spec}: no such file {str(path)!r}; {hint if known else ''}".rstrip("; ")
 
 
 def run(main) -> None:

@@ -46,6 +46,10 @@ def eval_results_file(step: int, setting: str = "") -> str:
     return f"eval_results_step_{step}{setting and '_' + setting}.json"
 
 
+def exists(workdir: str) -> bool:
+    return epath.Path(workdir).exists()
+
+
 def eval_results(workdir: str) -> dict[int, dict]:
     """{step: results} of the run's own evaluation setting."""
     found = {}
@@ -92,6 +96,15 @@ def _schedule_fields(config) -> dict:
     return _fields(config, SCHEDULE_FIELDS)
 
 
+def same_schedule(record: dict, config) -> bool:
+    """Whether the run record's config (``run.json``) has ``config``'s schedule fields."""
+    saved = record.get("config")
+    if not saved:
+        return False
+    now = json.loads(config.to_json_best_effort())
+    return not _changes(_schedule_fields(saved), _schedule_fields(now))
+
+
 def _changes(saved: dict, now: dict) -> list[str]:
     return [f for f in saved if f in now and saved[f] != now[f]]
 
@@ -110,7 +123,7 @@ def checkpoint_meta(setup, step: int) -> dict:
         seed=setup.config.train.seed,
         total_steps=setup.total_steps,
         schedule=_schedule_fields(setup.config),
-        eval_setting=_fields(setup.config, EVAL_FIELDS),
+        eval_setting=eval_fields(setup.config),
         processes=setup.dataset.process_count,
     )
 
@@ -195,6 +208,23 @@ def write_eval_results(workdir: str, step: int, results: dict, setting: str = ""
     target.write_text(json.dumps(dict(step=step, **results), indent=2))
 
 
+def writable(workdir: str) -> bool:
+    """Whether files can be written in the existing ``workdir`` (creates nothing else)."""
+    probe = epath.Path(workdir) / f".sasa_write_test_{jax.process_index()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def eval_fields(config) -> dict:
+    """The fields that change what an evaluation means (``EVAL_FIELDS``) of a config or of
+    a run record's config (a dict)."""
+    return _fields(config, EVAL_FIELDS)
+
+
 def ensure_writable(workdir: str) -> None:
     """Creates workdir if needed and proves it writable (local or gs://) before any work."""
     root = epath.Path(workdir)
@@ -214,7 +244,7 @@ def eval_setting_suffix(meta: dict, config, workdir: str, other_setting: bool) -
     """ "" when ``config`` evaluates the setting the run was trained for (``meta``'s);
     otherwise refuses, or with ``other_setting`` names the setting for its results file."""
     saved = meta.get("eval_setting") or {}
-    now = _fields(config, EVAL_FIELDS)
+    now = eval_fields(config)
     changed = _changes(saved, now)
     if not changed:
         return ""

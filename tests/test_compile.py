@@ -12,6 +12,7 @@ the gradient reductions); it fits the chip's memory with headroom.
 """
 
 import os
+import re
 
 import jax
 import pytest
@@ -272,3 +273,23 @@ def test_every_imagenet_model_against_resnet50_on_v5e(tmp_path):
             assert ratio <= MEMORY_BUDGET, f"{name}: {ratio:.2f}× ResNet-50's temporaries"
     ratio = steps["sasa_conv_stem"]["cycles"] / steps["resnet50"]["cycles"]
     assert ratio <= ESTIMATED_RATIO_REACHED, f"{ratio:.2f}x ResNet-50's step: {out[-2000:]}"
+
+
+def test_an_impossible_batch_is_refused_before_the_first_step_naming_the_accumulation():
+    """configs/cifar10.py with 8192 images on one v5e chip (16 GiB): the trainer's own
+    check (compile_train_step) refuses it in one line naming accumulation_steps; with
+    that accumulation the same batch compiles, fits, and its compiled temporaries follow
+    the micro-batch."""
+    require("v5e")
+    setup = aot.trainer_setup("configs/cifar10.py", "v5e", batch_per_chip=8192, chips=1)
+    hbm = aot.TARGETS["v5e"].hbm_bytes
+    abstract = trainer.abstract_state(setup)
+    train, _ = trainer.compile_steps(setup, abstract)
+    with pytest.raises(trainer.TrainError, match=r"accumulation_steps=(\d+) \((\d+) images") as e:
+        trainer.compile_train_step(setup, train, abstract, memory_bytes=hbm)
+    steps = int(re.search(r"accumulation_steps=(\d+)", str(e.value))[1])
+    assert steps > 1 and 8192 % steps == 0, str(e.value)
+    setup.config.train.accumulation_steps = steps
+    train, _ = trainer.compile_steps(setup, abstract)
+    compiled = trainer.compile_train_step(setup, train, abstract, memory_bytes=hbm)
+    assert aot.peak_bytes(compiled.memory_analysis()) <= aot.HEADROOM * hbm

@@ -343,3 +343,22 @@ def test_a_two_process_run_on_a_workdir_in_use_exits_on_both_processes(tmp_path)
     assert "Traceback" not in pair[0].output + pair[1].output
     holder.popen.terminate()
     assert holder.finish() == 0, holder.output
+
+
+@slow
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--workdir", "WORKDIR"], "error: --config is required: e.g. --config configs/digits.py"),
+        (["--config", "configs/digit.py", "--workdir", "WORKDIR"],
+         "error: --config configs/digit.py: no such file 'configs/digit.py'; did you mean "
+         "configs/digits.py?"),
+        (["--config", "configs/digits.py"], "error: --workdir is required"),
+    ],
+)  # fmt: skip
+def test_a_forgotten_or_misspelt_flag_is_named_with_the_fix(tmp_path, args, message):
+    args = [a.replace("WORKDIR", str(tmp_path / "run")) for a in args]
+    run = helpers.Process(["train.py", *args], helpers.environment())
+    assert run.finish() == 1
+    assert message in run.output and "Traceback" not in run.output, run.output
+    assert not (tmp_path / "run").exists()

@@ -124,6 +124,16 @@ def test_folder_dataset(tmp_path):
     assert sum(int(b["mask"].sum()) for b in ip.eval_batches(dataset, config)) == dataset.eval.size
 
 
+def test_hidden_and_archive_folders_are_not_classes(tmp_path, caplog):
+    write_image_folder(tmp_path)
+    for stray in ("__MACOSX", ".ipynb_checkpoints"):  # with images in them, as zips leave
+        write_image_folder(tmp_path / stray, classes=("cat",), per_class=1)
+    with caplog.at_level("INFO", logger="sasa_flax"):
+        dataset = ip.load(input_config(dataset="folder", data_dir=str(tmp_path)))
+    assert dataset.num_classes == 3 and dataset.train.size + dataset.eval.size == 15
+    assert any("skipped .ipynb_checkpoints, __MACOSX" in r.getMessage() for r in caplog.records)
+
+
 def test_folder_with_train_and_val_subfolders(tmp_path):
     write_image_folder(tmp_path / "train")
     write_image_folder(tmp_path / "val", per_class=2)
@@ -137,6 +147,8 @@ def test_folder_with_train_and_val_subfolders(tmp_path):
         (lambda p: None, "at least two"),  # empty folder
         (lambda p: (p / "only").mkdir(), "at least two"),
         (lambda p: [(p / c).mkdir() for c in "ab"], "no images"),
+        # an empty class folder beside real ones: named, not trained as a class never seen
+        (lambda p: write_image_folder(p) or (p / "empty").mkdir(), r"without images.*: empty\."),
     ],
 )
 def test_folder_errors(tmp_path, setup, match):

@@ -180,6 +180,44 @@ def test_eval_of_another_setting_is_refused_or_written_apart(eight_device_run):
     assert own_file.read_text() == own  # the run's own results are never overwritten
 
 
+def test_eval_of_another_dataset_is_refused_before_any_data_is_opened(
+    eight_device_run, monkeypatch
+):
+    """A CIFAR-10 config on a digits run: refused from the run record, before the dataset
+    (offline: minutes of download retries) is opened."""
+    from sasa_flax import data
+
+    config, workdir, _ = eight_device_run
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("opened the dataset"))
+    other = tiny_config()
+    other.input.dataset = "cifar10"
+    with pytest.raises(trainer.TrainError, match=r"config\.input\.dataset 'digits' -> 'cifar10'"):
+        trainer.evaluate_checkpoint(other, workdir)
+
+
+def test_eval_on_a_read_only_workdir_says_so_first_and_still_gives_the_accuracy(
+    eight_device_run, monkeypatch, caplog
+):
+    from sasa_flax import workdir as workdir_lib
+
+    config, workdir, results = eight_device_run
+    files = sorted(p.name for p in pathlib.Path(workdir).rglob("*"))
+    monkeypatch.setattr(workdir_lib, "writable", lambda path: False)
+    with caplog.at_level(logging.WARNING, logger="sasa_flax"):
+        again = trainer.evaluate_checkpoint(config, workdir)
+    assert not again["written"] and again["top1"] == pytest.approx(results["top1"])
+    assert "is not writable" in caplog.text
+    assert sorted(p.name for p in pathlib.Path(workdir).rglob("*")) == files
+
+
+def test_writable_tells_a_workdir_files_cannot_be_made_in(tmp_path):
+    from sasa_flax import workdir as workdir_lib
+
+    assert workdir_lib.writable(str(tmp_path))
+    assert not workdir_lib.writable("/proc")  # not even root creates files there
+    assert not list(tmp_path.iterdir())  # the probe is removed
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_8_devices_resumes_on_4_then_on_1_and_ends_where_8_do(
     eight_device_run, tmp_path
@@ -325,3 +363,24 @@ def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path, monkeypatch):
     trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert len(unfinished_at_dispatch) == 20 and loop.STEPS_IN_FLIGHT <= 2
     assert max(unfinished_at_dispatch) <= loop.STEPS_IN_FLIGHT, unfinished_at_dispatch
+
+
+def test_a_finished_run_says_so_and_does_nothing_more(eight_device_run, monkeypatch, caplog):
+    """Rerunning a finished run (a sweep run twice) returns its final evaluation without
+    restoring, compiling or writing anything; a longer schedule goes the usual way."""
+    from sasa_flax.train import loop
+
+    config, workdir, results = eight_device_run
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in pathlib.Path(workdir).rglob("*"))
+    monkeypatch.setattr(loop, "compile_train_step", lambda *a, **k: pytest.fail("compiled"))
+    with caplog.at_level(logging.INFO, logger="sasa_flax"):
+        again = trainer.train_and_evaluate(config, workdir)
+    assert again["already_finished"] and again["top1"] == results["top1"]
+    assert again["step"] == 6
+    assert any("already finished at step 6" in r.getMessage() for r in caplog.records)
+    after = sorted((p.name, p.stat().st_mtime_ns) for p in pathlib.Path(workdir).rglob("*"))
+    assert after == before  # nothing written, not even the run record
+    monkeypatch.undo()
+    longer = tiny_config(num_steps=8)
+    with pytest.raises(trainer.TrainError, match="num_steps"):  # refused as before
+        trainer.train_and_evaluate(longer, workdir)

@@ -108,6 +108,42 @@ def _list_gcs(root: str) -> dict[str, int] | None:
         return None
 
 
+# Folders that archive tools and operating systems leave beside the data: never classes.
+STRAY_FOLDERS = ("__MACOSX",)
+
+
+def _is_image(relative: str) -> bool:
+    return os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
+    """The class folders of a split folder, sorted: hidden folders and ``__MACOSX`` are
+    skipped (said once); a class folder without one image is refused, naming it, since it
+    would train a class that can never be seen."""
+    found = tree.subfolders(split_name)
+    stray = [n for n in found if n.startswith(".") or n in STRAY_FOLDERS]
+    if stray:
+        logging.getLogger("sasa_flax").info(
+            "%s: skipped %s (hidden or archive folders, not classes)",
+            tree.path(split_name), ", ".join(stray),
+        )  # fmt: skip
+    classes = [n for n in found if n not in stray]
+    prefix = f"{split_name}/" if split_name else ""
+    with_images = {  # one pass over the scan (files_under per class would be classes ×)
+        f[len(prefix) :].split("/", 1)[0]
+        for f in tree.files
+        if f.startswith(prefix) and _is_image(f) and "/" in f[len(prefix) :]
+    }
+    empty = [n for n in classes if n not in with_images]
+    if empty and len(empty) < len(classes):  # none with images: "no images under" later
+        raise DatasetError(
+            f"{tree.path(split_name)} has class folder(s) without images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}): {', '.join(empty)}. Remove them or "
+            "add their images; every class folder is a class the model must predict."
+        )
+    return classes
+
+
 @register_source("folder")
 def _folder(input_config, process_index, process_count) -> Dataset:
     root = str(input_config.data_dir).rstrip("/") or str(input_config.data_dir)
@@ -121,7 +157,7 @@ def _folder(input_config, process_index, process_count) -> Dataset:
     eval_name = next((n for n in EVAL_FOLDERS if n in top), None)
     train_name = "train" if eval_name is not None and "train" in top else ""
     train_dir = tree.path(train_name)
-    classes = tree.subfolders(train_name)
+    classes = _class_folders(tree, train_name)
     split_like = sorted(set(classes) & {"train", *EVAL_FOLDERS})
     if split_like:
         raise DatasetError(
@@ -140,7 +176,7 @@ def _folder(input_config, process_index, process_count) -> Dataset:
         for label, name in enumerate(classes):
             folder = f"{split_name}/{name}" if split_name else name
             for f in tree.files_under(folder):
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                if _is_image(f):
                     files.append(f)
                     labels.append(label)
         return np.array(files, dtype=object), np.array(labels, np.int32)

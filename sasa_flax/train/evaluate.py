@@ -75,7 +75,19 @@ def evaluate_checkpoint(
     """Restores a checkpoint's model item (no optimizer state) and evaluates it, in the
     evaluation setting the run was trained for unless ``other_setting`` (see
     ``workdir.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
-    split only (``make_eval_setup``)."""
+    split only (``make_eval_setup``). Where the workdir cannot be written (read-only, no
+    permission), says so first and evaluates anyway, returning ``written=False``."""
+    # The run's setting from its run record, before any data is opened (another dataset's
+    # config would otherwise try to download it first); the checkpoint's own below.
+    record = workdir_lib.read_run_record(workdir)
+    if record.get("config"):
+        workdir_lib.eval_setting_suffix(
+            dict(eval_setting=workdir_lib.eval_fields(record["config"])), config, workdir,
+            other_setting,
+        )  # fmt: skip
+    writable = workdir_lib.writable(workdir)
+    if not writable and jax.process_index() == 0:
+        log.warning("%s is not writable: the results are printed, not written to it", workdir)
     setup = make_eval_setup(config, devices=devices)
     log_attention_plan(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
@@ -83,7 +95,8 @@ def evaluate_checkpoint(
     setting = workdir_lib.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
-    workdir_lib.write_eval_results(workdir, step, results, setting)
-    if jax.process_index() == 0:
-        write_eval_events(workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), step, results)
-    return dict(step=step, setting=setting or "the run's own", **results)
+    if writable:
+        workdir_lib.write_eval_results(workdir, step, results, setting)
+        if jax.process_index() == 0:
+            write_eval_events(workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), step, results)
+    return dict(step=step, setting=setting or "the run's own", written=writable, **results)

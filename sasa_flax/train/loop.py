@@ -1,9 +1,11 @@
 """The training loop, in labelled stages (one process per host; every host runs the same
 program):
-  1. Validate the config and the batch against the devices; open the dataset.
+  1. Validate the config and the batch against the devices; open the dataset. A run
+     that already finished says so and does nothing more.
   2. Claim the workdir (process 0 decides, every process hears the verdict).
   3. Abstract init (``jax.eval_shape``), then the state born replicated on the mesh, or
-     restored from the newest checkpoint that verifies; only then is the start recorded.
+     restored from the newest checkpoint that verifies; both steps compiled and checked
+     against the device's memory; only then is the start recorded.
   4. Loop: global batches from per-process data, jitted train step (state donated),
      metrics, periodic evaluation, asynchronous checkpoints.
   5. Final checkpoint and evaluation, printed and written to the workdir.
@@ -72,10 +74,35 @@ def train_and_evaluate(
     # by this run alone while it trains. Process 0 decides and every process hears the
     # verdict: a refusal ends all of them with the same line.
     setup = make_setup(config, devices=devices)
+    finished = distributed.everywhere("finished", lambda: _finished_results(setup, workdir))
+    if finished is not None:
+        if jax.process_index() == 0:
+            log.info(
+                "%s already finished at step %d (final top-1 %.2f%%): nothing to do. To "
+                "evaluate it again: eval.py; to train it longer: more --config.train."
+                "num_epochs with --config.train.allow_schedule_change=true; to train it "
+                "anew: another --workdir.", workdir, finished["step"], finished["top1"],
+            )  # fmt: skip
+        return dict(finished, already_finished=True)
     lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
     with workdir_lock.keep(lease):
         distributed.everywhere("workdir-writable", lambda: workdir_lib.ensure_writable(workdir))
         return _train_and_evaluate(setup, workdir, stop_after_step, command or {})
+
+
+def _finished_results(setup: Setup, workdir: str) -> dict | None:
+    """The final evaluation of a run in ``workdir`` that reached this config's last step
+    with this config's schedule and was evaluated there, or None: a rerun of a finished
+    run (a sweep run twice) says so instead of restoring, compiling and evaluating again.
+    A changed schedule goes the usual way (refused, or extended where allowed)."""
+    if not workdir_lib.exists(workdir):
+        return None
+    results = workdir_lib.eval_results(workdir).get(setup.total_steps)
+    newest = max(workdir_lib.checkpoint_steps(workdir), default=0)
+    if results is None or newest != setup.total_steps:
+        return None
+    same = workdir_lib.same_schedule(workdir_lib.read_run_record(workdir), setup.config)
+    return results if same else None
 
 
 def _claim_workdir(workdir: str) -> workdir_lock.Lease:
@@ -98,16 +125,6 @@ def _train_and_evaluate(
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
     log_attention_plan(setup)
-    # Both steps compiled before any state exists, and checked against the device's
-    # memory: a batch that cannot fit ends here naming the accumulation that would; an
-    # eval batch that cannot is evaluated in chunks.
-    train_fn, _ = compile_steps(setup, abstract)
-    compile_start = time.perf_counter()
-    train_fn = compile_train_step(setup, train_fn, abstract)
-    compile_seconds = time.perf_counter() - compile_start
-    if jax.process_index() == 0:
-        log.info("compiled the train step in %s", format_duration(compile_seconds))
-    eval_fn, _ = fit_eval_step(setup, abstract)
     t = config.train
     mngr = checkpointing.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
@@ -127,6 +144,16 @@ def _train_and_evaluate(
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
         state = init_state(setup, abstract)
+    # Both steps compiled, and checked against the device's memory, before the start is
+    # recorded: a train batch that cannot fit ends here naming the accumulation that
+    # would; an eval batch that cannot fit is evaluated in chunks.
+    train_fn, _ = compile_steps(setup, abstract)
+    compile_start = time.perf_counter()
+    train_fn = compile_train_step(setup, train_fn, abstract)
+    compile_seconds = time.perf_counter() - compile_start
+    if jax.process_index() == 0:
+        log.info("compiled the train step in %s", format_duration(compile_seconds))
+    eval_fn, _ = fit_eval_step(setup, abstract)
     # Only now, with every check passed, is the start recorded.
     distributed.on_process_0(
         "run-record", lambda: workdir_lib.write_run_record(setup, workdir, command, start_step)

@@ -294,7 +294,7 @@ def compile_train_step(setup: Setup, train_fn, abstract: TrainState, memory_byte
         required = _required_bytes(str(e)) if str(e).startswith("RESOURCE_EXHAUSTED") else None
         if not (memory_bytes and required):
             raise
-        fixed = sum(x.nbytes for x in jax.tree.leaves(abstract))  # replicated: whole per device
+        fixed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))  # replicated
         raise _train_step_too_large(setup, memory_bytes, fixed + required, required) from None
     if memory_bytes:
         from sasa_flax import aot  # the compiled programs' memory accounting
