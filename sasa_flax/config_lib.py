@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
             # activations' memory of a micro-batch. BatchNorm statistics are per micro-batch.
             accumulation_steps=1,
             seed=0,
+            # A jax.profiler trace of this many steps (0: none, and no cost) after step
+            # profile_start_step, into <workdir>/profile (TensorBoard's profile tab, xprof).
+            profile_steps=0,
+            profile_start_step=10,
             log_every_steps=100,
             eval_every_steps=0,  # 0: evaluate at the end only
             checkpoint_every_steps=1000,
@@ -287,6 +291,8 @@ def _validate_input_and_train(config) -> None:
                   "train.checkpoint_every_steps", "train.keep_checkpoints"):  # fmt: skip
         _positive(config, field)
     _positive(config, "train.accumulation_steps", kind=int)
+    for field in ("train.profile_steps", "train.profile_start_step"):
+        _positive(config, field, kind=int, allow_zero=True)
     if t.num_steps == 0:
         _positive(config, "train.num_epochs")
     if not 0.0 <= t.ema_decay < 1.0:

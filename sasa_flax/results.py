@@ -82,6 +82,7 @@ def read_run(workdir: str) -> dict:
         return max(values) if values else None
 
     speeds = [v for _, v in scalars.get("train/images_per_sec", [])]
+    per_device = [v for _, v in scalars.get("train/images_per_sec_per_device", [])]
     paper = paper_numbers(record.get("config_spec", ""))
     top1 = final.get("top1")
     return dict(
@@ -98,7 +99,10 @@ def read_run(workdir: str) -> dict:
         best_top1=best("top1"),
         best_top5=best("top5"),
         images_per_sec=statistics.median(speeds) if speeds else None,
+        # Measured in the run (the median of its log lines), on its own devices.
+        images_per_sec_per_device=statistics.median(per_device) if per_device else None,
         devices=record.get("devices"),
+        device_kind=record.get("device_kind"),
         paper_top1=paper.get("top1"),
         vs_paper=None if top1 is None or paper.get("top1") is None else top1 - paper["top1"],
     )
@@ -133,6 +137,18 @@ COLUMNS = (
     ("top-5", lambda r: _cell(r["top5"], ".2f")),
     ("best top-5", lambda r: _cell(r["best_top5"], ".2f")),
     ("img/s", lambda r: _cell(r["images_per_sec"], ".0f")),
+    (
+        "img/s per device",
+        lambda r: " ".join(
+            filter(
+                None,
+                [
+                    _cell(r["images_per_sec_per_device"], ".0f"),
+                    r["device_kind"] and f"({r['device_kind']})",
+                ],
+            )
+        ),
+    ),
     ("paper top-1", lambda r: _cell(r["paper_top1"], ".1f")),
     ("Δ paper", lambda r: _cell(r["vs_paper"], "+.2f")),
 )

@@ -249,3 +249,14 @@ def test_tensorboard_events_on_gcs_are_uploaded_at_flushes_not_every_few_lines(g
     local = tmp_path / "events"
     local.write_bytes(_bucket(gcs).blob(name).download_as_bytes())
     assert sorted(_train_scalars(local)) == list(range(1, 21))
+
+
+def test_a_profile_on_gcs_is_traced_locally_and_uploaded(gcs):
+    workdir = gcs.prefix("profiled")
+    run = _train(gcs, workdir, "steps=4", "--config.train.profile_steps=2",
+                 "--config.train.profile_start_step=1")  # fmt: skip
+    assert run.finish(300) == 0, run.output
+    traces = [b for b in _bucket(gcs).list_blobs(prefix=f"{_key(workdir)}/profile/")
+              if b.name.endswith(".xplane.pb")]  # fmt: skip
+    assert len(traces) == 1 and traces[0].size > 0, run.output
+    assert "profiled steps 2-3 into gs://" in run.output

@@ -47,6 +47,8 @@ def test_results_table_reads_every_run(runs):
         assert run["top1"] == final["top1"] and run["best_top1"] >= final["top1"]
         assert (run["params"], run["flops"]) == flops.count(tiny_config(num_steps=2))
         assert run["images_per_sec"] > 0  # the median of the logged speeds (none: None)
+        assert 0 < run["images_per_sec_per_device"] <= run["images_per_sec"]
+        assert run["device_kind"] == jax.devices()[0].device_kind
     assert table[0]["differs"] == [] and table[1]["differs"] == ["train.log_every_steps=2"]
     assert table[1]["overrides"] == ["config.train.log_every_steps=2"]
     markdown = results.markdown(table)

@@ -384,3 +384,15 @@ def test_a_finished_run_says_so_and_does_nothing_more(eight_device_run, monkeypa
     longer = tiny_config(num_steps=8)
     with pytest.raises(trainer.TrainError, match="num_steps"):  # refused as before
         trainer.train_and_evaluate(longer, workdir)
+
+
+def test_a_profile_is_written_when_asked_and_never_otherwise(tmp_path):
+    """config.train.profile_steps: a jax.profiler trace of the chosen steps in
+    <workdir>/profile (an .xplane.pb TensorBoard's profile plugin reads); none when 0."""
+    devices = jax.devices()[:1]
+    config = tiny_config(profile_steps=2, profile_start_step=2)
+    trainer.train_and_evaluate(config, str(tmp_path / "asked"), devices=devices)
+    traces = list((tmp_path / "asked" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path / "not"), devices=devices)
+    assert not (tmp_path / "not" / "profile").exists()

@@ -26,6 +26,7 @@ from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import TrainError
 from sasa_flax.train.evaluate import evaluate
 from sasa_flax.train.prefetch import DevicePrefetch
+from sasa_flax.train.profile import StepProfile
 from sasa_flax.train.progress import ProgressLog, format_duration, log, metric_writer
 from sasa_flax.train.setup import (
     Setup,
@@ -178,9 +179,11 @@ def _train_and_evaluate(
     prefetch = DevicePrefetch(setup, batches)
     progress = ProgressLog(setup, writer, start_step, prefetch)
     in_flight = collections.deque()  # a small output of each step not yet waited for
+    profile = StepProfile(t, workdir)
     try:
         with preemption.stop_on_signals() as stop_request:
             for step in range(start_step, end_step):
+                profile.before(step)
                 # The per-step path moves nothing between host and device implicitly: a
                 # host read of a device value here would stall every step of a pod, so
                 # it fails instead (explicit reads at log lines, evaluations and saves).
@@ -196,6 +199,7 @@ def _train_and_evaluate(
                 in_flight.append(metrics["finite"])
                 if len(in_flight) > STEPS_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
+                profile.after(done, metrics)
                 stopping = stop_request.should_stop(done)
                 force = done == end_step or stopping
                 evaluating = bool(
@@ -240,6 +244,7 @@ def _train_and_evaluate(
         raise
     finally:
         prefetch.close()
+        profile.stop()  # a run that ends or stops inside the traced steps
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))
