@@ -80,6 +80,7 @@ def test_batchnorm_statistics_are_per_micro_batch():
     assert any(not np.allclose(a, b) for a, b in pairs)
 
 
+@pytest.mark.slow
 def test_accumulated_run_resumes_bit_exactly(tmp_path):
     config = tiny_config(accumulation_steps=2)
     devices = jax.devices()[:2]

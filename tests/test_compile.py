@@ -103,7 +103,7 @@ def test_layer_forward_and_backward(target, size, channels, kernel_size):
 LARGE_STAGES = [(112, 64), (56, 128), (28, 256)]
 
 
-@pytest.mark.parametrize("kernel_size", [9, 11])
+@pytest.mark.parametrize("kernel_size", [11])  # the largest window: the largest halo
 @pytest.mark.parametrize(
     "size,channels", LARGE_STAGES, ids=[f"{s}x{s}x{c}" for s, c in LARGE_STAGES]
 )
@@ -248,20 +248,20 @@ def test_the_tpu_choice_table_is_current(tmp_path):
 
 @pytest.mark.xdist_group("memory")
 def test_every_imagenet_model_against_resnet50_on_v5e(tmp_path):
-    """One v5e chip (16 GiB), 128 images, the trainer's train step of ResNet-50 and both
-    SASA-ResNet-50s, compiled once each and read twice:
-    - memory: each fits, and keeps its compiled temporaries within MEMORY_BUDGET ×
-      ResNet-50's (full attention was 13×, 45 GiB, before the stem mixed its value
-      matrices first and attended in rematerialised strips);
-    - time, by libtpu's static schedule: SASA-R50 (conv stem + attention) within
-      ESTIMATED_RATIO_REACHED of ResNet-50's step, every Mosaic call counted (none
-      without its dumped schedule)."""
+    """One v5e chip (16 GiB), 128 images, the trainer's train step of ResNet-50 and
+    SASA-ResNet-50 (conv stem + attention), compiled once each and read twice:
+    - memory: both fit, and SASA keeps its compiled temporaries within MEMORY_BUDGET ×
+      ResNet-50's;
+    - time, by libtpu's static schedule: SASA within ESTIMATED_RATIO_REACHED of
+      ResNet-50's step, every Mosaic call counted (none without its dumped schedule).
+    Full attention (its stem at 224²) adds 20 minutes of compiling on 2 cores: its memory
+    is checked by test_the_shipped_eval_batch_fits_one_v5e_chip and the H100 train step,
+    its estimate by ``benchmarks.tpu_estimate`` (benchmarks/RESULTS.md)."""
     import json
 
     summary = tmp_path / "estimate.json"
-    code, out = _estimate("--generations", "v5e", "--programs",
-                          "resnet50,sasa_conv_stem,sasa_full", "--json", str(summary),
-                          tmp_path=tmp_path)  # fmt: skip
+    code, out = _estimate("--generations", "v5e", "--programs", "resnet50,sasa_conv_stem",
+                          "--json", str(summary), tmp_path=tmp_path)  # fmt: skip
     assert code == 0, out
     steps = {s["program"].split()[0]: s for s in json.loads(summary.read_text())}
     hbm = aot.TARGETS["v5e"].hbm_bytes
