@@ -76,7 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     override ends with one message naming it (exit status 1), not a traceback."""
     try:
         remaining = flags.FLAGS(argv)
-        if "config" in flags.FLAGS:
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.keys()  # ml_collections reports a missing file only on use
         return remaining
     except OSError as e:
@@ -129,12 +129,14 @@ def _missing_config_file(argv: list[str]) -> str | None:
 
 
 def run(main) -> None:
+    """``app.run`` with the commands' shared --verbose flag and one-line flag errors. The
+    flag is defined here, when a program runs, not when this module is imported."""
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool(
+            "verbose", False,
+            "Full tracebacks instead of one-line errors (also SASA_FLAX_VERBOSE=1).",
+        )  # fmt: skip
     app.run(main, flags_parser=parse_flags)
-
-
-flags.DEFINE_bool(
-    "verbose", False, "Full tracebacks instead of one-line errors (also SASA_FLAX_VERBOSE=1)."
-)
 
 
 def start(argv, distributed_mode: str) -> None:
@@ -142,7 +144,7 @@ def start(argv, distributed_mode: str) -> None:
     (orbax logs every file it writes; progress lines have their own logger)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.verbose:  # one switch for every quieting hook
+    if _verbose():  # one switch for every quieting hook
         os.environ["SASA_FLAX_VERBOSE"] = "1"
     quiet_hooks.install()
     distributed.maybe_initialize(distributed_mode)

@@ -36,7 +36,7 @@ SAID = {
     signal.SIGINT: "SIGINT: stopping after this step with a checkpoint; press Ctrl-C again to "
     "stop at once.\n",
     signal.SIGHUP: "SIGHUP (the terminal or ssh session closed): stopping after this step "
-    "with a checkpoint; start long runs under nohup or tmux (docs/tpu.md).\n",
+    "with a checkpoint; start long runs under nohup or tmux (docs/training.md).\n",
 }
 
 

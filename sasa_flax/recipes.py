@@ -27,7 +27,7 @@ def imagenet_config(
     BatchNorm and parameter-EMA decay 0.9999. Evaluated on ImageNet's validation set.
 
     ``runlocal`` shrinks the model (width 0.25), the images (64²) and the run to a smoke
-    test that fits a laptop: ``small_recipe``'s batch of 64, 20 steps.
+    test that fits a laptop: ``small_recipe``'s batch of 128, 20 steps.
     """
     if variant not in VARIANTS:
         raise config_lib.ConfigError(f"variant must be one of {tuple(VARIANTS)}; got {variant!r}.")

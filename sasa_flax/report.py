@@ -26,18 +26,25 @@ from sasa_flax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
-_ALL = flags.DEFINE_bool("all", False, "Markdown table of every shipped ImageNet config.")
-_LAYERS = flags.DEFINE_bool("layers", False, "Also list every counted layer.")
-_SCALING = flags.DEFINE_bool(
-    "scaling", False, "One layer's cost, attention vs convolution, as k grows (C = 64..512)."
-)
-_RESULTS = flags.DEFINE_bool(
-    "results", False, "One table over the training workdirs given as arguments."
-)
-_CSV = flags.DEFINE_bool("csv", False, "With --results: CSV instead of markdown.")
-_PLOT = flags.DEFINE_string("plot", None, "With --scaling: also draw it into this PNG file.")
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (``__main__``), not when the module is
+    imported: importing report and visualize in one process would define --config twice."""
+    global _CONFIG, _JSON, _ALL, _LAYERS, _SCALING, _RESULTS, _CSV, _PLOT
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file[:arg].", lock_config=True
+    )
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
+    _ALL = flags.DEFINE_bool("all", False, "Markdown table of every shipped ImageNet config.")
+    _LAYERS = flags.DEFINE_bool("layers", False, "Also list every counted layer.")
+    _SCALING = flags.DEFINE_bool(
+        "scaling", False, "One layer's cost, attention vs convolution, as k grows (C = 64..512)."
+    )
+    _RESULTS = flags.DEFINE_bool(
+        "results", False, "One table over the training workdirs given as arguments."
+    )
+    _CSV = flags.DEFINE_bool("csv", False, "With --results: CSV instead of markdown.")
+    _PLOT = flags.DEFINE_string("plot", None, "With --scaling: also draw it into this PNG file.")
 
 
 def summary(config) -> dict:
@@ -135,4 +142,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -39,14 +39,20 @@ from sasa_flax.errors import UserError
 from sasa_flax.layers import SelfAttention2D
 from sasa_flax.ops import patches
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and index.html.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
-_IMAGES = flags.DEFINE_integer("images", 2, "Evaluation images to draw.")
-_QUERIES = flags.DEFINE_string(
-    "queries", "0.5,0.5;0,0;0.25,0.75", "Query pixels as row,col fractions, ';'-separated."
-)
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (``__main__``), not at import."""
+    global _CONFIG, _WORKDIR, _OUT, _STEP, _IMAGES, _QUERIES
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file[:arg].", lock_config=True
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+    _OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and index.html.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
+    _IMAGES = flags.DEFINE_integer("images", 2, "Evaluation images to draw.")
+    _QUERIES = flags.DEFINE_string(
+        "queries", "0.5,0.5;0,0;0.25,0.75", "Query pixels as row,col fractions, ';'-separated."
+    )
 
 
 def parse_queries(text: str) -> list[tuple[float, float]]:
@@ -176,7 +182,10 @@ def _file_name(layer_path: str) -> str:
 def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
               queries=((0.5, 0.5), (0.0, 0.0))) -> dict:  # fmt: skip
     """Writes the pictures and index.html; returns {"step", "files": [...], "layers": [...]}."""
-    setup = trainer.make_setup(config, devices=jax.devices()[:1], process_count=1)
+    # The evaluation split only (make_setup would list the whole training split first).
+    setup = trainer.make_eval_setup(
+        config, devices=jax.devices()[:1], process_index=0, process_count=1
+    )
     abstract = trainer.abstract_state(setup)
     step, restored = trainer.restore_model_item(setup, abstract, workdir, step)
     params, model_state = trainer.eval_weights(restored["model"])
@@ -245,4 +254,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -69,6 +69,30 @@ print("OK")
 """
 
 
+_IMPORT_EVERY_MODULE = """
+import importlib, pkgutil
+from absl import flags
+import jax, ml_collections.config_flags, orbax.checkpoint, tensorflow, tensorflow_datasets
+import sasa_flax
+before = set(flags.FLAGS)  # the libraries' own flags: theirs
+names = [m.name for m in pkgutil.walk_packages(sasa_flax.__path__, "sasa_flax.")]
+for name in names:
+    importlib.import_module(name)
+assert set(flags.FLAGS) == before, sorted(set(flags.FLAGS) - before)
+print(len(names), "modules", "OK")
+"""
+
+
+def test_every_module_imports_together_without_defining_flags():
+    """A notebook or script may import report and visualize together: flags belong to the
+    programs (defined in their ``__main__``), so no import defines one (two modules that
+    each defined --config raised DuplicateFlagError)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EVERY_MODULE], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 def test_importing_the_library_installs_no_process_wide_hooks():
     """Hooks and log filters are the entry points' (``cli.start``), not import's; and
     TensorFlow, whoever imports it first (clu does), starts without its C++ banner."""

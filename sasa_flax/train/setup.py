@@ -155,11 +155,11 @@ def make_setup(config, *, devices=None, process_index=None, process_count=None) 
     )  # fmt: skip
 
 
-def make_eval_setup(config, *, devices=None) -> Setup:
+def make_eval_setup(config, *, devices=None, process_index=None, process_count=None) -> Setup:
     """``make_setup`` for evaluating a checkpoint: the training split is never built (on
     ImageNet as folders, listing it alone takes minutes), so the schedule is a
     placeholder of one step; the optimizer state is never restored or used."""
-    abstract, devices, dataset = _open(config, devices, None, None)
+    abstract, devices, dataset = _open(config, devices, process_index, process_count)
     return model_setup(
         config, devices, dataset=dataset, steps_per_epoch=1, total_steps=1, abstract=abstract
     )
