@@ -17,7 +17,7 @@ what housekeeping it needs, depends on the filesystem:
   cheap nor atomic: orbax writes ``checkpoints/N/`` in place and marks it complete with
   ``commit_success.txt``; a step without it is not listed, and the manager deletes it
   itself when it starts (``cleanup_tmp_directories``). A damaged checkpoint is not
-  copied: it is *recorded* in ``damaged_checkpoints/N.json`` (what failed, when), skipped
+  copied: it is *recorded* in ``damaged_checkpoints/N-<time>.json`` (what failed, when), skipped
   by every later restore and evaluation, and deleted only when the run saves step N
   again (orbax cannot overwrite a step), which supersedes it. The record says so.
 """

@@ -24,6 +24,7 @@ from sasa_flax import config_lib, data, flops, models, ops
 from sasa_flax import train as trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
+from sasa_flax.models import resnet
 
 
 @models.register("tiny_vit_for_tests")
@@ -299,3 +300,24 @@ def test_train_py_sigterm_resume_and_eval_py(tmp_path):
     )  # fmt: skip
     assert evaluation.finish() == 0, evaluation.output
     assert "step 24: top-1" in evaluation.output
+
+
+@resnet.register_spatial_layer("pointwise_for_tests", downsamples=True)
+def _pointwise(width: int, stride: int, parts, rngs: nnx.Rngs) -> nnx.Module:
+    """A spatial layer of this file only: a strided 1×1 convolution."""
+    return parts.conv(width, width, (1, 1), strides=stride, rngs=rngs)
+
+
+def test_a_spatial_layer_registered_here_is_what_the_resnet_builds():
+    """docs/extending.md's "an attention layer in the ResNet": registered by name, chosen
+    per group by config.model.spatial, built with the model's own convolution factory."""
+    config = config_lib.load_config("tests/tiny_config.py")
+    config.model.spatial = ("conv", "conv", "pointwise_for_tests", "pointwise_for_tests")
+    model = config_lib.build_model(config, rngs=nnx.Rngs(0))
+    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, resnet.Bottleneck)]
+    spatial = {m.spec.group: m.spatial for m in blocks}
+    assert [spatial[g].kernel_size for g in (2, 3)] == [(1, 1), (1, 1)]
+    assert [spatial[g].kernel_size for g in (0, 1)] == [(3, 3), (3, 3)]
+    assert not any(isinstance(m, SelfAttention2D) for _, m in nnx.iter_graph(model))
+    logits = model(jnp.zeros((2, 16, 16, 3)))
+    assert logits.shape == (2, config.model.num_classes)
