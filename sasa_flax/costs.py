@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sasa_flax.registries import Registry
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
@@ -35,15 +37,14 @@ class LayerCost:
     in_shape: tuple[int, ...] = ()  # the input the module was called with
 
 
-_RULES: dict[type, Callable] = {}
+_RULES: Registry = Registry("cost rule for")
 
 
 def register_cost(module_type: type):
     """Decorator: ``rule`` counts ``module_type`` (and its subclasses without a rule)."""
 
     def register(rule):
-        _RULES[module_type] = rule
-        return rule
+        return _RULES.add(module_type, rule)
 
     return register
 

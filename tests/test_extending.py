@@ -247,9 +247,9 @@ def test_loading_this_file_again_re_registers_it_and_a_clash_is_refused(monkeypa
     # New objects, the same definitions; the path as the CLI gets it (relative).
     again = config_lib.load_config_module("tests/test_extending.py")
     assert again.TinyViT is not TinyViT and models.get("tiny_vit_for_tests") is again.TinyViT
-    with pytest.raises(ValueError, match="impl 'recorded_dense_for_tests' is already defined"):
+    with pytest.raises(ValueError, match=r"\(impl\) 'recorded_dense_for_tests' is already regis"):
         ops.register_implementation("recorded_dense_for_tests", lambda *args, **kwargs: None)
-    with pytest.raises(ValueError, match="a model named 'tiny_vit_for_tests' is already"):
+    with pytest.raises(ValueError, match="model 'tiny_vit_for_tests' is already registered by"):
         models.register("tiny_vit_for_tests")(SelfAttention2D)
 
 
@@ -321,3 +321,53 @@ def test_a_spatial_layer_registered_here_is_what_the_resnet_builds():
     assert not any(isinstance(m, SelfAttention2D) for _, m in nnx.iter_graph(model))
     logits = model(jnp.zeros((2, 16, 16, 3)))
     assert logits.shape == (2, config.model.num_classes)
+
+
+def _first(*args, **kwargs):
+    return None
+
+
+def _second(*args, **kwargs):
+    return None
+
+
+class _CountedForTests(nnx.Module):
+    pass
+
+
+REGISTRATIONS = {
+    "model": lambda fn: models.register("rule_for_tests")(fn),
+    "impl": lambda fn: ops.register_implementation("rule_for_tests", fn),
+    "dataset": lambda fn: data.register_source("rule_for_tests")(fn),
+    "augmentation": lambda fn: data.register_augmentation("rule_for_tests", train=fn, eval=fn),
+    "spatial_layer": lambda fn: resnet.register_spatial_layer("rule_for_tests", downsamples=False)(
+        fn
+    ),
+    "cost_rule": lambda fn: importlib.import_module("sasa_flax.costs").register_cost(
+        _CountedForTests
+    )(fn),
+}
+
+
+@pytest.mark.parametrize("kind", list(REGISTRATIONS))
+def test_every_registry_keeps_one_rule(kind):
+    """The same definition again is fine (a config file loaded twice); another definition
+    under a taken name is refused, naming both places: one rule, for all six registries."""
+    from sasa_flax import costs
+
+    tables = [
+        models.registry._MODELS, importlib.import_module("sasa_flax.ops.local_attention")
+        ._IMPLEMENTATIONS, data.SOURCES, data.AUGMENTATIONS, resnet.SPATIAL_LAYERS, costs._RULES,
+    ]  # fmt: skip
+    before = [dict(t) for t in tables]
+    register = REGISTRATIONS[kind]
+    try:
+        register(_first)
+        register(_first)  # the same definition: fine
+        refused = r"by _first in .*test_extending\.py; _second in .*test_extending\.py is another"
+        with pytest.raises(ValueError, match=refused):
+            register(_second)
+    finally:
+        for table, saved in zip(tables, before, strict=True):
+            table.clear()
+            table.update(saved)

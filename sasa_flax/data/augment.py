@@ -16,6 +16,7 @@ import numpy as np
 
 from sasa_flax.data.splits import Split
 from sasa_flax.quiet_tensorflow import tf
+from sasa_flax.registries import Registry
 
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -91,12 +92,12 @@ class Augmentation:
     eval: Callable
 
 
-AUGMENTATIONS: dict[str, Augmentation] = {}
+AUGMENTATIONS: Registry = Registry("augmentation", defined_by=lambda a: a.train)
 
 
 def register_augmentation(name: str, *, train: Callable, eval: Callable) -> None:  # noqa: A002
     """Makes ``config.input.augment = name`` use ``train`` / ``eval`` (see Augmentation)."""
-    AUGMENTATIONS[name] = Augmentation(train, eval)
+    AUGMENTATIONS.add(name, Augmentation(train, eval))
 
 
 # ImageNet's: a random-area crop (8%-100%) resized, then the central crop of a resize.

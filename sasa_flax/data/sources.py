@@ -13,8 +13,6 @@ a TFDS dataset's. Built in:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 # isort: off
@@ -24,12 +22,13 @@ import tensorflow_datasets as tfds
 # isort: on
 from sasa_flax.data.augment import AUGMENTATIONS
 from sasa_flax.data.splits import Dataset, DatasetError, Split, array_split
+from sasa_flax.registries import Registry
 
 # Files a streaming (TFDS) split reads at once, record by record.
 INTERLEAVED_FILES = 16
 
 # name -> (input_config, process_index, process_count) -> Dataset. Any other name is TFDS's.
-SOURCES: dict[str, Callable[..., Dataset]] = {}
+SOURCES: Registry = Registry("dataset")
 
 
 def register_source(name: str):
@@ -40,8 +39,7 @@ def register_source(name: str):
     fix when the data is missing."""
 
     def decorate(fn):
-        SOURCES[name] = fn
-        return fn
+        return SOURCES.add(name, fn)
 
     return decorate
 

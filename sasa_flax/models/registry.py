@@ -31,9 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sasa_flax.errors import ArgumentError
-from sasa_flax.registries import definition, same_definition
+from sasa_flax.registries import Registry
 
-_MODELS: dict[str, Callable[..., Any]] = {}
+_MODELS: Registry = Registry("model")
 
 # Constructor arguments that are not config fields.
 NOT_FIELDS = ("rngs", "dtype", "param_dtype")
@@ -47,14 +47,7 @@ def register(name: str):
     """
 
     def decorate(factory):
-        existing = _MODELS.get(name)
-        if existing is not None and not same_definition(existing, factory):
-            raise ValueError(
-                f"a model named {name!r} is already registered ({existing.__qualname__} in "
-                f"{definition(existing)[0]}); choose another name."
-            )
-        _MODELS[name] = factory
-        return factory
+        return _MODELS.add(name, factory)
 
     return decorate
 

@@ -37,6 +37,7 @@ from flax import nnx
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.layers import AttentionOptions, AttentionStem, SelfAttention2D, StemOptions
 from sasa_flax.models.registry import register
+from sasa_flax.registries import Registry
 
 BLOCKS_PER_GROUP = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 GROUP_WIDTHS = (64, 128, 256, 512)
@@ -81,7 +82,7 @@ class SpatialLayer:
     downsamples: bool
 
 
-SPATIAL_LAYERS: dict[str, SpatialLayer] = {}
+SPATIAL_LAYERS: Registry = Registry("spatial layer", defined_by=lambda layer: layer.build)
 
 
 def register_spatial_layer(name: str, *, downsamples: bool):
@@ -89,7 +90,7 @@ def register_spatial_layer(name: str, *, downsamples: bool):
     usable in ``config.model.spatial``."""
 
     def decorate(build):
-        SPATIAL_LAYERS[name] = SpatialLayer(build, downsamples)
+        SPATIAL_LAYERS.add(name, SpatialLayer(build, downsamples))
         return build
 
     return decorate

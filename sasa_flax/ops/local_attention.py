@@ -25,17 +25,21 @@ import jax.numpy as jnp
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.ops import dense, pallas, patches, shifted
 from sasa_flax.ops.common import vary_together
-from sasa_flax.registries import same_definition
+from sasa_flax.registries import Registry
 
 PADDINGS = ("mask", "zeros")
 
 # name -> function(q, k, v, rel_row, rel_col, *, kernel_size, padding)
-_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "patches": patches.local_attention,
-    "shifted": shifted.local_attention,
-    "dense": dense.local_attention,
-    "pallas": pallas.local_attention,
-}
+_IMPLEMENTATIONS = Registry(
+    "attention implementation (impl)",
+    {
+        "patches": patches.local_attention,
+        "shifted": shifted.local_attention,
+        "dense": dense.local_attention,
+        "pallas": pallas.local_attention,
+    },
+    reserved=("auto",),
+)
 
 
 def register_implementation(name: str, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -47,11 +51,7 @@ def register_implementation(name: str, fn: Callable[..., jax.Array]) -> Callable
     arguments reach it already validated. Registering the same definition again (its file
     loaded a second time, e.g. as a config file) replaces it. Returns ``fn``.
     """
-    existing = _IMPLEMENTATIONS.get(name)
-    if name == "auto" or (existing is not None and not same_definition(existing, fn)):
-        raise ValueError(f"impl {name!r} is already defined; choose another name.")
-    _IMPLEMENTATIONS[name] = fn
-    return fn
+    return _IMPLEMENTATIONS.add(name, fn)
 
 
 def implementations() -> tuple[str, ...]:
