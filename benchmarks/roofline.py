@@ -98,7 +98,7 @@ def kernel_costs(impl, batch, size, channels, heads, kernel_size, dtype):
         out_dtype = dtype
     else:
         kernels = gpu.costs(shape, d, kernel_size, has_key=True, itemsize=itemsize)
-        frame = gpu._Frame.of(shape, kernel_size, gpu.DEFAULT_TILE)
+        frame = gpu.Frame.of(shape, kernel_size, gpu.DEFAULT_TILE)
         width = gpu._padded_width(d)
         to_frame = functools.partial(frame.to_frame, width=width)
         from_tiles = functools.partial(frame.from_tiles, channels=d)

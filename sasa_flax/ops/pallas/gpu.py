@@ -26,10 +26,13 @@ with ds_o = p_o (dy·v_o - Σ dy·y), as in FlashAttention's backward.
 
 Lowering. On GPU the kernels lower through Pallas' Triton backend, which wants
 power-of-two tiles: head widths are zero-padded to a power of two (the extra
-columns contribute exact zeros). ``tests/test_pallas_gpu.py`` checks that the kernels
-lower to Triton IR for CUDA (``jax.export``, no GPU needed); they have not yet been
-compiled and timed on a GPU (see benchmarks/RESULTS.md). On CPU they run in Pallas'
-interpret mode: exact, and slow (a correctness tool, not a CPU implementation).
+columns contribute exact zeros).
+
+Verified without a GPU: ``tests/test_pallas_gpu.py`` lowers them to Triton IR for CUDA
+(``jax.export``); XLA:GPU and ptxas compile them deviceless for H100 and A100
+(tests/test_compile.py; registers, spills and occupancy from ``benchmarks/gpu_kernels.py``);
+nothing has been run or timed on a GPU. On CPU they run in Pallas' interpret mode: exact,
+and slow (a correctness tool, not a CPU implementation).
 TPUs run the Mosaic kernels of ``pallas/tpu.py`` instead: these index frames at
 unaligned dynamic starts, which Mosaic refuses.
 
@@ -85,10 +88,10 @@ def local_attention(
     if tile < 1 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two; got {tile}.")
     rel = None if rel_row is None else (rel_row, rel_col)
-    frame = _Frame.of(q.shape, kernel_size, tile)
+    frame = Frame.of(q.shape, kernel_size, tile)
 
     def run(interpreted: bool):
-        config = _KernelConfig(
+        config = _Config(
             kernel_size=kernel_size,
             padding=padding,
             has_rel=rel is not None,
@@ -109,7 +112,7 @@ def local_attention(
     return jax.lax.platform_dependent(q, k, v, rel, cpu=run(True), default=run(False))
 
 
-class _Frame(NamedTuple):
+class Frame(NamedTuple):
     """Geometry of the padded, flattened image shared by all kernels."""
 
     batch: int
@@ -179,11 +182,11 @@ class _Frame(NamedTuple):
         return self.to_frame(ones)[0, 0, :, 0]
 
 
-class _KernelConfig(NamedTuple):
+class _Config(NamedTuple):
     kernel_size: int
     padding: str
     has_rel: bool
-    frame: _Frame
+    frame: Frame
     dtype: jnp.dtype  # of logits, softmax and sums: float32, or float64 for float64 inputs
     head_dim: int  # d and dv before padding to powers of two
     value_dim: int
@@ -449,7 +452,7 @@ def costs(q_shape, value_dim: int, kernel_size: int, *, has_key: bool, itemsize:
     """The kernels' own FLOP, exp and byte counts (``pallas.costs``) for queries of
     ``q_shape`` (B, H, W, N, d): head widths padded to powers of two, float32 outputs,
     each program's window its tile plus the largest shift on both sides."""
-    frame = _Frame.of(q_shape, kernel_size, tile)
+    frame = Frame.of(q_shape, kernel_size, tile)
     reach = frame.first  # r·Wp + r
     return kernel_costs(
         programs=frame.batch * frame.heads * frame.num_tiles, tile=tile,
