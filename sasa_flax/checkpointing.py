@@ -40,7 +40,7 @@ from sasa_flax import distributed
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import UserError
 
-log = logging.getLogger("sasa_flax")
+log = logging.getLogger(__name__)
 
 
 CHECKPOINT_DIR = workdir_lib.CHECKPOINTS

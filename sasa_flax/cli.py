@@ -12,7 +12,7 @@ import traceback
 
 from absl import app, flags, logging
 
-from sasa_flax import distributed, quiet_hooks
+from sasa_flax import distributed, logs, quiet_hooks
 from sasa_flax.errors import UserError
 
 
@@ -147,6 +147,7 @@ def start(argv, distributed_mode: str) -> None:
     if _verbose():  # one switch for every quieting hook
         os.environ["SASA_FLAX_VERBOSE"] = "1"
     quiet_hooks.install()
+    logs.show_progress(force=True)
     distributed.maybe_initialize(distributed_mode)
     logging.set_verbosity(logging.WARNING)
 

@@ -33,7 +33,7 @@ DAMAGED = "damaged_checkpoints"
 EVAL_EVENTS = "eval"
 _EVAL_RESULTS = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
 
-log = logging.getLogger("sasa_flax")
+log = logging.getLogger(__name__)
 
 
 def path(workdir: str, name: str) -> str:

@@ -46,7 +46,7 @@ LOCK_NAME = workdir_lib.LOCK_NAME
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 5 * HEARTBEAT_S
 
-log = logging.getLogger("sasa_flax")
+log = logging.getLogger(__name__)
 
 
 class WorkdirLocked(UserError):

@@ -75,18 +75,23 @@ from absl import flags
 import jax, ml_collections.config_flags, orbax.checkpoint, tensorflow, tensorflow_datasets
 import sasa_flax
 before = set(flags.FLAGS)  # the libraries' own flags: theirs
+import logging
+handlers = [list(logging.getLogger(n).handlers) for n in ("", "sasa_flax")]
 names = [m.name for m in pkgutil.walk_packages(sasa_flax.__path__, "sasa_flax.")]
 for name in names:
     importlib.import_module(name)
 assert set(flags.FLAGS) == before, sorted(set(flags.FLAGS) - before)
+assert [list(logging.getLogger(n).handlers) for n in ("", "sasa_flax")] == handlers
+assert logging.getLogger("sasa_flax").propagate
 print(len(names), "modules", "OK")
 """
 
 
-def test_every_module_imports_together_without_defining_flags():
+def test_every_module_imports_together_without_defining_flags_or_log_handlers():
     """A notebook or script may import report and visualize together: flags belong to the
     programs (defined in their ``__main__``), so no import defines one (two modules that
-    each defined --config raised DuplicateFlagError)."""
+    each defined --config raised DuplicateFlagError); nor does an import install a log
+    handler (the programs do: ``sasa_flax.logs``)."""
     out = subprocess.run(
         [sys.executable, "-c", _IMPORT_EVERY_MODULE], capture_output=True, text=True, cwd=ROOT
     )

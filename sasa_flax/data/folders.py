@@ -101,7 +101,7 @@ def _list_gcs(root: str) -> dict[str, int] | None:
         blobs = client.list_blobs(bucket, prefix=prefix)
         return {b.name[len(prefix) :]: int(b.size or 0) for b in blobs if not b.name.endswith("/")}
     except Exception as e:  # noqa: BLE001 - no credentials, no package: the slow way
-        logging.getLogger("sasa_flax").warning(
+        logging.getLogger(__name__).warning(
             "listing %s with google-cloud-storage failed (%s: %s); walking it with "
             "tf.io.gfile, one request per file", root, type(e).__name__, e,
         )  # fmt: skip
@@ -123,7 +123,7 @@ def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
     found = tree.subfolders(split_name)
     stray = [n for n in found if n.startswith(".") or n in STRAY_FOLDERS]
     if stray:
-        logging.getLogger("sasa_flax").info(
+        logging.getLogger(__name__).info(
             "%s: skipped %s (hidden or archive folders, not classes)",
             tree.path(split_name), ", ".join(stray),
         )  # fmt: skip

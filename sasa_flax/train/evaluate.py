@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sasa_flax import checkpointing, data
+from sasa_flax import checkpointing, data, logs
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.train.progress import log, write_eval_events
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
@@ -79,6 +79,7 @@ def evaluate_checkpoint(
     permission), says so first and evaluates anyway, returning ``written=False``."""
     # The run's setting from its run record, before any data is opened (another dataset's
     # config would otherwise try to download it first); the checkpoint's own below.
+    logs.show_progress()
     record = workdir_lib.read_run_record(workdir)
     if record.get("config"):
         workdir_lib.eval_setting_suffix(

@@ -21,7 +21,7 @@ import flax
 import jax
 import ml_collections
 
-from sasa_flax import checkpointing, data, distributed, preemption, workdir_lock
+from sasa_flax import checkpointing, data, distributed, logs, preemption, workdir_lock
 from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import TrainError
 from sasa_flax.train.evaluate import evaluate
@@ -74,6 +74,7 @@ def train_and_evaluate(
     # 1-2. Config, devices, data, mesh; then the workdir (nothing is written before), held
     # by this run alone while it trains. Process 0 decides and every process hears the
     # verdict: a refusal ends all of them with the same line.
+    logs.show_progress()
     setup = make_setup(config, devices=devices)
     finished = distributed.everywhere("finished", lambda: _finished_results(setup, workdir))
     if finished is not None:

@@ -9,6 +9,7 @@ into the profiler is made.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -19,7 +20,8 @@ from etils import epath
 
 from sasa_flax import checkpointing
 from sasa_flax import workdir as workdir_lib
-from sasa_flax.train.progress import log
+
+log = logging.getLogger(__name__)
 
 PROFILE_DIR = "profile"
 

@@ -23,15 +23,7 @@ from clu import metric_writers
 if TYPE_CHECKING:
     from sasa_flax.train.setup import Setup
 
-# Progress and results go to stdout on their own logger, whatever absl's verbosity
-# (orbax logs every file it writes at INFO).
-log = logging.getLogger("sasa_flax")
-if not log.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(_handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+log = logging.getLogger(__name__)  # the program sets up where it goes: sasa_flax.logs
 
 
 # TensorBoard events are queued in memory and written when this many are queued or this

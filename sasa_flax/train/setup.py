@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
@@ -26,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
-from sasa_flax.train.progress import log
+
+log = logging.getLogger(__name__)
 
 # The model's state that is neither a parameter nor an RNG stream.
 MODEL_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))

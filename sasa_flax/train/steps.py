@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 import traceback
 
@@ -19,8 +20,9 @@ from flax import nnx
 
 from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
-from sasa_flax.train.progress import log
 from sasa_flax.train.setup import MODEL_STATE, Setup, TrainState, merged_model
+
+log = logging.getLogger(__name__)
 
 
 def _cross_entropy(logits, labels, num_classes, smoothing):
