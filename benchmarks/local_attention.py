@@ -11,7 +11,7 @@ projections, relative tables, local attention), differentiated w.r.t. the input
 and every weight; the convolution is
 ``lax.conv_general_dilated`` with a C×C 3×3 kernel, differentiated the same way.
 It reports compiled temporary memory (``memory_analysis().temp_size_in_bytes``) and
-achieved GFLOP/s (analytic FLOPs of ``sasa_flax.flops``, paper convention, ×3 for
+achieved GFLOP/s (analytic FLOPs of ``sasa_flax.costs``, paper convention, ×3 for
 forward+backward), and prints a markdown table with ratios to the convolution.
 
 ``--before REV`` also times every implementation row with the package of git revision

@@ -13,6 +13,13 @@ listed, so a report can say what it could not count.
 A rule is ``rule(module, in_shape, *, in_image_taps_only) -> (params, flops, out_shape)``
 with ``out_shape`` ``None`` where running the module itself is cheap (its own output is
 then used); ``flops`` are per image. A ruled module's submodules are not counted again.
+
+For a config: ``report`` (counted layers and the uncounted ones), ``layer_costs`` and
+``count`` (parameters, FLOPs) build the config's model abstractly and trace it at
+``config.input.image_size``. Parameters are counted exactly and equal the model's (a test
+checks every shipped config): BatchNorm scale and bias count, running statistics do not;
+the attention stem's mixture weights p(a, b, m) are computed once per block position and
+not counted as FLOPs.
 """
 
 from __future__ import annotations
@@ -57,10 +64,6 @@ def rule_for(module) -> Callable | None:
 
 
 # --- closed forms shared by the rules -------------------------------------------------
-
-
-def conv_out_size(n: int, k: int, stride: int, pad: int) -> int:
-    return (n + 2 * pad - k) // stride + 1
 
 
 def conv_taps(n: int, k: int, stride: int, pad_low: int, pad_high: int, in_image_only: bool):
@@ -220,3 +223,34 @@ def _modules(module) -> list[nnx.Module]:
 def total(costs: Sequence[LayerCost]) -> tuple[int, int]:
     """(parameters, FLOPs)."""
     return sum(c.params for c in costs), sum(c.flops for c in costs)
+
+
+# --- a config's model --------------------------------------------------------------------
+
+
+def _trace_config(config, in_image_taps_only: bool, model=None):
+    from sasa_flax import config_lib  # configs build models: only where one is counted
+
+    model = config_lib.build_model(config) if model is None else model
+    size = config.input.image_size
+    return trace(model, (1, size, size, 3), in_image_taps_only=in_image_taps_only)
+
+
+def report(config) -> tuple[list[LayerCost], list[str]]:
+    """Validates the config, then (counted layers, paths of the parameter-owning layers no
+    rule counts), from one abstract build of the model."""
+    from sasa_flax import config_lib
+
+    return _trace_config(config, False, config_lib.validate(config))
+
+
+def layer_costs(config, *, in_image_taps_only: bool = False) -> list[LayerCost]:
+    """Every counted layer of the config's model at config.input.image_size, named by its
+    path in the model. ``in_image_taps_only`` skips the convolution taps that fall on zero
+    padding, as XLA's cost analysis does (to cross-check these formulas)."""
+    return _trace_config(config, in_image_taps_only)[0]
+
+
+def count(config) -> tuple[int, int]:
+    """(parameters, FLOPs) of the config's model."""
+    return total(layer_costs(config))

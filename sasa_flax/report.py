@@ -8,8 +8,8 @@ r"""Parameter and FLOP report of a config's model, checkable against the paper.
     python -m sasa_flax.report --scaling [--plot cost.png] [--json]   # attention vs conv
     python -m sasa_flax.report --results WORKDIR [WORKDIR ...] [--json | --csv]  # a sweep
 
-Counts are analytic (``sasa_flax.flops`` documents each formula), at the config's
-input size, a multiply-add counted as 2 FLOPs; nothing is built or compiled.
+Counts are analytic (``sasa_flax.costs``: the convention and where each formula lives), at
+the config's input size, a multiply-add counted as 2 FLOPs; nothing is built or compiled.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from sasa_flax import cli, config_lib, costs, flops, results, scaling
+from sasa_flax import cli, config_lib, costs, results, scaling
 from sasa_flax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -48,7 +48,7 @@ def define_flags() -> None:
 
 
 def summary(config) -> dict:
-    layers, uncounted = flops.report(config)
+    layers, uncounted = costs.report(config)
     params, total_flops = costs.total(layers)
     return {
         "params": params,

@@ -168,10 +168,10 @@ def write_run_record(setup, workdir: str, command: dict, start_step: int = 0) ->
     (time, step it started from, its config argument, overrides, config and devices), so
     that a resume with other overrides stays visible. Written at every start, after the
     resume checks passed. ``report --results`` reads it."""
-    from sasa_flax import flops  # the cost rules: only here, not on the training path
+    from sasa_flax import costs  # the cost rules: only here, not on the training path
 
     try:
-        params, total_flops = flops.count(setup.config)
+        params, total_flops = costs.count(setup.config)
     except Exception:  # noqa: BLE001 - a registered model without cost rules: no counts
         params = total_flops = None
     record_path = epath.Path(workdir) / RUN_RECORD

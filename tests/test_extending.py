@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
-from sasa_flax import config_lib, data, flops, models, ops
+from sasa_flax import config_lib, costs, data, models, ops
 from sasa_flax import train as trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
@@ -155,7 +155,7 @@ def test_the_model_checks_its_own_fields_as_config_fields():
 
 
 def test_the_report_counts_what_it_can_and_names_what_it_cannot():
-    layers, uncounted = flops.report(get_config())
+    layers, uncounted = costs.report(get_config())
     names = {layer.name for layer in layers}
     assert {"embed", "mixers/0", "mixers/1", "mlps/0", "head"} <= names
     # LayerNorm has no cost rule: named, not silently dropped.

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from sasa_flax import flops, results, visualize
+from sasa_flax import costs, results, visualize
 from sasa_flax import train as trainer
 from tests.helpers import tiny_config
 
@@ -45,7 +45,7 @@ def test_results_table_reads_every_run(runs):
         final = json.loads((pathlib.Path(workdir) / "eval_results_step_2.json").read_text())
         assert run["steps_done"] == 2 and run["total_steps"] == 2
         assert run["top1"] == final["top1"] and run["best_top1"] >= final["top1"]
-        assert (run["params"], run["flops"]) == flops.count(tiny_config(num_steps=2))
+        assert (run["params"], run["flops"]) == costs.count(tiny_config(num_steps=2))
         assert run["images_per_sec"] > 0  # the median of the logged speeds (none: None)
         assert 0 < run["images_per_sec_per_device"] <= run["images_per_sec"]
         assert run["device_kind"] == jax.devices()[0].device_kind

@@ -3,8 +3,9 @@
 Counted per query position and offset, for every program's tile (padding columns and
 the tile tail included), with each program reading its tile plus a halo window once:
 on TPU the blocks are exactly that; on GPU it assumes a program's k² shifted reads of
-the same window hit in cache after the first. Passed to XLA as ``pl.CostEstimate`` and
-read by ``benchmarks/roofline``.
+the same window hit in cache after the first. The Mosaic (TPU) calls pass it to XLA as
+``pl.CostEstimate``; the Triton ones do not (Pallas' Triton lowering takes none); both are
+read by ``benchmarks/roofline``. Not the model's FLOP count: that is ``sasa_flax.costs``.
 """
 
 from __future__ import annotations
