@@ -68,7 +68,7 @@ def local_attention(
     *,
     kernel_size: int,
     padding: str = "mask",
-    impl: str = "patches",
+    impl: str = "auto",
 ) -> jax.Array:
     """Multi-head self-attention of every pixel over its k×k neighbourhood.
 
@@ -92,9 +92,9 @@ def local_attention(
         window mask: (H·W)² work in matmuls, for images not much larger than the
         window), ``"pallas"`` (fused Pallas kernels with an online softmax and their
         own backward; Triton kernels on GPU, Mosaic kernels on TPU, the GPU kernels
-        interpreted on CPU, where they are exact but slow) or ``"auto"``: chosen per
-        platform when the program is lowered (``auto_choice``; e.g. on CPU
-        ``"dense"`` when H·W < 4·k², else ``"shifted"``).
+        interpreted on CPU, where they are exact but slow) or ``"auto"`` (the default,
+        as ``SelfAttention2D``'s): chosen per platform when the program is lowered
+        (``auto_choice``; e.g. on CPU ``"dense"`` when H·W < 4·k², else ``"shifted"``).
 
     Returns:
       (B, H, W, N, dv) in the dtype of ``v``. Logits and the softmax are computed
