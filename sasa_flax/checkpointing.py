@@ -138,15 +138,13 @@ def save(
     model: Any,
     train: Any,
     meta: dict,
-    force: bool = False,
     damaged: dict[int, str] | None = None,
 ) -> bool:
-    """Starts an asynchronous save of step (if due, or ``force``); True if one started.
-    ``meta`` gets a checksum of every array (``verify`` checks them at restore).
-    ``damaged``: ``damaged_steps``; a damaged step kept in place (object stores) is
-    deleted first, and its record marked replaced, since orbax cannot overwrite a step."""
-    if not (force or mngr.should_save(step)):
-        return False
+    """Starts an asynchronous save of ``step``; the caller has decided it is due (the
+    training loop: ``mngr.should_save`` or a stop or the last step). ``meta`` gets a
+    checksum of every array (``verify`` checks them at restore). ``damaged``:
+    ``damaged_steps``; a damaged step kept in place (object stores) is deleted first, and
+    its record marked replaced, since orbax cannot overwrite a step."""
     if damaged and step in damaged and step in mngr.all_steps():
         mngr.delete(step)
         if jax.process_index() == 0:
@@ -159,7 +157,7 @@ def save(
             train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave(meta),
         ),
-        force=force,
+        force=True,  # decided by the caller, not again by the manager's interval
     )
 
 

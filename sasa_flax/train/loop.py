@@ -222,10 +222,11 @@ def _train_and_evaluate(
                 if evaluating:
                     results = evaluate(setup, eval_fn, *eval_weights(state))
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
-                checkpointing.save(
-                    mngr, done, model=state.model_item(), train=state.train_item(),
-                    meta=workdir_lib.checkpoint_meta(setup, done), force=force, damaged=damaged,
-                )  # fmt: skip
+                if saving:  # decided here alone (a period, a stop, the last step)
+                    checkpointing.save(
+                        mngr, done, model=state.model_item(), train=state.train_item(),
+                        meta=workdir_lib.checkpoint_meta(setup, done), damaged=damaged,
+                    )  # fmt: skip
                 if stopping:
                     mngr.wait_until_finished()
                     writer.flush()
