@@ -94,17 +94,30 @@ def train_and_evaluate(
 
 def _finished_results(setup: Setup, workdir: str) -> dict | None:
     """The final evaluation of a run in ``workdir`` that reached this config's last step
-    with this config's schedule and was evaluated there, or None: a rerun of a finished
-    run (a sweep run twice) says so instead of restoring, compiling and evaluating again.
-    A changed schedule goes the usual way (refused, or extended where allowed)."""
+    with this config's schedule, was evaluated there and whose last checkpoint verifies,
+    or None: a rerun of a finished run (a sweep run twice) says so instead of compiling,
+    training and evaluating again. A changed schedule or a damaged last checkpoint goes the
+    usual way (refused or extended; reported, set aside and redone)."""
     if not workdir_lib.exists(workdir):
         return None
     results = workdir_lib.eval_results(workdir).get(setup.total_steps)
     newest = max(workdir_lib.checkpoint_steps(workdir), default=0)
     if results is None or newest != setup.total_steps:
         return None
-    same = workdir_lib.same_schedule(workdir_lib.read_run_record(workdir), setup.config)
-    return results if same else None
+    if not workdir_lib.same_schedule(workdir_lib.read_run_record(workdir), setup.config):
+        return None
+    # Its last checkpoint must still verify: a damaged one is redone the usual way.
+    if setup.total_steps in checkpointing.damaged_steps(workdir):
+        return None
+    abstract = abstract_state(setup)
+    mngr = checkpointing.manager(workdir, read_only=True)
+    try:
+        checkpointing.restore_verified(
+            mngr, setup.total_steps, model=abstract.model_item(), train=abstract.train_item()
+        )
+    except checkpointing.CheckpointError:
+        return None
+    return results
 
 
 def _claim_workdir(workdir: str) -> workdir_lock.Lease:
