@@ -1,6 +1,6 @@
 """One table over many runs: how an ablation sweep is read (``report --results``).
 
-A run's workdir is read through ``sasa_flax.workdir`` (the run record, the evaluation
+A run's workdir is read through ``run.Workdir`` (the run record, the evaluation
 results, the checkpoint steps: how far a running or stopped run got) and its TensorBoard
 events (``train/images_per_sec`` per log line, ``eval/top1`` and ``eval/top5`` per
 periodic evaluation). Running and unfinished runs are read as far as they got.
@@ -16,7 +16,7 @@ import statistics
 from etils import epath
 
 from sasa_flax import config_lib
-from sasa_flax import workdir as workdir_lib
+from sasa_flax.run import Workdir
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -66,13 +66,13 @@ def paper_numbers(config_spec: str) -> dict:
 
 def read_run(workdir: str) -> dict:
     """What one workdir says about its run (missing pieces are None)."""
-    path = epath.Path(workdir)
-    if not path.is_dir():
+    run = Workdir.of(workdir)
+    if not run.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory; pass training workdirs.")
-    record = workdir_lib.read_run_record(workdir)
-    evals = workdir_lib.eval_results(workdir)
-    scalars = _scalars(path)
-    checkpoints = workdir_lib.checkpoint_steps(workdir)
+    record = run.run_record()
+    evals = run.eval_results()
+    scalars = _scalars(run.path())
+    checkpoints = run.checkpoint_steps()
     logged = [step for points in scalars.values() for step, _ in points]
     final = evals[max(evals)] if evals else {}
 

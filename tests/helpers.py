@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import aot, checkpointing, config_lib
+from sasa_flax import aot, config_lib
 from sasa_flax import train as trainer
 from sasa_flax.ops import patches
+from sasa_flax.run import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -152,9 +153,9 @@ def tiny_config(**train):
 def final_params(config, workdir, devices):
     """(step, parameters) of the newest checkpoint in ``workdir``, on the host."""
     setup = trainer.make_setup(config, devices=devices)
-    mngr = checkpointing.manager(workdir, read_only=True)
-    step = checkpointing.step_to_restore(mngr, workdir, None)
-    item = checkpointing.restore(mngr, step, model=trainer.abstract_state(setup).model_item())
+    mngr = checkpoints.manager(workdir, read_only=True)
+    step = checkpoints.step_to_restore(mngr, workdir, None)
+    item = checkpoints.restore(mngr, step, model=trainer.abstract_state(setup).model_item())
     return step, jax.device_get(item["model"])
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing
+from sasa_flax.run import Workdir
 from tests.helpers import Process, environment, final_params, tiny_config, train
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_redone(tmp_path
     assert first.finish() == 0, first.output
     config, devices = tiny_config(num_steps=6, checkpoint_every_steps=2), jax.devices()[:1]
     _, expected = final_params(config, str(tmp_path), devices)
-    _damage(tmp_path / checkpointing.CHECKPOINT_DIR / "6", how)
+    _damage(tmp_path / Workdir.CHECKPOINTS / "6", how)
 
     # eval.py --step 6 refuses it in one line, naming the newest good step.
     refused = _eval(tmp_path, "--step", "6")

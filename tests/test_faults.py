@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import checkpointing, config_lib, data
+from sasa_flax import config_lib, data
 from sasa_flax import train as trainer
+from sasa_flax.run import Workdir, checkpoints
 from tests import helpers
 from tests.helpers import final_params, tiny_config
 
@@ -44,7 +45,7 @@ def assert_same_final_parameters(workdir, expected):
 
 
 def complete_steps(workdir) -> list[int]:
-    return sorted(checkpointing.manager(str(workdir), read_only=True).all_steps())
+    return sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
 
 
 @slow
@@ -131,25 +132,25 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
     uninterrupted, tmp_path
 ):
     """Three kills in a row, each in the middle of a checkpoint write, then a clean finish."""
-    checkpoints = tmp_path / checkpointing.CHECKPOINT_DIR
+    checkpoint_dir = tmp_path / Workdir.CHECKPOINTS
     config_arg = f"steps={STEPS},checkpoint_every=1"
     for point in ("temporary directory created", "model item written", "2 ms into the write"):
         run = helpers.train(tmp_path, config_arg)
-        interrupted = _kill_while_writing(run, checkpoints, point)
+        interrupted = _kill_while_writing(run, checkpoint_dir, point)
         step_being_written = int(interrupted.name.split(".")[0])
         steps = complete_steps(tmp_path)
         assert step_being_written not in steps  # the half-written step is not listed ...
         if steps:  # ... and the newest listed one restores completely
             setup = trainer.make_setup(tiny_config(num_steps=STEPS), devices=jax.devices()[:1])
             abstract = trainer.abstract_state(setup)
-            mngr = checkpointing.manager(str(tmp_path), read_only=True)
-            item = checkpointing.restore(
+            mngr = checkpoints.manager(str(tmp_path), read_only=True)
+            item = checkpoints.restore(
                 mngr, steps[-1], model=abstract.model_item(), train=abstract.train_item()
             )
             assert int(item["train"]["step"]) == steps[-1]
     rerun = helpers.train(tmp_path, config_arg)
     assert rerun.finish() == 0, rerun.output
-    assert not _tmp_dirs(checkpoints)  # the leftovers were cleaned up
+    assert not _tmp_dirs(checkpoint_dir)  # the leftovers were cleaned up
     assert_same_final_parameters(tmp_path, uninterrupted)
 
 
@@ -185,8 +186,8 @@ def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, t
     assert results["step"] == 6 and np.isfinite(results["loss"])
     setup = trainer.make_setup(config)
     abstract = trainer.abstract_state(setup)
-    mngr = checkpointing.manager(str(tmp_path), read_only=True)
-    item = checkpointing.restore(mngr, 6, model=abstract.model_item(), train=abstract.train_item())
+    mngr = checkpoints.manager(str(tmp_path), read_only=True)
+    item = checkpoints.restore(mngr, 6, model=abstract.model_item(), train=abstract.train_item())
     assert int(item["train"]["nonfinite_steps"]) == 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(item["model"]))
 
@@ -214,7 +215,7 @@ def test_eval_on_a_checkpoint_of_another_architecture_names_the_parameters(
 ):
     config = tiny_config(num_steps=1)
     config.model.update(**change)
-    with pytest.raises(checkpointing.CheckpointError, match=names):
+    with pytest.raises(checkpoints.CheckpointError, match=names):
         trainer.evaluate_checkpoint(config, str(trained_workdir))
 
 

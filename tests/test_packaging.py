@@ -18,6 +18,13 @@ for heavy in ("tensorflow", "ml_collections", "orbax", "tensorflow_datasets"):
     assert heavy not in sys.modules, f"importing the layers imported {heavy}"
 print("FROM", sasa_flax.__file__)
 """
+_IMPORT_RUN = """
+import sys
+import sasa_flax.run
+below = [m for m in sys.modules if m.startswith(("sasa_flax.train", "sasa_flax.models"))]
+assert not below, f"sasa_flax.run imported the trainer or a model: {below}"
+print("OK")
+"""
 _METADATA = 'import importlib.metadata; print("REQUIRES", importlib.metadata.requires("sasa_flax"))'
 
 
@@ -27,6 +34,15 @@ def test_the_layers_import_without_the_trainer():
         check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+def test_the_workdir_is_below_the_trainer():
+    """The run's place (``sasa_flax.run``) imports neither the trainer nor a model: the
+    dependency runs from the trainer down, never back."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_RUN], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -60,7 +76,7 @@ _IMPORT_EVERYTHING = """
 import logging, sys, threading
 hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
 filters = [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")]
-import sasa_flax.checkpointing, sasa_flax.train, sasa_flax.cli, sasa_flax.quiet_hooks
+import sasa_flax.run, sasa_flax.train, sasa_flax.cli, sasa_flax.quiet_hooks
 assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks, "hooks changed"
 assert [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")] == filters
 sasa_flax.quiet_hooks.install()

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import aot, checkpointing
+from sasa_flax import aot
 from sasa_flax import train as trainer
 from sasa_flax.models import resnet
+from sasa_flax.run import Workdir, checkpoints
 from tests.helpers import final_params, tiny_config
 
 
@@ -38,7 +39,7 @@ def test_end_to_end_trains_evaluates_and_checkpoints(eight_device_run):
         hits = results[metric] * 360 / 100
         assert hits == pytest.approx(round(hits), abs=1e-6)
     assert results["top5"] >= results["top1"]
-    mngr = checkpointing.manager(workdir, read_only=True)
+    mngr = checkpoints.manager(workdir, read_only=True)
     assert mngr.latest_step() == 6
     saved = json.loads((pathlib.Path(workdir) / "eval_results_step_6.json").read_text())
     assert saved == {"step": 6, **{k: v for k, v in results.items() if k in saved and k != "step"}}
@@ -99,16 +100,16 @@ def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
 
 def test_eval_of_an_earlier_step_and_of_a_missing_one(eight_device_run):
     config, workdir, _ = eight_device_run
-    steps = sorted(checkpointing.manager(workdir, read_only=True).all_steps())
+    steps = sorted(checkpoints.manager(workdir, read_only=True).all_steps())
     assert trainer.evaluate_checkpoint(config, workdir, step=steps[0])["step"] == steps[0]
     with pytest.raises(
-        checkpointing.CheckpointError, match=r"no checkpoint of step 5.*available steps"
+        checkpoints.CheckpointError, match=r"no checkpoint of step 5.*available steps"
     ):
         trainer.evaluate_checkpoint(config, workdir, step=5)
 
 
 def test_eval_on_an_empty_workdir_says_so(tmp_path):
-    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in .*train first"):
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .*train first"):
         trainer.evaluate_checkpoint(tiny_config(), str(tmp_path))
 
 
@@ -198,11 +199,9 @@ def test_eval_of_another_dataset_is_refused_before_any_data_is_opened(
 def test_eval_on_a_read_only_workdir_says_so_first_and_still_gives_the_accuracy(
     eight_device_run, monkeypatch, caplog
 ):
-    from sasa_flax import workdir as workdir_lib
-
     config, workdir, results = eight_device_run
     files = sorted(p.name for p in pathlib.Path(workdir).rglob("*"))
-    monkeypatch.setattr(workdir_lib, "writable", lambda path: False)
+    monkeypatch.setattr(Workdir, "writable", lambda self: False)
     with caplog.at_level(logging.WARNING, logger="sasa_flax"):
         again = trainer.evaluate_checkpoint(config, workdir)
     assert not again["written"] and again["top1"] == pytest.approx(results["top1"])
@@ -211,10 +210,8 @@ def test_eval_on_a_read_only_workdir_says_so_first_and_still_gives_the_accuracy(
 
 
 def test_writable_tells_a_workdir_files_cannot_be_made_in(tmp_path):
-    from sasa_flax import workdir as workdir_lib
-
-    assert workdir_lib.writable(str(tmp_path))
-    assert not workdir_lib.writable("/proc")  # not even root creates files there
+    assert Workdir(str(tmp_path)).writable()
+    assert not Workdir("/proc").writable()  # not even root creates files there
     assert not list(tmp_path.iterdir())  # the probe is removed
 
 

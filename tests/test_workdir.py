@@ -13,17 +13,58 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import config_lib, data, workdir_lock
+from sasa_flax import config_lib, data
 from sasa_flax import train as trainer
+from sasa_flax.run import Workdir, checkpoints, lock
 from tests.helpers import tiny_config
 
 
 def _write_lock(workdir, **holder):
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = dict(host=socket.gethostname(), pid=os.getppid(), started=time.time(),
+    content = dict(host=socket.gethostname(), pid=os.getppid(), started=time.time(),
                 heartbeat=time.time(), token="x")  # fmt: skip
-    lock.update(holder)
-    (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(lock))
+    content.update(holder)
+    (workdir / Workdir.LOCK).write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize(
+    "root, object_store, url",
+    [
+        ("/runs/a", False, "file:///runs/a/"),
+        ("/runs/a/", False, "file:///runs/a/"),
+        ("file:///runs/a", False, "file:///runs/a/"),
+        ("gs://bucket/runs/a", True, "gs://bucket/runs/a/"),
+        ("gs://bucket/runs/a/", True, "gs://bucket/runs/a/"),
+        ("memory://a", True, "memory://a/"),
+    ],
+)
+def test_a_workdir_joins_every_path_one_way_and_decides_object_stores_once(root, object_store, url):
+    workdir = Workdir.of(root)
+    assert Workdir.of(workdir) is workdir and str(workdir) == root
+    assert workdir.on_object_store is object_store
+    assert workdir.kvstore_url == url
+    base = root.rstrip("/")
+    assert workdir.checkpoints == f"{base}/checkpoints"
+    assert workdir.lock == f"{base}/train.lock"
+    assert workdir.eval_events == f"{base}/eval" and workdir.profile == f"{base}/profile"
+    assert Workdir.eval_results_file(7) == "eval_results_step_7.json"
+    assert Workdir.eval_results_file(7, "image_size=64") == "eval_results_step_7_image_size=64.json"
+
+
+def test_a_workdir_reads_back_what_it_wrote(tmp_path):
+    workdir = Workdir(str(tmp_path / "run"))
+    assert not workdir.exists()
+    workdir.ensure_writable()
+    assert workdir.run_record() == {} and workdir.eval_results() == {}
+    assert workdir.checkpoint_steps() == []
+    workdir.write_run_record(dict(total_steps=9))
+    workdir.write_eval_results(9, dict(top1=50.0))
+    workdir.write_eval_results(9, dict(top1=40.0), setting="image_size=64")  # not the run's
+    (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir()
+    assert workdir.run_record() == dict(total_steps=9)
+    assert workdir.eval_results() == {9: dict(step=9, top1=50.0)}
+    assert workdir.checkpoint_steps() == [3]
 
 
 def _dead_pid() -> int:
@@ -35,12 +76,12 @@ def _dead_pid() -> int:
 def test_a_second_trainer_refuses_at_once_naming_the_holder(tmp_path):
     _write_lock(tmp_path, pid=os.getppid())  # a live process: pytest's parent
     with pytest.raises(
-        workdir_lock.WorkdirLocked,
+        lock.WorkdirLocked,
         match=rf"in use by another trainer \(pid {os.getppid()} on {socket.gethostname()}, "
         r"started .*\).*another --workdir",
     ):
         trainer.train_and_evaluate(tiny_config(), str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lock.LOCK_NAME]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Workdir.LOCK]  # untouched
 
 
 def test_a_stale_lock_is_taken_over_and_the_lock_released_at_exit(tmp_path, caplog):
@@ -49,18 +90,18 @@ def test_a_stale_lock_is_taken_over_and_the_lock_released_at_exit(tmp_path, capl
         results = trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
     assert results["step"] == 1
     assert "taking over the stale lock" in caplog.text
-    assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+    assert not (tmp_path / Workdir.LOCK).exists()
 
 
 def test_another_hosts_lock_is_stale_only_without_a_recent_heartbeat(tmp_path):
     _write_lock(tmp_path, host="other-host", heartbeat=time.time() - 10)
-    with pytest.raises(workdir_lock.WorkdirLocked, match="on other-host"):
-        workdir_lock.hold(str(tmp_path)).__enter__()
-    _write_lock(tmp_path, host="other-host", heartbeat=time.time() - 2 * workdir_lock.STALE_AFTER_S)
-    with workdir_lock.hold(str(tmp_path)):
-        holder = json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())
+    with pytest.raises(lock.WorkdirLocked, match="on other-host"):
+        lock.hold(str(tmp_path)).__enter__()
+    _write_lock(tmp_path, host="other-host", heartbeat=time.time() - 2 * lock.STALE_AFTER_S)
+    with lock.hold(str(tmp_path)):
+        holder = json.loads((tmp_path / Workdir.LOCK).read_text())
         assert holder["pid"] == os.getpid()
-    assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+    assert not (tmp_path / Workdir.LOCK).exists()
 
 
 def _folder(root, classes, images=3):
@@ -157,7 +198,6 @@ def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
 
 @pytest.mark.slow
 def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tmp_path):
-    from sasa_flax import checkpointing
     from tests.helpers import train
 
     _folder(tmp_path / "data" / "train", [f"c{i}" for i in range(10)], images=8)
@@ -171,7 +211,7 @@ def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tm
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "c3/bad.png is corrupt" in errors[0]
     assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
-    mngr = checkpointing.manager(str(tmp_path / "run"), read_only=True)
+    mngr = checkpoints.manager(str(tmp_path / "run"), read_only=True)
     steps = sorted(mngr.all_steps())
     assert steps, run.output  # the bad image is in a later batch than the first
     for step in steps:  # every listed checkpoint is complete
@@ -193,7 +233,6 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(small_disk):
-    from sasa_flax import checkpointing
     from tests.helpers import train
 
     workdir = small_disk / "run"
@@ -208,7 +247,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(small_disk):
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left" in run.output, run.output[-3000:]
     assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
-    steps = sorted(checkpointing.manager(str(workdir), read_only=True).all_steps())
+    steps = sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
     assert steps  # the newest complete checkpoint is listed, and intact:
     assert (workdir / "checkpoints" / str(steps[-1]) / "meta").exists()
     filler.unlink()
@@ -230,7 +269,7 @@ def test_the_same_command_twice_the_second_refuses_in_one_line(tmp_path):
     assert "Traceback" not in second.output
     first.popen.terminate()  # SIGTERM: the first stops cleanly, unharmed by the second
     assert first.finish() == 0, first.output
-    assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+    assert not (tmp_path / Workdir.LOCK).exists()
 
 
 @pytest.mark.slow

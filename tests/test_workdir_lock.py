@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from sasa_flax import workdir_lock
+from sasa_flax.run import lock
 
 
 class Turnstile:
@@ -81,8 +81,8 @@ def _race(store, schedule, conditional=True):
     def start(who):
         try:
             scheduled = ScheduledStore(store, who, turnstile, conditional)
-            outcomes[who] = workdir_lock.take("the-workdir", store=scheduled)
-        except workdir_lock.WorkdirLocked as e:
+            outcomes[who] = lock.take("the-workdir", store=scheduled)
+        except lock.WorkdirLocked as e:
             outcomes[who] = e
         finally:
             turnstile.finish(who)
@@ -96,7 +96,7 @@ def _race(store, schedule, conditional=True):
 
 
 def _store_with(url, content):
-    store = workdir_lock.LockStore(url)
+    store = lock.LockStore(url)
     _, generation = store.read()
     if content is not None:
         store.write(content, generation)
@@ -104,9 +104,9 @@ def _store_with(url, content):
 
 
 def _assert_exactly_one_holds(store, outcomes, where):
-    holders = [o for o in outcomes.values() if isinstance(o, workdir_lock.Lease)]
+    holders = [o for o in outcomes.values() if isinstance(o, lock.Lease)]
     assert len(holders) == 1, f"{where}: {outcomes}"
-    (refused,) = [o for o in outcomes.values() if isinstance(o, workdir_lock.WorkdirLocked)]
+    (refused,) = [o for o in outcomes.values() if isinstance(o, lock.WorkdirLocked)]
     assert "another trainer" in str(refused)
     assert json.loads(store.read()[0])["token"] == holders[0].me["token"], where
 
@@ -129,7 +129,7 @@ def test_without_the_compare_and_swap_two_starters_both_hold():
     for schedule in SCHEDULES:
         store = _store_with(f"memory://race-{uuid.uuid4().hex}", None)
         outcomes = _race(store, schedule, conditional=False)
-        doubles += sum(isinstance(o, workdir_lock.Lease) for o in outcomes.values()) == 2
+        doubles += sum(isinstance(o, lock.Lease) for o in outcomes.values()) == 2
     assert doubles > 0
 
 
@@ -144,14 +144,14 @@ def test_on_gcs_two_starters_interleaved_at_every_point_exactly_one_holds(gcs, m
 
 def test_a_heartbeat_renews_only_its_own_lease_and_release_spares_a_successor(monkeypatch):
     url = f"memory://lease-{uuid.uuid4().hex}"
-    store = workdir_lock.LockStore(url)
-    first = workdir_lock.take(url, store=store)
+    store = lock.LockStore(url)
+    first = lock.take(url, store=store)
     first.renew()  # our own lease: renewed, still ours
     assert not first.lost.is_set()
     assert json.loads(store.read()[0])["token"] == first.me["token"]
     # The first run's heartbeat stopped long enough for another host to call it stale.
-    monkeypatch.setattr(workdir_lock, "_alive", lambda holder: False)
-    second = workdir_lock.take(url, store=store)
+    monkeypatch.setattr(lock, "_alive", lambda holder: False)
+    second = lock.take(url, store=store)
     first.renew()
     assert first.lost.is_set()
     first.release()
@@ -164,8 +164,8 @@ def test_a_renewal_whose_reply_was_lost_keeps_the_lease():
     """A write that landed although the client saw an error leaves the lease at a
     generation its holder never saw: the next heartbeat finds its own token and goes on."""
     url = f"memory://lease-{uuid.uuid4().hex}"
-    store = workdir_lock.LockStore(url)
-    lease = workdir_lock.take(url, store=store)
+    store = lock.LockStore(url)
+    lease = lock.take(url, store=store)
     content, generation = store.read()
     store.write(content, generation)  # "our" earlier write, its new generation unseen
     lease.renew()

@@ -7,7 +7,8 @@
   evaluate.py  evaluation during training, and of a checkpoint (``eval.py``)
   loop.py      ``train_and_evaluate``: the training loop in labelled stages
 
-What a run keeps in its workdir, and the rules of resuming, are ``sasa_flax.workdir``'s.
+Where a run keeps its files is ``sasa_flax.run.Workdir``'s; the rules of resuming are
+``resume.py``'s.
 The names below are the trainer's public API (``from sasa_flax import train as trainer``):
 the tools (``eval.py``, ``visualize``, ``aot``, the benchmarks) use nothing else.
 """

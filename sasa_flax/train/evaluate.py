@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sasa_flax import checkpointing, data, logs
-from sasa_flax import workdir as workdir_lib
+from sasa_flax import data, logs
+from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.train import resume
 from sasa_flax.train.progress import log, write_eval_events
 from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
 from sasa_flax.train.steps import (
@@ -41,32 +42,30 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     )
 
 
-def restore_model_item(setup: Setup, abstract: TrainState, workdir: str, step: int | None):
+def restore_model_item(setup: Setup, abstract: TrainState, workdir: Workdir, step: int | None):
     """(step, restored items: "model" and "meta") of a checkpoint, verified: the newest
     that verifies, or ``step`` (refused naming the newest good one if it does not)."""
-    mngr = checkpointing.manager(workdir, read_only=True)
-    requested = checkpointing.step_to_restore(mngr, workdir, step)
+    mngr = checkpoints.manager(workdir, read_only=True)
+    requested = checkpoints.step_to_restore(mngr, workdir, step)
     if step is None:  # the newest checkpoint that verifies
-        return checkpointing.newest_good(
+        return checkpoints.newest_good(
             mngr, workdir, set_bad_aside=False, model=abstract.model_item()
         )
-    checkpointing.check_architecture(mngr, requested, abstract.model_item(), "this config")
+    checkpoints.check_architecture(mngr, requested, abstract.model_item(), "this config")
     try:
-        return requested, checkpointing.restore_verified(
-            mngr, requested, model=abstract.model_item()
-        )
-    except checkpointing.CheckpointError as e:
-        good, _ = checkpointing.newest_good(
+        return requested, checkpoints.restore_verified(mngr, requested, model=abstract.model_item())
+    except checkpoints.CheckpointError as e:
+        good, _ = checkpoints.newest_good(
             mngr, workdir, set_bad_aside=False, model=abstract.model_item()
         )
-        raise checkpointing.CheckpointError(
+        raise checkpoints.CheckpointError(
             f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
         ) from None
 
 
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: str | Workdir,
     *,
     step: int | None = None,
     devices=None,
@@ -74,30 +73,31 @@ def evaluate_checkpoint(
 ) -> dict:
     """Restores a checkpoint's model item (no optimizer state) and evaluates it, in the
     evaluation setting the run was trained for unless ``other_setting`` (see
-    ``workdir.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
+    ``resume.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
     split only (``make_eval_setup``). Where the workdir cannot be written (read-only, no
     permission), says so first and evaluates anyway, returning ``written=False``."""
     # The run's setting from its run record, before any data is opened (another dataset's
     # config would otherwise try to download it first); the checkpoint's own below.
     logs.show_progress()
-    record = workdir_lib.read_run_record(workdir)
+    workdir = Workdir.of(workdir)
+    record = workdir.run_record()
     if record.get("config"):
-        workdir_lib.eval_setting_suffix(
-            dict(eval_setting=workdir_lib.eval_fields(record["config"])), config, workdir,
+        resume.eval_setting_suffix(
+            dict(eval_setting=resume.eval_fields(record["config"])), config, workdir,
             other_setting,
         )  # fmt: skip
-    writable = workdir_lib.writable(workdir)
+    writable = workdir.writable()
     if not writable and jax.process_index() == 0:
         log.warning("%s is not writable: the results are printed, not written to it", workdir)
     setup = make_eval_setup(config, devices=devices)
     log_attention_plan(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
     step, restored = restore_model_item(setup, abstract, workdir, step)
-    setting = workdir_lib.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
+    setting = resume.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     if writable:
-        workdir_lib.write_eval_results(workdir, step, results, setting)
+        workdir.write_eval_results(step, results, setting)
         if jax.process_index() == 0:
-            write_eval_events(workdir_lib.path(workdir, workdir_lib.EVAL_EVENTS), step, results)
+            write_eval_events(workdir.eval_events, step, results)
     return dict(step=step, setting=setting or "the run's own", written=writable, **results)

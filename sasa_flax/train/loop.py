@@ -21,9 +21,10 @@ import flax
 import jax
 import ml_collections
 
-from sasa_flax import checkpointing, data, distributed, logs, preemption, workdir_lock
-from sasa_flax import workdir as workdir_lib
+from sasa_flax import data, distributed, logs, preemption
 from sasa_flax.errors import TrainError
+from sasa_flax.run import Workdir, checkpoints, lock
+from sasa_flax.train import resume
 from sasa_flax.train.evaluate import evaluate
 from sasa_flax.train.prefetch import DevicePrefetch
 from sasa_flax.train.profile import StepProfile
@@ -61,7 +62,7 @@ def _nonfinite_error(mngr, bad: int, metrics: dict, done: int) -> TrainError:
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: str | Workdir,
     *,
     devices=None,
     stop_after_step: int | None = None,
@@ -75,8 +76,9 @@ def train_and_evaluate(
     # by this run alone while it trains. Process 0 decides and every process hears the
     # verdict: a refusal ends all of them with the same line.
     logs.show_progress()
+    workdir = Workdir.of(workdir)
     setup = make_setup(config, devices=devices)
-    finished = distributed.everywhere("finished", lambda: _finished_results(setup, workdir))
+    finished = distributed.everywhere("finished", lambda: resume.finished_results(setup, workdir))
     if finished is not None:
         if jax.process_index() == 0:
             log.info(
@@ -87,52 +89,24 @@ def train_and_evaluate(
             )  # fmt: skip
         return dict(finished, already_finished=True)
     lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
-    with workdir_lock.keep(lease):
-        distributed.everywhere("workdir-writable", lambda: workdir_lib.ensure_writable(workdir))
+    with lock.keep(lease):
+        distributed.everywhere("workdir-writable", workdir.ensure_writable)
         return _train_and_evaluate(setup, workdir, stop_after_step, command or {})
 
 
-def _finished_results(setup: Setup, workdir: str) -> dict | None:
-    """The final evaluation of a run in ``workdir`` that reached this config's last step
-    with this config's schedule, was evaluated there and whose last checkpoint verifies,
-    or None: a rerun of a finished run (a sweep run twice) says so instead of compiling,
-    training and evaluating again. A changed schedule or a damaged last checkpoint goes the
-    usual way (refused or extended; reported, set aside and redone)."""
-    if not workdir_lib.exists(workdir):
-        return None
-    results = workdir_lib.eval_results(workdir).get(setup.total_steps)
-    newest = max(workdir_lib.checkpoint_steps(workdir), default=0)
-    if results is None or newest != setup.total_steps:
-        return None
-    if not workdir_lib.same_schedule(workdir_lib.read_run_record(workdir), setup.config):
-        return None
-    # Its last checkpoint must still verify: a damaged one is redone the usual way.
-    if setup.total_steps in checkpointing.damaged_steps(workdir):
-        return None
-    abstract = abstract_state(setup)
-    mngr = checkpointing.manager(workdir, read_only=True)
-    try:
-        checkpointing.restore_verified(
-            mngr, setup.total_steps, model=abstract.model_item(), train=abstract.train_item()
-        )
-    except checkpointing.CheckpointError:
-        return None
-    return results
-
-
-def _claim_workdir(workdir: str) -> workdir_lock.Lease:
+def _claim_workdir(workdir: Workdir) -> lock.Lease:
     """Process 0's part of a start: refuses a workdir a live run holds, removes what a
     killed save left (it may be what fills the disk; never a live run's save in
     progress), proves the workdir writable, then takes its lock."""
-    workdir_lock.check_free(workdir)
-    checkpointing.remove_partial_checkpoints(workdir)
-    workdir_lib.ensure_writable(workdir)
-    return workdir_lock.take(workdir)
+    lock.check_free(workdir)
+    checkpoints.remove_partial_checkpoints(workdir)
+    workdir.ensure_writable()
+    return lock.take(workdir)
 
 
 def _train_and_evaluate(
     setup: Setup,
-    workdir: str,
+    workdir: Workdir,
     stop_after_step: int | None,
     command: dict,
 ) -> dict:
@@ -141,20 +115,20 @@ def _train_and_evaluate(
     log_weight_decay(setup, abstract)
     log_attention_plan(setup)
     t = config.train
-    mngr = checkpointing.manager(
+    mngr = checkpoints.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
     )
 
     # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
     # aside, saying so), or born sharded.
-    start_step, restored = checkpointing.newest_good(
+    start_step, restored = checkpoints.newest_good(
         mngr, workdir, set_bad_aside=True,
         model=abstract.model_item(), train=abstract.train_item(),
     )  # fmt: skip
-    damaged = checkpointing.damaged_steps(workdir)  # kept in place: replaced when re-saved
+    damaged = checkpoints.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
-        workdir_lib.check_schedule_unchanged(setup, restored["meta"], workdir)
-        workdir_lib.warn_if_data_order_changes(setup, restored["meta"])
+        resume.check_schedule_unchanged(setup, restored["meta"], workdir)
+        resume.warn_if_data_order_changes(setup, restored["meta"])
         state = TrainState(**restored["model"], **restored["train"])
         log.info("resumed from step %d of %s", start_step, workdir)
     else:
@@ -171,9 +145,10 @@ def _train_and_evaluate(
     eval_fn, _ = fit_eval_step(setup, abstract)
     # Only now, with every check passed, is the start recorded.
     distributed.on_process_0(
-        "run-record", lambda: workdir_lib.write_run_record(setup, workdir, command, start_step)
+        "run-record",
+        lambda: workdir.write_run_record(resume.run_record(setup, workdir, command, start_step)),
     )
-    writer = metric_writer(workdir)
+    writer = metric_writer(workdir.root)
     if start_step == 0 and jax.process_index() == 0:
         writer.write_hparams(
             {
@@ -236,9 +211,9 @@ def _train_and_evaluate(
                     results = evaluate(setup, eval_fn, *eval_weights(state))
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 if saving:  # decided here alone (a period, a stop, the last step)
-                    checkpointing.save(
+                    checkpoints.save(
                         mngr, done, model=state.model_item(), train=state.train_item(),
-                        meta=workdir_lib.checkpoint_meta(setup, done), damaged=damaged,
+                        meta=resume.checkpoint_meta(setup, done), damaged=damaged,
                     )  # fmt: skip
                 if stopping:
                     mngr.wait_until_finished()
@@ -270,7 +245,7 @@ def _train_and_evaluate(
     results = evaluate(setup, eval_fn, *eval_weights(state))
     writer.write_scalars(final_step, {f"eval/{k}": v for k, v in results.items()})
     writer.flush()
-    workdir_lib.write_eval_results(workdir, final_step, results)
+    workdir.write_eval_results(final_step, results)
     if jax.process_index() == 0:
         log.info(
             "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",

@@ -18,28 +18,26 @@ import tempfile
 import jax
 from etils import epath
 
-from sasa_flax import checkpointing
-from sasa_flax import workdir as workdir_lib
+from sasa_flax.run import Workdir
 
 log = logging.getLogger(__name__)
-
-PROFILE_DIR = "profile"
 
 
 class StepProfile:
     """Traces steps ``start + 1`` … ``start + steps`` (config.train.profile_start_step and
     profile_steps; the first steps of a run are compile and warm-up)."""
 
-    def __init__(self, train_config, workdir: str):
+    def __init__(self, train_config, workdir: Workdir):
         self.steps, self.start = train_config.profile_steps, train_config.profile_start_step
-        self.target = workdir_lib.path(workdir, PROFILE_DIR)
+        self.target = workdir.profile
+        self._on_object_store = workdir.on_object_store
         self._local: str | None = None
 
     def before(self, step: int) -> None:
         """Called before step ``step + 1`` is dispatched."""
         if self.steps and step == self.start and self._local is None:
             local = self.target
-            if checkpointing.on_object_store(self.target):
+            if self._on_object_store:
                 local = tempfile.mkdtemp(prefix="sasa_profile_")
             self._local = local
             jax.profiler.start_trace(local)

@@ -1,74 +1,24 @@
-"""The workdir: every file and folder a run keeps there, who writes it, and the rules
-around it (what a resume must keep unchanged, what an evaluation's results file is named).
-
-    workdir/
-      run.json                        RUN_RECORD: config, size, devices, every (re)start
-      train.lock                      LOCK_NAME: the live trainer's lease (workdir_lock)
-      checkpoints/<step>/             CHECKPOINTS: model, train, meta items (checkpointing)
-      damaged_checkpoints/            DAMAGED: checkpoints set aside or recorded damaged
-      eval_results_step_<N>[_<setting>].json   final / eval.py results (eval_results_file)
-      events.out.tfevents.*           TensorBoard: train/*, eval/* scalars (train.progress)
-      eval/                           EVAL_EVENTS: eval.py's TensorBoard events
-
-Written by process 0 only; local paths and gs:// alike (``etils.epath``). ``results``
-reads a workdir through ``read_run_record``, ``eval_results`` and ``checkpoint_steps``.
+"""The rules of resuming, beside the trainer that applies them: which config fields a
+resumed run must keep (``SCHEDULE_FIELDS``), which define what an evaluation means
+(``EVAL_FIELDS``), what a checkpoint's ``meta`` item and the run record (``run.json``)
+hold, and when a rerun finds its run already finished. Where these files live is
+``run.Workdir``'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 import jax
-from etils import epath
 
 from sasa_flax.errors import TrainError
-
-RUN_RECORD = "run.json"
-LOCK_NAME = "train.lock"
-CHECKPOINTS = "checkpoints"
-DAMAGED = "damaged_checkpoints"
-EVAL_EVENTS = "eval"
-_EVAL_RESULTS = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
+from sasa_flax.run import checkpoints
+from sasa_flax.run.workdir import Workdir
+from sasa_flax.train.setup import Setup, abstract_state
 
 log = logging.getLogger(__name__)
-
-
-def path(workdir: str, name: str) -> str:
-    """``workdir/name`` for local paths and gs:// alike."""
-    return f"{str(workdir).rstrip('/')}/{name}"
-
-
-def eval_results_file(step: int, setting: str = "") -> str:
-    """``eval_results_step_{step}.json``, or ``..._{setting}.json`` for another setting."""
-    return f"eval_results_step_{step}{setting and '_' + setting}.json"
-
-
-def exists(workdir: str) -> bool:
-    return epath.Path(workdir).exists()
-
-
-def eval_results(workdir: str) -> dict[int, dict]:
-    """{step: results} of the run's own evaluation setting."""
-    found = {}
-    for f in epath.Path(workdir).iterdir():
-        if match := _EVAL_RESULTS.match(f.name):
-            found[int(match.group(1))] = json.loads(f.read_text())
-    return found
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps under ``checkpoints/`` (as listed, committed or not: how far a run got)."""
-    root = epath.Path(workdir) / CHECKPOINTS
-    return [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.exists() else []
-
-
-def read_run_record(workdir: str) -> dict:
-    """``run.json``, or {} before the first start."""
-    record = epath.Path(workdir) / RUN_RECORD
-    return json.loads(record.read_text()) if record.exists() else {}
 
 
 # The fields that shape the learning-rate schedule or the data stream of a run: a resumed
@@ -113,7 +63,7 @@ def _listing(saved: dict, now: dict, changed: list[str]) -> str:
     return ", ".join(f"config.{f} {saved[f]!r} -> {now[f]!r}" for f in changed)
 
 
-def checkpoint_meta(setup, step: int) -> dict:
+def checkpoint_meta(setup: Setup, step: int) -> dict:
     return dict(
         step=step,
         epoch=step / setup.steps_per_epoch,
@@ -128,7 +78,7 @@ def checkpoint_meta(setup, step: int) -> dict:
     )
 
 
-def warn_if_data_order_changes(setup, meta: dict) -> None:
+def warn_if_data_order_changes(setup: Setup, meta: dict) -> None:
     """A checkpoint restores onto any mesh (orbax reshards it). Random-access splits keep
     their global order on any number of processes; a streamed (TFDS) split is read per
     process, so another process count continues with another, equally shuffled, order."""
@@ -141,7 +91,7 @@ def warn_if_data_order_changes(setup, meta: dict) -> None:
         )  # fmt: skip
 
 
-def check_schedule_unchanged(setup, meta: dict, workdir: str) -> None:
+def check_schedule_unchanged(setup: Setup, meta: dict, workdir: Workdir) -> None:
     """Refuses a resume whose schedule or data fields differ from the checkpoint's, naming
     each field with its old and new value, unless config.train.allow_schedule_change."""
     saved = dict(meta.get("schedule") or {"input.batch_size": meta.get("global_batch_size")})
@@ -162,7 +112,7 @@ def check_schedule_unchanged(setup, meta: dict, workdir: str) -> None:
     )
 
 
-def write_run_record(setup, workdir: str, command: dict, start_step: int = 0) -> None:
+def run_record(setup: Setup, workdir: Workdir, command: dict, start_step: int = 0) -> dict:
     """``run.json``: this start's config argument and overrides, the whole config, the
     model's size and the devices; and ``starts``, one entry per (re)start of the run
     (time, step it started from, its config argument, overrides, config and devices), so
@@ -174,7 +124,6 @@ def write_run_record(setup, workdir: str, command: dict, start_step: int = 0) ->
         params, total_flops = costs.count(setup.config)
     except Exception:  # noqa: BLE001 - a registered model without cost rules: no counts
         params = total_flops = None
-    record_path = epath.Path(workdir) / RUN_RECORD
     config = json.loads(setup.config.to_json_best_effort())
     devices = dict(
         devices=setup.mesh.size,
@@ -182,12 +131,12 @@ def write_run_record(setup, workdir: str, command: dict, start_step: int = 0) ->
         device_kind=jax.devices()[0].device_kind,
     )
     try:
-        starts = read_run_record(workdir).get("starts", [])
+        starts = workdir.run_record().get("starts", [])
     except (ValueError, OSError):  # an unreadable record: the history starts again
         starts = []
     this_start = dict(time=time.time(), start_step=start_step, **command, config=config)
     starts.append(dict(this_start, **devices))
-    record = dict(
+    return dict(
         **command,
         config=config,
         params=params,
@@ -197,26 +146,34 @@ def write_run_record(setup, workdir: str, command: dict, start_step: int = 0) ->
         steps_per_epoch=setup.steps_per_epoch,
         starts=starts,
     )
-    record_path.write_text(json.dumps(record, indent=1))
 
 
-def write_eval_results(workdir: str, step: int, results: dict, setting: str = "") -> None:
-    """``eval_results_step_{step}.json``, or ``..._{setting}.json`` for another setting."""
-    if jax.process_index() != 0:
-        return
-    target = epath.Path(workdir) / eval_results_file(step, setting)
-    target.write_text(json.dumps(dict(step=step, **results), indent=2))
-
-
-def writable(workdir: str) -> bool:
-    """Whether files can be written in the existing ``workdir`` (creates nothing else)."""
-    probe = epath.Path(workdir) / f".sasa_write_test_{jax.process_index()}"
+def finished_results(setup: Setup, workdir: Workdir) -> dict | None:
+    """The final evaluation of a run in ``workdir`` that reached this config's last step
+    with this config's schedule, was evaluated there and whose last checkpoint verifies,
+    or None: a rerun of a finished run (a sweep run twice) says so instead of compiling,
+    training and evaluating again. A changed schedule or a damaged last checkpoint goes the
+    usual way (refused or extended; reported, set aside and redone)."""
+    if not workdir.exists():
+        return None
+    results = workdir.eval_results().get(setup.total_steps)
+    newest = max(workdir.checkpoint_steps(), default=0)
+    if results is None or newest != setup.total_steps:
+        return None
+    if not same_schedule(workdir.run_record(), setup.config):
+        return None
+    # Its last checkpoint must still verify: a damaged one is redone the usual way.
+    if setup.total_steps in checkpoints.damaged_steps(workdir):
+        return None
+    abstract = abstract_state(setup)
+    mngr = checkpoints.manager(workdir, read_only=True)
     try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError:
-        return False
-    return True
+        checkpoints.restore_verified(
+            mngr, setup.total_steps, model=abstract.model_item(), train=abstract.train_item()
+        )
+    except checkpoints.CheckpointError:
+        return None
+    return results
 
 
 def eval_fields(config) -> dict:
@@ -225,22 +182,7 @@ def eval_fields(config) -> dict:
     return _fields(config, EVAL_FIELDS)
 
 
-def ensure_writable(workdir: str) -> None:
-    """Creates workdir if needed and proves it writable (local or gs://) before any work."""
-    root = epath.Path(workdir)
-    probe = root / f".sasa_write_test_{jax.process_index()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise TrainError(
-            f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you "
-            "can create files in (local path or gs://bucket/path)."
-        ) from None
-
-
-def eval_setting_suffix(meta: dict, config, workdir: str, other_setting: bool) -> str:
+def eval_setting_suffix(meta: dict, config, workdir: Workdir, other_setting: bool) -> str:
     """ "" when ``config`` evaluates the setting the run was trained for (``meta``'s);
     otherwise refuses, or with ``other_setting`` names the setting for its results file."""
     saved = meta.get("eval_setting") or {}

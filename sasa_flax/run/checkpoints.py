@@ -1,4 +1,4 @@
-"""Everything orbax, in one place.
+"""Everything orbax, in one place. Every function takes the run's ``Workdir`` (or a path).
 
 A checkpoint of step N lives in ``workdir/checkpoints/N`` and holds three items:
   ``model``: parameters, batch statistics and the parameter EMA (all eval needs);
@@ -37,13 +37,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sasa_flax import distributed
-from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import UserError
+from sasa_flax.run.workdir import Workdir
 
 log = logging.getLogger(__name__)
-
-
-CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
 
 
 class CheckpointError(UserError):
@@ -54,26 +51,14 @@ class ArchitectureMismatch(CheckpointError):
     """A checkpoint of another model than the config's: never a reason to fall back."""
 
 
-DAMAGED_DIR = workdir_lib.DAMAGED
-
-
-def checkpoint_dir(workdir: str) -> str:
-    """workdir/checkpoints, for local paths and gs:// alike."""
-    return workdir_lib.path(workdir, CHECKPOINT_DIR)
-
-
-def on_object_store(workdir: str) -> bool:
-    """gs:// and other URLs except file://: no atomic rename (see the module docstring)."""
-    return "://" in workdir and not workdir.startswith("file://")
-
-
-def remove_partial_checkpoints(workdir: str) -> list[str]:
+def remove_partial_checkpoints(workdir: Workdir | str) -> list[str]:
     """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed save left on a local
     disk (never a complete checkpoint); returns their paths. Run before anything else is
     written. On object stores there are none: orbax's manager removes uncommitted steps
     itself (module docstring)."""
-    root = epath.Path(checkpoint_dir(workdir))
-    if on_object_store(workdir) or not root.exists():
+    workdir = Workdir.of(workdir)
+    root = workdir.path(Workdir.CHECKPOINTS)
+    if workdir.on_object_store or not root.exists():
         return []
     partial = [p for p in root.iterdir() if "orbax-checkpoint-tmp" in p.name]
     for path in partial:
@@ -85,7 +70,11 @@ def remove_partial_checkpoints(workdir: str) -> list[str]:
 
 
 def manager(
-    workdir: str, *, every_steps: int = 1, keep: int | None = None, read_only: bool = False
+    workdir: Workdir | str,
+    *,
+    every_steps: int = 1,
+    keep: int | None = None,
+    read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """A CheckpointManager for workdir (local path or gs://)."""
     options = ocp.CheckpointManagerOptions(
@@ -104,7 +93,8 @@ def manager(
         train=ocp.StandardCheckpointHandler(),
         meta=ocp.JsonCheckpointHandler(),
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+    checkpoints = Workdir.of(workdir).checkpoints
+    return ocp.CheckpointManager(checkpoints, options=options, item_handlers=handlers)
 
 
 @jax.jit
@@ -242,11 +232,12 @@ def restore_verified(mngr: ocp.CheckpointManager, step: int, **abstract: Any) ->
     return restored
 
 
-def damaged_steps(workdir: str) -> dict[int, str]:
+def damaged_steps(workdir: Workdir | str) -> dict[int, str]:
     """{step: record path} of the damaged checkpoints recorded in place (object stores)
     and not yet replaced by a new save of their step."""
-    root = epath.Path(workdir) / DAMAGED_DIR
-    if not on_object_store(workdir) or not root.exists():
+    workdir = Workdir.of(workdir)
+    root = workdir.damaged
+    if not workdir.on_object_store or not root.exists():
         return {}
     found = {}
     for record in root.glob("*.json"):
@@ -262,14 +253,14 @@ def _mark_replaced(record: str) -> None:
     path.write_text(json.dumps(dict(json.loads(path.read_text()), replaced=time.time())))
 
 
-def set_aside(workdir: str, step: int, reason: str) -> str:
+def set_aside(workdir: Workdir, step: int, reason: str) -> str:
     """Takes a damaged checkpoint out of the run, never deleting it (module docstring):
     moved into ``damaged_checkpoints/`` on a local disk, recorded there on an object
     store; returns what the log line says about it."""
-    target = epath.Path(workdir) / DAMAGED_DIR / f"{step}-{int(time.time())}"
+    target = workdir.damaged / f"{step}-{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not on_object_store(workdir):
-        (epath.Path(checkpoint_dir(workdir)) / str(step)).rename(target)
+    if not workdir.on_object_store:
+        (workdir.path(Workdir.CHECKPOINTS) / str(step)).rename(target)
         return f"moved to {target}"
     record = target.with_name(f"{target.name}.json")
     record.write_text(json.dumps(dict(step=step, reason=reason, time=time.time())))
@@ -280,12 +271,13 @@ def set_aside(workdir: str, step: int, reason: str) -> str:
 
 
 def newest_good(
-    mngr: ocp.CheckpointManager, workdir: str, *, set_bad_aside: bool, **abstract: Any
+    mngr: ocp.CheckpointManager, workdir: Workdir | str, *, set_bad_aside: bool, **abstract: Any
 ) -> tuple[int, dict | None]:
     """(step, restored) of the newest checkpoint that verifies, or (0, None) if none.
     Each bad one on the way is reported in one line (by process 0) and, with
     ``set_bad_aside``, set aside (``set_aside``); steps recorded damaged before are
     skipped. Every process takes the same decisions."""
+    workdir = Workdir.of(workdir)
     recorded = damaged_steps(workdir)
     steps = sorted(mngr.all_steps(), reverse=True)
     changed = False
@@ -312,7 +304,7 @@ def newest_good(
             mngr.reload()
     if steps:
         raise CheckpointError(
-            f"no checkpoint of {checkpoint_dir(workdir)} verifies (steps {sorted(steps)}; see "
+            f"no checkpoint of {workdir.checkpoints} verifies (steps {sorted(steps)}; see "
             "the lines above). Start a new run in another workdir, or restore the files."
         )
     return 0, None
@@ -355,18 +347,19 @@ def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what:
         )
 
 
-def step_to_restore(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+def step_to_restore(mngr: ocp.CheckpointManager, workdir: Workdir | str, step: int | None) -> int:
     """The requested step, or the latest; a CheckpointError naming what exists otherwise."""
+    workdir = Workdir.of(workdir)
     steps = sorted(mngr.all_steps())
     if not steps:
         raise CheckpointError(
-            f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+            f"no checkpoint in {workdir.checkpoints}: train first with "
             f"`python train.py --config ... --workdir {workdir}`, or pass the workdir of a run."
         )
     if step is None:
         return steps[-1]
     if step not in steps:
         raise CheckpointError(
-            f"no checkpoint of step {step} in {checkpoint_dir(workdir)}; available steps: {steps}."
+            f"no checkpoint of step {step} in {workdir.checkpoints}; available steps: {steps}."
         )
     return step

@@ -39,10 +39,9 @@ import threading
 import time
 import uuid
 
-from sasa_flax import workdir as workdir_lib
 from sasa_flax.errors import UserError
+from sasa_flax.run.workdir import Workdir
 
-LOCK_NAME = workdir_lib.LOCK_NAME
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 5 * HEARTBEAT_S
 
@@ -57,12 +56,13 @@ class LockStore:
     """One key (the lock file) of a tensorstore key-value store, read and written only
     with its storage generation: the compare-and-swap every lock operation is made of."""
 
-    def __init__(self, workdir: str, name: str = LOCK_NAME):
+    def __init__(self, workdir: Workdir | str):
         import tensorstore as ts  # orbax's own dependency
 
-        self.path = f"{workdir.rstrip('/')}/{name}"
-        self._key = name
-        self._kvstore = ts.KvStore.open(_kvstore_url(workdir)).result()
+        workdir = Workdir.of(workdir)
+        self.path = workdir.lock
+        self._key = Workdir.LOCK
+        self._kvstore = ts.KvStore.open(workdir.kvstore_url).result()
 
     def read(self) -> tuple[bytes | None, bytes]:
         """(content or None if absent, generation)."""
@@ -76,13 +76,6 @@ class LockStore:
         stamp = self._kvstore.write(self._key, content, if_equal=if_generation).result()
         # tensorstore reports a failed condition as the unknown (empty) generation.
         return bytes(stamp.generation) or None
-
-
-def _kvstore_url(workdir: str) -> str:
-    """tensorstore's URL of a workdir: gs://..., memory://..., or file:// for a local path."""
-    if "://" in workdir:
-        return workdir.rstrip("/") + "/"
-    return f"file://{os.path.abspath(workdir)}/"
 
 
 def _describe(holder: dict) -> str:
@@ -116,7 +109,7 @@ def _parse(content: bytes | None) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
-def _refusal(workdir: str, store: LockStore, holder: dict, just: bool = False) -> WorkdirLocked:
+def _refusal(workdir: Workdir, store: LockStore, holder: dict, just: bool = False) -> WorkdirLocked:
     if just:
         return WorkdirLocked(
             f"{workdir} was just taken by another trainer ({_describe(holder)}); use another "
@@ -128,9 +121,10 @@ def _refusal(workdir: str, store: LockStore, holder: dict, just: bool = False) -
     )
 
 
-def check_free(workdir: str, store: LockStore | None = None) -> None:
+def check_free(workdir: Workdir | str, store: LockStore | None = None) -> None:
     """Raises WorkdirLocked if a live trainer holds ``workdir``; writes nothing. Run it
     before touching a workdir that ``hold`` will lock later (e.g. to clean it up)."""
+    workdir = Workdir.of(workdir)
     store = store or LockStore(workdir)
     holder = _parse(store.read()[0])
     if holder is not None and _alive(holder):
@@ -175,9 +169,10 @@ class Lease:
             self.store.write(None, self.generation)
 
 
-def take(workdir: str, store: LockStore | None = None) -> Lease:
+def take(workdir: Workdir | str, store: LockStore | None = None) -> Lease:
     """Takes ``workdir``'s lock (a stale one is taken over, saying so) or raises
     WorkdirLocked naming the live holder. Atomic: see the module docstring."""
+    workdir = Workdir.of(workdir)
     store = store or LockStore(workdir)
     me = dict(
         host=socket.gethostname(),
@@ -200,7 +195,7 @@ def take(workdir: str, store: LockStore | None = None) -> Lease:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, *, store: LockStore | None = None):
+def hold(workdir: Workdir | str, *, store: LockStore | None = None):
     """Takes ``workdir``'s lock and keeps it for the duration; yields the ``Lease``."""
     with keep(take(workdir, store)) as lease:
         yield lease

@@ -1,0 +1,14 @@
+"""A run's place on disk, owned by one object: ``Workdir`` (every path, local or gs://),
+with its lock and its checkpoints. Nothing here imports the trainer; what the files mean
+for a resume is ``sasa_flax.train.resume``'s.
+
+  workdir.py      ``Workdir``: paths, the object-store rule, run record, results files
+  lock.py         one live trainer per workdir (a compare-and-swap lease)
+  checkpoints.py  orbax: save, restore, verify, set damaged checkpoints aside
+"""
+
+from sasa_flax.run.checkpoints import ArchitectureMismatch, CheckpointError
+from sasa_flax.run.lock import WorkdirLocked
+from sasa_flax.run.workdir import Workdir
+
+__all__ = ["ArchitectureMismatch", "CheckpointError", "Workdir", "WorkdirLocked"]

@@ -1,0 +1,160 @@
+"""``Workdir``: the one owner of a run's place, local or on an object store.
+
+    workdir/
+      run.json                        the run record: config, size, devices, every (re)start
+      train.lock                      the live trainer's lease (``run.lock``)
+      checkpoints/<step>/             model, train, meta items (``run.checkpoints``)
+      damaged_checkpoints/            checkpoints set aside, or recorded damaged (gs://)
+      eval_results_step_<N>[_<setting>].json   final / eval.py results
+      events.out.tfevents.*           TensorBoard: train/*, eval/* scalars
+      eval/                           eval.py's TensorBoard events
+      profile/                        jax.profiler traces (config.train.profile_steps)
+
+Every path is joined here, and here alone is decided whether the workdir is on an object
+store (gs://: no atomic rename, see ``run.checkpoints``). What the files *say* (which
+config fields a resume must keep, what a run record holds) is the trainer's
+(``train.resume``); this module reads and writes them. Files are written by process 0
+only. Local paths and gs:// alike, through ``etils.epath``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+from etils import epath
+
+from sasa_flax.errors import TrainError
+
+_EVAL_RESULTS = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """A run's workdir: ``root`` as the user gave it (a local path, or a URL such as
+    ``gs://bucket/run``; ``memory://`` in tests)."""
+
+    root: str
+
+    RUN_RECORD = "run.json"
+    LOCK = "train.lock"
+    CHECKPOINTS = "checkpoints"
+    DAMAGED = "damaged_checkpoints"
+    EVAL_EVENTS = "eval"
+    PROFILE = "profile"
+
+    @classmethod
+    def of(cls, workdir: str | os.PathLike | Workdir) -> Workdir:
+        """``workdir`` itself, or the Workdir of a path or URL."""
+        return workdir if isinstance(workdir, Workdir) else cls(str(workdir))
+
+    def __str__(self) -> str:
+        return self.root
+
+    # -- paths --------------------------------------------------------------------------
+    def join(self, name: str) -> str:
+        """``root/name``, for local paths and URLs alike."""
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def path(self, name: str = "") -> epath.Path:
+        return epath.Path(self.join(name) if name else self.root)
+
+    @property
+    def on_object_store(self) -> bool:
+        """gs:// and other URLs except file://: no atomic rename, so checkpoints are
+        committed in place and damaged ones recorded rather than moved."""
+        return "://" in self.root and not self.root.startswith("file://")
+
+    @property
+    def kvstore_url(self) -> str:
+        """tensorstore's URL of the workdir (the lock's compare-and-swap store)."""
+        if "://" in self.root:
+            return self.root.rstrip("/") + "/"
+        return f"file://{os.path.abspath(self.root)}/"
+
+    @property
+    def checkpoints(self) -> str:
+        return self.join(self.CHECKPOINTS)
+
+    @property
+    def damaged(self) -> epath.Path:
+        return self.path(self.DAMAGED)
+
+    @property
+    def eval_events(self) -> str:
+        return self.join(self.EVAL_EVENTS)
+
+    @property
+    def profile(self) -> str:
+        return self.join(self.PROFILE)
+
+    @property
+    def lock(self) -> str:
+        return self.join(self.LOCK)
+
+    @staticmethod
+    def eval_results_file(step: int, setting: str = "") -> str:
+        """``eval_results_step_{step}.json``, or ``..._{setting}.json`` for another setting."""
+        return f"eval_results_step_{step}{setting and '_' + setting}.json"
+
+    # -- state on disk ------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path().exists()
+
+    def is_dir(self) -> bool:
+        return self.path().is_dir()
+
+    def _probe(self) -> None:
+        probe = self.path(f".sasa_write_test_{jax.process_index()}")
+        probe.write_text("ok")
+        probe.unlink()
+
+    def writable(self) -> bool:
+        """Whether files can be written in the existing workdir (creates nothing else)."""
+        try:
+            self._probe()
+        except OSError:
+            return False
+        return True
+
+    def ensure_writable(self) -> None:
+        """Creates the workdir if needed and proves it writable, before any work."""
+        try:
+            self.path().mkdir(parents=True, exist_ok=True)
+            self._probe()
+        except OSError as e:
+            raise TrainError(
+                f"--workdir {self.root} is not writable ({e.strerror or e}); pass a directory "
+                "you can create files in (local path or gs://bucket/path)."
+            ) from None
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps under ``checkpoints/`` (as listed, committed or not: how far a run got)."""
+        root = self.path(self.CHECKPOINTS)
+        return [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.exists() else []
+
+    def run_record(self) -> dict:
+        """``run.json``, or {} before the first start."""
+        record = self.path(self.RUN_RECORD)
+        return json.loads(record.read_text()) if record.exists() else {}
+
+    def write_run_record(self, record: dict) -> None:
+        self.path(self.RUN_RECORD).write_text(json.dumps(record, indent=1))
+
+    def eval_results(self) -> dict[int, dict]:
+        """{step: results} of the run's own evaluation setting."""
+        found = {}
+        for f in self.path().iterdir():
+            if match := _EVAL_RESULTS.match(f.name):
+                found[int(match.group(1))] = json.loads(f.read_text())
+        return found
+
+    def write_eval_results(self, step: int, results: dict, setting: str = "") -> None:
+        """``eval_results_step_{step}.json`` (``..._{setting}.json`` for another setting),
+        by process 0."""
+        if jax.process_index() == 0:
+            target = self.path(self.eval_results_file(step, setting))
+            target.write_text(json.dumps(dict(step=step, **results), indent=2))
