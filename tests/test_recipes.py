@@ -14,6 +14,7 @@ from flax import nnx
 from sasa_flax import config_lib, data, recipes
 from sasa_flax import train as trainer
 from sasa_flax.layers import AttentionStem, SelfAttention2D
+from sasa_flax.train.steps import ema_decay
 from tests.helpers import shipped_config_specs, tiny_config
 
 # Training-split sizes of the shipped configs' datasets (the 96% part under tuning_split).
@@ -63,15 +64,15 @@ def test_tables_3_and_5_are_scored_on_the_held_out_four_percent(spec):
 
 def test_ema_decay_warms_up():
     t = config_lib.base_config().train
-    decays = [float(trainer.ema_decay(t, step)) for step in (0, 1, 10, 10**6)]
+    decays = [float(ema_decay(t, step)) for step in (0, 1, 10, 10**6)]
     assert decays[:3] == pytest.approx([0.1, 2 / 11, 11 / 20])
     assert decays[3] == pytest.approx(0.9999)
     t.ema_warmup = False
-    assert float(trainer.ema_decay(t, 0)) == pytest.approx(0.9999)
+    assert float(ema_decay(t, 0)) == pytest.approx(0.9999)
     # After a 1,560-step run with warm-up the initial weights are forgotten; without
     # it 0.9999^1560 ≈ 86% of them would remain.
     t.ema_warmup = True
-    remaining = np.prod([float(trainer.ema_decay(t, s)) for s in range(1560)])
+    remaining = np.prod([float(ema_decay(t, s)) for s in range(1560)])
     assert remaining < 1e-3 and 0.9999**1560 > 0.85
 
 

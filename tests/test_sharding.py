@@ -6,7 +6,6 @@ Pallas' interpreter; ``tests/test_compile.py`` compiles the same programs for TP
 H100 with the vendors' compilers."""
 
 import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -20,9 +19,11 @@ from jax.sharding import PartitionSpec as P
 
 from sasa_flax import aot, config_lib
 from sasa_flax import train as trainer
-from sasa_flax.layers import SelfAttention2D
+from sasa_flax.layers import SelfAttention2D, attention_plan
 from sasa_flax.ops import local_attention
 from sasa_flax.ops.pallas import gpu, shards
+from sasa_flax.ops.pallas.failures import KernelCompileError
+from sasa_flax.train.steps import compile_or_explain
 from tests import reference
 from tests.helpers import make_inputs, relative_error
 
@@ -258,10 +259,7 @@ def test_trainer_train_step_runs_the_kernels_per_device():
 
 def test_attention_plan_names_every_layer_and_its_choice():
     config = config_lib.load_config("configs/imagenet.py:depth=50,variant=conv_stem_attention")
-    setup = trainer.model_setup(
-        config, jax.devices()[:1], dataset=None, steps_per_epoch=10, total_steps=10
-    )
-    plan = trainer.attention_plan(setup)
+    plan = attention_plan(config_lib.build_model(config), 224, "cpu")
     counts = {line.split(":")[0]: int(line.split(": ")[1].split()[0]) for line in plan}
     assert sum(counts.values()) == 16  # ResNet-50: 3 + 4 + 6 + 3 blocks, one layer each
     assert counts == {
@@ -269,7 +267,7 @@ def test_attention_plan_names_every_layer_and_its_choice():
         "14×14 k=7 auto → shifted": 6, "7×7 k=7 auto → dense": 2,
     }  # fmt: skip
     config.model.attention_impl = "pallas"
-    plan = trainer.attention_plan(dataclasses.replace(setup, config=config))
+    plan = attention_plan(config_lib.build_model(config), 224, "cpu")
     assert len(plan) == 4 and all(line.split(": ")[0].endswith(" pallas") for line in plan)
 
 
@@ -306,8 +304,8 @@ def raised_in(filename: str, error: Exception) -> Exception:
     ids=["mosaic", "pallas_lowering", "xla_names_our_kernel"],
 )
 def test_kernel_compile_failure_names_the_way_round(error):
-    with pytest.raises(trainer.TrainError, match="attention_impl=shifted") as e:
-        trainer.compile_or_explain(step_failing_to_compile(error))
+    with pytest.raises(KernelCompileError, match="attention_impl=shifted") as e:
+        compile_or_explain(step_failing_to_compile(error))
     assert "\n" not in str(e.value) and "--verbose" in str(e.value)
 
 
@@ -322,4 +320,4 @@ def test_kernel_compile_failure_names_the_way_round(error):
 )
 def test_other_compile_failures_are_raised_as_they_are(error):
     with pytest.raises(type(error)):
-        trainer.compile_or_explain(step_failing_to_compile(error))
+        compile_or_explain(step_failing_to_compile(error))

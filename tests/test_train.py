@@ -15,6 +15,8 @@ from sasa_flax import aot
 from sasa_flax import train as trainer
 from sasa_flax.models import resnet
 from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.train.progress import ProgressLog
+from sasa_flax.train.setup import learning_rate_schedule
 from tests.helpers import final_params, tiny_config
 
 
@@ -137,7 +139,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
     config = tiny_config()
     config.input.batch_size = 512
     config.train.update(base_learning_rate=0.1, warmup_epochs=2.0)
-    schedule = trainer.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    schedule = learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(20)) == pytest.approx(0.2)  # 0.1 × 512 / 256 at the end of warm-up
     assert float(schedule(10)) == pytest.approx(0.1)
@@ -273,13 +275,13 @@ def test_a_host_read_per_step_fails_instead_of_stalling_the_loop(
     device_reads_guarded, monkeypatch, tmp_path
 ):
     """... and one per-step read added to it fails the run."""
-    add = trainer.ProgressLog.add
+    add = ProgressLog.add
 
     def add_and_read(self, done, metrics):
         float(metrics["loss"])  # a per-step sync, as a careless metric would add
         add(self, done, metrics)
 
-    monkeypatch.setattr(trainer.ProgressLog, "add", add_and_read)
+    monkeypatch.setattr(ProgressLog, "add", add_and_read)
     with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
         trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_after_step=1)
 

@@ -4,6 +4,7 @@
   attention.py  ``SelfAttention2D``, the SASA layer (paper Eq. 3), and its cost rule
   stem.py       ``AttentionStem`` (paper §3.2), and its cost rule
   common.py     projections, head splitting and the checks both layers share
+  plan.py       ``attention_plan``: which implementation each layer runs on a platform
 
 A layer's options are read as ``layer.options.<field>`` (one place, frozen).
 """
@@ -16,6 +17,7 @@ from sasa_flax.layers.options import (
     AttentionOptions,
     StemOptions,
 )
+from sasa_flax.layers.plan import attention_plan
 from sasa_flax.layers.stem import AttentionStem, stem_cost
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "SelfAttention2D",
     "StemOptions",
     "attention_cost",
+    "attention_plan",
     "sinusoidal_2d",
     "stem_cost",
 ]

@@ -5,19 +5,19 @@
   prefetch.py  global batches put on the devices ahead of the loop
   progress.py  log lines and TensorBoard events
   evaluate.py  evaluation during training, and of a checkpoint (``eval.py``)
+  resume.py    the rules of resuming, the run record, a finished run recognised
   loop.py      ``train_and_evaluate``: the training loop in labelled stages
 
 Where a run keeps its files is ``sasa_flax.run.Workdir``'s; the rules of resuming are
 ``resume.py``'s.
-The names below are the trainer's public API (``from sasa_flax import train as trainer``):
-the tools (``eval.py``, ``visualize``, ``aot``, the benchmarks) use nothing else.
+The names below are the trainer's public API (``from sasa_flax import train``): what
+``train.py``, ``eval.py`` and the tools (``visualize``, ``aot``, the benchmarks) use. The
+rest is each module's own; tests reach it there.
 """
 
 from sasa_flax.errors import TrainError
-from sasa_flax.train.evaluate import evaluate, evaluate_checkpoint, restore_model_item
+from sasa_flax.train.evaluate import evaluate_checkpoint, restore_model_item
 from sasa_flax.train.loop import train_and_evaluate
-from sasa_flax.train.prefetch import DevicePrefetch
-from sasa_flax.train.progress import ProgressLog, QueuedSummaryWriter
 from sasa_flax.train.setup import (
     Setup,
     TrainState,
@@ -27,33 +27,24 @@ from sasa_flax.train.setup import (
     default_decay_mask,
     eval_weights,
     init_state,
-    learning_rate_schedule,
     make_eval_setup,
-    make_optimizer,
     make_setup,
     merged_model,
     model_setup,
 )
 from sasa_flax.train.steps import (
     abstract_batch,
-    attention_plan,
-    compile_or_explain,
     compile_steps,
     compile_train_step,
-    ema_decay,
-    eval_step,
     fit_eval_step,
     global_batch,
     train_step,
 )
 
 __all__ = [
-    "DevicePrefetch", "ProgressLog", "QueuedSummaryWriter", "Setup", "TrainError",
-    "TrainState", "abstract_batch", "abstract_state", "attention_plan", "compile_or_explain",
-    "compile_steps", "compile_train_step", "compute_dtype", "data_mesh", "default_decay_mask",
-    "ema_decay", "eval_step", "eval_weights", "evaluate", "evaluate_checkpoint",
-    "fit_eval_step", "global_batch",
-    "init_state", "learning_rate_schedule", "make_eval_setup", "make_optimizer", "make_setup",
-    "merged_model", "model_setup", "restore_model_item", "train_and_evaluate",
+    "Setup", "TrainError", "TrainState", "abstract_batch", "abstract_state", "compile_steps",
+    "compile_train_step", "compute_dtype", "data_mesh", "default_decay_mask", "eval_weights",
+    "evaluate_checkpoint", "fit_eval_step", "global_batch", "init_state", "make_eval_setup",
+    "make_setup", "merged_model", "model_setup", "restore_model_item", "train_and_evaluate",
     "train_step",
 ]  # fmt: skip

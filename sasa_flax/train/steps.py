@@ -1,5 +1,6 @@
 """The jitted steps: one SGD step on a global batch, one evaluation step, and how they are
-compiled over the mesh (explicit shardings, state donated, fused-kernel failures explained).
+compiled over the mesh (explicit shardings, state donated, fused-kernel failures explained
+by ``ops.pallas.failures``) and checked against the device's memory.
 
 BatchNorm statistics are over the global batch: under ``jax.jit`` with the batch sharded,
 the mean over the batch axis is a global reduction. No pmap, no pjit.
@@ -7,11 +8,9 @@ the mean over the batch axis is a global reduction. No pmap, no pjit.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import re
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,8 @@ from flax import nnx
 
 from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
+from sasa_flax.layers.plan import attention_plan
+from sasa_flax.ops.pallas.failures import kernel_failures_explained
 from sasa_flax.train.setup import MODEL_STATE, Setup, TrainState, merged_model
 
 log = logging.getLogger(__name__)
@@ -189,33 +190,13 @@ def device_platform(setup: Setup) -> str:
     return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
 
 
-def attention_plan(setup: Setup) -> list[str]:
-    """Which local-attention implementation every attention layer runs on this run's
-    devices, grouped by input shape: e.g. "56×56 k=7 auto → pallas: 3 layers"."""
-    from sasa_flax import costs, ops
-    from sasa_flax.layers import SelfAttention2D
-
-    model = config_lib.build_model(setup.config)
-    modules = {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model)}
-    size = setup.config.input.image_size
-    layers: dict[str, int] = {}
-    for cost in costs.trace(model, (1, size, size, 3))[0]:
-        layer = modules.get(cost.name)
-        if not isinstance(layer, SelfAttention2D):
-            continue
-        height, width = cost.in_shape[1:3]
-        impl, k = layer.options.impl, layer.options.kernel_size
-        if impl == "auto":
-            head = layer.out_features // layer.options.num_heads
-            choice = ops.auto_choice(device_platform(setup), height, width, k, head_dim=head)
-            impl = f"auto → {choice}"
-        key = f"{height}×{width} k={k} {impl}"
-        layers[key] = layers.get(key, 0) + 1
-    return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]
-
-
 def log_attention_plan(setup: Setup) -> None:
-    if jax.process_index() == 0 and (plan := attention_plan(setup)):
+    """Logs which implementation each attention layer runs on the run's devices."""
+    if jax.process_index() != 0:
+        return
+    model = config_lib.build_model(setup.config)
+    plan = attention_plan(model, setup.config.input.image_size, device_platform(setup))
+    if plan:
         log.info("attention on %s: %s", device_platform(setup), "; ".join(plan))
 
 
@@ -224,60 +205,6 @@ def compile_or_explain(step, *abstract_args):
     ends the run in one line naming the way round it (``kernel_failures_explained``)."""
     with kernel_failures_explained():
         return step.lower(*abstract_args).compile()
-
-
-@contextlib.contextmanager
-def kernel_failures_explained():
-    """Re-raises the Mosaic or Triton compiler refusing a Pallas kernel as the one-line
-    ``kernel_failure``; any other error as it is."""
-    try:
-        yield
-    except Exception as e:
-        if (explained := kernel_failure(e)) is None:
-            raise
-        raise explained from e
-
-
-# Names our Pallas calls give their kernels (``name=`` of every pallas_call); XLA's
-# compile errors name the custom call that failed.
-KERNEL_NAME_PREFIX = "sasa_local_attention_"
-
-
-def kernel_failure(error: Exception) -> TrainError | None:
-    """A one-line ``TrainError`` naming another attention implementation and how to see
-    the whole error, if ``error`` came from compiling our fused kernels; else None.
-
-    Recognised by what raised it, not by words a message may contain: Mosaic's own
-    exception type (a TPU kernel refused by libtpu), a frame of Pallas' lowering or of
-    ``sasa_flax/ops/pallas`` in the traceback (a kernel refused while lowering), or an
-    XLA error that names one of our kernels' custom calls (e.g. a Triton kernel over
-    the GPU's shared memory)."""
-    if not (_raised_by_mosaic(error) or _raised_in_pallas(error) or _names_our_kernel(error)):
-        return None
-    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-    return TrainError(
-        f"the fused attention kernels (impl 'pallas') failed to compile on this device: "
-        f"{type(error).__name__}: {first}. Run with --config.model.attention_impl=shifted "
-        "(or =dense for small images); rerun with --verbose for the whole error, and "
-        "please report it."
-    )
-
-
-def _raised_by_mosaic(error: Exception) -> bool:
-    return any(
-        kind.__name__ == "MosaicError" and kind.__module__.startswith("jax._src.pallas")
-        for kind in type(error).__mro__
-    )
-
-
-def _raised_in_pallas(error: Exception) -> bool:
-    frames = traceback.extract_tb(error.__traceback__)
-    places = ("/jax/_src/pallas/", "/sasa_flax/ops/pallas/")
-    return any(any(place in frame.filename for place in places) for frame in frames)
-
-
-def _names_our_kernel(error: Exception) -> bool:
-    return isinstance(error, jax.errors.JaxRuntimeError) and KERNEL_NAME_PREFIX in str(error)
 
 
 def compile_train_step(setup: Setup, train_fn, abstract: TrainState, memory_bytes=None):

@@ -57,6 +57,7 @@ from sasa_flax.ops.common import (
 )
 from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
+from sasa_flax.ops.pallas.failures import KERNEL_NAME_PREFIX
 
 # Query/key positions per program. 128 keeps a (T, 64) float32 tile in registers
 # on a GPU; tests pass small tiles to exercise many tiles and their edges.
@@ -292,7 +293,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     frame = config.frame
     length, dv = frame.num_tiles * frame.tile, v_frame.shape[-1]
     return _call(
-        config, _forward_kernel, "sasa_local_attention_fwd",
+        config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd",
         (q_frame, k_frame, v_frame, offsets, inside),
         [pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
          pl.BlockSpec((None, frame.tile), lambda g, t: (g, t))],
@@ -379,14 +380,14 @@ def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
     positions = lambda groups, c: jax.ShapeDtypeStruct((groups, tiles * tile, c), config.dtype)  # noqa: E731
     inputs = (q_frame, k_frame, v_frame, offsets, inside, dy_frame, lse_frame, delta_frame)
     dq, d_offsets = _call(
-        config, _dq_kernel, "sasa_local_attention_dq", inputs,
+        config, _dq_kernel, f"{KERNEL_NAME_PREFIX}dq", inputs,
         [per_tile(d), pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0))],
         lambda groups: [
             positions(groups, d),
             jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype)],
     )  # fmt: skip
     dk, dv_out = _call(
-        config, _dkv_kernel, "sasa_local_attention_dkv", inputs, [per_tile(d), per_tile(dv)],
+        config, _dkv_kernel, f"{KERNEL_NAME_PREFIX}dkv", inputs, [per_tile(d), per_tile(dv)],
         lambda groups: [positions(groups, d), positions(groups, dv)],
     )  # fmt: skip
     # One partial sum per (image, head, tile), summed here: XLA reduces it across

@@ -62,6 +62,7 @@ from jax.experimental.pallas import tpu as pltpu
 from sasa_flax.ops.common import MASKED_LOGIT, accumulation_dtype
 from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
+from sasa_flax.ops.pallas.failures import KERNEL_NAME_PREFIX
 
 LANES = 128  # positions per vreg row, and per chunk of a kernel's inner loop
 MAX_TILE = 8192  # positions per program: see choose_tile
@@ -672,7 +673,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, co
     window = functools.partial(_window_spec, frame)
     in_tile = functools.partial(_in_tile, frame)
     outputs = _call(
-        config, _forward_kernel, "sasa_local_attention_fwd_tpu",
+        config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd_tpu",
         dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, inside_ref=inside,
              columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
         dict(q_ref=functools.partial(in_tile, d), k_ref=functools.partial(window, d),
@@ -702,7 +703,7 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
         return pl.BlockSpec((1, 1, heads, slots), lambda b, t: (b, t, 0, 0))
 
     dq_out = _call(
-        config, _dq_kernel, "sasa_local_attention_dq_tpu",
+        config, _dq_kernel, f"{KERNEL_NAME_PREFIX}dq_tpu",
         dict(q_ref=q_frame, dy_ref=dy_frame, stats_ref=stats_frame, k_ref=k_frame,
              v_ref=v_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
@@ -719,7 +720,7 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
     )  # fmt: skip
 
     dkv_out = _call(
-        config, _dkv_kernel, "sasa_local_attention_dkv_tpu",
+        config, _dkv_kernel, f"{KERNEL_NAME_PREFIX}dkv_tpu",
         dict(k_ref=k_frame, v_ref=v_frame, q_ref=q_frame, dy_ref=dy_frame,
              stats_ref=stats_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
