@@ -161,3 +161,42 @@ def test_bfloat16_forward():
     logits32 = nnx.jit(lambda m, x: m(x))(model32, images)
     scale = float(jnp.max(jnp.abs(logits32)))
     assert float(jnp.max(jnp.abs(logits - logits32))) < 0.05 * scale
+
+
+def test_every_resnet_and_options_argument_is_a_config_field_with_its_own_default():
+    """``sasa_resnet`` writes ResNet's options out as flat config fields: each field of
+    ``AttentionOptions`` (``impl`` as ``attention_impl``) and of ``StemOptions``
+    (prefixed ``stem_``) and each of ``ResNet``'s own arguments is one, with the class's
+    own default. A field added to an options class without its config field fails here,
+    instead of being silently out of reach of configs."""
+    import dataclasses
+    import inspect
+
+    from sasa_flax.layers import AttentionOptions, StemOptions
+    from sasa_flax.models import registry
+
+    expected = {}
+    for p in inspect.signature(resnet.ResNet.__init__).parameters.values():
+        if p.name not in ("self", "attention", "stem_options", *registry.NOT_FIELDS):
+            expected[p.name] = p.default
+    for f in dataclasses.fields(AttentionOptions):
+        expected["attention_impl" if f.name == "impl" else f.name] = f.default
+    for f in dataclasses.fields(StemOptions):
+        expected[f"stem_{f.name}"] = f.default
+    assert registry.arguments("sasa_resnet") == expected
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("attention_impl", "fast", "attention_impl='fast'"),
+        ("kernel_size", 4, "kernel_size=4"),
+        ("stem_block_size", 0, "stem_block_size=0"),
+        ("stem_variant", "odd", "stem_variant='odd'"),
+    ],
+)
+def test_an_option_error_names_the_config_field(field, value, named):
+    config = config_lib.load_config("configs/imagenet.py:depth=26,variant=full_attention")
+    config.model[field] = value
+    with pytest.raises(config_lib.ConfigError, match=f"config.model.{named}"):
+        config_lib.validate(config)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -354,73 +353,82 @@ class ResNet(nnx.Module):
 DECAYED_PARAMETERS = ("kernel", "value_mixture")
 
 
-def _attention_field(name: str) -> str:
-    return "attention_impl" if name == "impl" else name
+_A, _S = AttentionOptions, StemOptions  # their class attributes are their defaults
 
 
-def _stem_field(name: str) -> str:
-    return f"stem_{name}"
-
-
-# ResNet's options arguments and how config.model names their fields: AttentionOptions'
-# as they are (``impl`` as ``attention_impl``), StemOptions' prefixed ``stem_``.
-_SPREAD_OPTIONS = {
-    "attention": (AttentionOptions, _attention_field),
-    "stem_options": (StemOptions, _stem_field),
-}
-
-
-def _options(options_class, config_field, fields: dict[str, Any]):
-    """``options_class`` from the config-named fields it finds in ``fields`` (popped; the
-    others keep their defaults); an error names the config field."""
-    names = {f.name: config_field(f.name) for f in dataclasses.fields(options_class)}
-    given = {name: fields.pop(field) for name, field in names.items() if field in fields}
+def _options(options_class, config_name: Callable[[str], str], **fields):
+    """``options_class(**fields)``; an error names the argument as ``config.model`` does."""
     try:
-        return options_class(**given)
+        return options_class(**fields)
     except ArgumentError as e:
-        raise e.renamed(config_field(e.argument)) from None
+        raise e.renamed(config_name(e.argument)) from None
 
 
-def attention_options(**fields) -> AttentionOptions:
-    """``AttentionOptions`` from the config's names (``attention_impl`` is its ``impl``);
-    an error names the config field."""
-    return _options(AttentionOptions, _attention_field, dict(fields))
-
-
-def _flat_parameters() -> list[inspect.Parameter]:
-    """``sasa_resnet``'s keyword arguments: ``ResNet``'s, with its ``attention`` and
-    ``stem_options`` objects spread into their fields (``_SPREAD_OPTIONS``), so that every
-    default is written once, where it is defined."""
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    parameters = []
-    for p in inspect.signature(ResNet.__init__).parameters.values():
-        if p.name in _SPREAD_OPTIONS:
-            options_class, config_field = _SPREAD_OPTIONS[p.name]
-            parameters += [
-                inspect.Parameter(config_field(f.name), keyword, default=f.default,
-                                  annotation=f.type)
-                for f in dataclasses.fields(options_class)
-            ]  # fmt: skip
-        elif p.name != "self":
-            parameters.append(p)
-    return parameters
+def attention_options(*, attention_impl: str = _A.impl, **fields) -> AttentionOptions:
+    """``AttentionOptions`` from ``config.model``'s names (``attention_impl`` is ``impl``)."""
+    impl_named = lambda name: "attention_impl" if name == "impl" else name  # noqa: E731
+    return _options(AttentionOptions, impl_named, impl=attention_impl, **fields)
 
 
 @register("sasa_resnet")
-def sasa_resnet(**fields) -> ResNet:
-    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments, with the
-    ``AttentionOptions`` fields as they are (``impl`` as ``attention_impl``) and the
-    ``StemOptions`` fields prefixed ``stem_`` (its signature is built from those three)."""
-    arguments = sasa_resnet.__signature__.bind(**fields)  # an unknown name: a TypeError
-    arguments.apply_defaults()
-    fields = dict(arguments.arguments)
-    options = {name: _options(*spread, fields) for name, spread in _SPREAD_OPTIONS.items()}
-    spatial = fields.pop("spatial")
+def sasa_resnet(
+    *,
+    depth: int = 50,
+    width: float = 1.0,
+    stem: str = "conv",
+    spatial: Sequence[str] = ("conv",) * 4,
+    # AttentionOptions, as they are (``impl`` is ``attention_impl``):
+    num_heads: int = _A.num_heads,
+    kernel_size: int = _A.kernel_size,
+    pos_encoding: str = _A.pos_encoding,
+    content: bool = _A.content,
+    padding: str = _A.padding,
+    relative_tables: str = _A.relative_tables,
+    scale_queries: bool = _A.scale_queries,
+    attention_impl: str = _A.impl,
+    # StemOptions, prefixed ``stem_``:
+    stem_variant: str = _S.variant,
+    stem_num_heads: int = _S.num_heads,
+    stem_block_size: int = _S.block_size,
+    stem_pool_size: int = _S.pool_size,
+    stem_num_mixtures: int = _S.num_mixtures,
+    stem_value_kernel_size: int = _S.value_kernel_size,
+    num_classes: int = 1000,
+    zero_init_last_bn: bool = True,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> ResNet:
+    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments with its
+    ``attention`` and ``stem_options`` objects written out field by field, so that every
+    option is one override (``--config.model.kernel_size=5``,
+    ``--config.model.stem_block_size=2``). The defaults are ``ResNet``'s and the options
+    classes' own (a test holds them equal)."""
+    attention = attention_options(
+        num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
+        content=content, padding=padding, relative_tables=relative_tables,
+        scale_queries=scale_queries, attention_impl=attention_impl,
+    )  # fmt: skip
+    stem_options = _options(
+        StemOptions, lambda name: f"stem_{name}",
+        variant=stem_variant, num_heads=stem_num_heads, block_size=stem_block_size,
+        pool_size=stem_pool_size, num_mixtures=stem_num_mixtures,
+        value_kernel_size=stem_value_kernel_size,
+    )  # fmt: skip
     return ResNet(
-        **fields,
-        **options,
+        depth=depth,
+        width=width,
+        stem=stem,
         spatial=tuple(spatial) if isinstance(spatial, list | tuple) else spatial,
+        attention=attention,
+        stem_options=stem_options,
+        num_classes=num_classes,
+        zero_init_last_bn=zero_init_last_bn,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
     )
-
-
-sasa_resnet.__signature__ = inspect.Signature(_flat_parameters(), return_annotation=ResNet)
