@@ -8,8 +8,7 @@ them), prints top-1 / top-5 / loss and writes them to the workdir (JSON + Tensor
 from absl import flags
 from ml_collections import config_flags
 
-from sasa_flax import cli
-from sasa_flax import train as trainer
+from sasa_flax import cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")

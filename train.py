@@ -7,8 +7,7 @@ restarted run with the same --workdir resumes from its latest checkpoint.
 from absl import flags
 from ml_collections import config_flags
 
-from sasa_flax import cli
-from sasa_flax import train as trainer
+from sasa_flax import cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results (local or gs://).")

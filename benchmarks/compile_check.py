@@ -7,7 +7,7 @@ r"""Compile for TPUs and NVIDIA GPUs without them: the vendors' compilers, devic
         --what layers --kernel-sizes 3,5,7,9,11 --paddings mask,zeros --dtypes bfloat16,float32
 
 ``--what layers``: ``SelfAttention2D`` forward + gradients at ResNet-50's four stage
-shapes; ``--what steps``: the trainer's own train and eval steps (``sasa_flax.train``) for
+shapes; ``--what steps``: the trainer's own train and eval steps (``sasa_flax.trainer``) for
 configs/imagenet.py at ``--depth`` and each ``--variants``, on ``--chips`` chips with
 ``--batch-per-chip`` images each; ``--what users``: the layer as researchers put it in
 programs of their own (``aot.USER_PROGRAMS``: jit without a mesh, Explicit and Auto axes,

@@ -8,7 +8,7 @@ test emulator (``tests/gcs``, needs requirements-test.txt) and counts the upload
 server received, by kind of object: the TensorBoard events file, checkpoint objects,
 everything else. The events row is the one that matters on a pod: clu's writer used to
 flush (re-upload the whole events file) on every write; the trainer now queues events
-and flushes at intervals, a stop and the end (``train.progress.QueuedSummaryWriter``).
+and flushes at intervals, a stop and the end (``trainer.progress.QueuedSummaryWriter``).
 """
 
 from __future__ import annotations

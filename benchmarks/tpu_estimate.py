@@ -43,8 +43,7 @@ def _dump_directory(requested: str | None) -> str:
 
 
 def estimate_step(name: str, generation: str, batch_per_chip: int, directory: str, step: str):
-    from sasa_flax import aot, tpu_schedule
-    from sasa_flax import train as trainer
+    from sasa_flax import aot, tpu_schedule, trainer
 
     setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)

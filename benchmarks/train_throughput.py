@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_flax import config_lib
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, trainer
 
 
 def make_setup(depth: int, variant: str, args) -> trainer.Setup:

@@ -7,7 +7,7 @@ described by an XLA ``GpuTargetConfigProto`` (``gpu_targets/``, from openxla/xla
 measured here is the compiler's own accounting (``memory_analysis()``), never a time.
 
     devices = aot.target_devices("v5e", chips=4)       # TPU v5e, 4 chips (2x2)
-    report = aot.inspect(jax.jit(f).lower(...).compile(), aot.TARGETS["v5e"], ...)
+    report = aot.report(jax.jit(f).lower(...).compile(), aot.TARGETS["v5e"], ...)
 
 ``benchmarks/compile_check.py`` is the command; ``tests/test_compile.py`` the CI check.
 The host's default backend must stay the CPU (``JAX_PLATFORMS=cpu``): for CUDA that also
@@ -199,7 +199,7 @@ def collective_sizes(text: str) -> list[tuple[str, int]]:
     return found
 
 
-def inspect(
+def report(
     compiled, target: Target, program: str, compile_s: float, batch_per_chip: int, note: str = ""
 ) -> Report:
     """A ``Report`` of ``compiled`` (a ``jax.stages.Compiled`` for ``target``)."""
@@ -267,7 +267,7 @@ def compile_layer(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sasa_flax import train as trainer
+    from sasa_flax import trainer
     from sasa_flax.layers import SelfAttention2D
 
     mesh = trainer.data_mesh(target_devices(target, chips))
@@ -290,7 +290,7 @@ def compile_layer(
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     compiled, seconds, note = _compile(step, abstract, x, platform=TARGETS[target].platform)
     name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
-    return inspect(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
+    return report(compiled, TARGETS[target], name, seconds, batch_per_chip, note)
 
 
 # How researchers put the layer in a program of their own: each is compiled by
@@ -396,15 +396,14 @@ def compile_user_program(
     in_context = program.startswith("set_mesh")
     with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
         compiled, seconds, note = _compile(step, *args, platform=TARGETS[target].platform)
-    return inspect(compiled, TARGETS[target], program, seconds, batch_per_chip, note)
+    return report(compiled, TARGETS[target], program, seconds, batch_per_chip, note)
 
 
 def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: int = 4):
     """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
     on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on
     this CPU host "auto" would say float32), without opening a dataset."""
-    from sasa_flax import config_lib
-    from sasa_flax import train as trainer
+    from sasa_flax import config_lib, trainer
 
     config = config_lib.load_config(config_spec)
     # The eval step keeps the config's own eval_batch_size: what a run evaluates with.
@@ -418,7 +417,7 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
 def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
     """The trainer's train step and eval step (``trainer.compile_steps``) compiled for
     ``setup``'s mesh (of ``target`` chips); Reports for both."""
-    from sasa_flax import train as trainer
+    from sasa_flax import trainer
 
     batch_per_chip = setup.config.input.batch_size // setup.mesh.size
     abstract = trainer.abstract_state(setup)
@@ -426,7 +425,7 @@ def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
     batch = trainer.abstract_batch(setup, setup.config.input.batch_size)
     platform = TARGETS[target].platform
     compiled, seconds, note = _compile(train, abstract, batch, platform=platform)
-    train_report = inspect(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)
+    train_report = report(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)
     # The eval step as the trainer sizes it for this chip's memory (trainer.fit_eval_step).
     notes, start = [], time.perf_counter()
 
@@ -441,7 +440,7 @@ def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
     # Per chip, the images of one chunk go through the model at a time.
     per_chunk = setup.config.input.eval_batch_size // setup.mesh.size // chunks
     note = "; ".join(filter(None, [notes[-1], chunks > 1 and f"{chunks} chunks of {per_chunk}"]))
-    eval_report = inspect(
+    eval_report = report(
         compiled, TARGETS[target], "eval step", time.perf_counter() - start, per_chunk, note
     )
     return train_report, eval_report

@@ -16,7 +16,7 @@ past the largest step any process had reached when the notice arrived. A SIGINT 
 process (or a SIGHUP) of a multi-process run is therefore passed on to that service as a
 SIGTERM.
 
-The loop keeps at most two steps in flight on the devices (``train.loop``), so a request is
+The loop keeps at most two steps in flight on the devices (``trainer.loop``), so a request is
 acted on within two steps after the one the devices are running.
 """
 

@@ -33,8 +33,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sasa_flax import cli, data
-from sasa_flax import train as trainer
+from sasa_flax import cli, data, trainer
 from sasa_flax.errors import UserError
 from sasa_flax.layers import SelfAttention2D
 from sasa_flax.ops import patches

@@ -4,7 +4,9 @@
   ``outputs_and_gradients``);
 - the tiny training config and restoring its final parameters;
 - every shipped config spec;
-- real ``train.py`` processes for the fault tests (``Process``, ``train``).
+- real ``train.py`` processes for the fault tests (``Process``, ``train``);
+- datasets written on the spot: a folder of class folders (``write_image_folder``) and a
+  throwaway TFDS dataset (``prepare_tfds``).
 
 The float64 loop references live apart, in ``tests/reference.py``: they are the oracle,
 written independently of sasa_flax and of these helpers.
@@ -28,8 +30,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import aot, config_lib
-from sasa_flax import train as trainer
+from sasa_flax import aot, config_lib, trainer
 from sasa_flax.ops import patches
 from sasa_flax.run import checkpoints
 
@@ -293,3 +294,44 @@ def exported_step(
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(aot.KERNEL_TARGETS["cuda"])],
     )(abstract, x)
     return exported.mlir_module()
+
+
+def write_image_folder(root: pathlib.Path, counts: dict[str, int], size=(4, 4), *, seed=None):
+    """``root/<class>/<i>.png``, ``counts[class]`` images per class: black, or with
+    ``seed`` random pixels and every other image a JPEG (both decoders exercised)."""
+    import tensorflow as tf
+
+    rng = None if seed is None else np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            if rng is None:
+                pixels = np.zeros((*size, 3), np.uint8)
+            else:
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            jpeg = rng is not None and i % 2 == 0
+            encoded = (tf.io.encode_jpeg if jpeg else tf.io.encode_png)(pixels).numpy()
+            (root / name / f"{i}.{'jpg' if jpeg else 'png'}").write_bytes(encoded)
+
+
+def prepare_tfds(data_dir, class_name: str, features: dict, splits: dict) -> str:
+    """Prepares a throwaway TFDS dataset into ``data_dir`` (a path or gs://) and returns
+    its name, TFDS's snake_case of ``class_name``. ``features``: the FeaturesDict's
+    entries; ``splits``: {split: a function returning its examples (dicts)}."""
+    import tensorflow_datasets as tfds
+
+    def info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def split_generators(self, dl_manager):
+        return {split: self._generate_examples(examples) for split, examples in splits.items()}
+
+    def generate_examples(self, examples):
+        yield from enumerate(examples())
+
+    builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), dict(
+        VERSION=tfds.core.Version("1.0.0"), _info=info, _split_generators=split_generators,
+        _generate_examples=generate_examples,
+    ))(data_dir=str(data_dir))  # fmt: skip
+    builder.download_and_prepare()
+    return builder.name

@@ -5,10 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import aot
-from sasa_flax import train as trainer
+from sasa_flax import aot, trainer
 from sasa_flax.errors import TrainError
-from sasa_flax.train.setup import check_batch_sizes
+from sasa_flax.trainer.setup import check_batch_sizes
 from tests import test_extending  # registers tiny_vit_for_tests: LayerNorm, no model state
 from tests.helpers import final_params, tiny_config
 

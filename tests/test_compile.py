@@ -17,8 +17,7 @@ import re
 import jax
 import pytest
 
-from sasa_flax import aot, ops
-from sasa_flax import train as trainer
+from sasa_flax import aot, ops, trainer
 
 pytestmark = pytest.mark.compile
 

@@ -20,8 +20,7 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
-from sasa_flax import config_lib, costs, data, models, ops
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, costs, data, models, ops, trainer
 from sasa_flax.errors import ArgumentError
 from sasa_flax.layers import SelfAttention2D
 from sasa_flax.models import resnet

@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import config_lib, data
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, data, trainer
 from sasa_flax.run import Workdir, checkpoints
 from tests import helpers
 from tests.helpers import final_params, tiny_config
@@ -74,7 +73,7 @@ def test_a_stop_is_acted_on_within_two_steps_of_the_devices(tmp_path):
     devices had finished that step) stops within STEPS_IN_FLIGHT steps of it. That the
     loop's wait is what bounds it is shown where the device can be made slow on purpose
     (test_train.py::test_the_loop_keeps_at_most_two_steps_in_flight)."""
-    from sasa_flax.train.loop import STEPS_IN_FLIGHT
+    from sasa_flax.trainer.loop import STEPS_IN_FLIGHT
 
     # configs/digits.py (its 32² model runs behind the host on CPU), a log line at step 20.
     flags = ["--config.train.num_steps=200", "--config.train.log_every_steps=20"]

@@ -10,8 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from sasa_flax import costs, results, visualize
-from sasa_flax import train as trainer
+from sasa_flax import costs, results, trainer, visualize
 from tests.helpers import tiny_config
 
 SPEC = "tests/tiny_config.py:steps=2"

@@ -21,7 +21,7 @@ print("FROM", sasa_flax.__file__)
 _IMPORT_RUN = """
 import sys
 import sasa_flax.run
-below = [m for m in sys.modules if m.startswith(("sasa_flax.train", "sasa_flax.models"))]
+below = [m for m in sys.modules if m.startswith(("sasa_flax.trainer", "sasa_flax.models"))]
 assert not below, f"sasa_flax.run imported the trainer or a model: {below}"
 print("OK")
 """
@@ -76,7 +76,7 @@ _IMPORT_EVERYTHING = """
 import logging, sys, threading
 hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
 filters = [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")]
-import sasa_flax.run, sasa_flax.train, sasa_flax.cli, sasa_flax.quiet_hooks
+import sasa_flax.run, sasa_flax.trainer, sasa_flax.cli, sasa_flax.quiet_hooks
 assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks, "hooks changed"
 assert [list(logging.getLogger(n).filters) for n in ("", "absl", "asyncio")] == filters
 sasa_flax.quiet_hooks.install()

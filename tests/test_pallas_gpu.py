@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sasa_flax.ops.pallas import gpu as fused
+from sasa_flax.ops.pallas import gpu
 from tests import reference
 from tests.helpers import (
     FD_STEP,
@@ -43,7 +43,7 @@ TILES = [4, 16]
 def test_forward_matches_reference(tile, seed):
     rng, shape, kernel_size, terms, padding = random_case(seed)
     q, k, v, rel_row, rel_col = make_inputs(rng, shape, kernel_size, terms)
-    y = fused.local_attention(
+    y = gpu.local_attention(
         q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding, tile=tile
     )
     y_ref, _ = reference.local_attention(q, k, v, rel_row, rel_col, kernel_size, padding)
@@ -61,7 +61,7 @@ def test_gradients_float64(rng, padding, kernel_size, terms):
         inputs = make_inputs(rng, (2, 4, 5, 2, 4, 3), kernel_size, terms, np.float64)
         f, args = of_present_inputs(
             functools.partial(
-                fused.local_attention, kernel_size=kernel_size, padding=padding, tile=4
+                gpu.local_attention, kernel_size=kernel_size, padding=padding, tile=4
             ),
             inputs,
         )
@@ -74,7 +74,7 @@ def test_gradients_float64(rng, padding, kernel_size, terms):
 @pytest.mark.parametrize("seed", range(10, 18))
 def test_gradients_agree_with_patches(dtype, seed):
     """Output and all gradients against the reference expression, random cases."""
-    attention = functools.partial(fused.local_attention, tile=16)
+    attention = functools.partial(gpu.local_attention, tile=16)
     (fused_y, fused_grads), (ref_y, ref_grads) = outputs_and_gradients(attention, seed, dtype)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert fused_y.dtype == jnp.dtype(dtype)
@@ -120,7 +120,7 @@ def test_kernels_lower_to_triton_for_gpu(shape, kernel_size, padding, terms, dty
     k = q if "content" in terms else None
     table = aval(kernel_size, d // 2) if "relative" in terms else None
     attention = functools.partial(
-        fused.local_attention, kernel_size=kernel_size, padding=padding, interpret=False
+        gpu.local_attention, kernel_size=kernel_size, padding=padding, interpret=False
     )
 
     def loss(q, v, k=None, rel_row=None, rel_col=None):
@@ -135,4 +135,4 @@ def test_kernels_lower_to_triton_for_gpu(shape, kernel_size, padding, terms, dty
 def test_tile_must_be_a_power_of_two(rng):
     q, k, v, rel_row, rel_col = make_inputs(rng, (1, 4, 4, 1, 4, 4), 3, TERMS[0])
     with pytest.raises(ValueError, match="tile must be a power of two; got 12"):
-        fused.local_attention(q, k, v, rel_row, rel_col, kernel_size=3, padding="mask", tile=12)
+        gpu.local_attention(q, k, v, rel_row, rel_col, kernel_size=3, padding="mask", tile=12)

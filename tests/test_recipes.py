@@ -2,8 +2,6 @@
 that warms up, the paper's splits, options that reach every layer, resumption that
 refuses a silently changed schedule, the learning rate that was applied."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, data, recipes
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, data, recipes, trainer
 from sasa_flax.layers import AttentionStem, SelfAttention2D
-from sasa_flax.train.steps import ema_decay
-from tests.helpers import shipped_config_specs, tiny_config
+from sasa_flax.trainer.steps import ema_decay
+from tests.helpers import prepare_tfds, shipped_config_specs, tiny_config, write_image_folder
 
 # Training-split sizes of the shipped configs' datasets (the 96% part under tuning_split).
 TRAIN_SIZES = {"imagenet2012": 1_281_167, "cifar10": 50_000, "digits": 1437}
@@ -172,23 +169,12 @@ def test_digits_tuning_split_has_the_class_mix_of_train():
     _class_mix_ok(train, held, 1437)
 
 
-def _image_folder(root: pathlib.Path, counts: dict[str, int]) -> None:
-    import tensorflow as tf
-
-    pixels = tf.zeros((4, 4, 3), tf.uint8)
-    png = tf.io.encode_png(pixels).numpy()
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            (root / name / f"{i:04d}.png").write_bytes(png)
-
-
 @pytest.mark.parametrize("with_val", [False, True])
 def test_folder_tuning_split_has_the_class_mix_of_train(tmp_path, with_val):
     counts = {"a": 300, "b": 100, "c": 50, "d": 25}  # imbalanced on purpose
-    _image_folder(tmp_path / "train" if with_val else tmp_path, counts)
+    write_image_folder(tmp_path / "train" if with_val else tmp_path, counts)
     if with_val:
-        _image_folder(tmp_path / "val", {name: 3 for name in counts})
+        write_image_folder(tmp_path / "val", {name: 3 for name in counts})
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4, tuning_split=True)
     dataset = data.load(config)
@@ -208,7 +194,7 @@ def test_small_configs_train_on_generated_data_with_their_own_recipe(tmp_path, s
     """A few steps of each small config, its recipe untouched: only the dataset is
     replaced, by a folder of generated images."""
     per_class = 1 if classes > 100 else 16  # at least one batch (of 128) in the 90% train
-    _image_folder(tmp_path / "data", {f"class{c:04d}": per_class for c in range(classes)})
+    write_image_folder(tmp_path / "data", {f"class{c:04d}": per_class for c in range(classes)})
     config = config_lib.load_config(spec)
     config.input.update(dataset="folder", data_dir=str(tmp_path / "data"))
     results = trainer.train_and_evaluate(config, str(tmp_path / "run"), stop_after_step=2)
@@ -222,26 +208,14 @@ def test_tfds_tuning_split_has_the_class_mix_of_train(tmp_path):
     examples are generated sorted by class, so an unshuffled slice would be one class."""
     import tensorflow_datasets as tfds
 
-    class SortedByClass(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    def sorted_by_class(n):  # classes 0, 0, ..., 1, 1, ..., 3
+        return lambda: ({"image": np.zeros((4, 4, 3), np.uint8), "label": 4 * i // n}
+                        for i in range(n))  # fmt: skip
 
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict(
-                    {"image": tfds.features.Image(shape=(4, 4, 3)),
-                     "label": tfds.features.ClassLabel(num_classes=4)}
-                ),
-                supervised_keys=("image", "label"),
-            )  # fmt: skip
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(1000), "test": self._generate_examples(40)}
-
-        def _generate_examples(self, n):
-            for i in range(n):  # classes 0, 0, ..., 1, 1, ..., 3
-                yield i, {"image": np.zeros((4, 4, 3), np.uint8), "label": 4 * i // n}
-
+    features = {"image": tfds.features.Image(shape=(4, 4, 3)),
+                "label": tfds.features.ClassLabel(num_classes=4)}  # fmt: skip
+    splits = {"train": sorted_by_class(1000), "test": sorted_by_class(40)}
+    assert prepare_tfds(tmp_path, "SortedByClass", features, splits) == "sorted_by_class"
     config = config_lib.base_config().input
     config.update(dataset="sorted_by_class", data_dir=str(tmp_path), image_size=4,
                   tuning_split=True)  # fmt: skip

@@ -17,13 +17,12 @@ from jax._src.pallas.mosaic.error_handling import MosaicError
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import aot, config_lib
-from sasa_flax import train as trainer
+from sasa_flax import aot, config_lib, trainer
 from sasa_flax.layers import SelfAttention2D, attention_plan
 from sasa_flax.ops import local_attention
 from sasa_flax.ops.pallas import gpu, shards
 from sasa_flax.ops.pallas.failures import KernelCompileError
-from sasa_flax.train.steps import compile_or_explain
+from sasa_flax.trainer.steps import compile_or_explain
 from tests import reference
 from tests.helpers import make_inputs, relative_error
 

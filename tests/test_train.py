@@ -11,12 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import aot
-from sasa_flax import train as trainer
+from sasa_flax import aot, trainer
 from sasa_flax.models import resnet
 from sasa_flax.run import Workdir, checkpoints
-from sasa_flax.train.progress import ProgressLog
-from sasa_flax.train.setup import learning_rate_schedule
+from sasa_flax.trainer.progress import ProgressLog
+from sasa_flax.trainer.setup import learning_rate_schedule
 from tests.helpers import final_params, tiny_config
 
 
@@ -333,7 +332,7 @@ def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path, monkeypatch):
     devices."""
     import jax.numpy as jnp
 
-    from sasa_flax.train import loop
+    from sasa_flax.trainer import loop
 
     factor = jnp.ones((600, 600)) / 600
 
@@ -367,7 +366,7 @@ def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path, monkeypatch):
 def test_a_finished_run_says_so_and_does_nothing_more(eight_device_run, monkeypatch, caplog):
     """Rerunning a finished run (a sweep run twice) returns its final evaluation without
     restoring, compiling or writing anything; a longer schedule goes the usual way."""
-    from sasa_flax.train import loop
+    from sasa_flax.trainer import loop
 
     config, workdir, results = eight_device_run
     before = sorted((p.name, p.stat().st_mtime_ns) for p in pathlib.Path(workdir).rglob("*"))

@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import config_lib, data
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, data, trainer
 from sasa_flax.run import Workdir, checkpoints, lock
-from tests.helpers import tiny_config
+from tests.helpers import prepare_tfds, tiny_config, write_image_folder
 
 
 def _write_lock(workdir, **holder):
@@ -104,20 +103,10 @@ def test_another_hosts_lock_is_stale_only_without_a_recent_heartbeat(tmp_path):
     assert not (tmp_path / Workdir.LOCK).exists()
 
 
-def _folder(root, classes, images=3):
-    import tensorflow as tf
-
-    png = tf.io.encode_png(tf.zeros((4, 4, 3), tf.uint8)).numpy()
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(images):
-            (root / name / f"{i}.png").write_bytes(png)
-
-
 @pytest.mark.parametrize("eval_name", ["val", "valid", "validation", "test"])
 def test_train_beside_an_eval_folder_is_two_splits_not_two_classes(tmp_path, eval_name):
-    _folder(tmp_path / "train", ["cat", "dog"], images=5)
-    _folder(tmp_path / eval_name, ["cat", "dog"], images=2)
+    write_image_folder(tmp_path / "train", dict.fromkeys(["cat", "dog"], 5))
+    write_image_folder(tmp_path / eval_name, dict.fromkeys(["cat", "dog"], 2))
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
     dataset = data.load(config)
@@ -127,7 +116,7 @@ def test_train_beside_an_eval_folder_is_two_splits_not_two_classes(tmp_path, eva
 
 
 def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
-    _folder(tmp_path, ["training", "valid_not", "train"])
+    write_image_folder(tmp_path, dict.fromkeys(["training", "valid_not", "train"], 3))
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
     with pytest.raises(data.DatasetError, match=r"named like splits: \['train'\]"):
@@ -136,8 +125,8 @@ def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
 
 def test_an_empty_eval_image_is_reported_at_setup_naming_the_file(tmp_path):
     """Before any training step (make_setup builds both splits), not at the evaluation."""
-    _folder(tmp_path / "train", ["cat", "dog"], images=4)
-    _folder(tmp_path / "val", ["cat", "dog"], images=1)
+    write_image_folder(tmp_path / "train", dict.fromkeys(["cat", "dog"], 4))
+    write_image_folder(tmp_path / "val", dict.fromkeys(["cat", "dog"], 1))
     (tmp_path / "val" / "dog" / "empty.png").write_bytes(b"")
     config = config_lib.load_config("tests/tiny_config.py:batch=4")
     config.input.update(dataset="folder", data_dir=str(tmp_path), eval_batch_size=4)
@@ -149,7 +138,7 @@ def test_an_empty_eval_image_is_reported_at_setup_naming_the_file(tmp_path):
 
 
 def test_an_undecodable_training_image_is_named_by_path(tmp_path):
-    _folder(tmp_path, ["cat", "dog"], images=4)
+    write_image_folder(tmp_path, dict.fromkeys(["cat", "dog"], 4))
     (tmp_path / "dog" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     config = config_lib.base_config().input
     config.update(dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=8,
@@ -163,27 +152,14 @@ def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    class WithACorruptImage(tfds.core.GeneratorBasedBuilder):
-        """12 PNGs, the 8th garbage, in both splits (raw bytes: TFDS cannot refuse it)."""
+    def twelve_pngs_the_8th_garbage():  # raw bytes: TFDS cannot refuse them
+        png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+        return ({"image": b"\x89PNG garbage" if i == 7 else png, "label": i % 2} for i in range(12))
 
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            features = tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=tf.string),
-                "label": tfds.features.ClassLabel(num_classes=2),
-            })  # fmt: skip
-            return tfds.core.DatasetInfo(builder=self, features=features)
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(), "validation": self._generate_examples()}
-
-        def _generate_examples(self):
-            png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
-            for i in range(12):
-                yield i, {"image": b"\x89PNG garbage" if i == 7 else png, "label": i % 2}
-
-    WithACorruptImage(data_dir=str(tmp_path)).download_and_prepare()
+    features = {"image": tfds.features.Tensor(shape=(), dtype=tf.string),
+                "label": tfds.features.ClassLabel(num_classes=2)}  # fmt: skip
+    splits = dict.fromkeys(("train", "validation"), twelve_pngs_the_8th_garbage)
+    prepare_tfds(tmp_path, "WithACorruptImage", features, splits)
     config = config_lib.base_config().input
     config.update(dataset="with_a_corrupt_image", data_dir=str(tmp_path), image_size=8,
                   batch_size=4, augment="pad")  # fmt: skip
@@ -200,8 +176,8 @@ def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
 def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tmp_path):
     from tests.helpers import train
 
-    _folder(tmp_path / "data" / "train", [f"c{i}" for i in range(10)], images=8)
-    _folder(tmp_path / "data" / "val", [f"c{i}" for i in range(10)], images=1)
+    write_image_folder(tmp_path / "data" / "train", dict.fromkeys([f"c{i}" for i in range(10)], 8))
+    write_image_folder(tmp_path / "data" / "val", dict.fromkeys([f"c{i}" for i in range(10)], 1))
     (tmp_path / "data" / "train" / "c3" / "bad.png").write_bytes(b"\x89PNG" + bytes(60))
     run = train(
         tmp_path / "run", "steps=30,checkpoint_every=1,batch=8",

@@ -10,8 +10,7 @@ import sys
 import numpy as np
 from absl import logging
 
-from sasa_flax import config_lib, data
-from sasa_flax import train as trainer
+from sasa_flax import config_lib, data, trainer
 
 _load, _train_batches = data.load, data.train_batches
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -353,7 +354,10 @@ class ResNet(nnx.Module):
 DECAYED_PARAMETERS = ("kernel", "value_mixture")
 
 
-_A, _S = AttentionOptions, StemOptions  # their class attributes are their defaults
+# The defaults, each written once where it belongs: ResNet's own arguments' in its
+# signature; the options' as the classes' attributes.
+_R = {p.name: p.default for p in inspect.signature(ResNet.__init__).parameters.values()}
+_A, _S = AttentionOptions, StemOptions
 
 
 def _options(options_class, config_name: Callable[[str], str], **fields):
@@ -373,10 +377,10 @@ def attention_options(*, attention_impl: str = _A.impl, **fields) -> AttentionOp
 @register("sasa_resnet")
 def sasa_resnet(
     *,
-    depth: int = 50,
-    width: float = 1.0,
-    stem: str = "conv",
-    spatial: Sequence[str] = ("conv",) * 4,
+    depth: int = _R["depth"],
+    width: float = _R["width"],
+    stem: str = _R["stem"],
+    spatial: Sequence[str] = _R["spatial"],
     # AttentionOptions, as they are (``impl`` is ``attention_impl``):
     num_heads: int = _A.num_heads,
     kernel_size: int = _A.kernel_size,
@@ -393,12 +397,12 @@ def sasa_resnet(
     stem_pool_size: int = _S.pool_size,
     stem_num_mixtures: int = _S.num_mixtures,
     stem_value_kernel_size: int = _S.value_kernel_size,
-    num_classes: int = 1000,
-    zero_init_last_bn: bool = True,
-    bn_momentum: float = 0.9,
-    bn_epsilon: float = 1e-5,
+    num_classes: int = _R["num_classes"],
+    zero_init_last_bn: bool = _R["zero_init_last_bn"],
+    bn_momentum: float = _R["bn_momentum"],
+    bn_epsilon: float = _R["bn_epsilon"],
     dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = _R["param_dtype"],
     rngs: nnx.Rngs,
 ) -> ResNet:
     """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments with its

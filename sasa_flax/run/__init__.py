@@ -1,6 +1,6 @@
 """A run's place on disk, owned by one object: ``Workdir`` (every path, local or gs://),
 with its lock and its checkpoints. Nothing here imports the trainer; what the files mean
-for a resume is ``sasa_flax.train.resume``'s.
+for a resume is ``sasa_flax.trainer.resume``'s.
 
   workdir.py      ``Workdir``: paths, the object-store rule, run record, results files
   lock.py         one live trainer per workdir (a compare-and-swap lease)

@@ -13,7 +13,7 @@
 Every path is joined here, and here alone is decided whether the workdir is on an object
 store (gs://: no atomic rename, see ``run.checkpoints``). What the files *say* (which
 config fields a resume must keep, what a run record holds) is the trainer's
-(``train.resume``); this module reads and writes them. Files are written by process 0
+(``trainer.resume``); this module reads and writes them. Files are written by process 0
 only. Local paths and gs:// alike, through ``etils.epath``.
 """
 

@@ -7,8 +7,8 @@ import queue
 import threading
 import time
 
-from sasa_flax.train.setup import Setup
-from sasa_flax.train.steps import global_batch
+from sasa_flax.trainer.setup import Setup
+from sasa_flax.trainer.steps import global_batch
 
 
 class DevicePrefetch:

@@ -10,15 +10,15 @@
 
 Where a run keeps its files is ``sasa_flax.run.Workdir``'s; the rules of resuming are
 ``resume.py``'s.
-The names below are the trainer's public API (``from sasa_flax import train``): what
+The names below are the trainer's public API (``from sasa_flax import trainer``): what
 ``train.py``, ``eval.py`` and the tools (``visualize``, ``aot``, the benchmarks) use. The
 rest is each module's own; tests reach it there.
 """
 
 from sasa_flax.errors import TrainError
-from sasa_flax.train.evaluate import evaluate_checkpoint, restore_model_item
-from sasa_flax.train.loop import train_and_evaluate
-from sasa_flax.train.setup import (
+from sasa_flax.trainer.evaluate import evaluate_checkpoint, restore_model_item
+from sasa_flax.trainer.loop import train_and_evaluate
+from sasa_flax.trainer.setup import (
     Setup,
     TrainState,
     abstract_state,
@@ -32,7 +32,7 @@ from sasa_flax.train.setup import (
     merged_model,
     model_setup,
 )
-from sasa_flax.train.steps import (
+from sasa_flax.trainer.steps import (
     abstract_batch,
     compile_steps,
     compile_train_step,

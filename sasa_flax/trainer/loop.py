@@ -24,12 +24,12 @@ import ml_collections
 from sasa_flax import data, distributed, logs, preemption
 from sasa_flax.errors import TrainError
 from sasa_flax.run import Workdir, checkpoints, lock
-from sasa_flax.train import resume
-from sasa_flax.train.evaluate import evaluate
-from sasa_flax.train.prefetch import DevicePrefetch
-from sasa_flax.train.profile import StepProfile
-from sasa_flax.train.progress import ProgressLog, format_duration, log, metric_writer
-from sasa_flax.train.setup import (
+from sasa_flax.trainer import resume
+from sasa_flax.trainer.evaluate import evaluate
+from sasa_flax.trainer.prefetch import DevicePrefetch
+from sasa_flax.trainer.profile import StepProfile
+from sasa_flax.trainer.progress import ProgressLog, format_duration, log, metric_writer
+from sasa_flax.trainer.setup import (
     Setup,
     TrainState,
     abstract_state,
@@ -38,7 +38,7 @@ from sasa_flax.train.setup import (
     log_weight_decay,
     make_setup,
 )
-from sasa_flax.train.steps import (
+from sasa_flax.trainer.steps import (
     compile_steps,
     compile_train_step,
     fit_eval_step,

@@ -16,7 +16,7 @@ import jax
 from sasa_flax.errors import TrainError
 from sasa_flax.run import checkpoints
 from sasa_flax.run.workdir import Workdir
-from sasa_flax.train.setup import Setup, abstract_state
+from sasa_flax.trainer.setup import Setup, abstract_state
 
 log = logging.getLogger(__name__)
 

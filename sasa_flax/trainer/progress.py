@@ -21,7 +21,7 @@ import tensorflow as tf
 from clu import metric_writers
 
 if TYPE_CHECKING:
-    from sasa_flax.train.setup import Setup
+    from sasa_flax.trainer.setup import Setup
 
 log = logging.getLogger(__name__)  # the program sets up where it goes: sasa_flax.logs
 

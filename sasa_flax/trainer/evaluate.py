@@ -10,10 +10,10 @@ import ml_collections
 from sasa_flax import data, logs
 from sasa_flax.ops.pallas.failures import kernel_failures_explained
 from sasa_flax.run import Workdir, checkpoints
-from sasa_flax.train import resume
-from sasa_flax.train.progress import log, write_eval_events
-from sasa_flax.train.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
-from sasa_flax.train.steps import fit_eval_step, global_batch, log_attention_plan
+from sasa_flax.trainer import resume
+from sasa_flax.trainer.progress import log, write_eval_events
+from sasa_flax.trainer.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
+from sasa_flax.trainer.steps import fit_eval_step, global_batch, log_attention_plan
 
 
 def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:

@@ -21,7 +21,7 @@ from sasa_flax import config_lib, data
 from sasa_flax.errors import TrainError
 from sasa_flax.layers.plan import attention_plan
 from sasa_flax.ops.pallas.failures import kernel_failures_explained
-from sasa_flax.train.setup import MODEL_STATE, Setup, TrainState, merged_model
+from sasa_flax.trainer.setup import MODEL_STATE, Setup, TrainState, merged_model
 
 log = logging.getLogger(__name__)
 
