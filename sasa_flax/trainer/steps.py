@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sasa_flax import config_lib, data
+from sasa_flax import aot, config_lib, data
 from sasa_flax.errors import TrainError
 from sasa_flax.layers.plan import attention_plan
 from sasa_flax.ops.pallas.failures import kernel_failures_explained
@@ -215,31 +215,40 @@ def compile_train_step(setup: Setup, train_fn, abstract: TrainState, memory_byte
     batch_size = setup.config.input.batch_size
     if memory_bytes is None:
         memory_bytes = _device_memory(setup)
-    try:
-        compiled = compile_or_explain(train_fn, abstract, abstract_batch(setup, batch_size))
-    except jax.errors.JaxRuntimeError as e:
-        # XLA:TPU refuses a program over the chip's memory outright, saying what its
-        # temporaries need; the rest is the state, the batch and the outputs.
-        required = _required_bytes(str(e)) if str(e).startswith("RESOURCE_EXHAUSTED") else None
-        if not (memory_bytes and required):
-            raise
-        fixed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))  # replicated
-        raise _train_step_too_large(setup, memory_bytes, fixed + required, required) from None
-    if memory_bytes:
-        from sasa_flax import aot  # the compiled programs' memory accounting
-
-        analysis = compiled.memory_analysis()
-        peak = aot.peak_bytes(analysis)
-        if peak > aot.HEADROOM * memory_bytes:
-            raise _train_step_too_large(setup, memory_bytes, peak, analysis.temp_size_in_bytes)
+    batch = abstract_batch(setup, batch_size)
+    if not memory_bytes:  # the CPU: no memory to check against
+        return compile_or_explain(train_fn, abstract, batch)
+    fixed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))  # replicated
+    compiled, peak, temp = _compiled_or_refused(
+        compile_or_explain, train_fn, abstract, batch, fixed_bytes=fixed
+    )
+    if compiled is None or peak > aot.HEADROOM * memory_bytes:
+        raise _train_step_too_large(setup, memory_bytes, peak, temp)
     return compiled
+
+
+def _compiled_or_refused(compile_fn, step, *args, fixed_bytes: int = 0, if_unsaid=None):
+    """(compiled, peak bytes, temporaries) of ``step`` compiled by ``compile_fn``. XLA:TPU
+    refuses a program over the chip's memory outright (RESOURCE_EXHAUSTED), saying what
+    its temporaries need: then (None, ``fixed_bytes`` + that, that), where ``fixed_bytes``
+    is the rest (state, batch, outputs). A refusal that does not say is raised, or taken
+    as ``if_unsaid`` bytes of temporaries where given."""
+    try:
+        compiled = compile_fn(step, *args)
+    except jax.errors.JaxRuntimeError as e:
+        if not str(e).startswith("RESOURCE_EXHAUSTED"):
+            raise
+        required = _required_bytes(str(e)) or if_unsaid
+        if required is None:
+            raise
+        return None, fixed_bytes + required, required
+    analysis = compiled.memory_analysis()
+    return compiled, aot.peak_bytes(analysis), analysis.temp_size_in_bytes
 
 
 def _train_step_too_large(setup: Setup, memory_bytes: int, peak: int, temp: int) -> TrainError:
     """The line for a train step over the device's memory: the accumulation_steps whose
     micro-batch would fit, the activations taken as linear in the images at once."""
-    from sasa_flax import aot
-
     batch_size, n = setup.config.input.batch_size, setup.config.train.accumulation_steps
     per_device = batch_size // setup.mesh.size
     at_once = per_device // n
@@ -275,8 +284,6 @@ def fit_eval_step(
     default the device's own, where it reports one; the CPU does not, and gets the lazily
     compiled step in one chunk). ``compile_fn(step, *args)``: how to compile (default
     ``compile_or_explain``)."""
-    from sasa_flax import aot  # the compiled programs' memory accounting
-
     if memory_bytes is None:
         memory_bytes = _device_memory(setup)
         if not memory_bytes:
@@ -288,19 +295,12 @@ def fit_eval_step(
     chunks, first = 1, None
     while True:
         step = _jit_eval(setup, chunks)
-        try:
-            compiled = (compile_fn or compile_or_explain)(
-                step, abstract.params, abstract.model_state, batch
-            )
-            peak = aot.peak_bytes(compiled.memory_analysis())
-        except jax.errors.JaxRuntimeError as e:
-            # XLA:TPU refuses a program over the chip's memory outright (status
-            # RESOURCE_EXHAUSTED): that too is a batch to split, by what it asked for.
-            if not str(e).startswith("RESOURCE_EXHAUSTED"):
-                raise
-            peak = _required_bytes(str(e)) or 2 * budget
+        compiled, peak, _ = _compiled_or_refused(
+            compile_fn or compile_or_explain, step, abstract.params, abstract.model_state, batch,
+            if_unsaid=2 * budget,  # a refusal that does not say: more chunks, then
+        )  # fmt: skip
         first = first or peak
-        if peak <= budget:
+        if compiled is not None and peak <= budget:
             break
         larger = [c for c in range(chunks + 1, per_device + 1) if per_device % c == 0]
         if not larger:
