@@ -12,8 +12,9 @@ import traceback
 
 from absl import app, flags, logging
 
-from sasa_flax import distributed, logs, quiet_hooks
+from sasa_flax import logs, quiet_hooks
 from sasa_flax.errors import UserError
+from sasa_flax.run import distributed
 
 
 def _innermost_message(error: BaseException) -> str:

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sasa_flax import config_lib, data, distributed
+from sasa_flax import config_lib, data
 from sasa_flax.data import augment, sources
+from sasa_flax.run import distributed
 from tests import helpers
 
 

@@ -177,7 +177,7 @@ def _prepare(builder, input_config, process_index, process_count) -> bool:
     it; a failure is raised on every process with the same message. True if it was built."""
     message = _prepare_here(builder, input_config) if process_index == 0 else None
     if process_count > 1:
-        from sasa_flax import distributed
+        from sasa_flax.run import distributed
 
         message = distributed.share_from_process_0(
             f"prepare/{builder.name}/{builder.data_dir}", message

@@ -1,10 +1,13 @@
-"""A run's place on disk, owned by one object: ``Workdir`` (every path, local or gs://),
-with its lock and its checkpoints. Nothing here imports the trainer; what the files mean
+"""A training run's infrastructure, below the trainer (nothing here imports it): its place
+on disk, owned by one object, ``Workdir`` (every path, local or gs://), with its lock and
+its checkpoints; how a run stops on a signal; how its hosts agree. What the files mean
 for a resume is ``sasa_flax.trainer.resume``'s.
 
   workdir.py      ``Workdir``: paths, the object-store rule, run record, results files
   lock.py         one live trainer per workdir (a compare-and-swap lease)
   checkpoints.py  orbax: save, restore, verify, set damaged checkpoints aside
+  preemption.py   SIGTERM / SIGINT / SIGHUP as a stop request, acted on at a step's end
+  distributed.py  process 0 decides, every process hears the verdict
 """
 
 from sasa_flax.run.checkpoints import ArchitectureMismatch, CheckpointError

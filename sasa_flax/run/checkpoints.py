@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sasa_flax import distributed
 from sasa_flax.errors import UserError
+from sasa_flax.run import distributed
 from sasa_flax.run.workdir import Workdir
 
 log = logging.getLogger(__name__)

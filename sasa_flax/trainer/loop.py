@@ -21,9 +21,9 @@ import flax
 import jax
 import ml_collections
 
-from sasa_flax import data, distributed, logs, preemption
+from sasa_flax import data, logs
 from sasa_flax.errors import TrainError
-from sasa_flax.run import Workdir, checkpoints, lock
+from sasa_flax.run import Workdir, checkpoints, distributed, lock, preemption
 from sasa_flax.trainer import resume
 from sasa_flax.trainer.evaluate import evaluate
 from sasa_flax.trainer.prefetch import DevicePrefetch
