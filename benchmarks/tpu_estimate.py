@@ -182,6 +182,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-per-chip", type=int, default=128)
     parser.add_argument("--layer", help="H,C,K: one SelfAttention2D instead of the steps")
     parser.add_argument("--dump-to", help="where libtpu writes the schedules (default: a temp dir)")
+    parser.add_argument(
+        "--no-schedules",
+        action="store_true",
+        help="no kernel schedules (compiles 2-3x faster): XLA's own estimates only, so "
+        "exact for resnet50, and every Mosaic kernel call reported as not counted",
+    )
     parser.add_argument("--json", help="write every estimate's summary here")
     parser.add_argument(
         "--choices",
@@ -200,7 +206,10 @@ def main(argv=None) -> int:
         help="with --choices: exit 1 where the checked-in table chooses otherwise",
     )
     args = parser.parse_args(argv)
-    directory = _dump_directory(args.dump_to)
+    if args.no_schedules and (args.choices or args.layer):
+        parser.error("--no-schedules leaves out the kernels that --choices and --layer compare")
+    # libtpu's schedule dumps cost more than the compile itself (every XLA fusion's too).
+    directory = tempfile.mkdtemp() if args.no_schedules else _dump_directory(args.dump_to)
     from sasa_flax import tpu_schedule
 
     if args.choices:

@@ -258,11 +258,14 @@ def test_every_imagenet_model_against_resnet50_on_v5e(tmp_path):
     its estimate by ``benchmarks.tpu_estimate`` (benchmarks/RESULTS.md)."""
     import json
 
-    summary = tmp_path / "estimate.json"
-    code, out = _estimate("--generations", "v5e", "--programs", "resnet50,sasa_conv_stem",
-                          "--json", str(summary), tmp_path=tmp_path)  # fmt: skip
-    assert code == 0, out
-    steps = {s["program"].split()[0]: s for s in json.loads(summary.read_text())}
+    steps = {}
+    # ResNet-50 has no kernel: compiled without libtpu's schedule dumps (half its time).
+    for program, dumps in (("resnet50", ["--no-schedules"]), ("sasa_conv_stem", [])):
+        summary = tmp_path / f"{program}.json"
+        code, out = _estimate("--generations", "v5e", "--programs", program, *dumps,
+                              "--json", str(summary), tmp_path=tmp_path)  # fmt: skip
+        assert code == 0, out
+        (steps[program],) = json.loads(summary.read_text())
     hbm = aot.TARGETS["v5e"].hbm_bytes
     for name, step in steps.items():
         assert step["peak_bytes"] <= aot.HEADROOM * hbm, f"{name}: {step['peak_bytes']} bytes"

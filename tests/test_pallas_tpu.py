@@ -12,6 +12,7 @@ The default selection runs four cases; the rest of the grid is marked slow.
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -23,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sasa_flax import ops
 from sasa_flax.ops import patches
-from sasa_flax.ops.pallas import tpu
+from sasa_flax.ops.pallas import shards, tpu
 from tests import reference
 from tests.helpers import (
     TERMS,
@@ -56,14 +57,39 @@ def _splits(shape, kernel_size) -> bool:
     )
 
 
+def _full_grid(shape, kernel_size):
+    return [
+        (shape, kernel_size, terms, padding, dtype, smallest)
+        for terms in TERMS
+        for padding in ("mask", "zeros")
+        for dtype in ("float32", "bfloat16")
+        for smallest in (False, True)
+        if not smallest or _splits(shape, kernel_size)
+    ]
+
+
+def _pairwise(shape, kernel_size):
+    """Six cases in which every pair of values of two parameters (terms, padding, dtype,
+    tile) meets at least once: for the k = 9 frame, whose cases cost a minute or more each
+    in the interpreter (24 of them were a third of the slow selection), and whose own
+    property, the two-lane-group halo, does not depend on those parameters. Every
+    parameter combination is still run in full on the other frames."""
+    rows = [  # (terms, padding, dtype, smallest)
+        (0, "mask", "float32", False),
+        (0, "zeros", "bfloat16", True),
+        (1, "mask", "bfloat16", True),
+        (1, "zeros", "float32", False),
+        (2, "mask", "float32", True),
+        (2, "zeros", "bfloat16", False),
+    ]
+    assert _splits(shape, kernel_size)  # else the smallest tile would add nothing
+    return [(shape, kernel_size, TERMS[t], *rest) for t, *rest in rows]
+
+
 CASES = [
-    (shape, kernel_size, terms, padding, dtype, smallest)
+    case
     for shape, kernel_size in SHAPES
-    for terms in TERMS
-    for padding in ("mask", "zeros")
-    for dtype in ("float32", "bfloat16")
-    for smallest in (False, True)
-    if not smallest or _splits(shape, kernel_size)
+    for case in (_pairwise if kernel_size == 9 else _full_grid)(shape, kernel_size)
 ]
 DEFAULT = [
     (SHAPES[0][0], 3, TERMS[0], "mask", "float32", True),
@@ -160,6 +186,8 @@ def test_the_comparison_can_fail(monkeypatch):
     assert relative_error(attention(q, k, v, None, None), y_loop, floor=1.0) < 1e-5
     shift = tpu.Frame.offset_shift
     monkeypatch.setattr(tpu.Frame, "offset_shift", lambda frame, dy, dx: shift(frame, dy, dx) + 1)
+    # The kernels are kept traced per config: trace them anew, and forget these after.
+    monkeypatch.setattr(shards, "_PROGRAMS", {})
     assert relative_error(attention(q, k, v, None, None), y_loop, floor=1.0) > 1e-2
 
 
@@ -231,3 +259,61 @@ def test_no_tile_fits_raises_naming_the_fix_and_auto_runs_another_implementation
         tpu.choose_tile(112, 112, 11, 64, 64)
     assert ops.auto_choice("tpu", 112, 112, 11, head_dim=64) == "shifted"
     assert ops.auto_choice("tpu", 112, 112, 11, head_dim=8) == "pallas"
+
+
+KERNELS = ("_forward_kernel", "_dq_kernel", "_dkv_kernel")
+
+
+def _count_kernel_traces(monkeypatch) -> collections.Counter:
+    """Counts each kernel body's traces from now on, with no kept programs."""
+    traced = collections.Counter()
+
+    def counting(name, kernel):
+        def traced_kernel(*args, **kwargs):
+            traced[name] += 1
+            return kernel(*args, **kwargs)
+
+        return traced_kernel
+
+    for name in KERNELS:
+        monkeypatch.setattr(tpu, name, counting(name, getattr(tpu, name)))
+    monkeypatch.setattr(shards, "_PROGRAMS", {})  # forgotten again after the test
+    return traced
+
+
+@pytest.mark.parametrize("platform", ["interpret", "tpu"])
+def test_the_layers_of_a_stage_share_one_trace_of_each_kernel(monkeypatch, platform):
+    """Three layers on frames of one shape and their gradients (a ResNet stage's blocks),
+    in TPU interpret mode and exported for a TPU: each kernel body (forward, dq, dk/dv)
+    is traced once, not once per layer, nor again to type the outputs (the unrolled
+    bodies take seconds to trace: most of a SASA-ResNet step's lowering before). A layer
+    of another shape gets its own; ``forget_device_programs`` makes them traced anew."""
+    traced = _count_kernel_traces(monkeypatch)
+    shape, kernel_size = SHAPES[1]
+    rng = np.random.default_rng(0)
+    layers = [make_inputs(rng, shape, kernel_size, TERMS[0]) for _ in range(3)]
+    interpret = RACES if platform == "interpret" else False
+    attention = functools.partial(
+        tpu.local_attention, kernel_size=kernel_size, padding="zeros", interpret=interpret
+    )
+
+    def loss(layers):
+        return sum(jnp.sum(attention(*inputs) ** (i + 1)) for i, inputs in enumerate(layers))
+
+    def trace(layers):
+        step = jax.grad(loss)
+        if platform == "interpret":
+            return jax.make_jaxpr(step)(layers)
+        return jax.export.export(jax.jit(step), platforms=["tpu"])(layers)
+
+    once = dict.fromkeys(KERNELS, 1)
+    trace(layers)
+    assert traced == once
+    trace(layers)  # the same shapes again: nothing traced
+    assert traced == once
+    wider = make_inputs(rng, shape[:2] + (shape[2] + 3,) + shape[3:], kernel_size, TERMS[0])
+    trace([wider])
+    assert traced == dict.fromkeys(KERNELS, 2)
+    shards.forget_device_programs()
+    trace(layers)
+    assert traced == dict.fromkeys(KERNELS, 3)

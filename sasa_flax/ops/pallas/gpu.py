@@ -252,18 +252,29 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, y_ref,
     lse_ref[...] = running_max + jnp.log(normaliser)
 
 
-def _grouped(config, k_frame, operands: int):
-    """Which operands of a kernel are (B, N, ...) frames (``shards.per_group``): all but
-    the offsets' table, the in-image mask and, without keys, the dummy key frame."""
-    grouped = [True] * operands
-    grouped[1], grouped[3], grouped[4] = config.has_key, False, False
-    return grouped
-
-
 def _call(config, kernel, name, inputs, out_specs, outputs):
     """``kernel`` over the (B, N, ...) frames of ``inputs`` (whole arrays, indexed by the
     program ids), on each device's block of (batch, heads) (``shards.per_group``).
-    ``outputs(groups)``: the output shapes for one device's b·n groups."""
+    ``outputs(groups)``: the output shapes for one device's b·n groups. Everything but
+    the arrays follows from ``(config, name)``: the device program is built once per pair
+    (``shards.device_program``)."""
+    on_groups = shards.device_program(
+        (config, name), lambda: _on_groups(config, kernel, name, out_specs, outputs)
+    )
+    grouped = _grouped(config, len(inputs))
+
+    def out_shapes(*frames):  # the global (B, N, ...) shapes, without tracing the kernel
+        batch, heads = next(x for x, g in zip(frames, grouped, strict=True) if g).shape[:2]
+        return [
+            jax.ShapeDtypeStruct((batch, heads, *y.shape[1:]), y.dtype)
+            for y in outputs(batch * heads)
+        ]
+
+    return shards.per_group(on_groups, grouped, out_shapes=out_shapes)(*inputs)
+
+
+def _on_groups(config, kernel, name, out_specs, outputs):
+    """``_call``'s ``pallas_call`` on one device's b·n groups."""
 
     def on_groups(*frames):
         groups = frames[0].shape[0]
@@ -278,7 +289,7 @@ def _call(config, kernel, name, inputs, out_specs, outputs):
             name=name,
         )(*frames)
 
-    return shards.per_group(on_groups, _grouped(config, len(inputs)))(*inputs)
+    return on_groups
 
 
 def _grouped(config, operands: int):

@@ -52,6 +52,7 @@ GROUP_DIMS = 2  # (batch, heads): the leading dimensions of a merged (GPU) opera
 def per_group(
     kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool], *,
     local_only: bool = False, heads_axis: int = 1, merge: bool = True,
+    out_shapes: Callable[..., Sequence[jax.ShapeDtypeStruct]] | None = None,
 ) -> Callable[..., tuple[jax.Array, ...]]:  # fmt: skip
     """``kernel`` run on each device's block of (batch, heads) (module docstring).
 
@@ -66,6 +67,10 @@ def per_group(
       local_only: call ``kernel`` on the arrays as they are, nothing split (Pallas' TPU
         interpreter, on one CPU device in the tests: it calls back into Python, which
         the split decided at lowering cannot hold).
+      out_shapes: ``out_shapes(*arrays)``, the outputs' shapes and dtypes for operands of
+        these (global) shapes, without running ``kernel``. Without it the outputs are
+        typed by tracing ``kernel`` (``jax.eval_shape``), which traces a Pallas kernel's
+        body once more per call: seconds for an unrolled TPU kernel.
 
     Returns:
       ``f(*arrays)``: grouped operands as (B, N, ...), every output as (B, N, ...).
@@ -102,10 +107,40 @@ def per_group(
             return _shard_mapped(local, typed.mesh, specs, split)(*arrays)
         # Inside a shard_map, or a split decided when the program is lowered.
         return tuple(
-            _per_group_p.bind(*arrays, local=local, grouped=grouped, heads_axis=heads_axis)
-        )
+            _per_group_p.bind(
+                *arrays, local=local, grouped=grouped, heads_axis=heads_axis,
+                out_shapes=out_shapes,
+            )
+        )  # fmt: skip
 
     return call
+
+
+# One jitted program per kernel key: JAX traces a jitted function once per operand shapes
+# and lowers each traced program once per module, so the layers of a stage (same frames,
+# same config) share one trace of the kernel's body and one Mosaic / Triton lowering,
+# instead of one per layer (seconds each for an unrolled TPU kernel on a host CPU).
+_PROGRAMS: dict = {}
+_PROGRAMS_KEPT = 256  # distinct (config, kernel) pairs; the least recently used go first
+
+
+def device_program(key, build: Callable[[], Callable]) -> Callable:
+    """``jax.jit(build())``, built once per hashable ``key`` (which must determine
+    everything ``build`` closes over) and reused by every call with the same key."""
+    program = _PROGRAMS.pop(key, None)
+    if program is None:
+        program = jax.jit(build())
+    _PROGRAMS[key] = program  # most recently used last
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+        del _PROGRAMS[next(iter(_PROGRAMS))]
+    return program
+
+
+def forget_device_programs() -> None:
+    """Drops every kept program: the next calls trace the kernels again. For a kernel
+    edited or patched in a running process (a notebook, a test), like ``jax.clear_caches``
+    for jitted functions."""
+    _PROGRAMS.clear()
 
 
 def _first_grouped(arrays, grouped):
@@ -167,15 +202,18 @@ _per_group_p.multiple_results = True
 
 
 @_per_group_p.def_abstract_eval
-def _abstract_eval(*avals, local, grouped, heads_axis):
+def _abstract_eval(*avals, local, grouped, heads_axis, out_shapes):
     """The kernels' outputs; inside a shard_map, varying over the operands' manual axes
     (the kernels are per-device computations, never differentiated themselves: they sit
     inside custom VJP rules, so these types sum or broadcast nothing)."""
     del grouped, heads_axis
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
     like = max(avals, key=lambda a: len(a.manual_axis_type.varying))
-    with _vma_unchecked():
-        outputs = jax.eval_shape(local, *structs)
+    if out_shapes is not None:
+        outputs = out_shapes(*structs)
+    else:
+        with _vma_unchecked():
+            outputs = jax.eval_shape(local, *structs)
     if like.manual_axis_type.empty:
         return [jax.core.ShapedArray(y.shape, y.dtype) for y in outputs]
     on_mesh = NamedSharding(like.sharding.mesh, P())
@@ -196,7 +234,8 @@ def _vma_unchecked():
     return config._check_vma(False)
 
 
-def _lowering(ctx, *values, local, grouped, heads_axis):
+def _lowering(ctx, *values, local, grouped, heads_axis, out_shapes):
+    del out_shapes  # the kernels are traced here, once
     mesh = _program_mesh(ctx)
     if mesh is None:
         # The kernels are lowered on plain (device-local) types: their bodies know
@@ -236,14 +275,16 @@ def _program_mesh(ctx):
     return mesh
 
 
-def _batching_rule(arrays, dims, *, local, grouped, heads_axis):
+def _batching_rule(arrays, dims, *, local, grouped, heads_axis, out_shapes):
     """One call per vmapped slice (per-head relative tables vmap the attention over heads)."""
     mapped = [(x, d) for x, d in zip(arrays, dims, strict=True)]
     size = next(x.shape[d] for x, d in mapped if d is not None)
 
     def one_slice(i):
         sliced = [x if d is None else jnp.take(x, i, axis=d) for x, d in mapped]
-        return _per_group_p.bind(*sliced, local=local, grouped=grouped, heads_axis=heads_axis)
+        return _per_group_p.bind(
+            *sliced, local=local, grouped=grouped, heads_axis=heads_axis, out_shapes=out_shapes
+        )
 
     slices = [one_slice(i) for i in range(size)]
     outputs = [jnp.stack(ys) for ys in zip(*slices, strict=True)]

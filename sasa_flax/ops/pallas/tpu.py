@@ -586,18 +586,46 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
     (rank 4), the others are shared by every image. ``out_specs`` and ``scratch`` (scratch
     shapes as ``f(heads)``) likewise, by name, None where absent. ``outputs(batch,
     heads)`` and ``cost(batch, heads)`` give the output shapes and the ``CostEstimate``
-    for one device's images and heads (``shards.per_group``)."""
-    scratch = scratch or {}
-    present = [name for name in inputs if inputs[name] is not None]
-    arrays = [inputs[name] for name in present]
-    specs = [in_specs[name] for name in present]
+    for one device's images and heads (``shards.per_group``).
+
+    Everything but the arrays follows from ``(config, name)``: the device program is
+    built once per pair (``shards.device_program``) and shared by every layer of that
+    shape."""
+    present = [n for n in inputs if inputs[n] is not None]
+    live_outputs = [n for n in out_specs if out_specs[n] is not None]
+    arrays = [inputs[n] for n in present]
+    on_device = shards.device_program(
+        (config, name),
+        lambda: _on_device(config, kernel, name, list(inputs), present,
+                           [in_specs[n] for n in present], out_specs, outputs, cost,
+                           scratch or {}),
+    )  # fmt: skip
+
+    def out_shapes(*frames):  # the global shapes, without tracing the kernel
+        batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
+        shapes = outputs(batch, heads)
+        return [shapes[n] for n in live_outputs]
+
+    grouped = [x.ndim == 4 for x in arrays]
+    interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
+    results = shards.per_group(
+        on_device, grouped, local_only=interpreted, heads_axis=HEADS_AXIS, merge=False,
+        out_shapes=out_shapes,
+    )(*arrays)  # fmt: skip
+    return dict(zip(live_outputs, results, strict=True))
+
+
+def _on_device(config, kernel, name, arguments, present, specs, out_specs, outputs, cost,
+               scratch):  # fmt: skip
+    """``_call``'s ``pallas_call`` on one device's frames: ``arguments`` names the kernel's
+    inputs in its order, ``present`` those given (their ``specs``)."""
     live_outputs = [n for n in out_specs if out_specs[n] is not None]
     live_scratch = [n for n in scratch if scratch[n] is not None]
 
     def body(*refs):
         # Pallas passes the refs of the inputs given, the outputs, then the scratch.
         given = dict(zip(present + live_outputs + live_scratch, refs, strict=True))
-        kernel(config, **{n: given.get(n) for n in [*inputs, *out_specs, *scratch]})
+        kernel(config, **{n: given.get(n) for n in [*arguments, *out_specs, *scratch]})
 
     def on_device(*frames):
         batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
@@ -615,12 +643,7 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
             name=name,
         )(*frames)
 
-    grouped = [x.ndim == 4 for x in arrays]
-    interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
-    results = shards.per_group(
-        on_device, grouped, local_only=interpreted, heads_axis=HEADS_AXIS, merge=False
-    )(*arrays)
-    return dict(zip(live_outputs, results, strict=True))
+    return on_device
 
 
 # ------------------------------------------------------------------------ accounting
