@@ -261,16 +261,10 @@ def _call(config, kernel, name, inputs, out_specs, outputs):
     on_groups = shards.device_program(
         (config, name), lambda: _on_groups(config, kernel, name, out_specs, outputs)
     )
-    grouped = _grouped(config, len(inputs))
-
-    def out_shapes(*frames):  # the global (B, N, ...) shapes, without tracing the kernel
-        batch, heads = next(x for x, g in zip(frames, grouped, strict=True) if g).shape[:2]
-        return [
-            jax.ShapeDtypeStruct((batch, heads, *y.shape[1:]), y.dtype)
-            for y in outputs(batch * heads)
-        ]
-
-    return shards.per_group(on_groups, grouped, out_shapes=out_shapes)(*inputs)
+    return shards.per_group(
+        on_groups, _grouped(config, len(inputs)),
+        out_shapes=lambda batch, heads: outputs(batch * heads),
+    )(*inputs)  # fmt: skip
 
 
 def _on_groups(config, kernel, name, out_specs, outputs):

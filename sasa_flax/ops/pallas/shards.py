@@ -67,10 +67,11 @@ def per_group(
       local_only: call ``kernel`` on the arrays as they are, nothing split (Pallas' TPU
         interpreter, on one CPU device in the tests: it calls back into Python, which
         the split decided at lowering cannot hold).
-      out_shapes: ``out_shapes(*arrays)``, the outputs' shapes and dtypes for operands of
-        these (global) shapes, without running ``kernel``. Without it the outputs are
-        typed by tracing ``kernel`` (``jax.eval_shape``), which traces a Pallas kernel's
-        body once more per call: seconds for an unrolled TPU kernel.
+      out_shapes: ``out_shapes(batch, heads)``, the shapes and dtypes of what ``kernel``
+        returns for ``batch`` images and ``heads`` heads (with ``merge``: for batch·heads
+        groups), so that the outputs are typed without tracing ``kernel``. Without it they
+        are typed by ``jax.eval_shape`` of ``kernel``, which traces a Pallas kernel's body
+        once more per call: seconds for an unrolled TPU kernel.
 
     Returns:
       ``f(*arrays)``: grouped operands as (B, N, ...), every output as (B, N, ...).
@@ -91,6 +92,16 @@ def per_group(
         ]
         return tuple(y.reshape(batch, heads, *y.shape[1:]) for y in kernel(*merged))
 
+    def typed_outputs(*arrays):  # the outputs' global types, from the kernel's own shapes
+        first = _first_grouped(arrays, grouped)
+        batch, heads = first.shape[0], first.shape[heads_axis]
+        if not merge:
+            return out_shapes(batch, heads)
+        return [
+            jax.ShapeDtypeStruct((batch, heads, *y.shape[1:]), y.dtype)
+            for y in out_shapes(batch, heads)
+        ]
+
     def call(*arrays):
         if local_only:
             return local(*arrays)
@@ -109,7 +120,7 @@ def per_group(
         return tuple(
             _per_group_p.bind(
                 *arrays, local=local, grouped=grouped, heads_axis=heads_axis,
-                out_shapes=out_shapes,
+                out_shapes=None if out_shapes is None else typed_outputs,
             )
         )  # fmt: skip
 

@@ -601,8 +601,7 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
                            scratch or {}),
     )  # fmt: skip
 
-    def out_shapes(*frames):  # the global shapes, without tracing the kernel
-        batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
+    def out_shapes(batch, heads):
         shapes = outputs(batch, heads)
         return [shapes[n] for n in live_outputs]
 
