@@ -4,6 +4,7 @@ import json
 import logging
 import logging.handlers
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -243,6 +244,85 @@ def test_a_refused_resume_leaves_the_run_record_as_it_was(eight_device_run):
     with pytest.raises(trainer.TrainError, match=r"config.train.seed 0 -> 1"):
         trainer.train_and_evaluate(changed, workdir)
     assert (pathlib.Path(workdir) / "run.json").read_bytes() == record
+
+
+def test_a_shape_free_model_change_is_refused_on_resume_and_named_at_eval(eight_device_run):
+    """Options that keep every parameter shape (scale_queries, padding, BatchNorm's)
+    restore into any checkpoint of the run: resuming or evaluating with one changed would
+    go on as another model, or write another model's accuracy over the run's own."""
+    config, workdir, _ = eight_device_run
+    run = pathlib.Path(workdir)
+    record, own = (run / "run.json").read_bytes(), (run / "eval_results_step_6.json").read_text()
+    changed = tiny_config()
+    changed.model.scale_queries = False
+    changed.model.bn_epsilon = 1e-3
+    with pytest.raises(
+        trainer.TrainError,
+        match=r"trained as another model: config\.model\.bn_epsilon 1e-05 -> 0\.001, "
+        r"config\.model\.scale_queries True -> False",
+    ):
+        trainer.train_and_evaluate(changed, workdir)  # not "already finished" either
+    assert (run / "run.json").read_bytes() == record
+    with pytest.raises(trainer.TrainError, match=r"scale_queries True -> False.*--other_setting"):
+        trainer.evaluate_checkpoint(changed, workdir)
+    assert (run / "eval_results_step_6.json").read_text() == own
+    assert not list(run.glob("eval_results_step_6_*scale_queries*"))
+
+
+def test_how_a_model_is_computed_is_not_what_it_is():
+    """``attention_impl`` chooses among exact implementations: a run may resume, and be
+    evaluated, with another (on another platform); every other model field counts."""
+    from sasa_flax.trainer import resume
+
+    config = tiny_config()
+    fields = resume.model_fields(config)
+    assert "model.attention_impl" not in fields
+    assert set(fields) == {f"model.{k}" for k in config.model if k != "attention_impl"}
+    assert set(fields) <= set(resume.eval_fields(config))
+    other = tiny_config()
+    other.model.attention_impl = "patches"
+    assert resume.same_run(dict(config=json.loads(config.to_json_best_effort())), other)
+
+
+def test_a_save_that_fails_mid_run_stops_the_run_at_the_next_step(monkeypatch, tmp_path, caplog):
+    """A checkpoint write that fails in the background (a full disk) stops the run at the
+    next step with one error naming it, not one save interval later; nothing of the
+    failed save is left, and the run resumes from the newest complete checkpoint."""
+    import errno
+    import time
+
+    import orbax.checkpoint as ocp
+
+    original = ocp.StandardCheckpointHandler.async_save
+
+    class NoSpace:  # a write that fails in the background, as a full disk's does
+        def result(self, timeout=None):
+            time.sleep(0.05)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def failing_at_step_1(self, directory, *args, **kwargs):
+        futures = await original(self, directory, *args, **kwargs)
+        failing = f"{tmp_path}/checkpoints/1." in str(directory)
+        return [*(futures or []), NoSpace()] if failing else futures
+
+    # The first step is saved (orbax saves when no checkpoint exists), the next at 50.
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_at_step_1)
+    config = tiny_config(num_steps=60, checkpoint_every_steps=50)
+    with (
+        caplog.at_level(logging.INFO, logger="sasa_flax"),
+        pytest.raises(checkpoints.SaveFailed) as failed,
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    message = str(failed.value)
+    assert "checkpoint of step 1 could not be written" in message
+    assert "no space left on the device" in message and "needs about" in message
+    assert "no checkpoint of this run is complete yet" in message
+    logged = [int(m) for m in re.findall(r"step (\d+)/60", caplog.text)]
+    assert max(logged) < 50  # stopped long before the next save was due
+    assert not list((tmp_path / "checkpoints").iterdir())  # nothing half-written kept
+    monkeypatch.undo()
+    resumed = trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert resumed["step"] == 60
 
 
 @pytest.fixture

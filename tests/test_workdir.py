@@ -30,7 +30,6 @@ def _write_lock(workdir, **holder):
     "root, object_store, url",
     [
         ("/runs/a", False, "file:///runs/a/"),
-        ("/runs/a/", False, "file:///runs/a/"),
         ("file:///runs/a", False, "file:///runs/a/"),
         ("gs://bucket/runs/a", True, "gs://bucket/runs/a/"),
         ("gs://bucket/runs/a/", True, "gs://bucket/runs/a/"),
@@ -48,6 +47,110 @@ def test_a_workdir_joins_every_path_one_way_and_decides_object_stores_once(root,
     assert workdir.eval_events == f"{base}/eval" and workdir.profile == f"{base}/profile"
     assert Workdir.eval_results_file(7) == "eval_results_step_7.json"
     assert Workdir.eval_results_file(7, "image_size=64") == "eval_results_step_7_image_size=64.json"
+
+
+def test_a_local_workdir_is_absolute_however_it_was_typed(tmp_path, monkeypatch):
+    """orbax refuses relative paths, and the shell expands no ``~`` after ``--workdir=``:
+    every way of typing one folder is that folder's absolute path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    absolute = str(tmp_path / "runs" / "x")
+    for typed in ("runs/x", "./runs/x", "runs/x/", "~/runs/x", "runs/../runs/x", absolute):
+        assert Workdir.of(typed).root == absolute, typed
+    assert Workdir.of("gs://bucket/runs/x").root == "gs://bucket/runs/x"
+
+
+def test_relative_and_home_workdirs_train_resume_and_finish_one_run(tmp_path, monkeypatch):
+    """A new run typed relative saves (it used to fail at its first save); the same run
+    typed another way resumes it and finds it finished, setting nothing aside."""
+    config, devices = tiny_config(num_steps=2, checkpoint_every_steps=1), jax.devices()[:1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    stopped = trainer.train_and_evaluate(config, "runs/x", devices=devices, stop_after_step=1)
+    assert stopped["step"] == 1
+    run = tmp_path / "runs" / "x"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
+    finished = trainer.train_and_evaluate(config, "./runs/x", devices=devices)  # resumes
+    assert finished["step"] == 2 and "already_finished" not in finished
+    again = trainer.train_and_evaluate(config, "~/runs/x", devices=devices)
+    assert again["already_finished"] and again["top1"] == finished["top1"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (run / Workdir.DAMAGED).exists()
+    starts = json.loads((run / Workdir.RUN_RECORD).read_text())["starts"]
+    assert [s["start_step"] for s in starts] == [0, 1]
+
+
+def test_a_workdir_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    for command in (trainer.train_and_evaluate, trainer.evaluate_checkpoint):
+        with pytest.raises(trainer.TrainError, match=r"run is a file, not a directory"):
+            command(tiny_config(), str(tmp_path / "run"))
+
+
+def _small_checkpoint(tmp_path):
+    """(manager, abstract items) of a one-step checkpoint of a small tree."""
+    workdir = Workdir(str(tmp_path))
+    mngr = checkpoints.manager(workdir)
+    model = dict(w=jax.random.normal(jax.random.key(0), (64, 64)))
+    train = dict(step=np.int32(1))
+    saves = checkpoints.Saves(mngr, workdir, model, train)
+    saves.start(1, model=model, train=train, meta=dict(step=1))
+    saves.finish()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (model, train))
+    return checkpoints.manager(workdir, read_only=True), dict(
+        zip(("model", "train"), abstract, strict=True)
+    )
+
+
+def _damage(step_dir, how):
+    if how == "truncated array":
+        data = max((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)),
+                   key=lambda p: p.stat().st_size)  # fmt: skip
+        data.write_bytes(data.read_bytes()[:100])
+    elif how == "missing item":
+        import shutil
+
+        shutil.rmtree(step_dir / "meta")
+    elif how == "unparsable metadata":
+        (step_dir / "model" / "_METADATA").write_text("{not json")
+
+
+@pytest.mark.parametrize("how", ["truncated array", "missing item", "unparsable metadata"])
+def test_damage_is_found_in_the_bytes_and_set_aside(tmp_path, how):
+    mngr, abstract = _small_checkpoint(tmp_path)
+    _damage(tmp_path / "checkpoints" / "1", how)
+    with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 1 is damaged"):
+        checkpoints.restore_verified(mngr, 1, **abstract)
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint .* verifies"):
+        checkpoints.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+    assert len(list((tmp_path / Workdir.DAMAGED).iterdir())) == 1  # moved, not deleted
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("Checkpoint path should be absolute. Got runs/x/checkpoints/1/model"),
+        PermissionError(13, "Permission denied"),
+        ModuleNotFoundError("No module named 'tensorstore'"),
+    ],
+    ids=["path", "permission", "module"],
+)
+def test_a_read_that_fails_outside_the_bytes_sets_nothing_aside(tmp_path, monkeypatch, error):
+    """The relative-workdir disaster: every healthy checkpoint was moved aside because
+    the reader failed. Damage is decided by the bytes; a reader's failure ends the run
+    naming it, with every checkpoint where it was."""
+    mngr, abstract = _small_checkpoint(tmp_path)
+
+    def failing_restore(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoints, "restore", failing_restore)
+    with pytest.raises(checkpoints.CheckpointUnreadable, match="Nothing was set aside"):
+        checkpoints.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+    assert not (tmp_path / Workdir.DAMAGED).exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    monkeypatch.undo()
+    assert checkpoints.restore_verified(mngr, 1, **abstract)["meta"]["step"] == 1
 
 
 def test_a_workdir_reads_back_what_it_wrote(tmp_path):

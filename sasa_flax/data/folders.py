@@ -15,6 +15,7 @@ import numpy as np
 
 from sasa_flax.data.sources import register_source, tuning_holdout
 from sasa_flax.data.splits import Dataset, DatasetError, file_split
+from sasa_flax.paths import local_path_made_absolute
 from sasa_flax.quiet_tensorflow import tf
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
@@ -146,7 +147,8 @@ def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
 
 @register_source("folder")
 def _folder(input_config, process_index, process_count) -> Dataset:
-    root = str(input_config.data_dir).rstrip("/") or str(input_config.data_dir)
+    root = local_path_made_absolute(str(input_config.data_dir))
+    root = root.rstrip("/") or root
     tree = scan_folder(root)
     if tree is None:
         raise DatasetError(

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 # isort: on
 from sasa_flax.data.augment import AUGMENTATIONS
 from sasa_flax.data.splits import Dataset, DatasetError, Split, array_split
+from sasa_flax.paths import local_path_made_absolute
 from sasa_flax.registries import Registry
 
 # Files a streaming (TFDS) split reads at once, record by record.
@@ -112,7 +113,7 @@ def _digits(input_config, process_index, process_count) -> Dataset:
 
 def _tfds(input_config, process_index, process_count) -> Dataset:
     name = input_config.dataset
-    data_dir = input_config.data_dir or None
+    data_dir = local_path_made_absolute(input_config.data_dir) or None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -203,7 +204,7 @@ def _prepare_here(builder, input_config) -> str:
             "config.input.data_dir to where it is already prepared."
         )
     try:
-        manual_dir = input_config.manual_dir or None
+        manual_dir = local_path_made_absolute(input_config.manual_dir) or None
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )

@@ -1,7 +1,24 @@
 """Models by name (``registry``) and the built-in SASA ResNets (``resnet``)."""
 
 from sasa_flax.models import resnet  # registers "sasa_resnet"
-from sasa_flax.models.registry import arguments, build, get, names, register
+from sasa_flax.models.registry import (
+    arguments,
+    build,
+    get,
+    implementation_fields,
+    names,
+    register,
+)
 from sasa_flax.models.resnet import ResNet, block_specs
 
-__all__ = ["ResNet", "arguments", "block_specs", "build", "get", "names", "register", "resnet"]
+__all__ = [
+    "ResNet",
+    "arguments",
+    "block_specs",
+    "build",
+    "get",
+    "implementation_fields",
+    "names",
+    "register",
+    "resnet",
+]

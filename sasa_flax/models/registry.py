@@ -39,17 +39,29 @@ _MODELS: Registry = Registry("model")
 NOT_FIELDS = ("rngs", "dtype", "param_dtype")
 
 
-def register(name: str):
+def register(name: str, *, implementation_fields: tuple[str, ...] = ()):
     """Decorator: registers a model class or factory as ``config.model.name = name``.
+
+    ``implementation_fields``: the arguments that choose *how* the model is computed, not
+    *what* (an exact kernel choice such as ``attention_impl``): a run may resume, and a
+    checkpoint be evaluated, with other values (on another platform, say). Every other
+    field defines the model: changing one on resume or at evaluation is refused
+    (``trainer.resume``).
 
     Registering the same definition again (its file loaded a second time, e.g. as a
     config file) replaces it; another definition under a taken name is an error.
     """
 
     def decorate(factory):
+        factory.implementation_fields = tuple(implementation_fields)
         return _MODELS.add(name, factory)
 
     return decorate
+
+
+def implementation_fields(name: str) -> tuple[str, ...]:
+    """The model's fields that do not change what it computes (``register``)."""
+    return getattr(get(name), "implementation_fields", ())
 
 
 def names() -> tuple[str, ...]:

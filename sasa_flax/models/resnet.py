@@ -374,7 +374,7 @@ def attention_options(*, attention_impl: str = _A.impl, **fields) -> AttentionOp
     return _options(AttentionOptions, impl_named, impl=attention_impl, **fields)
 
 
-@register("sasa_resnet")
+@register("sasa_resnet", implementation_fields=("attention_impl",))
 def sasa_resnet(
     *,
     depth: int = _R["depth"],

@@ -28,6 +28,8 @@ import contextlib
 import itertools
 import json
 import logging
+import re
+import shutil
 import time
 from typing import Any
 
@@ -51,11 +53,101 @@ class ArchitectureMismatch(CheckpointError):
     """A checkpoint of another model than the config's: never a reason to fall back."""
 
 
-def remove_partial_checkpoints(workdir: Workdir | str) -> list[str]:
-    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed save left on a local
-    disk (never a complete checkpoint); returns their paths. Run before anything else is
-    written. On object stores there are none: orbax's manager removes uncommitted steps
-    itself (module docstring)."""
+class CheckpointUnreadable(UserError):
+    """A checkpoint could not be read for a reason outside its bytes (a path, a
+    permission, a module, the machine's memory): never a reason to set it aside or to
+    fall back to an older one, since every checkpoint of the run would meet the same."""
+
+
+# Errors about the reader's environment, whichever checkpoint it reads.
+_ENVIRONMENT_ERRORS = (ImportError, MemoryError, PermissionError)
+# The storage layer's (tensorstore's) reports about bytes it read: a referenced file or
+# key missing, a byte range past a file's end, content that does not decode.
+_DATA_LOSS = re.compile(r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b")
+# The JSON files orbax writes into a step (by name), and the items every checkpoint has.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "metadata")
+_ITEMS = ("model", "meta")
+
+
+def _first_line(error: BaseException) -> str:
+    text = next((line for line in str(error).splitlines() if line.strip()), "")
+    return text.split(" See full TensorStore details")[0][:300] or type(error).__name__
+
+
+def _chain(error: BaseException | None):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _files(step_dir: epath.Path) -> list[epath.Path]:
+    found, pending = [], [step_dir]
+    while pending:
+        for path in pending.pop().iterdir():
+            (pending if path.is_dir() else found).append(path)
+    return found
+
+
+def _damage_in_files(step_dir: epath.Path, files: list[epath.Path]) -> str | None:
+    """A fault found in the step's own bytes, or None: an item missing, a JSON file of
+    orbax's that does not parse."""
+    items = {p.relative_to(step_dir).parts[0] for p in files}
+    missing = [item for item in _ITEMS if item not in items]
+    if missing:
+        return f"its {' and '.join(missing)} item is missing"
+    for path in files:
+        if path.name in _JSON_FILES:
+            try:
+                json.loads(path.read_bytes())
+            except ValueError:
+                return f"{path.relative_to(step_dir)} is not valid JSON"
+    return None
+
+
+def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -> UserError:
+    """What a failed read of checkpoint ``step`` means, decided by what was read:
+
+    - ``CheckpointUnreadable`` (nothing is set aside: every checkpoint would fail alike)
+      when the reader's environment failed: a file of the step cannot be listed or read
+      as bytes (a wrong path, a permission, an I/O error), or Python could not import a
+      module or allocate memory;
+    - ``CheckpointError`` (damaged) when a fault is found in the bytes: an item missing,
+      a metadata file that does not parse, or the storage layer reporting that what it
+      read is missing, short or undecodable (tensorstore's NOT_FOUND, OUT_OF_RANGE,
+      DATA_LOSS);
+    - ``CheckpointUnreadable`` otherwise: the files are complete and read, and the
+      failure is the reader's (e.g. orbax refusing a path), not the checkpoint's."""
+    summary = f"{type(error).__name__}: {_first_line(error)}"
+    environment = next((e for e in _chain(error) if isinstance(e, _ENVIRONMENT_ERRORS)), None)
+    step_dir = epath.Path(mngr.directory) / str(step)
+    if environment is not None:
+        cause = f"a {type(environment).__name__} in this environment"
+    else:
+        try:
+            files = _files(step_dir)
+            for path in files:
+                path.read_bytes()
+        except OSError as e:
+            cause = f"its files cannot be read ({e})"
+        else:
+            damage = _damage_in_files(step_dir, files)
+            if damage is None and any(_DATA_LOSS.search(str(e)) for e in _chain(error)):
+                damage = "the storage layer found its data missing, short or undecodable"
+            if damage is not None:
+                return CheckpointError(f"checkpoint step {step} is damaged: {damage} ({summary})")
+            cause = "its files are complete and read, so the reader failed, not the checkpoint"
+    return CheckpointUnreadable(
+        f"checkpoint step {step} could not be read ({summary}); {cause}. Nothing was set "
+        "aside or skipped: fix that and run the same command again."
+    )
+
+
+def remove_partial_checkpoints(workdir: Workdir | str, *, quiet: bool = False) -> list[str]:
+    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed or failed save left
+    on a local disk (never a complete checkpoint); returns their paths. Run before
+    anything else is written. On object stores there are none: orbax's manager removes
+    uncommitted steps itself (module docstring). ``quiet``: no log line (the caller
+    reports the failure that left them)."""
     workdir = Workdir.of(workdir)
     root = workdir.path(Workdir.CHECKPOINTS)
     if workdir.on_object_store or not root.exists():
@@ -63,7 +155,7 @@ def remove_partial_checkpoints(workdir: Workdir | str) -> list[str]:
     partial = [p for p in root.iterdir() if "orbax-checkpoint-tmp" in p.name]
     for path in partial:
         path.rmtree() if path.is_dir() else path.unlink()
-    if partial:
+    if partial and not quiet:
         log.warning("removed %d partial checkpoint(s) a stopped run left: %s",
                     len(partial), ", ".join(p.name for p in partial))  # fmt: skip
     return [str(p) for p in partial]
@@ -151,6 +243,84 @@ def save(
     )
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, a permission, the store); nothing
+    of it is kept, and the run stops at once, naming it."""
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # unreachable
+
+
+class Saves:
+    """The training loop's checkpoint saves: each started asynchronously (``start``) and
+    watched at every step (``poll``, which never waits), so that a save that failed in
+    the background (a full disk) stops the run at the next step instead of at the next
+    save, one interval later; ``finish`` waits for the last one.
+
+    A failure raises ``SaveFailed``: one line naming the step, the folder, the cause and
+    how much space a checkpoint needs, after removing what the failed save left (on a
+    local disk; on an object store orbax never lists an uncommitted step and the next
+    start deletes it)."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, workdir: Workdir, *items: Any):
+        self.mngr, self.workdir = mngr, workdir
+        self.needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(items))
+        self.pending: int | None = None
+
+    def start(self, step: int, **save_args: Any) -> None:
+        """``save(mngr, step, **save_args)``; a previous save that failed raises first."""
+        self.finish()
+        try:
+            save(self.mngr, step, **save_args)
+        except Exception as e:  # noqa: BLE001 - orbax raises what the storage raised
+            raise self._failure(step, e) from None
+        self.pending = step
+
+    def poll(self) -> None:
+        """Raises ``SaveFailed`` if the save in flight has ended in failure; never waits."""
+        if self.pending is not None and not self.mngr.is_saving_in_progress():
+            self.finish()
+
+    def finish(self) -> None:
+        """Waits for the save in flight, if any; raises ``SaveFailed`` if it failed."""
+        if self.pending is None:
+            return
+        step, self.pending = self.pending, None
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failure(step, e) from None
+
+    def _failure(self, step: int, error: BaseException) -> SaveFailed:
+        texts = [str(e) for e in _chain(error)]
+        full = any("No space left" in t or "os_error_code='28'" in t for t in texts)
+        cause = "no space left on the device" if full else f"{type(error).__name__}: "
+        cause += "" if full else _first_line(error)
+        with contextlib.suppress(Exception):
+            if jax.process_index() == 0:
+                remove_partial_checkpoints(self.workdir, quiet=True)
+        free = ""
+        if not self.workdir.on_object_store:
+            with contextlib.suppress(OSError):
+                free = f", {_size(shutil.disk_usage(self.workdir.root).free)} free there now"
+        with contextlib.suppress(Exception):
+            self.mngr.reload()
+        kept = [s for s in self.mngr.all_steps() if s != step]
+        newest = f"the newest complete checkpoint is step {max(kept)}" if kept else (
+            "no checkpoint of this run is complete yet")  # fmt: skip
+        return SaveFailed(
+            f"the checkpoint of step {step} could not be written to {self.workdir.checkpoints}"
+            f" ({cause}); a checkpoint needs about {_size(self.needed)} (its arrays, before "
+            f"compression){free}. Nothing of it was kept and {newest}: free space or fix the "
+            "cause, then run the same command to resume."
+        )
+
+
 def restore(
     mngr: ocp.CheckpointManager, step: int, *, model: Any, train: Any | None = None
 ) -> dict[str, Any]:
@@ -218,11 +388,7 @@ def restore_verified(mngr: ocp.CheckpointManager, step: int, **abstract: Any) ->
         try:
             restored = restore(mngr, step, **abstract)
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            first = first.split(" See full TensorStore details")[0][:300]
-            raise CheckpointError(
-                f"checkpoint step {step} cannot be read ({type(e).__name__}: {first})"
-            ) from None
+            raise read_failure(mngr, step, e) from None
         if not isinstance(restored.get("meta"), dict):
             raise CheckpointError(f"checkpoint step {step} lacks its meta item")
         return restored
@@ -322,11 +488,8 @@ def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what:
     Reads metadata only, before anything is restored or compiled."""
     try:
         saved = _shapes_by_path(mngr.item_metadata(step)["model"])
-    except Exception as e:  # noqa: BLE001 - a damaged or incomplete step
-        raise CheckpointError(
-            f"checkpoint step {step} cannot be read ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged or incomplete step, or the reader
+        raise read_failure(mngr, step, e) from None
     wanted = _shapes_by_path(model)
     problems = [f"{p}: in the config's model but not in the checkpoint" for p in wanted
                 if p not in saved]  # fmt: skip

@@ -28,16 +28,25 @@ import jax
 from etils import epath
 
 from sasa_flax.errors import TrainError
+from sasa_flax.paths import local_path_made_absolute
 
 _EVAL_RESULTS = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
 
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
-    """A run's workdir: ``root`` as the user gave it (a local path, or a URL such as
-    ``gs://bucket/run``; ``memory://`` in tests)."""
+    """A run's workdir: ``root`` a local path or a URL such as ``gs://bucket/run``
+    (``memory://`` in tests).
+
+    A local path is made absolute here, ``~`` expanded, once, whatever the caller passed:
+    orbax refuses relative paths (every save would fail in the background), and the same
+    folder typed two ways (``runs/x``, ``./runs/x``, ``~/runs/x`` after ``=`` where the
+    shell expands nothing) must be the same run."""
 
     root: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", local_path_made_absolute(str(self.root)))
 
     RUN_RECORD = "run.json"
     LOCK = "train.lock"
@@ -106,6 +115,15 @@ class Workdir:
 
     def is_dir(self) -> bool:
         return self.path().is_dir()
+
+    def check_not_a_file(self) -> None:
+        """Refuses a local workdir that is a file (a path typed one level too deep, an
+        archive), before anything reads or writes under it."""
+        if not self.on_object_store and os.path.isfile(self.root):
+            raise TrainError(
+                f"--workdir {self.root} is a file, not a directory; pass a directory (a new "
+                "one for a new run, the run's own to resume or evaluate)."
+            )
 
     def _probe(self) -> None:
         probe = self.path(f".sasa_write_test_{jax.process_index()}")

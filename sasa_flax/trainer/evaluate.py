@@ -41,6 +41,8 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
 def restore_model_item(setup: Setup, abstract: TrainState, workdir: Workdir, step: int | None):
     """(step, restored items: "model" and "meta") of a checkpoint, verified: the newest
     that verifies, or ``step`` (refused naming the newest good one if it does not)."""
+    workdir = Workdir.of(workdir)
+    workdir.check_not_a_file()
     mngr = checkpoints.manager(workdir, read_only=True)
     requested = checkpoints.step_to_restore(mngr, workdir, step)
     if step is None:  # the newest checkpoint that verifies
@@ -76,19 +78,23 @@ def evaluate_checkpoint(
     # config would otherwise try to download it first); the checkpoint's own below.
     logs.show_progress()
     workdir = Workdir.of(workdir)
+    workdir.check_not_a_file()
     record = workdir.run_record()
     if record.get("config"):
         resume.eval_setting_suffix(
-            dict(eval_setting=resume.eval_fields(record["config"])), config, workdir,
+            dict(eval_setting=resume.eval_fields(record["config"], config.model.name)),
+            config, workdir,
             other_setting,
         )  # fmt: skip
-    writable = workdir.writable()
-    if not writable and jax.process_index() == 0:
-        log.warning("%s is not writable: the results are printed, not written to it", workdir)
     setup = make_eval_setup(config, devices=devices)
     log_attention_plan(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
     step, restored = restore_model_item(setup, abstract, workdir, step)
+    # Only for a run that has a checkpoint (a missing workdir is "not trained", above),
+    # before the evaluation.
+    writable = workdir.writable()
+    if not writable and jax.process_index() == 0:
+        log.warning("%s is not writable: the results are printed, not written to it", workdir)
     setting = resume.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
     eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))

@@ -48,13 +48,13 @@ from sasa_flax.trainer.steps import (
 STEPS_IN_FLIGHT = 2  # steps the loop may dispatch beyond the last one finished
 
 
-def _nonfinite_error(mngr, bad: int, metrics: dict, done: int) -> TrainError:
-    mngr.wait_until_finished()  # the last good checkpoint is complete; no later one is saved
+def _nonfinite_error(saves, bad: int, metrics: dict, done: int) -> TrainError:
+    saves.finish()  # the last good checkpoint is complete; no later one is saved
     loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
     unsaved = f"step {bad}" if bad == done else f"steps {bad}-{done}"
     return TrainError(
         f"step {bad}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
-        f"without saving {unsaved}. The newest checkpoint is step {mngr.latest_step()}. "
+        f"without saving {unsaved}. The newest checkpoint is step {saves.mngr.latest_step()}. "
         "Lower config.train.base_learning_rate or lengthen warm-up, or set "
         "config.train.on_nonfinite='skip' to skip such steps and count them."
     )
@@ -77,6 +77,7 @@ def train_and_evaluate(
     # verdict: a refusal ends all of them with the same line.
     logs.show_progress()
     workdir = Workdir.of(workdir)
+    workdir.check_not_a_file()
     setup = make_setup(config, devices=devices)
     finished = distributed.everywhere("finished", lambda: resume.finished_results(setup, workdir))
     if finished is not None:
@@ -118,6 +119,7 @@ def _train_and_evaluate(
     mngr = checkpoints.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
     )
+    saves = checkpoints.Saves(mngr, workdir, abstract.model_item(), abstract.train_item())
 
     # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
     # aside, saying so), or born sharded.
@@ -127,6 +129,7 @@ def _train_and_evaluate(
     )  # fmt: skip
     damaged = checkpoints.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
+        resume.check_model_unchanged(setup, restored["meta"], workdir)
         resume.check_schedule_unchanged(setup, restored["meta"], workdir)
         resume.warn_if_data_order_changes(setup, restored["meta"])
         state = TrainState(**restored["model"], **restored["train"])
@@ -189,6 +192,7 @@ def _train_and_evaluate(
                 if len(in_flight) > STEPS_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                 profile.after(done, metrics)
+                saves.poll()  # a save that failed in the background stops the run here
                 stopping = stop_request.should_stop(done)
                 force = done == end_step or stopping
                 evaluating = bool(
@@ -204,19 +208,19 @@ def _train_and_evaluate(
                 if t.on_nonfinite == "stop" and (saving or writing or evaluating):
                     bad = progress.first_nonfinite()
                     if bad is not None:
-                        raise _nonfinite_error(mngr, *bad, done)
+                        raise _nonfinite_error(saves, *bad, done)
                 if writing:
                     progress.write(done)
                 if evaluating:
                     results = evaluate(setup, eval_fn, *eval_weights(state))
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 if saving:  # decided here alone (a period, a stop, the last step)
-                    checkpoints.save(
-                        mngr, done, model=state.model_item(), train=state.train_item(),
+                    saves.start(
+                        done, model=state.model_item(), train=state.train_item(),
                         meta=resume.checkpoint_meta(setup, done), damaged=damaged,
                     )  # fmt: skip
                 if stopping:
-                    mngr.wait_until_finished()
+                    saves.finish()
                     writer.flush()
                     log.info(
                         "%s: stopped after step %d with its checkpoint written; run the same "
@@ -238,7 +242,7 @@ def _train_and_evaluate(
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))
-    mngr.wait_until_finished()
+    saves.finish()
     if stop_after_step is not None and final_step < setup.total_steps:
         writer.flush()
         return dict(step=final_step, train_log=progress.lines)

@@ -13,6 +13,7 @@ import time
 
 import jax
 
+from sasa_flax import models
 from sasa_flax.errors import TrainError
 from sasa_flax.run import checkpoints
 from sasa_flax.run.workdir import Workdir
@@ -31,14 +32,24 @@ SCHEDULE_FIELDS = (
 
 
 # The fields that change what an evaluation means: recorded at training time, and
-# eval.py evaluates that setting unless told otherwise (--other_setting).
+# eval.py evaluates that setting unless told otherwise (--other_setting). Every field of
+# the model that defines it (``model_fields``) belongs to it too.
 EVAL_FIELDS = (
     "input.dataset", "input.data_dir", "input.tuning_split", "input.image_size",
-    "input.augment", "model.num_classes",
+    "input.augment",
 )  # fmt: skip
 
 
+def _as_json(config) -> dict:
+    """A config, or a run record's config, as JSON holds it (tuples become lists), so
+    that a value read back from a record compares equal to the same value in a config."""
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))
+    return json.loads(config.to_json_best_effort())
+
+
 def _fields(config, names) -> dict:
+    config = _as_json(config)
     return {f: config[f.split(".")[0]].get(f.split(".")[1]) for f in names}
 
 
@@ -46,16 +57,32 @@ def _schedule_fields(config) -> dict:
     return _fields(config, SCHEDULE_FIELDS)
 
 
-def same_schedule(record: dict, config) -> bool:
-    """Whether the run record's config (``run.json``) has ``config``'s schedule fields."""
+def model_fields(config, model_name: str | None = None) -> dict:
+    """{"model.<field>": value} of every model field that defines the model: all of
+    ``config.model`` but the registered model's ``implementation_fields`` (how it is
+    computed, e.g. ``attention_impl``). ``model_name``: whose implementation fields (by
+    default the config's own model)."""
+    model = _as_json(config)["model"]
+    free = models.implementation_fields(model_name or model.get("name", ""))
+    return {f"model.{k}": v for k, v in sorted(model.items()) if k not in free}
+
+
+def same_run(record: dict, config) -> bool:
+    """Whether the run record's config (``run.json``) has ``config``'s schedule fields and
+    model."""
     saved = record.get("config")
     if not saved:
         return False
-    now = json.loads(config.to_json_best_effort())
-    return not _changes(_schedule_fields(saved), _schedule_fields(now))
+    name = _as_json(config)["model"].get("name")
+    return not (
+        _changes(_schedule_fields(saved), _schedule_fields(config))
+        or _changes(model_fields(saved, name), model_fields(config))
+    )
 
 
 def _changes(saved: dict, now: dict) -> list[str]:
+    """The fields both hold with different values (a field added to or removed from the
+    code since is not a change of the run)."""
     return [f for f in saved if f in now and saved[f] != now[f]]
 
 
@@ -73,6 +100,7 @@ def checkpoint_meta(setup: Setup, step: int) -> dict:
         seed=setup.config.train.seed,
         total_steps=setup.total_steps,
         schedule=_schedule_fields(setup.config),
+        model=model_fields(setup.config),
         eval_setting=eval_fields(setup.config),
         processes=setup.dataset.process_count,
     )
@@ -110,6 +138,28 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: Workdir) -> None
         "--config.train.allow_schedule_change=True to continue from step "
         f"{meta['step']} with the new schedule (e.g. to extend a finished run)."
     )
+
+
+def check_model_unchanged(setup: Setup, meta: dict, workdir: Workdir) -> None:
+    """Refuses a resume whose model differs from the checkpoint's in any field that
+    defines it (``model_fields``), shape-free ones included (``scale_queries``,
+    ``padding``, BatchNorm's options): the parameters would restore and the run would go
+    on as another model. Checkpoints from before the model was recorded in ``meta`` are
+    compared with the run record's config."""
+    now = model_fields(setup.config)
+    saved = meta.get("model")
+    if saved is None:
+        recorded = workdir.run_record().get("config")
+        if not recorded:
+            return
+        saved = model_fields(recorded, setup.config.model.name)
+    changed = _changes(saved, now)
+    if changed:
+        raise TrainError(
+            f"{workdir} was trained as another model: {_listing(saved, now, changed)}. "
+            "Resuming would silently go on as a different model; use the run's values (its "
+            f"{Workdir.RUN_RECORD} has them) or a new workdir."
+        )
 
 
 def run_record(setup: Setup, workdir: Workdir, command: dict, start_step: int = 0) -> dict:
@@ -160,7 +210,7 @@ def finished_results(setup: Setup, workdir: Workdir) -> dict | None:
     newest = max(workdir.checkpoint_steps(), default=0)
     if results is None or newest != setup.total_steps:
         return None
-    if not same_schedule(workdir.run_record(), setup.config):
+    if not same_run(workdir.run_record(), setup.config):
         return None
     # Its last checkpoint must still verify: a damaged one is redone the usual way.
     if setup.total_steps in checkpoints.damaged_steps(workdir):
@@ -176,10 +226,10 @@ def finished_results(setup: Setup, workdir: Workdir) -> dict | None:
     return results
 
 
-def eval_fields(config) -> dict:
-    """The fields that change what an evaluation means (``EVAL_FIELDS``) of a config or of
-    a run record's config (a dict)."""
-    return _fields(config, EVAL_FIELDS)
+def eval_fields(config, model_name: str | None = None) -> dict:
+    """The fields that change what an evaluation means (``EVAL_FIELDS`` and the model's
+    ``model_fields``) of a config or of a run record's config (a dict)."""
+    return dict(_fields(config, EVAL_FIELDS), **model_fields(config, model_name))
 
 
 def eval_setting_suffix(meta: dict, config, workdir: Workdir, other_setting: bool) -> str:
