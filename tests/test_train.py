@@ -463,7 +463,9 @@ def test_a_finished_run_says_so_and_does_nothing_more(eight_device_run, monkeypa
 
 def test_a_profile_is_written_when_asked_and_never_otherwise(tmp_path):
     """config.train.profile_steps: a jax.profiler trace of the chosen steps in
-    <workdir>/profile (an .xplane.pb TensorBoard's profile plugin reads); none when 0."""
+    <workdir>/profile; none when 0. It opens as the docs say: ``tensorboard --logdir
+    <workdir>`` lists the run in its profile tab (the xprof plugin of requirements.txt),
+    and its trace viewer's events include the train step."""
     devices = jax.devices()[:1]
     config = tiny_config(profile_steps=2, profile_start_step=2)
     trainer.train_and_evaluate(config, str(tmp_path / "asked"), devices=devices)
@@ -471,3 +473,35 @@ def test_a_profile_is_written_when_asked_and_never_otherwise(tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
     trainer.train_and_evaluate(tiny_config(), str(tmp_path / "not"), devices=devices)
     assert not (tmp_path / "not" / "profile").exists()
+
+    runs = _tensorboard_profile_runs(tmp_path / "asked")
+    assert runs == [traces[0].parent.name], runs  # the run's one trace, by its timestamp
+    from xprof.convert import raw_to_tool_data
+
+    events, _ = raw_to_tool_data.xspace_to_tool_data([str(traces[0])], "trace_viewer", {})
+    names = {event.get("name", "") for event in json.loads(events)["traceEvents"]}
+    assert any("train_step" in name for name in names), sorted(names)[:50]
+
+
+def _tensorboard_profile_runs(logdir) -> list[str]:
+    """What ``tensorboard --logdir <logdir>`` serves its profile tab: the plugin enabled,
+    and the runs it lists (TensorBoard's own WSGI app, no server)."""
+    import gzip
+
+    from tensorboard import default, program
+    from tensorboard.backend import application
+    from werkzeug.test import Client
+
+    board = program.TensorBoard(default.get_plugins())
+    board.configure(argv=[None, "--logdir", str(logdir), "--load_fast", "false"])
+    provider, multiplexer = board._make_data_provider()
+    client = Client(application.TensorBoardWSGIApp(
+        board.flags, board.plugin_loaders, provider, board.assets_zip_provider, multiplexer
+    ))  # fmt: skip
+    plugins = json.loads(client.get("/data/plugins_listing").get_data())
+    assert plugins.get("profile", {}).get("enabled"), sorted(plugins)
+    response = client.get("/data/plugin/profile/runs")
+    body = response.get_data()
+    if response.headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return [run.rsplit("/", 1)[-1] for run in json.loads(body)]
