@@ -218,6 +218,30 @@ def test_train_beside_an_eval_folder_is_two_splits_not_two_classes(tmp_path, eva
     assert sorted(labels) == [0, 0, 1, 1]
 
 
+def test_what_a_folder_dataset_leaves_out_is_said_in_one_line_each(tmp_path, caplog):
+    """Non-image files, a class the evaluation folder lacks, one it has beyond training:
+    each named once; images in subfolders of a class folder belong to that class."""
+    write_image_folder(tmp_path / "train", dict.fromkeys(["cat", "dog", "owl"], 3))
+    write_image_folder(tmp_path / "train" / "owl" / "night", dict(more=2))  # owl, recursively
+    write_image_folder(tmp_path / "val", dict.fromkeys(["cat", "dog", "yak"], 1))
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "README.md").write_text("about the data")
+    (tmp_path / "train" / ".cache").mkdir()
+    (tmp_path / "train" / ".cache" / "index.bin").write_bytes(b"hidden, said elsewhere")
+    config = config_lib.base_config().input
+    config.update(dataset="folder", data_dir=str(tmp_path), image_size=4)
+    with caplog.at_level("WARNING", logger="sasa_flax"):
+        dataset = data.load(config)
+    assert (dataset.num_classes, dataset.train.size, dataset.eval.size) == (3, 11, 2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "ignored 2 file(s) that are not images" in lines[0]
+    assert "README.md" in lines[0] and "train/cat/notes.txt" in lines[0]
+    assert "index.bin" not in lines[0]
+    assert f"{tmp_path}/val has no folder for 1 class(es)" in lines[1] and "owl" in lines[1]
+    assert "class folder(s) that" in lines[2] and "yak" in lines[2]
+
+
 def test_a_class_folder_named_like_a_split_is_refused_with_the_fix(tmp_path):
     write_image_folder(tmp_path, dict.fromkeys(["training", "valid_not", "train"], 3))
     config = config_lib.base_config().input

@@ -145,6 +145,42 @@ def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
     return classes
 
 
+def _say_what_is_left_out(tree: FolderTree, classes, train_name: str, eval_name) -> None:
+    """One warning line for each thing the folder holds that the dataset leaves out, so
+    that nothing is dropped silently: files that are not images (by extension), and
+    classes the evaluation folder lacks or has beyond the training folder's."""
+    log = logging.getLogger(__name__)
+    hidden = lambda f: any(p.startswith(".") or p in STRAY_FOLDERS for p in f.split("/")[:-1])  # noqa: E731
+    ignored = sorted(f for f in tree.files if not _is_image(f) and not hidden(f))
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (
+            f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        )
+        log.warning(
+            "%s: ignored %d file(s) that are not images (%s): %s", tree.root, len(ignored),
+            "/".join(sorted(IMAGE_EXTENSIONS)), shown,
+        )  # fmt: skip
+    if eval_name is None:
+        return
+    evaluated = {n for n in tree.subfolders(eval_name) if not n.startswith(".")} - set(
+        STRAY_FOLDERS
+    )
+    lacking = [n for n in classes if n not in evaluated]
+    if lacking:
+        log.warning(
+            "%s has no folder for %d class(es) that %s has: %s; the evaluation never tests "
+            "them", tree.path(eval_name), len(lacking), tree.path(train_name),
+            ", ".join(lacking),
+        )  # fmt: skip
+    extra = sorted(evaluated - set(classes))
+    if extra:
+        log.warning(
+            "%s has class folder(s) that %s lacks: %s; the model cannot predict them, so "
+            "their images are left out of the evaluation", tree.path(eval_name),
+            tree.path(train_name), ", ".join(extra),
+        )  # fmt: skip
+
+
 @register_source("folder")
 def _folder(input_config, process_index, process_count) -> Dataset:
     root = local_path_made_absolute(str(input_config.data_dir))
@@ -172,6 +208,9 @@ def _folder(input_config, process_index, process_count) -> Dataset:
             f"{train_dir} has {len(classes)} class subfolder(s); a classifier needs at least "
             "two: data_dir/<class_name>/<image files>."
         )
+
+    if process_index == 0:
+        _say_what_is_left_out(tree, classes, train_name, eval_name)
 
     def listing(split_name):
         files, labels = [], []
