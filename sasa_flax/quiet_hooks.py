@@ -2,7 +2,8 @@
 
 When a save fails (a full disk) or a damaged checkpoint fails to load, the trainer reports
 it in one line; orbax's background threads and asyncio then log tracebacks of the same
-error, and every evaluation triggers a "read only" warning. ``install`` (called
+error (and Python warns of its abandoned coroutines), and every evaluation triggers a
+"read only" warning. ``install`` (called
 by ``cli.start``, never at import) drops exactly those. ``SASA_FLAX_VERBOSE=1`` (the entry
 points' ``--verbose``) keeps everything.
 """
@@ -14,6 +15,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 
 
 def _is_read_aftermath(exc: BaseException | None) -> bool:
@@ -74,3 +76,7 @@ def install() -> None:
     for name in ("absl", "asyncio", ""):
         logging.getLogger(name).addFilter(_keep_log_record)
     threading.excepthook = _quiet_thread_excepthook
+    if not os.environ.get("SASA_FLAX_VERBOSE"):
+        # orbax's reads abandoned after a damaged checkpoint failed to load: their
+        # coroutines are collected unawaited (already reported in one line).
+        warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)

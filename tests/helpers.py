@@ -182,7 +182,6 @@ def environment(devices: int = 1, **extra: str) -> dict[str, str]:
         JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONUNBUFFERED="1",
         **extra,
     )
