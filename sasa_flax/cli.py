@@ -22,7 +22,8 @@ def _innermost_message(error: BaseException) -> str:
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
     message = str(error.args[0] if error.args else error)
-    return message.strip("'\"").replace("'\n", " ")
+    # ml_collections: "'kernal_size'\nDid you mean ...?": the key, then its hint.
+    return message.strip("'\"").replace("'\n", ". ")
 
 
 def _user_error_in(error: BaseException | None) -> UserError | None:
@@ -72,11 +73,19 @@ def config_arguments(argv: list[str] | None = None) -> dict:
     return dict(config_spec=spec, overrides=overrides)
 
 
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing where a bad config file argument or a misspelt ``--config.x=y``
-    override ends with one message naming it (exit status 1), not a traceback."""
+    override ends with one message naming it (exit status 1), not a traceback; asking
+    for help is a success (absl's help flags exit with status 1)."""
     try:
-        remaining = flags.FLAGS(argv)
+        try:
+            remaining = flags.FLAGS(argv)
+        except SystemExit as e:
+            asked_for_help = any(a.split("=")[0] in HELP_FLAGS for a in argv[1:])
+            sys.exit(0 if asked_for_help and e.code == 1 else e.code)
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.keys()  # ml_collections reports a missing file only on use
         return remaining
@@ -137,6 +146,8 @@ def run(main) -> None:
             "verbose", False,
             "Full tracebacks instead of one-line errors (also SASA_FLAX_VERBOSE=1).",
         )  # fmt: skip
+    # Listed by --help with the program's own flags, not only under --helpfull.
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["verbose"])
     app.run(main, flags_parser=parse_flags)
 
 

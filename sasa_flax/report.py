@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -98,7 +99,9 @@ def main(argv):
             raise app.UsageError("--results needs one or more training workdirs.")
         with cli.user_errors():
             try:
-                runs = results.table(argv[1:])
+                runs = results.table(
+                    argv[1:], left_out=lambda why: print(f"left out: {why}", file=sys.stderr)
+                )
             except FileNotFoundError as e:
                 raise UserError(str(e)) from None
         formats = {True: results.to_json, False: results.markdown}

@@ -16,7 +16,12 @@ import statistics
 from etils import epath
 
 from sasa_flax import config_lib
+from sasa_flax.errors import UserError
 from sasa_flax.run import Workdir
+
+
+class NotARun(UserError):
+    """A folder without a run record: not a training run, or one not yet started."""
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -70,6 +75,11 @@ def read_run(workdir: str) -> dict:
     if not run.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory; pass training workdirs.")
     record = run.run_record()
+    if not record.get("config"):
+        raise NotARun(
+            f"{workdir} has no {Workdir.RUN_RECORD}: not a training run, or one that has not "
+            "started yet (train.py writes it once its checks pass)."
+        )
     evals = run.eval_results()
     scalars = _scalars(run.path())
     checkpoints = run.checkpoint_steps()
@@ -108,10 +118,21 @@ def read_run(workdir: str) -> dict:
     )
 
 
-def table(workdirs: list[str]) -> list[dict]:
+def table(workdirs: list[str], *, left_out=None) -> list[dict]:
     """One row per workdir, each with ``differs``: its config fields that differ from the
-    first run's, as 'field=value'."""
-    runs = [read_run(w) for w in workdirs]
+    first run's, as 'field=value'. A folder that is not a run (``NotARun``) is passed to
+    ``left_out`` (a callable taking the message) and left out; without it, or when no
+    folder is a run, it raises."""
+    runs = []
+    for workdir in workdirs:
+        try:
+            runs.append(read_run(workdir))
+        except NotARun as e:
+            if left_out is None or len(workdirs) == 1:
+                raise
+            left_out(str(e))
+    if not runs:
+        raise NotARun(f"none of {', '.join(workdirs)} is a training run (no run.json).")
     first = runs[0]["config"] if runs else {}
     for run in runs:
         keys = sorted(set(first) | set(run["config"]))

@@ -112,6 +112,8 @@ def test_micro_batches_must_divide_every_devices_images():
     config = tiny_config(accumulation_steps=3)
     with pytest.raises(TrainError, match=r"accumulation_steps=3: .*batch_size=32 on 4 devices"):
         _setup_checked(config, 4)
+    with pytest.raises(TrainError, match=r"batch_size=32 on 1 device is not"):  # one, no -s
+        _setup_checked(config, 1)
     config.train.accumulation_steps = 0
     with pytest.raises(Exception, match=r"config\.train\.accumulation_steps=0: must be a positive"):
         _setup_checked(config, 4)

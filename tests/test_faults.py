@@ -354,6 +354,8 @@ def test_a_two_process_run_on_a_workdir_in_use_exits_on_both_processes(tmp_path)
          "error: --config configs/digit.py: no such file 'configs/digit.py'; did you mean "
          "configs/digits.py?"),
         (["--config", "configs/digits.py"], "error: --workdir is required"),
+        (["--config", "configs/digits.py", "--workdir", "WORKDIR", "--config.model.kernal_size=3"],
+         'kernal_size. Did you mean "kernel_size" instead of "kernal_size"? The fields are'),
     ],
 )  # fmt: skip
 def test_a_forgotten_or_misspelt_flag_is_named_with_the_fix(tmp_path, args, message):
@@ -362,3 +364,12 @@ def test_a_forgotten_or_misspelt_flag_is_named_with_the_fix(tmp_path, args, mess
     assert run.finish() == 1
     assert message in run.output and "Traceback" not in run.output, run.output
     assert not (tmp_path / "run").exists()
+
+
+def test_help_is_a_success_and_lists_every_flag_of_the_program():
+    """``train.py --help`` exits 0 (absl's help exits 1) and lists --verbose beside the
+    program's own flags, not only under --helpfull."""
+    run = helpers.Process(["train.py", "--help"], helpers.environment())
+    assert run.finish() == 0, run.output
+    for flag in ("--config", "--workdir", "--distributed", "--[no]verbose"):
+        assert flag in run.output, run.output

@@ -137,3 +137,22 @@ def test_report_scaling_prints_json_and_draws_the_plot(tmp_path):
 
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600 and pixels.std() > 0.05
+
+
+def test_a_folder_that_is_not_a_run_is_one_line_not_a_row_of_differences(tmp_path):
+    """``report --results`` on a folder without run.json: one line saying so (it used to
+    be a row whose 'differs' listed every config field as None)."""
+    import json
+
+    from sasa_flax import results
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    config = dict(model=dict(depth=26), input=dict(dataset="digits"), train=dict(seed=0))
+    (tmp_path / "run" / "run.json").write_text(json.dumps(dict(config=config)))
+    with pytest.raises(results.NotARun, match=r"empty has no run\.json: not a training run"):
+        results.table([str(tmp_path / "empty")])
+    said = []
+    runs = results.table([str(tmp_path / "empty"), str(tmp_path / "run")], left_out=said.append)
+    assert [r["workdir"] for r in runs] == [str(tmp_path / "run")] and runs[0]["differs"] == []
+    assert len(said) == 1 and "empty has no run.json" in said[0]

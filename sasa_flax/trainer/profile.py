@@ -1,10 +1,10 @@
 """A ``jax.profiler`` trace of chosen training steps, on demand (config.train.profile_steps).
 
 The trace goes to ``<workdir>/profile`` (``tensorboard --logdir <workdir>``'s profile tab,
-the ``xprof`` plugin of requirements.txt, reads it); on gs:// it is written locally first and copied when
-the trace stops, since the profiler writes through the local file system. Every process
-traces its own host (the files are named by host). Off (0 steps) costs nothing: no call
-into the profiler is made.
+the ``xprof`` plugin of requirements.txt, reads it); on gs:// it is written locally first
+and copied when the trace stops, since the profiler writes through the local file
+system. Every process traces its own host (the files are named by host). Off (0 steps)
+costs nothing: no call into the profiler is made.
 """
 
 from __future__ import annotations

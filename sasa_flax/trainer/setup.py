@@ -82,14 +82,20 @@ def compute_dtype(name: str):
     return jnp.dtype(name)
 
 
+def _counted(count: int, noun: str, plural: str = "") -> str:
+    """``"1 device"``, ``"8 devices"``."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def check_batch_sizes(config, num_devices: int, process_count: int) -> None:
     n = config.train.accumulation_steps
     if n > 1 and config.input.batch_size % (num_devices * n):
         per_device = config.input.batch_size // num_devices
         fits = [c for c in range(1, per_device + 1) if per_device % c == 0]
+        devices = _counted(num_devices, "device")
         raise TrainError(
             f"config.train.accumulation_steps={n}: config.input.batch_size="
-            f"{config.input.batch_size} on {num_devices} devices is not a whole number of "
+            f"{config.input.batch_size} on {devices} is not a whole number of "
             f"micro-batches; every device must split its images into {n} equal parts. "
             f"Use a batch that is a multiple of {num_devices * n}, or accumulation_steps "
             f"dividing {per_device}, e.g. {max(c for c in fits if c <= n)}."
@@ -97,9 +103,12 @@ def check_batch_sizes(config, num_devices: int, process_count: int) -> None:
     for field in ("batch_size", "eval_batch_size"):
         value = config.input[field]
         if value % num_devices or value % process_count:
+            devices = _counted(num_devices, "device")
+            processes = _counted(process_count, "process", "processes")
             raise TrainError(
-                f"config.input.{field}={value} is not divisible by the {num_devices} devices "
-                f"({process_count} processes); use a multiple of {num_devices}, e.g. "
+                f"config.input.{field}={value} is not divisible by the {devices} "
+                f"({processes}); "
+                f"use a multiple of {num_devices}, e.g. "
                 f"{max(num_devices, value // num_devices * num_devices)}."
             )
 
