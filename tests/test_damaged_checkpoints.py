@@ -55,10 +55,12 @@ def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_redone(tmp_path
     assert "checkpoint step 6" in refused.output
     assert "newest checkpoint that verifies is step 4" in refused.output
     assert "Traceback" not in refused.output and "never retrieved" not in refused.output
+    assert "falling back" not in refused.output and "never awaited" not in refused.output
     # eval.py without --step falls back to step 4, saying so.
     fallback = _eval(tmp_path)
     assert fallback.finish() == 0, fallback.output
     assert "falling back" in fallback.output and "step 4: top-1" in fallback.output
+    assert "is damaged" in fallback.output and "never awaited" not in fallback.output
 
     # train.py moves step 6 aside (never deletes it), resumes from 4 and redoes 5 and 6.
     rerun = train(tmp_path, CONFIG_ARG)

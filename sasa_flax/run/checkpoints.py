@@ -437,12 +437,18 @@ def set_aside(workdir: Workdir, step: int, reason: str) -> str:
 
 
 def newest_good(
-    mngr: ocp.CheckpointManager, workdir: Workdir | str, *, set_bad_aside: bool, **abstract: Any
+    mngr: ocp.CheckpointManager,
+    workdir: Workdir | str,
+    *,
+    set_bad_aside: bool,
+    quiet: bool = False,
+    **abstract: Any,
 ) -> tuple[int, dict | None]:
     """(step, restored) of the newest checkpoint that verifies, or (0, None) if none.
     Each bad one on the way is reported in one line (by process 0) and, with
     ``set_bad_aside``, set aside (``set_aside``); steps recorded damaged before are
-    skipped. Every process takes the same decisions."""
+    skipped. ``quiet``: no line (a caller that only names the newest good step). Every
+    process takes the same decisions."""
     workdir = Workdir.of(workdir)
     recorded = damaged_steps(workdir)
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -450,8 +456,9 @@ def newest_good(
     try:
         for step in steps:
             if step in recorded:
-                _log_once("checkpoint step %d was recorded as damaged (%s); skipped",
-                          step, recorded[step])  # fmt: skip
+                if not quiet:
+                    _log_once("checkpoint step %d was recorded as damaged (%s); skipped",
+                              step, recorded[step])  # fmt: skip
                 continue
             try:
                 return step, restore_verified(mngr, step, **abstract)
@@ -464,7 +471,8 @@ def newest_good(
                         f"set-aside-{step}", lambda e=e, step=step: set_aside(workdir, step, str(e))
                     )
                     where, changed = f"; {where}" if where else "", True
-                _log_once("%s%s; falling back to the checkpoint before it", e, where)
+                if not quiet:
+                    _log_once("%s%s; falling back to the checkpoint before it", e, where)
     finally:
         if changed:
             mngr.reload()

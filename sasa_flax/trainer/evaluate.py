@@ -54,7 +54,7 @@ def restore_model_item(setup: Setup, abstract: TrainState, workdir: Workdir, ste
         return requested, checkpoints.restore_verified(mngr, requested, model=abstract.model_item())
     except checkpoints.CheckpointError as e:
         good, _ = checkpoints.newest_good(
-            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
+            mngr, workdir, set_bad_aside=False, quiet=True, model=abstract.model_item()
         )
         raise checkpoints.CheckpointError(
             f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
