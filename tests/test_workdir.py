@@ -153,6 +153,25 @@ def test_a_read_that_fails_outside_the_bytes_sets_nothing_aside(tmp_path, monkey
     assert checkpoints.restore_verified(mngr, 1, **abstract)["meta"]["step"] == 1
 
 
+@pytest.mark.parametrize(
+    "message, damaged",
+    [
+        ('FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database: '
+         "ZSTD_decompressStream() failed: Data corruption detected", True),
+        ("DATA_LOSS: Error decoding manifest", True),
+        ("FAILED_PRECONDITION: HTTP response code 412 with body 'precondition'", False),
+        ("UNAVAILABLE: connection reset by peer", False),
+    ],
+)  # fmt: skip
+def test_the_storage_layers_words_decide_not_its_status_code(tmp_path, message, damaged):
+    """A corrupt compressed chunk and GCS's 412 share tensorstore's FAILED_PRECONDITION:
+    the report about the bytes read decides."""
+    mngr, _ = _small_checkpoint(tmp_path)
+    verdict = checkpoints.read_failure(mngr, 1, ValueError(message))
+    kind = checkpoints.CheckpointError if damaged else checkpoints.CheckpointUnreadable
+    assert type(verdict) is kind, verdict
+
+
 def test_a_workdir_reads_back_what_it_wrote(tmp_path):
     workdir = Workdir(str(tmp_path / "run"))
     assert not workdir.exists()

@@ -62,8 +62,12 @@ class CheckpointUnreadable(UserError):
 # Errors about the reader's environment, whichever checkpoint it reads.
 _ENVIRONMENT_ERRORS = (ImportError, MemoryError, PermissionError)
 # The storage layer's (tensorstore's) reports about bytes it read: a referenced file or
-# key missing, a byte range past a file's end, content that does not decode.
-_DATA_LOSS = re.compile(r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b")
+# key missing, a byte range past a file's end, content that does not decode ("ZSTD_
+# decompressStream() failed: Data corruption detected" comes as FAILED_PRECONDITION, a
+# code GCS's 412 shares, so the words decide, not the code).
+_DATA_LOSS = re.compile(
+    r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b|[Cc]orrupt|Error decoding|decompress\w*\(\) failed"
+)
 # The JSON files orbax writes into a step (by name), and the items every checkpoint has.
 _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "metadata")
 _ITEMS = ("model", "meta")
@@ -114,7 +118,7 @@ def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -
     - ``CheckpointError`` (damaged) when a fault is found in the bytes: an item missing,
       a metadata file that does not parse, or the storage layer reporting that what it
       read is missing, short or undecodable (tensorstore's NOT_FOUND, OUT_OF_RANGE,
-      DATA_LOSS);
+      DATA_LOSS, a decompression or decoding failure);
     - ``CheckpointUnreadable`` otherwise: the files are complete and read, and the
       failure is the reader's (e.g. orbax refusing a path), not the checkpoint's."""
     summary = f"{type(error).__name__}: {_first_line(error)}"
@@ -246,6 +250,10 @@ def save(
 class SaveFailed(UserError):
     """A checkpoint could not be written (a full disk, a permission, the store); nothing
     of it is kept, and the run stops at once, naming it."""
+
+    # After a failed asynchronous write orbax's background commit threads may wait for
+    # ever (a server error on gs://): the program ends without waiting for them (``cli``).
+    exit_without_waiting = True
 
 
 def _size(nbytes: float) -> str:

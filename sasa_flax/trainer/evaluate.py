@@ -74,18 +74,16 @@ def evaluate_checkpoint(
     ``resume.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
     split only (``make_eval_setup``). Where the workdir cannot be written (read-only, no
     permission), says so first and evaluates anyway, returning ``written=False``."""
-    # The run's setting from its run record, before any data is opened (another dataset's
-    # config would otherwise try to download it first); the checkpoint's own below.
+    # The run's data setting from its run record, before any data is opened (another
+    # dataset's config would otherwise try to download it first); the model's after the
+    # checkpoint's architecture is checked (a shape that differs names its parameters).
     logs.show_progress()
     workdir = Workdir.of(workdir)
     workdir.check_not_a_file()
     record = workdir.run_record()
     if record.get("config"):
-        resume.eval_setting_suffix(
-            dict(eval_setting=resume.eval_fields(record["config"], config.model.name)),
-            config, workdir,
-            other_setting,
-        )  # fmt: skip
+        saved = resume.eval_fields(record["config"], model=False)
+        resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
     setup = make_eval_setup(config, devices=devices)
     log_attention_plan(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
@@ -95,7 +93,8 @@ def evaluate_checkpoint(
     writable = workdir.writable()
     if not writable and jax.process_index() == 0:
         log.warning("%s is not writable: the results are printed, not written to it", workdir)
-    setting = resume.eval_setting_suffix(restored["meta"], config, workdir, other_setting)
+    saved = resume.recorded_eval_setting(restored["meta"], record, config.model.name)
+    setting = resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
     eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     if writable:

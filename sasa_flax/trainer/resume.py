@@ -226,10 +226,21 @@ def finished_results(setup: Setup, workdir: Workdir) -> dict | None:
     return results
 
 
-def eval_fields(config, model_name: str | None = None) -> dict:
-    """The fields that change what an evaluation means (``EVAL_FIELDS`` and the model's
-    ``model_fields``) of a config or of a run record's config (a dict)."""
-    return dict(_fields(config, EVAL_FIELDS), **model_fields(config, model_name))
+def eval_fields(config, model_name: str | None = None, *, model: bool = True) -> dict:
+    """The fields that change what an evaluation means (``EVAL_FIELDS`` and, with
+    ``model``, the model's ``model_fields``) of a config or of a run record's config (a
+    dict)."""
+    fields = _fields(config, EVAL_FIELDS)
+    return dict(fields, **model_fields(config, model_name)) if model else fields
+
+
+def recorded_eval_setting(meta: dict, record: dict, model_name: str) -> dict:
+    """The evaluation setting a checkpoint was trained for: its ``meta``'s, completed
+    with the run record's model fields for checkpoints from before ``meta`` held them."""
+    saved = dict(meta.get("eval_setting") or {})
+    if "model" not in meta and record.get("config"):
+        saved = dict(model_fields(record["config"], model_name), **saved)
+    return saved
 
 
 def eval_setting_suffix(meta: dict, config, workdir: Workdir, other_setting: bool) -> str:
@@ -237,7 +248,7 @@ def eval_setting_suffix(meta: dict, config, workdir: Workdir, other_setting: boo
     otherwise refuses, or with ``other_setting`` names the setting for its results file."""
     saved = meta.get("eval_setting") or {}
     now = eval_fields(config)
-    changed = _changes(saved, now)
+    changed = _changes(saved, now)  # only the fields ``saved`` holds
     if not changed:
         return ""
     listing = _listing(saved, now, changed)
