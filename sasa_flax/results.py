@@ -133,7 +133,7 @@ def table(workdirs: list[str], *, left_out=None) -> list[dict]:
             left_out(str(e))
     if not runs:
         raise NotARun(f"none of {', '.join(workdirs)} is a training run (no run.json).")
-    first = runs[0]["config"] if runs else {}
+    first = runs[0]["config"]
     for run in runs:
         keys = sorted(set(first) | set(run["config"]))
         run["differs"] = [

@@ -2,7 +2,7 @@
 
 - attention inputs and comparisons (``make_inputs``, ``relative_error``, ``random_case``,
   ``outputs_and_gradients``);
-- the tiny training config and restoring its final parameters;
+- the tiny training config and restoring its final parameters; damaging a checkpoint;
 - every shipped config spec;
 - real ``train.py`` processes for the fault tests (``Process``, ``train``);
 - datasets written on the spot: a folder of class folders (``write_image_folder``) and a
@@ -168,6 +168,30 @@ def shipped_config_specs() -> list[str]:
         rows = getattr(module, "PAPER_ROWS", None)
         specs += [f"{path}:{arg}" for arg in rows] if rows else [str(path)]
     return specs
+
+
+def damage_checkpoint(step_dir: pathlib.Path, how: str) -> None:
+    """Real damage on disk to checkpoint directory ``step_dir``: its largest array file
+    ``"truncated"`` to half or with 64 bytes ``"flipped"``, its meta item missing
+    (``"missing_meta"``), or its model item's metadata not JSON (``"unparsable_metadata"``)."""
+    import shutil
+
+    if how in ("truncated", "flipped"):
+        arrays = [f for f in (step_dir / "model").rglob("*") if f.is_file() and "/d/" in str(f)]
+        target = max(arrays, key=lambda f: f.stat().st_size)
+        data = bytearray(target.read_bytes())
+        if how == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            middle = len(data) // 2
+            data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+        target.write_bytes(bytes(data))
+    elif how == "missing_meta":
+        shutil.rmtree(step_dir / "meta")
+    elif how == "unparsable_metadata":
+        (step_dir / "model" / "_METADATA").write_text("{not json")
+    else:
+        raise ValueError(f"unknown damage {how!r}")
 
 
 # --- real train.py processes --------------------------------------------------------------

@@ -1,39 +1,23 @@
 """Checkpoints are verified: real damage on disk (a truncated array file, flipped bytes, a
 missing item), then the real train.py and eval.py on the damaged workdir."""
 
-import pathlib
-import shutil
-
 import jax
 import numpy as np
 import pytest
 
 from sasa_flax.run import Workdir
-from tests.helpers import Process, environment, final_params, tiny_config, train
+from tests.helpers import (
+    Process,
+    damage_checkpoint,
+    environment,
+    final_params,
+    tiny_config,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
 CONFIG_ARG = "steps=6,checkpoint_every=2"
-
-
-def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
-    files = [f for f in (step_dir / "model").rglob("*") if f.is_file() and "/d/" in str(f)]
-    return max(files, key=lambda f: f.stat().st_size)
-
-
-def _damage(step_dir: pathlib.Path, how: str) -> None:
-    if how == "truncated":
-        target = _largest_array_file(step_dir)
-        data = target.read_bytes()
-        target.write_bytes(data[: len(data) // 2])
-    elif how == "flipped":
-        target = _largest_array_file(step_dir)
-        data = bytearray(target.read_bytes())
-        middle = len(data) // 2
-        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-        target.write_bytes(bytes(data))
-    else:  # the meta item is missing
-        shutil.rmtree(step_dir / "meta")
 
 
 def _eval(workdir, *flags):
@@ -47,7 +31,7 @@ def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_redone(tmp_path
     assert first.finish() == 0, first.output
     config, devices = tiny_config(num_steps=6, checkpoint_every_steps=2), jax.devices()[:1]
     _, expected = final_params(config, str(tmp_path), devices)
-    _damage(tmp_path / Workdir.CHECKPOINTS / "6", how)
+    damage_checkpoint(tmp_path / Workdir.CHECKPOINTS / "6", how)
 
     # eval.py --step 6 refuses it in one line, naming the newest good step.
     refused = _eval(tmp_path, "--step", "6")

@@ -15,7 +15,7 @@ import pytest
 
 from sasa_flax import config_lib, data, trainer
 from sasa_flax.run import Workdir, checkpoints, lock
-from tests.helpers import prepare_tfds, tiny_config, write_image_folder
+from tests.helpers import damage_checkpoint, prepare_tfds, tiny_config, write_image_folder
 
 
 def _write_lock(workdir, **holder):
@@ -102,23 +102,10 @@ def _small_checkpoint(tmp_path):
     )
 
 
-def _damage(step_dir, how):
-    if how == "truncated array":
-        data = max((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)),
-                   key=lambda p: p.stat().st_size)  # fmt: skip
-        data.write_bytes(data.read_bytes()[:100])
-    elif how == "missing item":
-        import shutil
-
-        shutil.rmtree(step_dir / "meta")
-    elif how == "unparsable metadata":
-        (step_dir / "model" / "_METADATA").write_text("{not json")
-
-
-@pytest.mark.parametrize("how", ["truncated array", "missing item", "unparsable metadata"])
+@pytest.mark.parametrize("how", ["truncated", "missing_meta", "unparsable_metadata"])
 def test_damage_is_found_in_the_bytes_and_set_aside(tmp_path, how):
     mngr, abstract = _small_checkpoint(tmp_path)
-    _damage(tmp_path / "checkpoints" / "1", how)
+    damage_checkpoint(tmp_path / "checkpoints" / "1", how)
     with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 1 is damaged"):
         checkpoints.restore_verified(mngr, 1, **abstract)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint .* verifies"):

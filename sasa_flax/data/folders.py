@@ -113,6 +113,11 @@ def _list_gcs(root: str) -> dict[str, int] | None:
 STRAY_FOLDERS = ("__MACOSX",)
 
 
+def _is_stray(folder: str) -> bool:
+    """A hidden or archive folder (``STRAY_FOLDERS``): never a class, never data."""
+    return folder.startswith(".") or folder in STRAY_FOLDERS
+
+
 def _is_image(relative: str) -> bool:
     return os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
 
@@ -122,7 +127,7 @@ def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
     skipped (said once); a class folder without one image is refused, naming it, since it
     would train a class that can never be seen."""
     found = tree.subfolders(split_name)
-    stray = [n for n in found if n.startswith(".") or n in STRAY_FOLDERS]
+    stray = [n for n in found if _is_stray(n)]
     if stray:
         logging.getLogger(__name__).info(
             "%s: skipped %s (hidden or archive folders, not classes)",
@@ -150,8 +155,10 @@ def _say_what_is_left_out(tree: FolderTree, classes, train_name: str, eval_name)
     that nothing is dropped silently: files that are not images (by extension), and
     classes the evaluation folder lacks or has beyond the training folder's."""
     log = logging.getLogger(__name__)
-    hidden = lambda f: any(p.startswith(".") or p in STRAY_FOLDERS for p in f.split("/")[:-1])  # noqa: E731
-    ignored = sorted(f for f in tree.files if not _is_image(f) and not hidden(f))
+    ignored = sorted(
+        f for f in tree.files
+        if not _is_image(f) and not any(_is_stray(p) for p in f.split("/")[:-1])
+    )  # fmt: skip
     if ignored:
         shown = ", ".join(ignored[:5]) + (
             f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
@@ -162,9 +169,7 @@ def _say_what_is_left_out(tree: FolderTree, classes, train_name: str, eval_name)
         )  # fmt: skip
     if eval_name is None:
         return
-    evaluated = {n for n in tree.subfolders(eval_name) if not n.startswith(".")} - set(
-        STRAY_FOLDERS
-    )
+    evaluated = {n for n in tree.subfolders(eval_name) if not _is_stray(n)}
     lacking = [n for n in classes if n not in evaluated]
     if lacking:
         log.warning(

@@ -92,20 +92,22 @@ def _files(step_dir: epath.Path) -> list[epath.Path]:
     return found
 
 
-def _damage_in_files(step_dir: epath.Path, files: list[epath.Path]) -> str | None:
-    """A fault found in the step's own bytes, or None: an item missing, a JSON file of
-    orbax's that does not parse."""
+def _damage_in_files(step_dir: epath.Path) -> str | None:
+    """Reads every file of a step once, as bytes: a fault found in them (an item
+    missing, a JSON file of orbax's that does not parse), or None. An ``OSError`` (a file
+    that cannot be listed or read) is the reader's environment, not damage: raised."""
+    files = _files(step_dir)
     items = {p.relative_to(step_dir).parts[0] for p in files}
-    missing = [item for item in _ITEMS if item not in items]
-    if missing:
-        return f"its {' and '.join(missing)} item is missing"
+    damage = None
     for path in files:
-        if path.name in _JSON_FILES:
+        data = path.read_bytes()  # every file, so that an unreadable one raises here
+        if damage is None and path.name in _JSON_FILES:
             try:
-                json.loads(path.read_bytes())
+                json.loads(data)
             except ValueError:
-                return f"{path.relative_to(step_dir)} is not valid JSON"
-    return None
+                damage = f"{path.relative_to(step_dir)} is not valid JSON"
+    missing = [item for item in _ITEMS if item not in items]
+    return f"its {' and '.join(missing)} item is missing" if missing else damage
 
 
 def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -> UserError:
@@ -128,13 +130,10 @@ def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -
         cause = f"a {type(environment).__name__} in this environment"
     else:
         try:
-            files = _files(step_dir)
-            for path in files:
-                path.read_bytes()
+            damage = _damage_in_files(step_dir)
         except OSError as e:
             cause = f"its files cannot be read ({e})"
         else:
-            damage = _damage_in_files(step_dir, files)
             if damage is None and any(_DATA_LOSS.search(str(e)) for e in _chain(error)):
                 damage = "the storage layer found its data missing, short or undecodable"
             if damage is not None:
@@ -305,10 +304,10 @@ class Saves:
             raise self._failure(step, e) from None
 
     def _failure(self, step: int, error: BaseException) -> SaveFailed:
-        texts = [str(e) for e in _chain(error)]
-        full = any("No space left" in t or "os_error_code='28'" in t for t in texts)
-        cause = "no space left on the device" if full else f"{type(error).__name__}: "
-        cause += "" if full else _first_line(error)
+        full = any("No space left" in str(e) or "os_error_code='28'" in str(e)
+                   for e in _chain(error))  # fmt: skip
+        cause = "no space left on the device" if full else (
+            f"{type(error).__name__}: {_first_line(error)}")  # fmt: skip
         with contextlib.suppress(Exception):
             if jax.process_index() == 0:
                 remove_partial_checkpoints(self.workdir, quiet=True)

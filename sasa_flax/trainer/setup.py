@@ -107,8 +107,7 @@ def check_batch_sizes(config, num_devices: int, process_count: int) -> None:
             processes = _counted(process_count, "process", "processes")
             raise TrainError(
                 f"config.input.{field}={value} is not divisible by the {devices} "
-                f"({processes}); "
-                f"use a multiple of {num_devices}, e.g. "
+                f"({processes}); use a multiple of {num_devices}, e.g. "
                 f"{max(num_devices, value // num_devices * num_devices)}."
             )
 
