@@ -43,21 +43,47 @@ def _dump_directory(requested: str | None) -> str:
 
 
 def estimate_step(name: str, generation: str, batch_per_chip: int, directory: str, step: str):
+    """``step``: "train" (the trainer's train step: loss, gradients, SGD + EMA, BatchNorm in
+    training mode), "eval" (its eval step) or "grad" (loss and gradients alone, BatchNorm in
+    eval mode: the program of the shared probes, where the optimizer and BatchNorm's
+    statistics do not soften the ratio to ResNet-50)."""
     from sasa_flax import aot, tpu_schedule, trainer
 
     setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)
-    train, evaluate = trainer.compile_steps(setup, abstract)
     batch = trainer.abstract_batch(setup, batch_per_chip)
     since = tpu_schedule.files(directory)
-    if step == "train":
-        compiled = train.lower(abstract, batch).compile()
+    if step == "grad":
+        compiled = _loss_and_gradient(setup).lower(abstract.params, abstract.model_state,
+                                                   batch).compile()  # fmt: skip
     else:
-        compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
+        train, evaluate = trainer.compile_steps(setup, abstract)
+        if step == "train":
+            compiled = train.lower(abstract, batch).compile()
+        else:
+            compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
     return tpu_schedule.read(
         compiled, directory, generation=generation, program=f"{name} {step}",
         images_per_device=batch_per_chip, since=since,
     )  # fmt: skip
+
+
+def _loss_and_gradient(setup):
+    """jit(value_and_grad) of the cross-entropy through the eval-mode model (BatchNorm from
+    its running statistics), as the trainer normalises images: no optimizer, no statistics
+    update."""
+    import jax
+    import optax
+
+    from sasa_flax import data
+    from sasa_flax.trainer.setup import merged_model
+
+    def loss(params, model_state, batch):
+        model = merged_model(setup, setup.eval_graphdef, params, model_state, 0)
+        logits = model(data.normalise(batch["image"]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    return jax.jit(jax.value_and_grad(loss))
 
 
 def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory,
@@ -154,7 +180,7 @@ def print_estimate(estimate, baseline=None) -> None:
         print(f"   kernel {row['kernel']}: {row['calls']} calls, {row['bundles']} bundles, "
               f"loops {row['loops']}, {row['cycles_per_call'] / 1e6:.2f} M cycles per call, "
               f"spill {row['spill_share']:.0%}, VALU {row['valu_share']:.0%}, "
-              f"MXU {row['mxu_share']:.0%}")  # fmt: skip
+              f"XLU {row['xlu_share']:.0%}, MXU {row['mxu_share']:.0%}")  # fmt: skip
     if s["missing_kernels"]:
         print(f"   ({s['missing_kernels']} kernel calls without a dumped schedule: not counted)")
     if s["collectives"]:
@@ -178,7 +204,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generations", default="v5e,v4")
     parser.add_argument("--programs", default="resnet50,sasa_conv_stem,sasa_full")
-    parser.add_argument("--steps", default="train", help="train,eval")
+    parser.add_argument("--steps", default="train", help="train,eval,grad")
     parser.add_argument("--batch-per-chip", type=int, default=128)
     parser.add_argument("--layer", help="H,C,K: one SelfAttention2D instead of the steps")
     parser.add_argument("--dump-to", help="where libtpu writes the schedules (default: a temp dir)")

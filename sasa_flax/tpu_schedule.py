@@ -374,6 +374,7 @@ class Estimate:
                 kernel=names[key], calls=count, bundles=program.bundles, loops=program.loops,
                 cycles_per_call=program.cycles, spill_share=round(program.spill_share, 3),
                 valu_share=round(program.slot_share.get("VALU", 0.0), 3),
+                xlu_share=round(program.slot_share.get("XLU", 0.0), 3),
                 mxu_share=round(program.slot_share.get("MXU", 0.0), 3),
             ))  # fmt: skip
         return rows

@@ -17,12 +17,11 @@ from flax import nnx
 from sasa_flax.costs import register_cost
 from sasa_flax.layers.common import (
     Dtype,
-    apply_projection,
     check_input,
     head_width,
     in_dtype,
     make_projection,
-    split_heads,
+    project_heads,
 )
 from sasa_flax.layers.options import AttentionOptions
 from sasa_flax.ops import local_attention, patches
@@ -135,16 +134,14 @@ class SelfAttention2D(nnx.Module):
         check_input(x, self.in_features, "SelfAttention2D")
         o = self.options
         _, height, width, _ = x.shape
-        heads = lambda y: split_heads(y, o.num_heads)  # noqa: E731
         with jax.named_scope("projection"):
-            q = apply_projection(self.query, x)
-            if o.scale_queries:
-                # Scaled before the heads are split: on TPU an array with d on the lanes
-                # is padded to 128 of them, and a product over it (and its gradient)
-                # cost as much as the projection (libtpu's schedule).
-                q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-            k = heads(apply_projection(self.key, x)) if o.content else None
-            q, v = heads(q), heads(apply_projection(self.value, x))
+            # Scaled inside the projection, in the layout it is computed in: on TPU an
+            # array with d on the lanes is padded to 128 of them, and a product over it
+            # (and its gradient) cost as much as the projection (libtpu's schedule).
+            scale = self.head_dim**-0.5 if o.scale_queries else None
+            q = project_heads(self.query, x, o.num_heads, scale)
+            k = project_heads(self.key, x, o.num_heads) if o.content else None
+            v = project_heads(self.value, x, o.num_heads)
         if o.pos_encoding == "absolute":
             p = jnp.asarray(sinusoidal_2d(height, width, self.head_dim), q.dtype)
             p = jnp.broadcast_to(p[None, :, :, None, :], q.shape)

@@ -64,7 +64,15 @@ from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
 from sasa_flax.ops.pallas.failures import KERNEL_NAME_PREFIX
 
-LANES = 128  # positions per vreg row, and per chunk of a kernel's inner loop
+LANES = 128  # positions per vreg row
+# Positions per iteration of a kernel's inner loop: a neighbour read of c·128 positions
+# loads c + 1 vregs and rotates them, so wider chunks rotate less per position (rotations
+# bound these kernels in libtpu's schedule) but hold c times the registers. Two vregs
+# wide where q and v have at most NARROW_CHANNELS channels together (heads of 8: 1.15x
+# fewer cycles at 56² in the schedule), else one (heads of 16 gained nothing and spilled
+# more).
+WIDE_CHUNK = 2 * LANES
+NARROW_CHANNELS = 16
 MAX_TILE = 8192  # positions per program: see choose_tile
 # What one program may hold in VMEM, for every generation we compile for: v4 has 16 MiB
 # per TensorCore (v5e, v5p and v6e more); the rest is the compiler's own scratch.
@@ -104,7 +112,14 @@ def local_attention(
         interpret=interpret,
     )
     rel = None if rel_row is None else (rel_row, rel_col)
-    return _attention(q, k, v, rel, config)
+
+    def to_frame(x):
+        return None if x is None else frame.to_frame(x)
+
+    # The layout changes stay outside the custom VJP: XLA differentiates them and fuses
+    # each with its neighbour (the projections' matmuls, forward and backward) instead of
+    # copying whole arrays around the kernels.
+    return frame.from_tiles(_attention(to_frame(q), to_frame(k), to_frame(v), rel, config))
 
 
 # ------------------------------------------------------------------------------ frame
@@ -120,6 +135,7 @@ class Frame(NamedTuple):
     radius: int
     tile: int
     halo: int
+    chunk: int  # positions per iteration of the kernels' inner loop (``chunk_for``)
 
     @classmethod
     def of(
@@ -127,20 +143,23 @@ class Frame(NamedTuple):
         itemsize: int = 4,
     ) -> Frame:  # fmt: skip
         batch, height, width, heads, head_dim = q_shape
+        value_dim = value_dim or head_dim
         halo = cls.halo_for(height, width, kernel_size)
         if tile is None:
             tile = choose_tile(
-                height, width, kernel_size, head_dim, value_dim or head_dim, heads=heads,
-                itemsize=itemsize,
+                height, width, kernel_size, head_dim, value_dim, heads=heads, itemsize=itemsize,
             )  # fmt: skip
         elif tile < LANES or tile % LANES:
             raise ValueError(f"tile must be a positive multiple of {LANES} positions; got {tile}.")
-        return cls(batch, height, width, heads, kernel_size // 2, tile, halo)
+        chunk = chunk_for(head_dim, value_dim)
+        chunk = chunk if tile % chunk == 0 else LANES
+        return cls(batch, height, width, heads, kernel_size // 2, tile, halo, chunk)
 
     @staticmethod
     def halo_for(height: int, width: int, kernel_size: int) -> int:
         """The reach r·W + r, plus one, rounded up to whole lanes: every neighbour read
-        (two vregs from an aligned lane) then stays inside the tile's window."""
+        (a chunk and one more vreg, from an aligned lane) then stays inside the tile's
+        window."""
         del height
         r = kernel_size // 2
         return _round_up(r * width + r + 1, LANES)
@@ -177,28 +196,34 @@ class Frame(NamedTuple):
         """(..., tiles·T) -> (..., L): the tiles in place, zeros around them."""
         return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.halo, self.halo + tail)])
 
-    def inside(self) -> jax.Array:
-        """(1, L) float32: 1.0 at the positions of in-image pixels, else 0.0."""
-        ones = jnp.ones((1, self.positions), jnp.float32)
-        return self.tiles_to_frame(ones, tail=self.num_tiles * self.tile - self.positions)
+    def rows(self) -> jax.Array:
+        """(1, L) float32: the image row of every position of the tiles (``H`` and above
+        in the tail past the image, so a neighbour or query there is outside)."""
+        rows = jnp.arange(self.num_tiles * self.tile, dtype=jnp.int32) // self.width
+        return self.tiles_to_frame(rows.astype(jnp.float32)[None])
 
     def columns(self) -> jax.Array:
-        """(1, L) float32: the image column of every position (0 outside the image)."""
-        columns = jnp.tile(jnp.arange(self.width, dtype=jnp.float32), self.height)[None]
-        return self.tiles_to_frame(columns, tail=self.num_tiles * self.tile - self.positions)
+        """(1, L) float32: the image column of every position of the tiles."""
+        columns = jnp.arange(self.num_tiles * self.tile, dtype=jnp.int32) % self.width
+        return self.tiles_to_frame(columns.astype(jnp.float32)[None])
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def chunk_for(head_dim: int, value_dim: int) -> int:
+    """Positions per iteration of the kernels' inner loop (see WIDE_CHUNK)."""
+    return WIDE_CHUNK if head_dim + value_dim <= NARROW_CHANNELS else LANES
+
+
 def choose_tile(
     height: int, width: int, kernel_size: int, head_dim: int, value_dim: int, *, heads: int = 8,
     itemsize: int = 4,
 ) -> int:  # fmt: skip
-    """The multiple of 128 that reads the fewest positions (tile plus two halos, per
-    tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays within
-    VMEM_BUDGET. Ties go to the larger tile (fewer programs).
+    """The multiple of the chunk (``chunk_for``) that reads the fewest positions (tile plus
+    two halos, per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays
+    within VMEM_BUDGET. Ties go to the larger tile (fewer programs).
 
     Raises ``TileError`` when not even 128 positions fit (a window reaching too far: many
     rows of a wide image at a large k); ``impl="auto"`` then runs another implementation
@@ -206,8 +231,9 @@ def choose_tile(
     """
     halo = Frame.halo_for(height, width, kernel_size)
     positions = height * width
+    chunk = chunk_for(head_dim, value_dim)
     best = None
-    for tile in range(LANES, max(LANES, MAX_TILE) + 1, LANES):
+    for tile in range(chunk, MAX_TILE + 1, chunk):
         need = vmem_bytes(tile, halo, head_dim, value_dim, kernel_size, heads=heads,
                           itemsize=itemsize)  # fmt: skip
         if need > VMEM_BUDGET:
@@ -218,7 +244,7 @@ def choose_tile(
         if tile >= positions:
             break
     if best is None:
-        need = vmem_bytes(LANES, halo, head_dim, value_dim, kernel_size, heads=heads,
+        need = vmem_bytes(chunk, halo, head_dim, value_dim, kernel_size, heads=heads,
                           itemsize=itemsize) / 2**20  # fmt: skip
         raise TileError(
             f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
@@ -239,7 +265,8 @@ def fits(
 ) -> bool:  # fmt: skip
     """Whether some tile of the Mosaic kernels fits VMEM at this shape (``choose_tile``)."""
     halo = Frame.halo_for(height, width, kernel_size)
-    need = vmem_bytes(LANES, halo, head_dim, value_dim, kernel_size, heads=heads,
+    chunk = chunk_for(head_dim, value_dim)
+    need = vmem_bytes(chunk, halo, head_dim, value_dim, kernel_size, heads=heads,
                       itemsize=itemsize)  # fmt: skip
     return need <= VMEM_BUDGET
 
@@ -252,26 +279,27 @@ def vmem_bytes(
     double-buffered by the pipeline (heads padded to a sublane group of 8, the frames at
     ``itemsize``: 4 by default, float32, the larger case), the tables' gradient
     accumulator of dq, the register spills of the unrolled k² offsets
-    (SPILL_PER_OFFSET_CHANNEL per offset and channel: libtpu spills more as k and the
-    heads grow, not as the tile does, since the inner loop holds one chunk) and 1 MiB
+    (SPILL_PER_OFFSET_CHANNEL per offset, channel and vreg of the chunk: libtpu spills more
+    as k, the heads and the chunk grow, not as the tile does, since the inner loop holds
+    one chunk) and 1 MiB
     for Mosaic's own scratch. Checked against libtpu's own VMEM reports
     (``benchmarks/tpu_vmem.py``; tests/test_pallas_tpu.py)."""
     rows = _round_up(heads, 8)
     window = tile + 2 * halo
+    vregs = chunk_for(head_dim, value_dim) // LANES  # per chunk row
     d, dv = head_dim, value_dim
 
     def frames(channels, positions, size=itemsize):
         return channels * rows * positions * size
 
-    rows_f32 = 8 * window * 4  # a (1, window) float32 row (inside), padded to 8 sublanes
-    forward = (frames(d, tile) + frames(d + dv, window) + rows_f32 + frames(dv, tile)
+    shared = 2 * 8 * tile * 4  # the (1, T) float32 rows and columns, padded to 8 sublanes
+    forward = (frames(d, tile) + frames(d + dv, window) + shared + frames(dv, tile)
                + frames(1, tile, 4))  # fmt: skip
-    dq = (frames(d + dv, tile) + frames(2, tile, 4) + frames(d + dv, window) + rows_f32
+    dq = (frames(d + dv, tile) + frames(2, tile, 4) + frames(d + dv, window) + shared
           + frames(d, tile) + rows * _round_up(kernel_size * d, LANES) * 4)  # fmt: skip
-    dkv = (frames(2 * d + 2 * dv, tile) + frames(d + dv, window) + frames(2, window, 4)
-           + rows_f32)  # fmt: skip
-    accumulator = kernel_size * d * rows * LANES * 4
-    spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL
+    dkv = frames(2 * d + 2 * dv, tile) + frames(d + dv, window) + frames(2, window, 4) + shared
+    accumulator = kernel_size * d * rows * LANES * vregs * 4
+    spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL * vregs
     return 2 * max(forward, dq, dkv) + accumulator + spills + 2**20
 
 
@@ -300,46 +328,52 @@ class _Config(NamedTuple):
 
 
 def _row(config, ref, channel: int, start, chunk) -> jax.Array:
-    """(N, 128) in the accumulation dtype: channel ``channel`` of the block ``ref`` (1, c,
-    N, ·) at positions ``chunk + start`` .. + 128, ``chunk`` a multiple of 128 and
-    ``start`` within [1, 2·halo): an aligned load of two vregs, then a lane rotation of
-    the 32-bit values (a static one where ``start`` is a Python int)."""
-    base, rotation = _aligned(start, chunk)
-    pair = ref[0, channel, :, pl.ds(base, 2 * LANES)].astype(config.dtype)
-    return pltpu.roll(pair, rotation, 1)[:, :LANES]
+    """(N, C) in the accumulation dtype, C = the frame's chunk: channel ``channel`` of the
+    block ``ref`` (1, c, N, ·) at positions ``chunk + start`` .. + C, ``chunk`` a multiple
+    of C and ``start`` within [1, 2·halo): an aligned load of C + 128 positions, then a
+    lane rotation (a static one where ``start`` is a Python int)."""
+    width = config.frame.chunk
+    base, rotation = _aligned(start, chunk, width)
+    loaded = ref[0, channel, :, pl.ds(base, width + LANES)].astype(config.dtype)
+    return pltpu.roll(loaded, rotation, 1)[:, :width]
 
 
-def _shared_row(config, ref, start, chunk) -> jax.Array:
-    """(1, 128): a row every image shares ((1, ·) block), read like ``_row``."""
-    base, rotation = _aligned(start, chunk)
-    pair = ref[:, pl.ds(base, 2 * LANES)].astype(config.dtype)
-    return pltpu.roll(pair, rotation, 1)[:, :LANES]
-
-
-def _aligned(start, chunk):
-    """(the aligned lane to load two vregs from, the rotation that brings ``start`` to
-    lane 0). ``start`` > 0: lax's truncating division and remainder are floor ones here
-    (Mosaic lowers them without the sign fix-ups of ``//`` and ``%``)."""
+def _aligned(start, chunk, width: int):
+    """(the aligned lane to load ``width`` + 128 positions from, the rotation that brings
+    ``start`` to lane 0). ``start`` > 0: lax's truncating division and remainder are floor
+    ones here (Mosaic lowers them without the sign fix-ups of ``//`` and ``%``)."""
     start, lanes = jnp.asarray(start, jnp.int32), jnp.int32(LANES)
     base = pl.multiple_of(chunk + jax.lax.div(start, lanes) * lanes, LANES)
-    rotation = jax.lax.rem(2 * lanes - jax.lax.rem(start, lanes), 2 * lanes)
+    loaded = width + lanes
+    rotation = jax.lax.rem(loaded - jax.lax.rem(start, lanes), loaded)
     return base, rotation
 
 
-def _columns_ok(config, columns, sign: int) -> list[jax.Array]:
-    """Per dx, (1, 128) bool: whether the pixel ``sign``·(dx − r) columns away from each
-    position's column lies in the image (no wrap to the next or previous row)."""
-    r, width = config.frame.radius, config.frame.width
-    return [
-        (columns + sign * (dx - r) >= 0) & (columns + sign * (dx - r) < width)
-        for dx in range(config.size)
-    ]
+def _in_image(config, rows_ref, columns_ref, chunk, sign: int):
+    """Whether the pixel ``sign``·(dy − r) rows and ``sign``·(dx − r) columns away from
+    each position of a chunk lies in the image: (per dy, per dx) lists of (1, 128) bool,
+    to be and-ed per offset. Computed from the chunk's own row and column (no shifted
+    read: a shifted row costs two lane rotations per offset, and rotations bound these
+    kernels in libtpu's schedule); a column test also stops a wrap to the next or
+    previous image row."""
+    frame = config.frame
+    rows, columns = (ref[:, pl.ds(chunk, frame.chunk)] for ref in (rows_ref, columns_ref))
+
+    def within(position, extent):
+        return [
+            (position + sign * (t - frame.radius) >= 0)
+            & (position + sign * (t - frame.radius) < extent)
+            for t in range(config.size)
+        ]
+
+    return within(rows, frame.height), within(columns, frame.width)
 
 
 def _tile_rows(config, ref, count: int, chunk) -> list[jax.Array]:
-    """The first ``count`` channels of a tile block (1, c, N, T) at ``chunk``: (N, 128)
+    """The first ``count`` channels of a tile block (1, c, N, T) at ``chunk``: (N, C)
     each, in the accumulation dtype."""
-    return [ref[0, j, :, pl.ds(chunk, LANES)].astype(config.dtype) for j in range(count)]
+    width = config.frame.chunk
+    return [ref[0, j, :, pl.ds(chunk, width)].astype(config.dtype) for j in range(count)]
 
 
 def _dot_table(config, table, t, channels) -> jax.Array:
@@ -359,14 +393,14 @@ def _logit(config, content, position, ok):
     return position if content is None else content + position
 
 
-def _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok, row_term, column_terms, dy):
+def _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok, row_term, column_terms, dy):
     """For the k offsets (dy, ·) of a chunk of queries: (window start, in-image mask,
     logit) each. Offsets are unrolled (static lane rotations): libtpu schedules them
     best so (a loop over dy with traced rotations was slower in its schedule)."""
     frame, found = config.frame, []
     for dx in range(config.size):
         start = frame.halo + frame.offset_shift(dy, dx)
-        ok = (_shared_row(config, inside_ref, start, chunk) > 0) & columns_ok[dx]
+        ok = rows_ok[dy] & columns_ok[dx]
         content = None
         if config.has_key:
             keys = (_row(config, k_ref, j, start, chunk) for j in range(config.head_dim))
@@ -376,14 +410,14 @@ def _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok, row_term,
     return found
 
 
-def _forward_kernel(config, q_ref, k_ref, v_ref, inside_ref, columns_ref, rel_row, rel_col,
+def _forward_kernel(config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row, rel_col,
                     y_ref, lse_ref):  # fmt: skip
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
 
     def chunk_step(index, carry):
-        chunk = pl.multiple_of(index * LANES, LANES)
+        chunk = pl.multiple_of(index * frame.chunk, frame.chunk)
         queries = _tile_rows(config, q_ref, config.head_dim, chunk)
-        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], +1)
+        rows_ok, columns_ok = _in_image(config, rows_ref, columns_ref, chunk, +1)
         column_terms = None
         if config.has_rel:
             column_terms = [_dot_table(config, rel_col, dx, queries[half:]) for dx in range(size)]
@@ -395,7 +429,7 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, inside_ref, columns_ref, rel_ro
             # One row of offsets at a time: its k logits are independent, then one
             # rescale of the running sums per row (not per offset).
             row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
-            found = _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok,
+            found = _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok,
                                 row_term, column_terms, dy)  # fmt: skip
             new_max = functools.reduce(jnp.maximum, [logit for _, _, logit in found], running_max)
             rescale = jnp.exp(running_max - new_max)
@@ -410,14 +444,14 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, inside_ref, columns_ref, rel_ro
                 acc = [a + weight * value for a, value in zip(acc, values, strict=True)]
             running_max = new_max
         for j, a in enumerate(acc):
-            y_ref[0, j, :, pl.ds(chunk, LANES)] = (a / normaliser).astype(y_ref.dtype)
-        lse_ref[0, 0, :, pl.ds(chunk, LANES)] = running_max + jnp.log(normaliser)
+            y_ref[0, j, :, pl.ds(chunk, frame.chunk)] = (a / normaliser).astype(y_ref.dtype)
+        lse_ref[0, 0, :, pl.ds(chunk, frame.chunk)] = running_max + jnp.log(normaliser)
         return carry
 
-    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
+    jax.lax.fori_loop(0, frame.tile // frame.chunk, chunk_step, 0)
 
 
-def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, columns_ref,
+def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns_ref,
                rel_row, rel_col, dq_ref, d_rel_ref, accumulator):  # fmt: skip
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
     if config.has_rel:
@@ -427,11 +461,11 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, colum
         accumulator[slot] = accumulator[slot] + term.astype(accumulator.dtype)
 
     def chunk_step(index, carry):
-        chunk = pl.multiple_of(index * LANES, LANES)
+        chunk = pl.multiple_of(index * frame.chunk, frame.chunk)
         queries = _tile_rows(config, q_ref, config.head_dim, chunk)
         d_out = _tile_rows(config, dy_ref, config.value_dim, chunk)
         lse, delta = _tile_rows(config, stats_ref, 2, chunk)
-        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], +1)
+        rows_ok, columns_ok = _in_image(config, rows_ref, columns_ref, chunk, +1)
         column_terms = column_sums = None
         if config.has_rel:
             column_terms = [_dot_table(config, rel_col, dx, queries[half:]) for dx in range(size)]
@@ -440,7 +474,7 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, colum
         for dy in range(size):
             row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
             row_sum = jnp.zeros(lse.shape, dtype)
-            found = _neighbours(config, queries, k_ref, inside_ref, chunk, columns_ok,
+            found = _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok,
                                 row_term, column_terms, dy)  # fmt: skip
             for dx, (start, ok, logit) in enumerate(found):
                 p = jnp.exp(logit - lse)
@@ -467,10 +501,10 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, colum
                     dq[half + j] = dq[half + j] + column_sums[dx] * rel_col[dx, j].astype(dtype)
                     accumulate((size + dx) * half + j, column_sums[dx] * queries[half + j])
         for j, g in enumerate(dq):
-            dq_ref[0, j, :, pl.ds(chunk, LANES)] = g.astype(dq_ref.dtype)
+            dq_ref[0, j, :, pl.ds(chunk, frame.chunk)] = g.astype(dq_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
+    jax.lax.fori_loop(0, frame.tile // frame.chunk, chunk_step, 0)
     if config.has_rel:
         # One partial sum per head and table entry: entry m in lane m of (N, ≥ k·d).
         lane = jax.lax.broadcasted_iota(jnp.int32, d_rel_ref.shape[2:], 1)
@@ -480,21 +514,22 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, inside_ref, colum
         d_rel_ref[0, 0] = out
 
 
-def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, inside_ref, columns_ref,
+def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, rows_ref, columns_ref,
                 rel_row, rel_col, dk_ref, dv_ref):  # fmt: skip
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
 
     def chunk_step(index, carry):
-        chunk = pl.multiple_of(index * LANES, LANES)
-        # The query that sees a key through (dy, dx) lies -(dx - r) columns away.
-        columns_ok = _columns_ok(config, columns_ref[:, pl.ds(chunk, LANES)], -1)
-        shape = (q_ref.shape[2], LANES)
+        chunk = pl.multiple_of(index * frame.chunk, frame.chunk)
+        # The query that sees a key through (dy, dx) lies -(dy - r) rows and -(dx - r)
+        # columns away.
+        rows_ok, columns_ok = _in_image(config, rows_ref, columns_ref, chunk, -1)
+        shape = (q_ref.shape[2], frame.chunk)
         dk = [jnp.zeros(shape, dtype) for _ in range(config.head_dim * config.has_key)]
         dv = [jnp.zeros(shape, dtype) for _ in range(config.value_dim)]
         for dy in range(size):
             for dx in range(size):
                 start = frame.halo - frame.offset_shift(dy, dx)
-                ok = (_shared_row(config, inside_ref, start, chunk) > 0) & columns_ok[dx]
+                ok = rows_ok[dy] & columns_ok[dx]
                 queries = [_row(config, q_ref, j, start, chunk) for j in range(config.head_dim)]
                 logit = 0.0
                 if config.has_key:
@@ -514,12 +549,12 @@ def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, inside_ref, colu
                     ds = p * (dp - _row(config, stats_ref, 1, start, chunk))
                     dk = [a + ds * q for a, q in zip(dk, queries, strict=True)]
         for j, a in enumerate(dk):
-            dk_ref[0, j, :, pl.ds(chunk, LANES)] = a.astype(dk_ref.dtype)
+            dk_ref[0, j, :, pl.ds(chunk, frame.chunk)] = a.astype(dk_ref.dtype)
         for j, a in enumerate(dv):
-            dv_ref[0, j, :, pl.ds(chunk, LANES)] = a.astype(dv_ref.dtype)
+            dv_ref[0, j, :, pl.ds(chunk, frame.chunk)] = a.astype(dv_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, frame.tile // LANES, chunk_step, 0)
+    jax.lax.fori_loop(0, frame.tile // frame.chunk, chunk_step, 0)
 
 
 # ---------------------------------------------------------------------------- specs
@@ -541,12 +576,6 @@ def _in_tile(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
         (pl.Element(1), pl.Element(channels), pl.Element(heads), pl.Element(frame.tile)),
         lambda b, t: (b, 0, 0, _lane_aligned(frame.halo + t * frame.tile)),
     )
-
-
-def _shared_window(frame: Frame) -> pl.BlockSpec:
-    """Tile t of a (1, L) row every image shares, with its halos."""
-    width = pl.Element(frame.halo + frame.tile + frame.halo)
-    return pl.BlockSpec((pl.Element(1), width), lambda b, t: (0, _lane_aligned(t * frame.tile)))
 
 
 def _shared_tile(frame: Frame) -> pl.BlockSpec:
@@ -573,9 +602,9 @@ _SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
 def _shared_specs(frame: Frame) -> dict[str, pl.BlockSpec]:
-    """What every kernel reads beside its frames: the in-image row and the columns (one
-    for all images), the relative tables (SMEM scalars)."""
-    return dict(inside_ref=_shared_window(frame), columns_ref=_shared_tile(frame),
+    """What every kernel reads beside its frames: the rows and columns of the positions
+    (one for all images), the relative tables (SMEM scalars)."""
+    return dict(rows_ref=_shared_tile(frame), columns_ref=_shared_tile(frame),
                 rel_row=_SMEM, rel_col=_SMEM)  # fmt: skip
 
 
@@ -677,18 +706,15 @@ def _costs(config, batch: int, heads: int, itemsize: int) -> dict[str, pl.CostEs
 # ------------------------------------------------------------------------ custom VJP
 
 
-def _prepare(q, k, v, rel, config):
-    frame = config.frame
-    # SMEM scalars in the accumulation dtype (float32; float64 for the float64 tests).
+def _constants(rel, config):
+    """What every kernel reads beside the frames: the tables as SMEM scalars in the
+    accumulation dtype (float32; float64 for the float64 tests), the positions' rows and
+    columns."""
     tables = (None, None) if rel is None else tuple(t.astype(config.dtype) for t in rel)
-
-    def to_frame(x):
-        return None if x is None else frame.to_frame(x)
-
-    return (to_frame(q), to_frame(k), to_frame(v), *tables, frame.inside(), frame.columns())
+    return (*tables, config.frame.rows(), config.frame.columns())
 
 
-def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, columns):
+def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, rows, columns):
     frame = config.frame
     d, dv = config.head_dim, config.value_dim
     out_len = frame.num_tiles * frame.tile
@@ -696,7 +722,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, co
     in_tile = functools.partial(_in_tile, frame)
     outputs = _call(
         config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd_tpu",
-        dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, inside_ref=inside,
+        dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, rows_ref=rows,
              columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
         dict(q_ref=functools.partial(in_tile, d), k_ref=functools.partial(window, d),
              v_ref=functools.partial(window, dv), **_shared_specs(frame)),
@@ -709,8 +735,9 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, inside, co
     return outputs["y_ref"], outputs["lse_ref"]
 
 
-def _run_backward(config, residuals, dy_frame, stats_frame):
-    q_frame, k_frame, v_frame, rel_row, rel_col, inside, columns = residuals
+def _run_backward(config, frames, constants, dy_frame, stats_frame):
+    q_frame, k_frame, v_frame = frames
+    rel_row, rel_col, rows, columns = constants
     frame = config.frame
     d, dv, k = config.head_dim, config.value_dim, config.kernel_size
     out_len = frame.num_tiles * frame.tile
@@ -727,7 +754,7 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
     dq_out = _call(
         config, _dq_kernel, f"{KERNEL_NAME_PREFIX}dq_tpu",
         dict(q_ref=q_frame, dy_ref=dy_frame, stats_ref=stats_frame, k_ref=k_frame,
-             v_ref=v_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
+             v_ref=v_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
         dict(q_ref=functools.partial(in_tile, d), dy_ref=functools.partial(in_tile, dv),
              stats_ref=functools.partial(in_tile, 2), k_ref=functools.partial(window, d),
@@ -737,14 +764,14 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
             dq_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[0]),
             d_rel_ref=jax.ShapeDtypeStruct((b, frame.num_tiles, n, slots), config.dtype)),
         lambda b, n: cost(b, n)["dq"],
-        scratch=dict(accumulator=(lambda n: pltpu.VMEM((k * d, n, LANES), config.dtype))
+        scratch=dict(accumulator=(lambda n: pltpu.VMEM((k * d, n, frame.chunk), config.dtype))
                      if has_rel else None),
     )  # fmt: skip
 
     dkv_out = _call(
         config, _dkv_kernel, f"{KERNEL_NAME_PREFIX}dkv_tpu",
         dict(k_ref=k_frame, v_ref=v_frame, q_ref=q_frame, dy_ref=dy_frame,
-             stats_ref=stats_frame, inside_ref=inside, columns_ref=columns, rel_row=rel_row,
+             stats_ref=stats_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
         dict(k_ref=functools.partial(in_tile, d), v_ref=functools.partial(in_tile, dv),
              q_ref=functools.partial(window, d), dy_ref=functools.partial(window, dv),
@@ -767,34 +794,37 @@ def _run_backward(config, residuals, dy_frame, stats_frame):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, rel, config):
-    return _attention_fwd(q, k, v, rel, config)[0]
+def _attention(q_frame, k_frame, v_frame, rel, config):
+    """(B, c, N, L) frames (k_frame None without keys) -> y, (B, dv, N, tiles·T)."""
+    return _attention_fwd(q_frame, k_frame, v_frame, rel, config)[0]
 
 
-def _attention_fwd(q, k, v, rel, config):
-    residuals = _prepare(q, k, v, rel, config)
-    y_tiles, lse_tiles = _run_forward(config, *residuals)
+def _attention_fwd(q_frame, k_frame, v_frame, rel, config):
+    frames = (q_frame, k_frame, v_frame)
+    y_tiles, lse_tiles = _run_forward(config, *frames, *_constants(rel, config))
     # The frames are the saved inputs (in their own dtype), with y and the
     # log-sum-exp: nothing of size k² per pixel.
-    return config.frame.from_tiles(y_tiles), (residuals, y_tiles, lse_tiles, rel)
+    return y_tiles, (frames, y_tiles, lse_tiles, rel)
 
 
-def _attention_bwd(config, saved, dy):
-    residuals, y_tiles, lse_tiles, rel = saved
+def _attention_bwd(config, saved, dy_tiles):
+    frames, y_tiles, lse_tiles, rel = saved
     frame = config.frame
-    q_dtype, k_dtype, v_dtype = config.input_dtypes
-    dy_frame = frame.to_frame(dy.astype(v_dtype))
-    dy_tiles = dy_frame[..., frame.halo : frame.halo + y_tiles.shape[-1]]
+    dy_tiles = dy_tiles.astype(config.input_dtypes[2])
     # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
     delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
     stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
-    dq, dk, dv, d_rel = _run_backward(config, residuals, dy_frame, stats)
-    grads_q = frame.from_tiles(dq).astype(q_dtype)
-    grads_k = None if k_dtype is None else frame.from_tiles(dk).astype(k_dtype)
-    grads_v = frame.from_tiles(dv).astype(v_dtype)
+    dq, dk, dv, d_rel = _run_backward(
+        config, frames, _constants(rel, config), frame.tiles_to_frame(dy_tiles), stats
+    )
+
+    def frame_gradient(tiles, given):  # the kernels write the tiles: zeros in the halos
+        return None if given is None else frame.tiles_to_frame(tiles).astype(given.dtype)
+
+    grads = [frame_gradient(g, x) for g, x in zip((dq, dk, dv), frames, strict=True)]
     if rel is not None:
         d_rel = tuple(g.astype(t.dtype) for g, t in zip(d_rel, rel, strict=True))
-    return grads_q, grads_k, grads_v, d_rel
+    return (*grads, d_rel)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
