@@ -273,7 +273,9 @@ def instructions(text: str) -> list[Instruction]:
 # layers/attention.py, stem.py).
 _GLUE_OPS = ("transpose", "pad", "slice", "reshape", "concatenate", "copy", "select_n",
              "broadcast_in_dim", "convert_element_type", "dynamic_slice", "dynamic_update_slice",
-             "squeeze", "expand_dims", "rev", "gather", "scatter", "iota")  # fmt: skip
+             "squeeze", "expand_dims", "rev", "gather", "scatter", "iota",
+             # the TPU kernels' frames packed as bfloat16 pairs (ops/pallas/tpu.py)
+             "bitcast_convert_type", "shift_left", "or")  # fmt: skip
 
 
 def kind_of(instruction: Instruction) -> str:

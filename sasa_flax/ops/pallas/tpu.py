@@ -323,6 +323,19 @@ class _Config(NamedTuple):
         return self.kernel_size
 
     @property
+    def packed(self) -> bool:
+        """Whether the kernels read q, k, v and dy as pairs of bfloat16 channels packed in
+        32 bits (``_pack``): one rotation per pair, and a shift or a mask to widen each to
+        float32 (exact), where a bfloat16 row needed VALU unpacking of its own. Where every
+        input is bfloat16 and the sums are float32 (the trainer on TPU)."""
+        inputs = [t for t in self.input_dtypes if t is not None]
+        return self.dtype == jnp.float32 and all(t == jnp.bfloat16 for t in inputs)
+
+    def stored(self, channels: int) -> int:
+        """Channels of a frame as the kernels read it: pairs where ``packed``."""
+        return -(-channels // 2) if self.packed else channels
+
+    @property
     def half(self) -> int:
         return self.head_dim // 2
 
@@ -332,10 +345,46 @@ def _row(config, ref, channel: int, start, chunk) -> jax.Array:
     block ``ref`` (1, c, N, ·) at positions ``chunk + start`` .. + C, ``chunk`` a multiple
     of C and ``start`` within [1, 2·halo): an aligned load of C + 128 positions, then a
     lane rotation (a static one where ``start`` is a Python int)."""
+    return _shifted(config, ref, channel, start, chunk).astype(config.dtype)
+
+
+def _shifted(config, ref, channel: int, start, chunk) -> jax.Array:
+    """``_row`` in the block's own dtype (32 bits wide)."""
     width = config.frame.chunk
     base, rotation = _aligned(start, chunk, width)
-    loaded = ref[0, channel, :, pl.ds(base, width + LANES)].astype(config.dtype)
+    loaded = ref[0, channel, :, pl.ds(base, width + LANES)]
+    if loaded.dtype.itemsize < 4:  # rotations move 32-bit values
+        loaded = loaded.astype(config.dtype)
     return pltpu.roll(loaded, rotation, 1)[:, :width]
+
+
+def _frame_rows(config, ref, count: int, start, chunk) -> list[jax.Array]:
+    """The first ``count`` channels of the frame block ``ref`` (q, k, v or dy) at positions
+    ``chunk + start`` .., as ``_row``: (N, C) each in the accumulation dtype, one shifted
+    read per channel, or per pair of channels where the frames are packed."""
+    if not config.packed:
+        return [_row(config, ref, j, start, chunk) for j in range(count)]
+    pairs = [_unpack(_shifted(config, ref, j, start, chunk)) for j in range(-(-count // 2))]
+    return [row for pair in pairs for row in pair][:count]
+
+
+def _pack(config, frame: jax.Array | None) -> jax.Array | None:
+    """(B, c, N, L) bfloat16 -> (B, ⌈c/2⌉, N, L) uint32, channel 2i in the low half and
+    2i + 1 (zero past the last) in the high half, where ``config.packed``."""
+    if frame is None or not config.packed:
+        return frame
+    bits = jax.lax.bitcast_convert_type(frame, jnp.uint16).astype(jnp.uint32)
+    if bits.shape[1] % 2:
+        bits = jnp.pad(bits, [(0, 0), (0, 1), (0, 0), (0, 0)])
+    return bits[:, 0::2] | (bits[:, 1::2] << 16)
+
+
+def _unpack(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint32 (``_pack``) -> its two bfloat16 channels as float32 (exactly: a bfloat16
+    is the upper half of the float32 of the same value)."""
+    low = jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
+    high = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
+    return low, high
 
 
 def _aligned(start, chunk, width: int):
@@ -369,11 +418,16 @@ def _in_image(config, rows_ref, columns_ref, chunk, sign: int):
     return within(rows, frame.height), within(columns, frame.width)
 
 
-def _tile_rows(config, ref, count: int, chunk) -> list[jax.Array]:
+def _tile_rows(config, ref, count: int, chunk, packed: bool | None = None) -> list[jax.Array]:
     """The first ``count`` channels of a tile block (1, c, N, T) at ``chunk``: (N, C)
-    each, in the accumulation dtype."""
+    each, in the accumulation dtype. ``packed``: whether ``ref`` holds channel pairs
+    (default: ``config.packed``, as q, k, v and dy; the statistics never are)."""
     width = config.frame.chunk
-    return [ref[0, j, :, pl.ds(chunk, width)].astype(config.dtype) for j in range(count)]
+    packed = config.packed if packed is None else packed
+    if not packed:
+        return [ref[0, j, :, pl.ds(chunk, width)].astype(config.dtype) for j in range(count)]
+    pairs = [_unpack(ref[0, j, :, pl.ds(chunk, width)]) for j in range(-(-count // 2))]
+    return [row for pair in pairs for row in pair][:count]
 
 
 def _dot_table(config, table, t, channels) -> jax.Array:
@@ -403,7 +457,7 @@ def _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok, row_term, co
         ok = rows_ok[dy] & columns_ok[dx]
         content = None
         if config.has_key:
-            keys = (_row(config, k_ref, j, start, chunk) for j in range(config.head_dim))
+            keys = _frame_rows(config, k_ref, config.head_dim, start, chunk)
             content = sum(q * key for q, key in zip(queries, keys, strict=True))
         position = row_term + column_terms[dx] if config.has_rel else None
         found.append((start, ok, _logit(config, content, position, ok)))
@@ -440,7 +494,7 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row,
                 normaliser = normaliser + weight
                 if config.padding == "zeros":  # a neighbour outside has a zero value
                     weight = jnp.where(ok, weight, 0.0)
-                values = (_row(config, v_ref, j, start, chunk) for j in range(len(acc)))
+                values = _frame_rows(config, v_ref, len(acc), start, chunk)
                 acc = [a + weight * value for a, value in zip(acc, values, strict=True)]
             running_max = new_max
         for j, a in enumerate(acc):
@@ -464,7 +518,7 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns
         chunk = pl.multiple_of(index * frame.chunk, frame.chunk)
         queries = _tile_rows(config, q_ref, config.head_dim, chunk)
         d_out = _tile_rows(config, dy_ref, config.value_dim, chunk)
-        lse, delta = _tile_rows(config, stats_ref, 2, chunk)
+        lse, delta = _tile_rows(config, stats_ref, 2, chunk, packed=False)
         rows_ok, columns_ok = _in_image(config, rows_ref, columns_ref, chunk, +1)
         column_terms = column_sums = None
         if config.has_rel:
@@ -478,7 +532,7 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns
                                 row_term, column_terms, dy)  # fmt: skip
             for dx, (start, ok, logit) in enumerate(found):
                 p = jnp.exp(logit - lse)
-                values = (_row(config, v_ref, j, start, chunk) for j in range(len(d_out)))
+                values = _frame_rows(config, v_ref, len(d_out), start, chunk)
                 dp = sum(g * value for g, value in zip(d_out, values, strict=True))
                 if config.padding == "zeros":  # an outside neighbour's value is zero
                     dp = jnp.where(ok, dp, 0.0)
@@ -486,7 +540,7 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns
                 if config.has_key:
                     # "zeros": an outside neighbour's key is zero, whatever the frame holds.
                     ds_key = ds if config.padding == "mask" else jnp.where(ok, ds, 0.0)
-                    keys = (_row(config, k_ref, j, start, chunk) for j in range(len(dq)))
+                    keys = _frame_rows(config, k_ref, len(dq), start, chunk)
                     dq = [g + ds_key * key for g, key in zip(dq, keys, strict=True)]
                 if config.has_rel:
                     row_sum = row_sum + ds
@@ -530,7 +584,7 @@ def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, rows_ref, column
             for dx in range(size):
                 start = frame.halo - frame.offset_shift(dy, dx)
                 ok = rows_ok[dy] & columns_ok[dx]
-                queries = [_row(config, q_ref, j, start, chunk) for j in range(config.head_dim)]
+                queries = _frame_rows(config, q_ref, config.head_dim, start, chunk)
                 logit = 0.0
                 if config.has_key:
                     keys = _tile_rows(config, k_ref, config.head_dim, chunk)
@@ -541,7 +595,7 @@ def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, rows_ref, column
                 # Keys of this tile inside the image are never masked for a query that
                 # sees them; queries outside the image, or wrapped rows, take no part.
                 p = jnp.where(ok, jnp.exp(logit - _row(config, stats_ref, 0, start, chunk)), 0.0)
-                d_out = [_row(config, dy_ref, j, start, chunk) for j in range(config.value_dim)]
+                d_out = _frame_rows(config, dy_ref, config.value_dim, start, chunk)
                 dv = [a + p * g for a, g in zip(dv, d_out, strict=True)]
                 if config.has_key:
                     values = _tile_rows(config, v_ref, config.value_dim, chunk)
@@ -592,6 +646,19 @@ def _lane_aligned(index):
     tiling and refuses the block ("Couldn't prove that tiling (128) divides index").
     Lowering and interpret mode accept it either way; only libtpu's compile sees this."""
     return pl.multiple_of(index, 128)
+
+
+def _frame_specs(config):
+    """(window spec, tile spec) factories for q, k, v and dy frames of c channels, as the
+    kernels read them (pairs of channels where ``config.packed``)."""
+
+    def window(channels):
+        return functools.partial(_window_spec, config.frame, config.stored(channels))
+
+    def tile(channels):
+        return functools.partial(_in_tile, config.frame, config.stored(channels))
+
+    return window, tile
 
 
 def _out_tile(frame: Frame, channels: int, heads: int) -> pl.BlockSpec:
@@ -718,14 +785,13 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, rows, colu
     frame = config.frame
     d, dv = config.head_dim, config.value_dim
     out_len = frame.num_tiles * frame.tile
-    window = functools.partial(_window_spec, frame)
-    in_tile = functools.partial(_in_tile, frame)
+    frame_window, frame_tile = _frame_specs(config)
     outputs = _call(
         config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd_tpu",
         dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, rows_ref=rows,
              columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
-        dict(q_ref=functools.partial(in_tile, d), k_ref=functools.partial(window, d),
-             v_ref=functools.partial(window, dv), **_shared_specs(frame)),
+        dict(q_ref=frame_tile(d), k_ref=frame_window(d),
+             v_ref=frame_window(dv), **_shared_specs(frame)),
         dict(y_ref=functools.partial(_out_tile, frame, dv),
              lse_ref=functools.partial(_out_tile, frame, 1)),
         lambda b, n: dict(y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
@@ -743,6 +809,7 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
     out_len = frame.num_tiles * frame.tile
     window = functools.partial(_window_spec, frame)
     in_tile = functools.partial(_in_tile, frame)
+    frame_window, frame_tile = _frame_specs(config)
     out_tile = functools.partial(_out_tile, frame)
     cost = functools.partial(_costs, config, itemsize=q_frame.dtype.itemsize)
     slots = _round_up(k * d, LANES)  # lanes of the tables' partial sums
@@ -756,9 +823,10 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
         dict(q_ref=q_frame, dy_ref=dy_frame, stats_ref=stats_frame, k_ref=k_frame,
              v_ref=v_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
-        dict(q_ref=functools.partial(in_tile, d), dy_ref=functools.partial(in_tile, dv),
-             stats_ref=functools.partial(in_tile, 2), k_ref=functools.partial(window, d),
-             v_ref=functools.partial(window, dv), **_shared_specs(frame)),
+        dict(q_ref=frame_tile(d),
+             dy_ref=frame_tile(dv),
+             stats_ref=functools.partial(in_tile, 2), k_ref=frame_window(d),
+             v_ref=frame_window(dv), **_shared_specs(frame)),
         dict(dq_ref=functools.partial(out_tile, d), d_rel_ref=d_rel_spec if has_rel else None),
         lambda b, n: dict(
             dq_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[0]),
@@ -773,8 +841,8 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
         dict(k_ref=k_frame, v_ref=v_frame, q_ref=q_frame, dy_ref=dy_frame,
              stats_ref=stats_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
              rel_col=rel_col),
-        dict(k_ref=functools.partial(in_tile, d), v_ref=functools.partial(in_tile, dv),
-             q_ref=functools.partial(window, d), dy_ref=functools.partial(window, dv),
+        dict(k_ref=frame_tile(d), v_ref=frame_tile(dv),
+             q_ref=frame_window(d), dy_ref=frame_window(dv),
              stats_ref=functools.partial(window, 2), **_shared_specs(frame)),
         dict(dk_ref=functools.partial(out_tile, d) if config.has_key else None,
              dv_ref=functools.partial(out_tile, dv)),
@@ -800,10 +868,10 @@ def _attention(q_frame, k_frame, v_frame, rel, config):
 
 
 def _attention_fwd(q_frame, k_frame, v_frame, rel, config):
-    frames = (q_frame, k_frame, v_frame)
+    frames = tuple(_pack(config, f) for f in (q_frame, k_frame, v_frame))
     y_tiles, lse_tiles = _run_forward(config, *frames, *_constants(rel, config))
-    # The frames are the saved inputs (in their own dtype), with y and the
-    # log-sum-exp: nothing of size k² per pixel.
+    # The frames (packed or in their own dtype: the same bytes) are the saved inputs, with
+    # y and the log-sum-exp: nothing of size k² per pixel.
     return y_tiles, (frames, y_tiles, lse_tiles, rel)
 
 
@@ -814,14 +882,13 @@ def _attention_bwd(config, saved, dy_tiles):
     # Σ_o p_o dy·v_o = dy·y per query, in the accumulation dtype.
     delta = jnp.sum(dy_tiles.astype(config.dtype) * y_tiles.astype(config.dtype), axis=1)
     stats = frame.tiles_to_frame(jnp.stack([lse_tiles[:, 0], delta], axis=1))
-    dq, dk, dv, d_rel = _run_backward(
-        config, frames, _constants(rel, config), frame.tiles_to_frame(dy_tiles), stats
-    )
+    dy_frame = _pack(config, frame.tiles_to_frame(dy_tiles))
+    dq, dk, dv, d_rel = _run_backward(config, frames, _constants(rel, config), dy_frame, stats)
 
-    def frame_gradient(tiles, given):  # the kernels write the tiles: zeros in the halos
-        return None if given is None else frame.tiles_to_frame(tiles).astype(given.dtype)
+    def frame_gradient(tiles, dtype):  # the kernels write the tiles: zeros in the halos
+        return None if dtype is None else frame.tiles_to_frame(tiles).astype(dtype)
 
-    grads = [frame_gradient(g, x) for g, x in zip((dq, dk, dv), frames, strict=True)]
+    grads = [frame_gradient(g, t) for g, t in zip((dq, dk, dv), config.input_dtypes, strict=True)]
     if rel is not None:
         d_rel = tuple(g.astype(t.dtype) for g, t in zip(d_rel, rel, strict=True))
     return (*grads, d_rel)
