@@ -7,12 +7,17 @@ only when the image is not much larger than the window (ResNet-50's last stage a
 k = 7, or 14×14 at k = 11; benchmarks/RESULTS.md has the CPU ratios). ``impl="auto"``
 picks it when H·W < 4·k² (``auto_choice``, the one place that rule is written).
 
-Relative logits: q·r_{dy} and q·r_{dx} are computed per query and offset,
-(B, N, P, k) each with P = H·W, placed by image row and column with constant one-hot
-matrices, (B, N, P, H) and (B, N, P, W), and broadcast onto the (P, P) grid. Under
-``padding="zeros"`` the out-of-image neighbours are zero keys and values that still
-take part in the softmax: they add k² − (in-image count) extra logits per query (the
-positional term alone) with zero values.
+Relative logits: the tables are first placed by image row, E_row[y, y'] = rel_row[y' −
+y + r] (zero where |y' − y| > r), (H, H, d/2), and by column (W, W, d/2); then one matmul
+per query row gives q_row·E_row[y] for every key row, (B, N, P, H), and one per query
+column the column terms, (B, N, P, W), broadcast onto the (P, P) grid. Those matmuls take
+the inputs in their own dtype (exact products, as the q·k matmul), where placing per-offset
+dots with one-hot matrices needed float32 at HIGHEST precision (in libtpu's schedule that
+was a third of a 14² layer's step). The window is an additive mask (0 or MASKED_LOGIT), so
+the backward carries no select over the (P, P) grid. Under ``padding="zeros"`` the
+out-of-image neighbours are zero keys and values that still take part in the softmax: they
+add k² − (in-image count) extra logits per query (the positional term alone) with zero
+values.
 
 Precision: the q·k and weighted-sum matmuls take bfloat16 inputs as they are (one pass
 of a TPU's or GPU's matrix unit, products exact in the float32 accumulator) and
@@ -29,18 +34,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_flax.ops.common import accumulation_dtype, in_image_mask
+from sasa_flax.ops.common import MASKED_LOGIT, accumulation_dtype, in_image_mask
 
 
-def _placement(height: int, width: int, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One-hot (P, H, k) and (P, W, k): the row offset of image row y seen from query p
-    (all zero where the row is outside p's window), and the same for columns."""
+def _placement(extent: int, kernel_size: int) -> np.ndarray:
+    """One-hot (extent, extent, k): the window offset of image row (or column) y' seen
+    from row y, all zero where y' is outside y's window."""
     r = kernel_size // 2
-    ys, xs = np.divmod(np.arange(height * width), width)
-    offsets = np.arange(kernel_size)
-    rows = (np.arange(height)[None, :] - ys[:, None] + r)[..., None] == offsets  # (P, H, k)
-    cols = (np.arange(width)[None, :] - xs[:, None] + r)[..., None] == offsets  # (P, W, k)
-    return rows.astype(np.float32), cols.astype(np.float32)
+    lines = np.arange(extent)
+    offsets = lines[None, :] - lines[:, None] + r  # (y, y')
+    return (offsets[..., None] == np.arange(kernel_size)).astype(np.float32)
+
+
+def _window(height: int, width: int, kernel_size: int) -> np.ndarray:
+    """(P, P) bool: whether pixel q lies in pixel p's window."""
+    rows = _placement(height, kernel_size).sum(-1) > 0
+    cols = _placement(width, kernel_size).sum(-1) > 0
+    return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(height * width, -1)
+
+
+def _relative_logits(q, table, axis: int, kernel_size: int, acc) -> jax.Array:
+    """q (B, H, W, N, d) against ``table`` (k, d/2) placed along image ``axis`` (1: rows,
+    matched with q's first half; 2: columns, with its second half): (B, N, P, extent),
+    the term of every key row (column)."""
+    extent = q.shape[axis]
+    # (y, y', d): exact, each entry one table row or zero, and zero on q's other half
+    # (cheaper than slicing q, whose head width lies on a TPU's lanes).
+    placed = jnp.einsum("uvt,tc->uvc", jnp.asarray(_placement(extent, kernel_size), acc),
+                        table.astype(acc), precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+    halves = [placed, jnp.zeros_like(placed)]
+    placed = jnp.concatenate(halves if axis == 1 else halves[::-1], axis=-1).astype(table.dtype)
+    # One matmul per query row (column): every query of it against every key row (column).
+    spec = "bywnc,yvc->bnywv" if axis == 1 else "bywnc,wvc->bnywv"
+    terms = jnp.einsum(spec, q, placed, precision=matmul_precision(q, table),
+                       preferred_element_type=acc)  # fmt: skip
+    batch, heads, height, width, _ = terms.shape
+    return terms.reshape(batch, heads, height * width, extent)
 
 
 def matmul_precision(*arrays) -> jax.lax.Precision:
@@ -73,38 +102,31 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
     pixels = height * width
     acc = accumulation_dtype(q, v)
     flat = lambda x: x.reshape(batch, pixels, heads, x.shape[-1])  # noqa: E731
-    q_flat = flat(q)
-    rows, cols = _placement(height, width, kernel_size)
-    window = jnp.asarray(  # (P, P): the window of query p
-        (rows.sum(-1)[:, :, None] * cols.sum(-1)[:, None, :]).reshape(pixels, pixels) > 0
-    )
     matmul = functools.partial(jnp.einsum, preferred_element_type=acc)
 
     logits = jnp.zeros((batch, heads, pixels, pixels), acc)
     if k is not None:
-        logits = matmul("bpnd,bqnd->bnpq", q_flat, flat(k), precision=matmul_precision(q, k))
+        logits = matmul("bpnd,bqnd->bnpq", flat(q), flat(k), precision=matmul_precision(q, k))
     extra = None  # (B, N, P, k²): logits of the zero keys outside the image ("zeros")
     if rel_row is not None:
         half = d // 2
-        by_row = _per_offset(q_flat[..., :half], rel_row, acc)
-        by_col = _per_offset(q_flat[..., half:], rel_col, acc)
-        # Onto the grid: (B, N, P, H) by image row plus (B, N, P, W) by image column.
-        # The one-hot products are exact at HIGHEST and cost P·(H + W)·k, not P²·k.
-        exact = jax.lax.Precision.HIGHEST
-        row_term = matmul("bnpt,pyt->bnpy", by_row, jnp.asarray(rows, acc), precision=exact)
-        col_term = matmul("bnpt,pxt->bnpx", by_col, jnp.asarray(cols, acc), precision=exact)
+        row_term = _relative_logits(q, rel_row, 1, kernel_size, acc)  # (B, N, P, H)
+        col_term = _relative_logits(q, rel_col, 2, kernel_size, acc)  # (B, N, P, W)
         logits += (row_term[..., :, None] + col_term[..., None, :]).reshape(logits.shape)
         if padding == "zeros":
-            extra = (by_row[..., :, None] + by_col[..., None, :]).reshape(
+            q_flat = flat(q)
+            row_taps = _per_offset(q_flat[..., :half], rel_row, acc)
+            col_taps = _per_offset(q_flat[..., half:], rel_col, acc)
+            extra = (row_taps[..., :, None] + col_taps[..., None, :]).reshape(
                 batch, heads, pixels, kernel_size * kernel_size
             )
-    lowest = jnp.finfo(acc).min
-    logits = jnp.where(window, logits, lowest)
+    # Outside the window: a constant added, not a select (no select in the backward).
+    logits = logits + jnp.where(_window(height, width, kernel_size), 0.0, MASKED_LOGIT).astype(acc)
     if padding == "zeros":
         outside = ~in_image_mask(height, width, kernel_size).reshape(pixels, -1)  # (P, k²)
         if extra is None:
             extra = jnp.zeros((batch, heads, pixels, outside.shape[-1]), acc)
-        logits = jnp.concatenate([logits, jnp.where(outside, extra, lowest)], axis=-1)
+        logits = jnp.concatenate([logits, jnp.where(outside, extra, MASKED_LOGIT)], axis=-1)
     att = jax.nn.softmax(logits, axis=-1)[..., :pixels]  # zero keys carry zero values
     y = matmul("bnpq,bqnd->bpnd", att.astype(v.dtype), flat(v), precision=matmul_precision(v))
     return y.reshape(batch, height, width, heads, -1).astype(v.dtype)
