@@ -177,6 +177,9 @@ class Instruction:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _WHILE = re.compile(r"\swhile\(.*?body=%?([\w.\-]+)")
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)")
+_LESS_THAN = re.compile(r"ROOT .*compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLED = re.compile(r"(?:to_apply|branch_computations|calls)=\{?%?([\w.\-, %]+)\}?")
 
@@ -201,7 +204,8 @@ def _computations(text: str) -> dict[str, list[str]]:
 
 def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
     """How many times each computation runs per call of the entry: ``while`` bodies
-    their known trip count times (1 when unknown), called computations as their caller."""
+    their trip count times (XLA's known count, else read from the condition, else 1),
+    called computations as their caller."""
     times = {"__entry__": 1}
     entry = next(
         name for name, body in computations.items()
@@ -218,7 +222,11 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
             loop = _WHILE.search(line)
             if loop:
                 trips = _TRIP.search(line)
-                callees.append((loop.group(1), int(trips.group(1)) if trips else 1))
+                condition = _CONDITION.search(line)
+                counted = int(trips.group(1)) if trips else _condition_trips(
+                    computations.get(condition.group(1), ()) if condition else ()
+                )  # fmt: skip
+                callees.append((loop.group(1), counted))
             for group in _CALLED.findall(line):
                 callees += [(c.strip(" %"), 1) for c in group.split(",") if c.strip(" %")]
             for callee, trips in callees:
@@ -226,6 +234,18 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
                     times[callee] = times[name] * trips
                     pending.append(callee)
     return times
+
+
+def _condition_trips(condition: list[str]) -> int:
+    """A while loop's trip count from its condition, where XLA left no known_trip_count
+    (``lax.map`` over the attention stem's strips): ``counter < N`` with N a constant, the
+    counter starting at 0 as JAX's loops do. 1 when the condition is anything else."""
+    constants = dict(m.groups() for line in condition for m in [_CONSTANT.search(line)] if m)
+    for line in condition:
+        match = _LESS_THAN.search(line)
+        if match and match.group(1) in constants:
+            return int(constants[match.group(1)])
+    return 1
 
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")

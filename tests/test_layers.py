@@ -142,6 +142,24 @@ def test_jitted_layer_gradients_match_finite_differences_in_float64(rng, options
                     eps=FD_STEP)  # fmt: skip
 
 
+@pytest.mark.parametrize("scale", [None, 0.125])
+def test_the_projections_channels_first_are_the_same_products(rng, scale):
+    """On TPU the q/k/v projections are computed channels-first (``project_heads``): the
+    same (B, H, W, N, d) as one 2-D matmul and a head split, with the same scaling."""
+    from sasa_flax.layers import common
+
+    x = jnp.asarray(rng.standard_normal((2, 3, 5, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((6, 12)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        rows_first = common.heads_rows_first(x, kernel, 3, scale)
+        channels_first = common.heads_channels_first(x, kernel, 3, scale)
+    expected = np.einsum("bhwc,co->bhwo", np.float64(x), np.float64(kernel)).reshape(
+        2, 3, 5, 3, 4
+    ) * (scale or 1.0)  # fmt: skip
+    np.testing.assert_allclose(rows_first, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(channels_first, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sinusoidal_encoding():
     p = sinusoidal_2d(5, 7, 8)
     assert p.shape == (5, 7, 8) and p.dtype == np.float32

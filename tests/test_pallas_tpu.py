@@ -168,6 +168,51 @@ def test_random_cases_match_patches(seed):
         assert relative_error(ours, exact, floor=1.0) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,padding", [("bfloat16", "mask"), ("float32", "zeros")])
+def test_wide_chunks_cross_chunk_and_tile_edges(dtype, padding):
+    """Heads of 4 read two vregs of positions per inner iteration (``chunk_for``); at a
+    tile of 512 a 24×40 image is two tiles of two such chunks, so neighbours cross chunk,
+    tile, row and image edges. bfloat16 reads the frames as packed channel pairs (an odd
+    value width leaves half a pair empty); float32 reads them one channel at a time."""
+    shape, kernel_size = (1, 24, 40, 2, 4, 3), 5
+    assert tpu.Frame.of(shape[:5], kernel_size, 512, value_dim=3).chunk == 2 * tpu.LANES
+    rng = np.random.default_rng(5)
+    inputs = [jnp.asarray(x, dtype) for x in make_inputs(rng, shape, kernel_size, TERMS[0])]
+    cotangent = rng.standard_normal(shape[:4] + (shape[5],))
+    attention = functools.partial(tpu.local_attention, tile=512, interpret=RACES)
+    y, grads = y_and_gradients(attention, inputs, jnp.asarray(cotangent, jnp.float32),
+                               kernel_size=kernel_size, padding=padding)  # fmt: skip
+    with jax.enable_x64(True):
+        exact_y, exact_grads = y_and_gradients(
+            patches.local_attention, [jnp.asarray(x, jnp.float64) for x in inputs],
+            jnp.asarray(cotangent), kernel_size=kernel_size, padding=padding,
+        )  # fmt: skip
+    assert not interpret_pallas_call.races.races_found
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for ours, exact in zip([y, *grads], [exact_y, *exact_grads], strict=True):
+        assert relative_error(ours, exact, floor=1.0) < tol
+
+
+def test_packed_pairs_round_trip_every_bfloat16_exactly():
+    """``_pack`` then ``_unpack`` returns every bfloat16 bit pattern but NaNs as the same
+    float32 value, an odd channel count padded with zeros."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    values = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.bfloat16)
+    values = values[~jnp.isnan(values)]
+    frame = values[: 3 * (values.size // 3)].reshape(1, 3, 1, -1)  # (B, c, N, L), c odd
+    config = tpu._Config(3, "mask", True, False, None, 4, 3, jnp.float32,
+                         (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16), False)  # fmt: skip
+    assert config.packed and config.stored(3) == 2
+    packed = tpu._pack(config, frame)
+    assert packed.shape == (1, 2, 1, frame.shape[-1]) and packed.dtype == jnp.uint32
+    low, high = tpu._unpack(packed)
+    widened = frame.astype(jnp.float32)
+    np.testing.assert_array_equal(low[:, 0], widened[:, 0])
+    np.testing.assert_array_equal(high[:, 0], widened[:, 1])
+    np.testing.assert_array_equal(low[:, 1], widened[:, 2])
+    np.testing.assert_array_equal(high[:, 1], 0.0)
+
+
 def test_the_comparison_can_fail(monkeypatch):
     """Kernels that read every neighbour one position off are caught: the interpreter
     runs the kernels' own shifts, and the tolerance is far below such an error."""

@@ -69,6 +69,24 @@ def test_instructions_count_loop_bodies_per_iteration_and_match_kernels_by_body(
     assert estimate.summary()["collectives"] == {"all-reduce": 1}
 
 
+def test_a_loop_without_a_known_trip_count_counts_the_bound_of_its_condition(tmp_path):
+    """XLA leaves no known_trip_count on some loops (``lax.map`` over the attention stem's
+    strips): the bound of the condition's ``counter < N`` counts its body N times; a
+    condition of another form, once."""
+    condition = """%cond (p: (s32[], f32[8])) -> pred[] {
+  %constant.9 = s32[]{:T(128)} constant(8)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.9), direction=LT
+}"""
+    hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+    counted = tpu_schedule.read(hlo.replace(
+        "%cond (p: (s32[], f32[8])) -> pred[] {\n  %c = pred[] constant(true)\n}", condition),
+        tmp_path, generation="v5e", program="t", images_per_device=1)  # fmt: skip
+    assert {i.name: i.times for i in counted.instructions}["f.1"] == 8
+    unknown = tpu_schedule.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
+    assert {i.name: i.times for i in unknown.instructions}["f.1"] == 1
+
+
 def test_a_kernel_bound_by_memory_counts_its_traffic_at_the_chips_bandwidth(tmp_path):
     (tmp_path / "1-sasa_k.1-03-final_bundles.txt").write_text(PROGRAM)
     hlo = HLO.replace("%k.1 =", "%sasa_k.1 =").replace("%k.2 =", "%sasa_k.2 =")

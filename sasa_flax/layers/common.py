@@ -43,34 +43,43 @@ def project_heads(
     """``split_heads(apply_projection(linear, x) * scale, num_heads)``: (B, H, W, C) ->
     (B, H, W, N, d), computed per platform when the program is lowered.
 
-    On TPU the product is computed channels-first, ``W'ᵀ·x`` per image with W's columns
-    ordered (d, N): the matrix unit then writes (B, d·N, H·W), the layout of the Mosaic
-    kernels' frames (``ops/pallas/tpu.py``), and the transposes between the two cancel, in
-    the forward and in the backward. In libtpu's schedule a 56²×64 layer's step went from
-    3.9 M to 3.5 M cycles (layout glue 0.9 M -> 0.6 M) and the "dense" layers at 14² and
-    7² lost nothing (benchmarks/RESULTS.md, 2026-12-07). Elsewhere one 2-D matmul, as
-    ``apply_projection``. The same products and sums either way.
+    On TPU the product is computed channels-first (``heads_channels_first``): the matrix
+    unit then writes (B, d·N, H·W), the layout of the Mosaic kernels' frames
+    (``ops/pallas/tpu.py``), and the transposes between the two cancel, in the forward
+    and in the backward. In libtpu's schedule a 56²×64 layer's step went from 3.9 M to
+    3.5 M cycles (layout glue 0.9 M -> 0.6 M), and the "dense" layers at 14² and 7² lost
+    nothing (benchmarks/RESULTS.md, 2026-12-07). Elsewhere one 2-D matmul
+    (``heads_rows_first``), as ``apply_projection``. The same products either way.
     """
     x, kernel = nnx.nn.dtypes.promote_dtype((x, linear.kernel[...]), dtype=linear.dtype)
-    batch, height, width, channels = x.shape
     multiplier = None if scale is None else jnp.asarray(scale, x.dtype)
 
-    def rows_first(x, kernel):
-        y = x.reshape(-1, channels) @ kernel
-        y = y if multiplier is None else y * multiplier
-        return split_heads(y.reshape(batch, height, width, -1), num_heads)
+    def branch(form):
+        return lambda x, kernel: form(x, kernel, num_heads, multiplier)
 
-    def channels_first(x, kernel):
-        by_channel = kernel.reshape(channels, num_heads, -1).transpose(0, 2, 1)  # (C, d, N)
-        positions = x.reshape(batch, height * width, channels)
-        y = jnp.einsum("co,bpc->bop", by_channel.reshape(channels, -1), positions)
-        y = y if multiplier is None else y * multiplier
-        # (B, d·N, P) -> (B, P, N, d) -> (B, H, W, N, d), one axis split per reshape
-        # (explicit mesh axes allow no more).
-        y = jnp.transpose(y.reshape(batch, -1, num_heads, height * width), (0, 3, 2, 1))
-        return y.reshape(batch, height, width, num_heads, -1)
+    return jax.lax.platform_dependent(
+        x, kernel, tpu=branch(heads_channels_first), default=branch(heads_rows_first)
+    )
 
-    return jax.lax.platform_dependent(x, kernel, tpu=channels_first, default=rows_first)
+
+def heads_rows_first(x, kernel, num_heads: int, multiplier=None) -> jax.Array:
+    """(B, H, W, C) @ (C, N·d) [· multiplier] as one 2-D matmul -> (B, H, W, N, d)."""
+    y = x.reshape(-1, x.shape[-1]) @ kernel
+    y = y if multiplier is None else y * multiplier
+    return split_heads(y.reshape(*x.shape[:-1], -1), num_heads)
+
+
+def heads_channels_first(x, kernel, num_heads: int, multiplier=None) -> jax.Array:
+    """``heads_rows_first`` computed as W'ᵀ·x per image, W's columns ordered (d, N)."""
+    batch, height, width, channels = x.shape
+    by_channel = kernel.reshape(channels, num_heads, -1).transpose(0, 2, 1)  # (C, d, N)
+    positions = x.reshape(batch, height * width, channels)
+    y = jnp.einsum("co,bpc->bop", by_channel.reshape(channels, -1), positions)
+    y = y if multiplier is None else y * multiplier
+    # (B, d·N, P) -> (B, P, N, d) -> (B, H, W, N, d), one axis split per reshape (explicit
+    # mesh axes allow no more).
+    y = jnp.transpose(y.reshape(batch, -1, num_heads, height * width), (0, 3, 2, 1))
+    return y.reshape(batch, height, width, num_heads, -1)
 
 
 def in_dtype(dtype, *params: nnx.Param) -> tuple[jax.Array, ...]:
