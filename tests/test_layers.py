@@ -235,6 +235,29 @@ def test_spatially_aware_values_follow_the_formula(rng):
     assert np.ptp(np.asarray(stem.mixture_weights())) > 0.05
 
 
+@pytest.mark.parametrize("variant", ["spatially_aware", "stand_alone", "conv_values"])
+def test_the_stem_attends_in_blocks_as_the_block_operator_does(rng, variant):
+    """The stem projects its input in the blocked layout; in float64 its attention equals
+    ``block_local_attention`` (checked against the loop reference in
+    test_block_attention.py) on q, k and v projected in the image's own layout."""
+    from sasa_flax.ops import block_local_attention
+
+    with jax.enable_x64(True):
+        stem = AttentionStem(3, 16, variant=variant, num_heads=2, param_dtype=jnp.float64,
+                             rngs=nnx.Rngs(0))  # fmt: skip
+        if variant == "spatially_aware":  # a mixture that depends on the block position
+            stem.mixture_logit_vectors[...] = jnp.asarray(rng.standard_normal((4, 8)))
+        x = jnp.asarray(rng.standard_normal((2, 8, 12, 3)))
+        split = lambda y: y.reshape(*y.shape[:3], 2, 8)  # noqa: E731
+        q = x @ stem.query.kernel[...] * 8**-0.5
+        k = x @ stem.key.kernel[...]
+        expected = block_local_attention(
+            split(q), split(k), split(stem.values(x)), stem.rel_row[...], stem.rel_col[...],
+            block_size=4,
+        ).reshape(2, 8, 12, 16)  # fmt: skip
+        np.testing.assert_allclose(stem.attend(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_stem_mixture_starts_uniform():
     stem = AttentionStem(rngs=nnx.Rngs(0))
     np.testing.assert_allclose(stem.mixture_weights(), 0.25, rtol=1e-6)

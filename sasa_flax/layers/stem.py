@@ -22,10 +22,9 @@ from sasa_flax.layers.common import (
     head_width,
     in_dtype,
     make_projection,
-    split_heads,
 )
 from sasa_flax.layers.options import StemOptions
-from sasa_flax.ops import block_local_attention
+from sasa_flax.ops.block_attention import attention_in_blocks, from_blocks, to_blocks
 
 
 class AttentionStem(nnx.Module):
@@ -151,14 +150,20 @@ class AttentionStem(nnx.Module):
         # p depends only on the position inside the block, so the m value matrices are
         # mixed first, one matrix per block position: the same sum as Σ_m p_m (W_m x),
         # without the (B, H, W, m, out_features) tensor of every W_m x and its gradient.
-        mixed = jnp.einsum("abm,mcd->abcd", self.mixture_weights(), self.value_mixture[...])
+        mixed = self._mixed_matrices()
         if self.dtype is not None:
-            x, mixed = x.astype(self.dtype), mixed.astype(self.dtype)
+            x = x.astype(self.dtype)
         b = self.options.block_size
         batch, height, width, channels = x.shape
         blocks = x.reshape(batch, height // b, b, width // b, b, channels)
         v = jnp.einsum("byaxec,aecd->byaxed", blocks, mixed)
         return v.reshape(batch, height, width, self.out_features)
+
+    def _mixed_matrices(self) -> jax.Array:
+        """Σ_m p(a, b, m) W_V^m per block position: (b, b, in_features, out_features),
+        in the compute dtype."""
+        mixed = jnp.einsum("abm,mcd->abcd", self.mixture_weights(), self.value_mixture[...])
+        return mixed if self.dtype is None else mixed.astype(self.dtype)
 
     def attend_in_strips(self, x: jax.Array) -> jax.Array:
         """``attend(x)`` computed one horizontal strip of blocks at a time and
@@ -190,21 +195,36 @@ class AttentionStem(nnx.Module):
 
     def attend(self, x: jax.Array, values: jax.Array | None = None) -> jax.Array:
         """Block attention before the norm: (B, H, W, in_features) -> (B, H, W,
-        out_features); ``values`` (B, H, W, out_features) if computed already."""
-        split = functools.partial(split_heads, num_heads=self.options.num_heads)
-        # Scaled before the heads are split, as in SelfAttention2D (TPU layouts).
-        q = apply_projection(self.query, x)
-        q = split(q * jnp.asarray(self.head_dim**-0.5, q.dtype))
+        out_features); ``values`` (B, H, W, out_features) if computed already.
+
+        Computed in the blocked layout (``ops.block_attention.to_blocks``): the input (3
+        channels) is moved into it once and q, k and v are projected there, one matrix per
+        block position for the spatially-aware values; only the output moves back. In
+        libtpu's schedule the stem's step at 16 images went from 253 M to 92 M cycles
+        against moving q, k and v (64 channels each) into blocks (benchmarks/RESULTS.md,
+        2026-12-07)."""
+        o, b = self.options, self.options.block_size
+        blocks = to_blocks(x, b)  # (in_features, b², M)
+
+        def project(linear):
+            inputs, kernel = nnx.nn.dtypes.promote_dtype((blocks, linear.kernel[...]),
+                                                         dtype=linear.dtype)  # fmt: skip
+            return jnp.einsum("co,cpm->opm", kernel, inputs)
+
+        q = project(self.query)
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        if values is not None or o.variant == "conv_values":
+            v = to_blocks(self.values(x) if values is None else values, b)
+        elif o.variant == "stand_alone":
+            v = project(self.value)
+        else:  # one mixed matrix per block position, as ``values``
+            mixed = self._mixed_matrices().reshape(b * b, self.in_features, -1)
+            inputs = blocks if self.dtype is None else blocks.astype(self.dtype)
+            v = jnp.einsum("pco,cpm->opm", mixed, inputs)
         rel_row, rel_col = in_dtype(self.dtype, self.rel_row, self.rel_col)
-        y = block_local_attention(
-            q,
-            split(apply_projection(self.key, x)),
-            split(self.values(x) if values is None else values),
-            rel_row,
-            rel_col,
-            block_size=self.options.block_size,
-        )
-        return y.reshape(*x.shape[:3], self.out_features)
+        y = attention_in_blocks(q, project(self.key), v, rel_row, rel_col, block_size=b,
+                                num_heads=o.num_heads)  # fmt: skip
+        return from_blocks(y, x.shape[:3], b)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, in_features) -> (B, H / pool_size, W / pool_size, out_features)."""

@@ -42,23 +42,58 @@ def block_local_attention(
       (B, H, W, N, dv) in v's dtype; logits and softmax in at least float32.
     """
     _validate(q, k, v, rel_row, rel_col, block_size)
-    bsz, h, w, n, d = q.shape
+    batch, height, width, heads, _ = q.shape
+
+    def merged(x):  # (B, H, W, N, c) -> (N·c, b², M)
+        return to_blocks(x.reshape(batch, height, width, -1), block_size)
+
+    y = attention_in_blocks(merged(q), merged(k), merged(v), rel_row, rel_col,
+                            block_size=block_size, num_heads=heads)  # fmt: skip
+    return from_blocks(y, (batch, height, width), block_size).reshape(*v.shape)
+
+
+def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """(B, H, W, C) -> (C, b², M): channel, position in the block (row-major), and every
+    block of every image last (M = B·(H/b)·(W/b)). The blocked layout: on TPU the blocks
+    lie on the lanes, so a block's products are whole vector registers."""
+    batch, height, width, channels = x.shape
+    b = block_size
+    x = x.reshape(batch, height // b, b, width // b, b, channels)
+    return x.transpose(5, 2, 4, 0, 1, 3).reshape(channels, b * b, -1)
+
+
+def from_blocks(y: jax.Array, image_shape: tuple[int, int, int], block_size: int) -> jax.Array:
+    """``to_blocks`` undone: (C, b², M) -> (B, H, W, C) for ``image_shape`` (B, H, W)."""
+    batch, height, width = image_shape
+    b = block_size
+    y = y.reshape(-1, b, b, batch, height // b, width // b)
+    return y.transpose(3, 4, 1, 5, 2, 0).reshape(batch, height, width, -1)
+
+
+def attention_in_blocks(
+    q: jax.Array, k: jax.Array, v: jax.Array, rel_row, rel_col, *, block_size: int,
+    num_heads: int,
+) -> jax.Array:  # fmt: skip
+    """``block_local_attention`` in the blocked layout (``to_blocks``): q, k (N·d, b², M),
+    v (N·dv, b², M), heads major in the channels (head n is channels n·d .. n·d + d);
+    returns (N·dv, b², M) in v's dtype. Arguments are not validated here.
+
+    The products are formed elementwise, not as matmuls over 16 × 16 blocks: a matrix
+    unit would be almost idle at this size, while with the blocks last every product is
+    a whole vector register. The logit of query q and key k is q · (k + r_qk), r_qk the
+    two relative tables placed for the pair (a gather of the small tables, not of
+    activations). A layer that projects its input can project it in this layout
+    (``AttentionStem``: 3 input channels to move instead of q, k and v's 64).
+    """
     blk = block_size
     acc = accumulation_dtype(q, k, v)
-    many = bsz * (h // blk) * (w // blk) * n  # (image, block, head) triples
+    positions, blocks = q.shape[1:]
 
-    def to_blocks(x):  # (B, H, W, N, c) -> (b², c, M): M = every block of every head, last
-        x = x.reshape(bsz, h // blk, blk, w // blk, blk, n, x.shape[-1])
-        x = x.transpose(2, 4, 6, 0, 1, 3, 5)
-        return x.reshape(blk * blk, x.shape[2], many)
+    def heads(x):  # (N, c, b², M)
+        return x.reshape(num_heads, -1, positions, blocks)
 
-    # The products are formed elementwise with the (image, block, head) axis M last, not
-    # as matmuls over 16 × 16 blocks: a matrix unit would be almost idle at this size, and
-    # on TPU an array whose last axis has 16 entries fills 16 of 128 lanes (8× the
-    # memory). The logit of query q and key k is q · (k + r_qk), r_qk the two relative
-    # tables placed for the pair (one gather of the small tables, not of activations).
-    qb, kb, vb = to_blocks(q), to_blocks(k), to_blocks(v)
-    keys = kb[None].astype(acc)  # (1, b², d, M); converted inside the fused products
+    q, k, v = heads(q), heads(k), heads(v)
+    keys = k[:, :, None].astype(acc)  # (N, d, 1, b² keys, M); converted inside the fusions
     if rel_row is not None:
         # Offset (key - query) + (b - 1) for every (query, key) position pair.
         pos = np.arange(blk)
@@ -67,16 +102,13 @@ def block_local_attention(
         row_idx = row_of[None, :] - row_of[:, None] + blk - 1  # (b², b²)
         col_idx = col_of[None, :] - col_of[:, None] + blk - 1
         placed = jnp.concatenate([rel_row[row_idx], rel_col[col_idx]], axis=-1)  # (b², b², d)
-        keys = keys + placed.astype(acc)[..., None]  # (b², b², d, M)
-    logits = jnp.sum(qb[:, None].astype(acc) * keys, axis=2)  # (b² queries, b² keys, M)
-    weights = jax.nn.softmax(logits, axis=1)
+        keys = keys + jnp.moveaxis(placed, -1, 0).astype(acc)[None, ..., None]
+    logits = jnp.sum(q[:, :, :, None].astype(acc) * keys, axis=1)  # (N, b² q., b² k., M)
+    weights = jax.nn.softmax(logits, axis=2)
     # Weights rounded to v's dtype, as every implementation of local attention does.
     weights = weights.astype(v.dtype).astype(acc)
-    yb = jnp.sum(weights[:, :, None] * vb[None].astype(acc), axis=1)  # (b², dv, M)
-    # Back to (B, H, W, N, dv).
-    y = yb.reshape(blk, blk, v.shape[-1], bsz, h // blk, w // blk, n)
-    y = y.transpose(3, 4, 0, 5, 1, 6, 2).reshape(bsz, h, w, n, v.shape[-1])
-    return y.astype(v.dtype)
+    y = jnp.sum(weights[:, None] * v[:, :, None].astype(acc), axis=3)  # (N, dv, b², M)
+    return y.reshape(-1, positions, blocks).astype(v.dtype)
 
 
 def _validate(q, k, v, rel_row, rel_col, block_size) -> None:
