@@ -373,6 +373,13 @@ class Estimate:
             totals[key(i)] += self.cycles_of(i)
         return dict(totals.most_common())
 
+    def by_layer_and_kind(self) -> dict[str, dict[str, int]]:
+        """{layer: {kind: cycles}}: where each layer's cycles go."""
+        table = collections.defaultdict(collections.Counter)
+        for i in self.instructions:
+            table[layer_of(i)][kind_of(i)] += self.cycles_of(i)
+        return {layer: dict(kinds.most_common()) for layer, kinds in table.items()}
+
     @property
     def seconds(self) -> float:
         """One step on one device: a TensorCore's cycles; a megacore chip (v4, v5p) runs
@@ -409,7 +416,8 @@ class Estimate:
             generation=self.generation, program=self.program,
             images_per_device=self.images_per_device, cycles=self.cycles,
             step_ms=round(self.seconds * 1e3, 2), images_per_second=round(self.images_per_second),
-            by_kind=self.by(kind_of), by_layer=self.by(layer_of), kernels=self.kernel_table(),
+            by_kind=self.by(kind_of), by_layer=self.by(layer_of),
+            by_layer_and_kind=self.by_layer_and_kind(), kernels=self.kernel_table(),
             missing_kernels=self.missing_kernels, collectives=dict(collectives),
             temp_bytes=self.temp_bytes, peak_bytes=self.peak_bytes,
             label="estimated from libtpu's static schedule, not run",
