@@ -760,13 +760,14 @@ def costs(
     )  # fmt: skip
 
 
-def _costs(config, batch: int, heads: int, itemsize: int) -> dict[str, pl.CostEstimate]:
-    """``costs`` for one device's ``batch`` images and ``heads`` heads."""
+def _costs(config, batch: int, heads: int) -> dict[str, pl.CostEstimate]:
+    """``costs`` for one device's ``batch`` images and ``heads`` heads, the frames at q's
+    own itemsize (packed pairs move the same bytes per channel)."""
     frame = config.frame
     q_shape = (batch, frame.height, frame.width, heads, config.head_dim)
     return costs(
         q_shape, config.value_dim, config.kernel_size, has_key=config.has_key,
-        itemsize=itemsize, tile=frame.tile,
+        itemsize=jnp.dtype(config.input_dtypes[0]).itemsize, tile=frame.tile,
     )  # fmt: skip
 
 
@@ -796,7 +797,7 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, rows, colu
              lse_ref=functools.partial(_out_tile, frame, 1)),
         lambda b, n: dict(y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
                           lse_ref=jax.ShapeDtypeStruct((b, 1, n, out_len), config.dtype)),
-        lambda b, n: _costs(config, b, n, q_frame.dtype.itemsize)["forward"],
+        lambda b, n: _costs(config, b, n)["forward"],
     )  # fmt: skip
     return outputs["y_ref"], outputs["lse_ref"]
 
@@ -811,7 +812,7 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
     in_tile = functools.partial(_in_tile, frame)
     frame_window, frame_tile = _frame_specs(config)
     out_tile = functools.partial(_out_tile, frame)
-    cost = functools.partial(_costs, config, itemsize=q_frame.dtype.itemsize)
+    cost = functools.partial(_costs, config)
     slots = _round_up(k * d, LANES)  # lanes of the tables' partial sums
     has_rel = config.has_rel
 
