@@ -223,10 +223,10 @@ def test_the_shipped_eval_batch_fits_one_v5e_chip():
 
 # What the attention path reached by libtpu's own schedule (benchmarks/tpu_estimate.py,
 # benchmarks/RESULTS.md): SASA-R50 (conv stem + attention) train step against ResNet-50's,
-# one v5e chip, 128 images: 3.75x on 2026-12-05, with a few percent of room for tiles that
-# move. The same libtpu gives the same schedule: a rise means a change made the step
-# slower, by the compiler's own account.
-ESTIMATED_RATIO_REACHED = 3.9
+# one v5e chip, 128 images: 3.75x on 2026-12-05, 3.48x on 2026-12-07, with a few percent
+# of room for tiles that move. The same libtpu gives the same schedule: a rise means a
+# change made the step slower, by the compiler's own account.
+ESTIMATED_RATIO_REACHED = 3.6
 
 
 def _estimate(*args: str, tmp_path) -> tuple[int, str]:

@@ -17,10 +17,15 @@ online softmax works on full vregs.
 Tiles and halos: one program per (image, tile of T positions). It reads its tile with a
 halo of ``halo`` positions on each side (halo = reach rounded up to 128) as one
 lane-aligned block (``pl.Element`` blocks, which may overlap). Inside, a loop over chunks
-of 128 positions keeps one chunk's queries, accumulators and softmax state in registers
-(no spills of whole tiles); the k² neighbour reads of a chunk are aligned loads followed
-by a static lane rotation (``pltpu.roll``, 32-bit values). A frame is one halo of zeros,
-the tiles, one halo of zeros.
+of 128 or 256 positions (``chunk_for``) keeps one chunk's queries, accumulators and
+softmax state in registers (no spills of whole tiles); the k² neighbour reads of a chunk
+are aligned loads followed by a static lane rotation (``pltpu.roll``, 32-bit values).
+Rotations bound these kernels in libtpu's schedule (the vector unit's XLU slots busy in
+80-95% of bundles), so every choice below saves rotations: a chunk of two vregs rotates
+three per read instead of four; bfloat16 frames are read as channel pairs packed in 32
+bits (``_pack``: one rotation per pair, widened exactly by a shift or a mask); whether a
+neighbour lies in the image is computed from the chunk's own row and column, not read
+shifted. A frame is one halo of zeros, the tiles, one halo of zeros.
 
 The relative term is factored: q·r_(dy,dx) = q_row·rel_row[dy] + q_col·rel_col[dx], so a
 chunk computes its k row terms and k column terms once (the tables are scalars in SMEM)
@@ -41,6 +46,11 @@ counted by ``vmem_bytes``; tiles keep it within ``VMEM_BUDGET`` (v4 has 16 MiB p
 
 Several devices: every kernel call runs on each device's own (batch, heads) block
 (``shards.per_group``, heads on axis 2 of the frames).
+
+The custom VJP is over the frames: the layout changes into and out of them are plain JAX
+around it, which XLA differentiates and fuses with the projections that make q, k and v
+(``layers.common.project_heads`` computes them channels-first on TPU, so that the
+transposes cancel).
 
 Verified without a TPU: TPU interpret mode runs these kernels exactly (tests), and libtpu
 compiles them deviceless for v4, v5e, v5p and v6e (tests/test_compile.py); nothing has
