@@ -83,10 +83,13 @@ LANES = 128  # positions per vreg row
 # more).
 WIDE_CHUNK = 2 * LANES
 NARROW_CHANNELS = 16
+PACKED_CHANNELS = 32  # q and v channels up to which bfloat16 frames are packed (_Config)
 MAX_TILE = 8192  # positions per program: see choose_tile
 # What one program may hold in VMEM, for every generation we compile for: v4 has 16 MiB
 # per TensorCore (v5e, v5p and v6e more); the rest is the compiler's own scratch.
-VMEM_BUDGET = 12 * 2**20
+VMEM_BUDGET = 13 * 2**20
+# Mosaic's own scratch and what the model does not itemise (fit to libtpu's reports).
+MOSAIC_SCRATCH = 1.75 * 2**20
 # VMEM that libtpu's register allocator spills to, per offset of the unrolled loop and
 # channel of q and v (a bound read from its VMEM reports: the dk/dv kernel at k = 11
 # spills about 3 MiB with heads of 8, twice that with heads of 16).
@@ -259,7 +262,7 @@ def choose_tile(
         raise TileError(
             f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
             f"{height}x{width}, k = {kernel_size}, head width {head_dim} (a halo of {halo} "
-            f"positions), over the {VMEM_BUDGET / 2**20:.0f} MiB budget: use "
+            f"positions), over the {VMEM_BUDGET / 2**20:.1f} MiB budget: use "
             "--config.model.attention_impl=shifted (or impl='auto', which does) here."
         )
     return best[1]
@@ -289,10 +292,9 @@ def vmem_bytes(
     double-buffered by the pipeline (heads padded to a sublane group of 8, the frames at
     ``itemsize``: 4 by default, float32, the larger case), the tables' gradient
     accumulator of dq, the register spills of the unrolled k² offsets
-    (SPILL_PER_OFFSET_CHANNEL per offset, channel and vreg of the chunk: libtpu spills more
-    as k, the heads and the chunk grow, not as the tile does, since the inner loop holds
-    one chunk) and 1 MiB
-    for Mosaic's own scratch. Checked against libtpu's own VMEM reports
+    (SPILL_PER_OFFSET_CHANNEL per offset and channel: libtpu spills more as k and the
+    heads grow, not as the tile does, since the inner loop holds one chunk) and
+    (MOSAIC_SCRATCH) for Mosaic's own scratch. Checked against libtpu's own VMEM reports
     (``benchmarks/tpu_vmem.py``; tests/test_pallas_tpu.py)."""
     rows = _round_up(heads, 8)
     window = tile + 2 * halo
@@ -309,8 +311,8 @@ def vmem_bytes(
           + frames(d, tile) + rows * _round_up(kernel_size * d, LANES) * 4)  # fmt: skip
     dkv = frames(2 * d + 2 * dv, tile) + frames(d + dv, window) + frames(2, window, 4) + shared
     accumulator = kernel_size * d * rows * LANES * vregs * 4
-    spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL * vregs
-    return 2 * max(forward, dq, dkv) + accumulator + spills + 2**20
+    spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL
+    return 2 * max(forward, dq, dkv) + accumulator + spills + MOSAIC_SCRATCH
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -337,9 +339,12 @@ class _Config(NamedTuple):
         """Whether the kernels read q, k, v and dy as pairs of bfloat16 channels packed in
         32 bits (``_pack``): one rotation per pair, and a shift or a mask to widen each to
         float32 (exact), where a bfloat16 row needed VALU unpacking of its own. Where every
-        input is bfloat16 and the sums are float32 (the trainer on TPU)."""
+        input is bfloat16 and the sums are float32 (the trainer on TPU), and q and v have at
+        most PACKED_CHANNELS channels together: with heads of 32 the widened pairs spilled
+        past the VMEM budget (libtpu: 14.7 MiB for dq at 14², k = 11, on v4)."""
         inputs = [t for t in self.input_dtypes if t is not None]
-        return self.dtype == jnp.float32 and all(t == jnp.bfloat16 for t in inputs)
+        narrow = self.head_dim + self.value_dim <= PACKED_CHANNELS
+        return narrow and self.dtype == jnp.float32 and all(t == jnp.bfloat16 for t in inputs)
 
     def stored(self, channels: int) -> int:
         """Channels of a frame as the kernels read it: pairs where ``packed``."""
