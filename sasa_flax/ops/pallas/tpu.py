@@ -377,10 +377,16 @@ def _frame_rows(config, ref, count: int, start, chunk) -> list[jax.Array]:
     """The first ``count`` channels of the frame block ``ref`` (q, k, v or dy) at positions
     ``chunk + start`` .., as ``_row``: (N, C) each in the accumulation dtype, one shifted
     read per channel, or per pair of channels where the frames are packed."""
-    if not config.packed:
-        return [_row(config, ref, j, start, chunk) for j in range(count)]
-    pairs = [_unpack(_shifted(config, ref, j, start, chunk)) for j in range(-(-count // 2))]
-    return [row for pair in pairs for row in pair][:count]
+    return _channels(config, lambda j: _shifted(config, ref, j, start, chunk), count,
+                     config.packed)  # fmt: skip
+
+
+def _channels(config, read, count: int, packed: bool) -> list[jax.Array]:
+    """The first ``count`` channels, (N, C) each in the accumulation dtype, from ``read(j)``,
+    the j-th row as stored: one channel per row, or two where ``packed`` (``_unpack``)."""
+    if not packed:
+        return [read(j).astype(config.dtype) for j in range(count)]
+    return [row for j in range(-(-count // 2)) for row in _unpack(read(j))][:count]
 
 
 def _pack(config, frame: jax.Array | None) -> jax.Array | None:
@@ -439,10 +445,7 @@ def _tile_rows(config, ref, count: int, chunk, packed: bool | None = None) -> li
     (default: ``config.packed``, as q, k, v and dy; the statistics never are)."""
     width = config.frame.chunk
     packed = config.packed if packed is None else packed
-    if not packed:
-        return [ref[0, j, :, pl.ds(chunk, width)].astype(config.dtype) for j in range(count)]
-    pairs = [_unpack(ref[0, j, :, pl.ds(chunk, width)]) for j in range(-(-count // 2))]
-    return [row for pair in pairs for row in pair][:count]
+    return _channels(config, lambda j: ref[0, j, :, pl.ds(chunk, width)], count, packed)
 
 
 def _dot_table(config, table, t, channels) -> jax.Array:
