@@ -74,12 +74,11 @@ def heads_channels_first(x, kernel, num_heads: int, multiplier=None) -> jax.Arra
     batch, height, width, channels = x.shape
     by_channel = kernel.reshape(channels, num_heads, -1).transpose(0, 2, 1)  # (C, d, N)
     positions = x.reshape(batch, height * width, channels)
-    y = jnp.einsum("co,bpc->bop", by_channel.reshape(channels, -1), positions)
+    # (B, d, N, P): in memory the (B, d·N, P) frame. d and N stay two axes: merging them
+    # is a reshape that a mesh axis over the heads (tensor parallel, explicit axes) refuses.
+    y = jnp.einsum("cdn,bpc->bdnp", by_channel, positions)
     y = y if multiplier is None else y * multiplier
-    # (B, d·N, P) -> (B, P, N, d) -> (B, H, W, N, d), one axis split per reshape (explicit
-    # mesh axes allow no more).
-    y = jnp.transpose(y.reshape(batch, -1, num_heads, height * width), (0, 3, 2, 1))
-    return y.reshape(batch, height, width, num_heads, -1)
+    return jnp.transpose(y, (0, 3, 2, 1)).reshape(batch, height, width, num_heads, -1)
 
 
 def in_dtype(dtype, *params: nnx.Param) -> tuple[jax.Array, ...]:
