@@ -33,7 +33,7 @@ def lower_seconds(program: str, target: str, batch_per_chip: int, kept: bool) ->
 
     setup = aot.trainer_setup(PROGRAMS[program], target, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
+    train = trainer.jit_train_step(setup, abstract)
     batch = trainer.abstract_batch(setup, batch_per_chip)
     shards.forget_device_programs()  # a fresh process's start, either way
     kept_before = shards._PROGRAMS_KEPT

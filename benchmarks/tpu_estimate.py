@@ -18,6 +18,7 @@ instead. Every figure is *estimated from libtpu's static schedule, not run*.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
         compiled = _loss_and_gradient(setup).lower(abstract.params, abstract.model_state,
                                                    batch).compile()  # fmt: skip
     else:
-        train, evaluate = trainer.compile_steps(setup, abstract)
+        train, evaluate = trainer.jit_train_step(setup, abstract), trainer.jit_eval_step(setup)
         if step == "train":
             compiled = train.lower(abstract, batch).compile()
         else:
@@ -130,7 +131,7 @@ DENSE_POSITIONS = 1024  # larger images are not compiled densely for the table
 
 def choice_table(generations, kernel_sizes, batch_per_chip, directory) -> dict:
     """For each generation, stage and k: every implementation's estimated cycles for the
-    layer's forward and gradients, and the cheapest (``ops.local_attention``'s table)."""
+    layer's forward and gradients, and the cheapest (``ops.choice``'s table)."""
     from sasa_flax.ops.pallas import tpu
 
     table = {}
@@ -264,21 +265,62 @@ def main(argv=None) -> int:
 
 
 def _choices(args, directory) -> int:
-    import importlib
-
-    local_attention = importlib.import_module("sasa_flax.ops.local_attention")
-
     kernel_sizes = [int(k) for k in args.kernel_sizes.split(",")]
     table = choice_table(args.generations.split(","), kernel_sizes, args.batch_per_chip,
                          directory)  # fmt: skip
     if args.write:
-        local_attention.write_tpu_choices(table, batch_per_chip=args.batch_per_chip)
+        write_tpu_choices(table, batch_per_chip=args.batch_per_chip)
     if args.check:
-        stale = local_attention.stale_tpu_choices(table)
+        stale = stale_tpu_choices(table)
         for line in stale:
             print("stale:", line)
         return 1 if stale else 0
     return 0
+
+
+def write_tpu_choices(table: dict, *, batch_per_chip: int) -> None:
+    """Writes ``table`` ({generation: {key: {"cycles", "choice"}}}) as the checked-in
+    choice table, merged into what is there."""
+    import jax.version
+
+    from sasa_flax.ops import choice
+
+    path = choice.TPU_CHOICES
+    current = json.loads(path.read_text()) if path.exists() else {}
+    generations = current.get("generations", {})
+    for generation, rows in table.items():
+        generations.setdefault(generation, {}).update(rows)
+    path.write_text(json.dumps(dict(
+        about="Estimated cycles of SelfAttention2D (forward and gradients, bfloat16, 8 heads) "
+              "per implementation, from libtpu's static schedule, not run: "
+              "benchmarks/tpu_estimate.py --choices.",
+        jax=jax.version.__version__, libtpu=_libtpu_version(), batch_per_chip=batch_per_chip,
+        generations=generations,
+    ), indent=1, sort_keys=True) + "\n")  # fmt: skip
+    choice.tpu_choices.cache_clear()
+
+
+def stale_tpu_choices(table: dict) -> list[str]:
+    """Where ``table`` (freshly estimated) chooses otherwise than the checked-in one."""
+    from sasa_flax.ops import choice
+
+    checked_in = choice.tpu_choices()
+    stale = []
+    for generation, rows in table.items():
+        for key, row in rows.items():
+            old = checked_in.get(generation, {}).get(key, {}).get("choice")
+            if old != row["choice"]:
+                stale.append(f"{generation} {key}: table says {old}, libtpu now {row['choice']}")
+    return stale
+
+
+def _libtpu_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("libtpu")
+    except Exception:  # noqa: BLE001  (not installed: the table is only read)
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def make_setup(depth: int, variant: str, args) -> trainer.Setup:
 def measure(setup: trainer.Setup, steps: int) -> dict:
     abstract = trainer.abstract_state(setup)
     state = trainer.init_state(setup, abstract)
-    train, _ = trainer.compile_steps(setup, abstract)
+    train = trainer.jit_train_step(setup, abstract)
     b, s = setup.config.input.batch_size, setup.config.input.image_size
     rng = np.random.default_rng(0)
     batch = trainer.global_batch(

@@ -16,6 +16,7 @@ skips the plugin's driver probe, which fails without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -25,12 +26,18 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import topologies
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-GIB = 2**30
-# Of a chip's memory, what a program may plan to use: the rest is headroom for the
-# runtime, fragmentation and the input pipeline's device buffers.
-HEADROOM = 0.9
+from sasa_flax import config_lib, trainer
+from sasa_flax.layers import SelfAttention2D
+from sasa_flax.ops import local_attention
+from sasa_flax.trainer.memory import GIB, budget, images_that_fit
+
 KERNEL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
@@ -89,7 +96,6 @@ def _find(module: str):
 @functools.cache
 def target_devices(name: str, chips: int = 4) -> tuple:
     """``chips`` devices of target ``name`` (see TARGETS), for a ``jax.sharding.Mesh``."""
-    from jax.experimental import topologies
 
     target = TARGETS[name]
     if reason := compiler_missing(target.platform):
@@ -142,7 +148,7 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.hbm_bytes * HEADROOM
+        return self.peak_bytes <= budget(self.hbm_bytes)
 
     @property
     def temp_bytes_per_image(self) -> float:
@@ -150,11 +156,10 @@ class Report:
 
     @property
     def largest_batch_per_chip(self) -> int:
-        """An estimate: temporaries taken as linear in the batch, from this one compile;
-        the state (arguments, outputs) as it is."""
+        """An estimate (``memory.images_that_fit``, the trainer's rule): temporaries taken
+        as linear in the batch, from this one compile; the state as it is."""
         fixed = self.argument_bytes + self.output_bytes - self.alias_bytes
-        per_image = max(self.temp_bytes_per_image, 1.0)
-        return max(0, int((self.hbm_bytes * HEADROOM - fixed) // per_image))
+        return images_that_fit(fixed, self.temp_bytes_per_image, self.hbm_bytes)
 
     def row(self) -> dict:
         gib = lambda n: round(n / GIB, 2)  # noqa: E731
@@ -171,15 +176,6 @@ class Report:
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
 _COLLECTIVE_LINE = re.compile(rf"=\s*(.*?)\s({'|'.join(COLLECTIVES)})(?:-start)?\(")
 _ARRAY_TYPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
-
-
-def peak_bytes(memory) -> int:
-    """A compiled program's peak per device from its ``memory_analysis()``: arguments,
-    outputs and temporaries, donated buffers counted once."""
-    return (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes - memory.alias_size_in_bytes
-    )  # fmt: skip
 
 
 def collective_sizes(text: str) -> list[tuple[str, int]]:
@@ -262,13 +258,6 @@ def compile_layer(
 ) -> Report:  # fmt: skip
     """``SelfAttention2D`` forward + gradients (input and every parameter) on ``chips``
     chips of ``target``, the batch split over them as the trainer splits it."""
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from sasa_flax import trainer
-    from sasa_flax.layers import SelfAttention2D
 
     mesh = trainer.data_mesh(target_devices(target, chips))
     layer = SelfAttention2D(
@@ -317,15 +306,6 @@ def compile_user_program(
     """One of ``USER_PROGRAMS``: ``SelfAttention2D`` forward + gradients (or, for "heads",
     the functional core's) in bfloat16 on 4 chips of ``target``, built as a researcher
     would build it, not as our trainer does. ``Report.program`` names the case."""
-    import contextlib
-
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from sasa_flax.layers import SelfAttention2D
-    from sasa_flax.ops import local_attention
 
     if program not in USER_PROGRAMS:
         raise ValueError(f"program must be one of {sorted(USER_PROGRAMS)}; got {program!r}")
@@ -403,7 +383,6 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
     """The trainer's own ``Setup`` for ``config_spec`` (e.g. ``configs/imagenet.py:depth=50``)
     on ``chips`` chips of ``target``, in bfloat16 (the trainer's choice on TPU and GPU; on
     this CPU host "auto" would say float32), without opening a dataset."""
-    from sasa_flax import config_lib, trainer
 
     config = config_lib.load_config(config_spec)
     # The eval step keeps the config's own eval_batch_size: what a run evaluates with.
@@ -415,28 +394,27 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
 
 
 def compile_train_steps(setup, target: str) -> tuple[Report, Report]:
-    """The trainer's train step and eval step (``trainer.compile_steps``) compiled for
-    ``setup``'s mesh (of ``target`` chips); Reports for both."""
-    from sasa_flax import trainer
-
+    """The trainer's train step and eval step compiled for ``setup``'s mesh (of ``target``
+    chips) as the trainer compiles them (``trainer.compile_train_step``, and
+    ``trainer.compile_eval_step`` sizing the eval step for this chip's memory); Reports
+    for both."""
     batch_per_chip = setup.config.input.batch_size // setup.mesh.size
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
-    batch = trainer.abstract_batch(setup, setup.config.input.batch_size)
-    platform = TARGETS[target].platform
-    compiled, seconds, note = _compile(train, abstract, batch, platform=platform)
-    train_report = report(compiled, TARGETS[target], "train step", seconds, batch_per_chip, note)
-    # The eval step as the trainer sizes it for this chip's memory (trainer.fit_eval_step).
-    notes, start = [], time.perf_counter()
+    platform, hbm = TARGETS[target].platform, TARGETS[target].hbm_bytes
+    notes, seconds = [], []
 
     def compile_noting(step, *args):
-        compiled, _, note = _compile(step, *args, platform=platform)
+        compiled, took, note = _compile(step, *args, platform=platform)
         notes.append(note)
+        seconds.append(took)
         return compiled
 
-    compiled, chunks = trainer.fit_eval_step(
-        setup, abstract, memory_bytes=TARGETS[target].hbm_bytes, compile_fn=compile_noting
+    compiled = trainer.compile_train_step(setup, abstract, hbm, compile_fn=compile_noting)
+    train_report = report(
+        compiled, TARGETS[target], "train step", seconds[-1], batch_per_chip, notes[-1]
     )
+    start = time.perf_counter()
+    compiled, chunks = trainer.compile_eval_step(setup, abstract, hbm, compile_fn=compile_noting)
     # Per chip, the images of one chunk go through the model at a time.
     per_chunk = setup.config.input.eval_batch_size // setup.mesh.size // chunks
     note = "; ".join(filter(None, [notes[-1], chunks > 1 and f"{chunks} chunks of {per_chunk}"]))

@@ -14,12 +14,12 @@ A rule is ``rule(module, in_shape, *, in_image_taps_only) -> (params, flops, out
 with ``out_shape`` ``None`` where running the module itself is cheap (its own output is
 then used); ``flops`` are per image. A ruled module's submodules are not counted again.
 
-For a config: ``report`` (counted layers and the uncounted ones), ``layer_costs`` and
-``count`` (parameters, FLOPs) build the config's model abstractly and trace it at
-``config.input.image_size``. Parameters are counted exactly and equal the model's (a test
-checks every shipped config): BatchNorm scale and bias count, running statistics do not;
-the attention stem's mixture weights p(a, b, m) are computed once per block position and
-not counted as FLOPs.
+For a model at an image size: ``report`` (counted layers and the uncounted ones) and
+``count`` (parameters, FLOPs); this module imports no model and no config (a config's
+model is ``config_lib.validate``'s). Parameters are counted exactly and equal the
+model's (a test checks every shipped config): BatchNorm scale and bias count, running
+statistics do not; the attention stem's mixture weights p(a, b, m) are computed once per
+block position and not counted as FLOPs.
 """
 
 from __future__ import annotations
@@ -225,32 +225,20 @@ def total(costs: Sequence[LayerCost]) -> tuple[int, int]:
     return sum(c.params for c in costs), sum(c.flops for c in costs)
 
 
-# --- a config's model --------------------------------------------------------------------
+# --- a model at an image size ----------------------------------------------------------
 
 
-def _trace_config(config, in_image_taps_only: bool, model=None):
-    from sasa_flax import config_lib  # configs build models: only where one is counted
-
-    model = config_lib.build_model(config) if model is None else model
-    size = config.input.image_size
-    return trace(model, (1, size, size, 3), in_image_taps_only=in_image_taps_only)
-
-
-def report(config) -> tuple[list[LayerCost], list[str]]:
-    """Validates the config, then (counted layers, paths of the parameter-owning layers no
-    rule counts), from one abstract build of the model."""
-    from sasa_flax import config_lib
-
-    return _trace_config(config, False, config_lib.validate(config))
+def report(
+    model: nnx.Module, image_size: int, *, in_image_taps_only: bool = False
+) -> tuple[list[LayerCost], list[str]]:
+    """(every counted layer of ``model`` on image_size² RGB images, named by its path in
+    the model; paths of the parameter-owning layers no rule counts). ``model`` may be
+    abstract (``config_lib.validate`` returns the config's). ``in_image_taps_only`` skips
+    the convolution taps that fall on zero padding, as XLA's cost analysis does (to
+    cross-check these formulas)."""
+    return trace(model, (1, image_size, image_size, 3), in_image_taps_only=in_image_taps_only)
 
 
-def layer_costs(config, *, in_image_taps_only: bool = False) -> list[LayerCost]:
-    """Every counted layer of the config's model at config.input.image_size, named by its
-    path in the model. ``in_image_taps_only`` skips the convolution taps that fall on zero
-    padding, as XLA's cost analysis does (to cross-check these formulas)."""
-    return _trace_config(config, in_image_taps_only)[0]
-
-
-def count(config) -> tuple[int, int]:
-    """(parameters, FLOPs) of the config's model."""
-    return total(layer_costs(config))
+def count(model: nnx.Module, image_size: int) -> tuple[int, int]:
+    """(parameters, FLOPs) of ``model`` on image_size² RGB images."""
+    return total(report(model, image_size)[0])

@@ -17,6 +17,13 @@ class TrainError(UserError):
     """The run cannot start as configured; the message says why and what to change."""
 
 
+class ImplementationError(UserError):
+    """An attention implementation that cannot run here (a kernel the device's compiler
+    refused, no tile that fits its memory, a mesh it cannot split over). The message says
+    it in the library's words, naming another as ``impl='shifted'``; a program translates
+    that into its own option (the trainer: ``--config.model.attention_impl=shifted``)."""
+
+
 class ArgumentError(UserError):
     """One constructor or function argument that cannot work.
 

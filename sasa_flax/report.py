@@ -49,7 +49,7 @@ def define_flags() -> None:
 
 
 def summary(config) -> dict:
-    layers, uncounted = costs.report(config)
+    layers, uncounted = costs.report(config_lib.validate(config), config.input.image_size)
     params, total_flops = costs.total(layers)
     return {
         "params": params,

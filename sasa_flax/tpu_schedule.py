@@ -430,10 +430,10 @@ def read(compiled, directory, *, generation: str, program: str, images_per_devic
     dumped in ``directory`` (files not in ``since``: those of earlier compiles)."""
     memory = {}
     if not isinstance(compiled, str):
-        from sasa_flax import aot  # jax: only where a compiled program is given
+        from sasa_flax.trainer.memory import peak_bytes  # jax: only for a compiled program
 
         analysis = compiled.memory_analysis()
-        memory = dict(temp_bytes=analysis.temp_size_in_bytes, peak_bytes=aot.peak_bytes(analysis))
+        memory = dict(temp_bytes=analysis.temp_size_in_bytes, peak_bytes=peak_bytes(analysis))
         compiled = compiled.as_text()
     found = instructions(compiled)
     dumped = read_kernel_programs(directory, since)

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import aot, config_lib, trainer
+from sasa_flax import aot, config_lib, costs, trainer
 from sasa_flax.ops import patches
 from sasa_flax.run import checkpoints
 
@@ -142,6 +142,11 @@ def y_and_gradients(attention, inputs, cotangent, *, kernel_size, padding):
 
 def param_count(module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def model_count(config) -> tuple[int, int]:
+    """(parameters, FLOPs) of the config's model at its image size (``costs.count``)."""
+    return costs.count(config_lib.validate(config), config.input.image_size)
 
 
 def tiny_config(**train):

@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import aot, trainer
+from sasa_flax import trainer
 from sasa_flax.errors import TrainError
+from sasa_flax.trainer import memory
 from sasa_flax.trainer.setup import check_batch_sizes
 from tests import test_extending  # registers tiny_vit_for_tests: LayerNorm, no model state
 from tests.helpers import final_params, tiny_config
@@ -29,7 +30,7 @@ def _batch(setup, size, seed=0, masked=3):
 def _one_step(config, devices, batch_seed=0):
     setup = _setup(config, devices)
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
+    train = trainer.jit_train_step(setup, abstract)
     state = trainer.init_state(setup, abstract)
     state, metrics = train(state, _batch(setup, config.input.batch_size, batch_seed))
     return jax.device_get(state), jax.device_get(metrics)
@@ -102,7 +103,7 @@ def test_compiled_memory_follows_the_micro_batch():
         config.input.batch_size = 64
         setup = _setup(config, jax.devices()[:1])
         abstract = trainer.abstract_state(setup)
-        train, _ = trainer.compile_steps(setup, abstract)
+        train = trainer.jit_train_step(setup, abstract)
         compiled = train.lower(abstract, trainer.abstract_batch(setup, 64)).compile()
         temp[n] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[4] < 0.5 * temp[1], temp
@@ -133,13 +134,12 @@ def test_a_train_step_too_large_is_refused_naming_the_accumulation_that_fits():
     config.input.batch_size = 64
     setup = _setup(config, jax.devices()[:1])
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
-    compiled = trainer.compile_train_step(setup, train, abstract, memory_bytes=2**40)
+    compiled = trainer.compile_train_step(setup, abstract, memory_bytes=2**40)
     analysis = compiled.memory_analysis()
-    peak, temp = aot.peak_bytes(analysis), analysis.temp_size_in_bytes
-    room = int((peak - temp * 0.7) / aot.HEADROOM)  # about a third of the activations fit
+    peak, temp = memory.peak_bytes(analysis), analysis.temp_size_in_bytes
+    room = int((peak - temp * 0.7) / memory.HEADROOM)  # about a third of the activations fit
     with pytest.raises(TrainError) as refused:
-        trainer.compile_train_step(setup, train, abstract, memory_bytes=room)
+        trainer.compile_train_step(setup, abstract, memory_bytes=room)
     message = str(refused.value)
     assert "--config.train.accumulation_steps=4" in message, message
     assert "16 images per device at once" in message, message

@@ -18,6 +18,7 @@ import jax
 import pytest
 
 from sasa_flax import aot, ops, trainer
+from sasa_flax.trainer import memory
 
 pytestmark = pytest.mark.compile
 
@@ -59,8 +60,8 @@ def assert_runs_per_chip(
         moved = [(op, n) for op, n in report.collective_sizes if n > largest_collective]
         assert not moved, f"{report.program} moves activations between chips: {moved}"
     assert report.fits, (
-        f"{report.program}: {report.peak_bytes / aot.GIB:.1f} GiB per chip, over "
-        f"{aot.HEADROOM:.0%} of {report.hbm_bytes / aot.GIB:.0f} GiB"
+        f"{report.program}: {report.peak_bytes / memory.GIB:.1f} GiB per chip, over "
+        f"{memory.HEADROOM:.0%} of {report.hbm_bytes / memory.GIB:.0f} GiB"
     )
 
 
@@ -205,18 +206,21 @@ def test_layer_on_other_generations(target):
 def test_the_shipped_eval_batch_fits_one_v5e_chip():
     """configs/imagenet.py full attention, its own eval_batch_size (1024) on one v5e chip
     (16 GiB): the whole batch would need about 22 GiB, so the evaluator runs it in chunks
-    that fit (trainer.fit_eval_step), instead of running out of memory at the end of a
+    that fit (trainer.compile_eval_step), instead of running out of memory at the end of a
     training run."""
     require("v5e")
     setup = aot.trainer_setup(
         "configs/imagenet.py:depth=50,variant=full_attention", "v5e", batch_per_chip=8, chips=1
     )
     assert setup.config.input.eval_batch_size == 1024
-    compiled, chunks = trainer.fit_eval_step(
+    compiled, chunks = trainer.compile_eval_step(
         setup, trainer.abstract_state(setup), memory_bytes=aot.TARGETS["v5e"].hbm_bytes
     )
     assert chunks > 1
-    assert aot.peak_bytes(compiled.memory_analysis()) <= aot.HEADROOM * aot.TARGETS["v5e"].hbm_bytes
+    assert (
+        memory.peak_bytes(compiled.memory_analysis())
+        <= memory.HEADROOM * aot.TARGETS["v5e"].hbm_bytes
+    )
 
 
 # ------------------------------------------------------------- libtpu's schedule, read back
@@ -275,7 +279,7 @@ def test_every_imagenet_model_against_resnet50_on_v5e(tmp_path):
         (steps[program],) = json.loads(summary.read_text())
     hbm = aot.TARGETS["v5e"].hbm_bytes
     for name, step in steps.items():
-        assert step["peak_bytes"] <= aot.HEADROOM * hbm, f"{name}: {step['peak_bytes']} bytes"
+        assert step["peak_bytes"] <= memory.HEADROOM * hbm, f"{name}: {step['peak_bytes']} bytes"
         if name != "resnet50":
             assert step["missing_kernels"] == 0 and step["kernels"], step
             ratio = step["temp_bytes"] / steps["resnet50"]["temp_bytes"]
@@ -293,12 +297,10 @@ def test_an_impossible_batch_is_refused_before_the_first_step_naming_the_accumul
     setup = aot.trainer_setup("configs/cifar10.py", "v5e", batch_per_chip=8192, chips=1)
     hbm = aot.TARGETS["v5e"].hbm_bytes
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
     with pytest.raises(trainer.TrainError, match=r"accumulation_steps=(\d+) \((\d+) images") as e:
-        trainer.compile_train_step(setup, train, abstract, memory_bytes=hbm)
+        trainer.compile_train_step(setup, abstract, memory_bytes=hbm)
     steps = int(re.search(r"accumulation_steps=(\d+)", str(e.value))[1])
     assert steps > 1 and 8192 % steps == 0, str(e.value)
     setup.config.train.accumulation_steps = steps
-    train, _ = trainer.compile_steps(setup, abstract)
-    compiled = trainer.compile_train_step(setup, train, abstract, memory_bytes=hbm)
-    assert aot.peak_bytes(compiled.memory_analysis()) <= aot.HEADROOM * hbm
+    compiled = trainer.compile_train_step(setup, abstract, memory_bytes=hbm)
+    assert memory.peak_bytes(compiled.memory_analysis()) <= memory.HEADROOM * hbm

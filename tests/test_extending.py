@@ -154,7 +154,9 @@ def test_the_model_checks_its_own_fields_as_config_fields():
 
 
 def test_the_report_counts_what_it_can_and_names_what_it_cannot():
-    layers, uncounted = costs.report(get_config())
+    layers, uncounted = costs.report(
+        config_lib.validate(get_config()), get_config().input.image_size
+    )
     names = {layer.name for layer in layers}
     assert {"embed", "mixers/0", "mixers/1", "mlps/0", "head"} <= names
     # LayerNorm has no cost rule: named, not silently dropped.

@@ -10,8 +10,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from sasa_flax import costs, results, trainer, visualize
-from tests.helpers import tiny_config
+from sasa_flax import results, trainer, visualize
+from tests.helpers import model_count, tiny_config
 
 SPEC = "tests/tiny_config.py:steps=2"
 # The tools read trained runs; two tiny trainings cost ~40 s of a 2-core machine, so these
@@ -44,7 +44,7 @@ def test_results_table_reads_every_run(runs):
         final = json.loads((pathlib.Path(workdir) / "eval_results_step_2.json").read_text())
         assert run["steps_done"] == 2 and run["total_steps"] == 2
         assert run["top1"] == final["top1"] and run["best_top1"] >= final["top1"]
-        assert (run["params"], run["flops"]) == costs.count(tiny_config(num_steps=2))
+        assert (run["params"], run["flops"]) == model_count(tiny_config(num_steps=2))
         assert run["images_per_sec"] > 0  # the median of the logged speeds (none: None)
         assert 0 < run["images_per_sec_per_device"] <= run["images_per_sec"]
         assert run["device_kind"] == jax.devices()[0].device_kind

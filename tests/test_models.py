@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, costs, recipes
+from sasa_flax import config_lib, recipes
 from sasa_flax.layers import AttentionStem, SelfAttention2D
 from sasa_flax.models import resnet
-from tests.helpers import CONFIG_DIR, ROOT, default_and_slow, param_count, shipped_config_specs
+from tests.helpers import (
+    CONFIG_DIR,
+    ROOT,
+    default_and_slow,
+    model_count,
+    param_count,
+    shipped_config_specs,
+)
 
 SPECS = shipped_config_specs()
 
@@ -39,7 +46,7 @@ DEFAULT_SPECS = [
 def test_every_config_builds_counts_and_runs(spec):
     config = config_lib.load_config(spec)
     # The analytic count (costs.count) equals the built model's, at the config's size.
-    assert costs.count(config)[0] == param_count(abstract_model(config))
+    assert model_count(config)[0] == param_count(abstract_model(config))
     # The forward pass traces at a small resolution and width.
     config.model.width = 0.25
     config.input.image_size = 32
@@ -84,7 +91,7 @@ def test_table1_parameters_and_flops(depth, variant):
     params = param_count(abstract_model(config))
     assert params == TABLE1_PARAMS[(depth, variant)]
     paper = PAPER[arg]
-    gflops = costs.count(config)[1] / 1e9
+    gflops = model_count(config)[1] / 1e9
     assert abs(params / 1e6 - paper["mparams"]) <= 0.1
     assert abs(gflops - paper["gflops"]) <= 0.15
     assert _readme_table1_row(depth, variant) == [

@@ -1,6 +1,7 @@
 """sasa_flax as a library: pip-installable, and its layers import without the trainer's
 dependencies (TensorFlow above all)."""
 
+import ast
 import pathlib
 import subprocess
 import sys
@@ -129,3 +130,76 @@ def test_importing_the_library_installs_no_process_wide_hooks():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
     assert "oneDNN" not in out.stderr and "absl::InitializeLog" not in out.stderr, out.stderr
     assert "never awaited" not in out.stderr, out.stderr
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every module of sasa_flax -> the package modules it imports, at the top or inside a
+    function alike (``from a import b`` is module ``a.b`` where that is a module, else
+    ``a``; relative imports resolved)."""
+    package = ROOT / "sasa_flax"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(known(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+                imported.update(known(f"{base}.{a.name}") or known(base) for a in node.names)
+        graph[name] = {m for m in imported if m and m != name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circle():
+    """No module of the package imports, through any chain, a module that imports it:
+    the layers below the models below the config and the trainer, the tools on top."""
+    graph = package_imports()
+    assert {"sasa_flax.costs", "sasa_flax.trainer.steps", "sasa_flax.aot"} <= set(graph)
+    assert "sasa_flax.trainer.memory" in graph["sasa_flax.aot"]  # imports are resolved
+    assert import_circles(graph) == []
+
+
+def test_the_circle_finder_finds_circles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]

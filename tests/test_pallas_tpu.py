@@ -295,7 +295,7 @@ def test_no_tile_fits_raises_naming_the_fix_and_auto_runs_another_implementation
     """k = 11 with heads of 64 at 112² (no shipped config): no tile of the kernels fits;
     impl="pallas" says so before compiling, impl="auto" runs "shifted" there."""
     assert not tpu.fits(112, 112, 11, 64, 64)
-    with pytest.raises(tpu.TileError, match="attention_impl=shifted"):
+    with pytest.raises(tpu.TileError, match="impl='shifted'"):
         tpu.choose_tile(112, 112, 11, 64, 64)
     assert ops.auto_choice("tpu", 112, 112, 11, head_dim=64) == "shifted"
     assert ops.auto_choice("tpu", 112, 112, 11, head_dim=8) == "pallas"

@@ -77,7 +77,7 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
     config = tiny_config(ema_decay=0.9999, warmup_epochs=0.1)  # 4 warm-up steps
     setup = trainer.make_setup(config, devices=jax.devices()[:1])
     abstract = trainer.abstract_state(setup)
-    train_fn, _ = trainer.compile_steps(setup, abstract)
+    train_fn = trainer.jit_train_step(setup, abstract)
     state = trainer.init_state(setup, abstract)
     # As after four skipped (non-finite) steps: step 5, but one update applied.
     state = state.replace(

@@ -14,7 +14,7 @@ from sasa_flax import config_lib, costs, recipes, scaling
 from sasa_flax.costs import LayerCost
 from sasa_flax.layers import AttentionOptions, attention_cost
 from sasa_flax.models import resnet
-from tests.helpers import CONFIG_DIR
+from tests.helpers import CONFIG_DIR, model_count
 
 
 @pytest.mark.slow
@@ -34,10 +34,15 @@ def test_conv_flops_agree_with_xla_cost_analysis(depth, width, size, stem):
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).compile()
     xla = compiled.cost_analysis()["flops"]
-    ours = sum(c.flops for c in costs.layer_costs(config, in_image_taps_only=True))
+    ours = sum(
+        c.flops
+        for c in costs.report(
+            config_lib.validate(config), config.input.image_size, in_image_taps_only=True
+        )[0]
+    )
     assert 1.0 <= xla / ours < 1.04
     # And the paper's convention (all taps) differs only by the border taps.
-    assert 1.0 < costs.count(config)[1] / ours < 1.12
+    assert 1.0 < model_count(config)[1] / ours < 1.12
 
 
 def test_attention_flops_formula_by_hand():
@@ -68,7 +73,7 @@ def test_report_json_with_an_override():
     out = json.loads(result.stdout)
     config = config_lib.load_config("configs/imagenet.py:depth=26")
     config.model.kernel_size = 9
-    assert (out["params"], out["flops"]) == costs.count(config)
+    assert (out["params"], out["flops"]) == model_count(config)
 
 
 @pytest.mark.slow  # builds all 30 shipped ImageNet models abstractly: about 30 s

@@ -18,11 +18,12 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sasa_flax import aot, config_lib, trainer
+from sasa_flax.errors import TrainError
 from sasa_flax.layers import SelfAttention2D, attention_plan
 from sasa_flax.ops import local_attention
 from sasa_flax.ops.pallas import gpu, shards
-from sasa_flax.ops.pallas.failures import KernelCompileError
-from sasa_flax.trainer.steps import compile_or_explain
+from sasa_flax.ops.pallas.failures import KernelCompileError, kernel_failures_explained
+from sasa_flax.trainer.compile import compile_or_explain
 from tests import reference
 from tests.helpers import make_inputs, relative_error
 
@@ -237,7 +238,7 @@ def test_split_for_prefers_the_batch_then_the_heads():
 
 
 def test_trainer_train_step_runs_the_kernels_per_device():
-    """The trainer's jitted train step (trainer.compile_steps) on 4 devices, nothing in
+    """The trainer's jitted train step (trainer.jit_train_step) on 4 devices, nothing in
     context: the kernels' calls are split at lowering; no collective moves activations."""
     config = config_lib.load_config(
         "configs/imagenet.py:depth=26,variant=conv_stem_attention,runlocal=true"
@@ -248,7 +249,7 @@ def test_trainer_train_step_runs_the_kernels_per_device():
         config, jax.devices()[:4], dataset=None, steps_per_epoch=10, total_steps=10
     )
     abstract = trainer.abstract_state(setup)
-    train, _ = trainer.compile_steps(setup, abstract)
+    train = trainer.jit_train_step(setup, abstract)
     batch = trainer.abstract_batch(setup, 8)
     assert "sasa_per_group" in str(train.trace(abstract, batch).jaxpr)
     text = train.lower(abstract, batch).compile().as_text()
@@ -303,9 +304,15 @@ def raised_in(filename: str, error: Exception) -> Exception:
     ids=["mosaic", "pallas_lowering", "xla_names_our_kernel"],
 )
 def test_kernel_compile_failure_names_the_way_round(error):
-    with pytest.raises(KernelCompileError, match="attention_impl=shifted") as e:
+    """In the library's words (impl='shifted'), and in the trainer's the config field."""
+    library_error = pytest.raises(KernelCompileError, match="impl='shifted'")
+    with library_error as e, kernel_failures_explained():
+        step_failing_to_compile(error).lower().compile()
+    assert "\n" not in str(e.value) and "config" not in str(e.value)
+    with pytest.raises(TrainError, match="--config.model.attention_impl=shifted ") as e:
         compile_or_explain(step_failing_to_compile(error))
     assert "\n" not in str(e.value) and "--verbose" in str(e.value)
+    assert isinstance(e.value.__cause__, KernelCompileError)
 
 
 @pytest.mark.parametrize(

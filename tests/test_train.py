@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_flax import aot, trainer
+from sasa_flax import trainer
 from sasa_flax.models import resnet
 from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.trainer import memory
 from sasa_flax.trainer.progress import ProgressLog
 from sasa_flax.trainer.setup import learning_rate_schedule
 from tests.helpers import final_params, tiny_config
@@ -366,7 +367,7 @@ def test_a_host_read_per_step_fails_instead_of_stalling_the_loop(
 
 
 def test_an_eval_batch_too_large_for_the_device_is_evaluated_in_chunks(caplog):
-    """fit_eval_step sizes the eval step from its compiled program: given a device with
+    """compile_eval_step sizes the eval step from its compiled program: given a device with
     less memory than the whole per-device batch needs, it evaluates in chunks, says so,
     and the sums are the same as in one go."""
     config = tiny_config()
@@ -375,13 +376,13 @@ def test_an_eval_batch_too_large_for_the_device_is_evaluated_in_chunks(caplog):
         config, jax.devices()[:4], dataset=None, steps_per_epoch=10, total_steps=10
     )
     abstract = trainer.abstract_state(setup)
-    whole, chunks = trainer.fit_eval_step(setup, abstract, memory_bytes=2**40)
+    whole, chunks = trainer.compile_eval_step(setup, abstract, memory_bytes=2**40)
     assert chunks == 1
-    need = aot.peak_bytes(whole.memory_analysis())
+    need = memory.peak_bytes(whole.memory_analysis())
     # At INFO whatever ran before (alone, nothing had set the level: the line went unseen).
     with caplog.at_level(logging.INFO, logger="sasa_flax"):  # room for about half
-        small, chunks = trainer.fit_eval_step(setup, abstract, memory_bytes=int(need / 1.5))
-    assert chunks > 1 and aot.peak_bytes(small.memory_analysis()) < need / 1.5 * aot.HEADROOM
+        small, chunks = trainer.compile_eval_step(setup, abstract, memory_bytes=int(need / 1.5))
+    assert chunks > 1 and memory.peak_bytes(small.memory_analysis()) < need / 1.5 * memory.HEADROOM
     said = [r.getMessage() for r in caplog.records if "chunks" in r.getMessage()]
     assert len(said) == 1 and f"in {chunks} chunks of {8 // chunks}" in said[0], said
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from sasa_flax import costs, ops
 from sasa_flax.layers.attention import SelfAttention2D
 
 
@@ -14,8 +15,6 @@ def attention_plan(model: nnx.Module, image_size: int, platform: str) -> list[st
     grouped by input shape, with the implementation it runs on ``platform`` ("cpu",
     "tpu", "cuda", "rocm"): e.g. "56×56 k=7 auto → pallas: 3 layers". [] for a model
     without SASA layers."""
-    from sasa_flax import costs, ops  # the abstract-trace walker; the auto choice table
-
     modules = {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model)}
     layers: dict[str, int] = {}
     for cost in costs.trace(model, (1, image_size, image_size, 3))[0]:

@@ -19,7 +19,10 @@ the report use when present:
 - ``check_image_size(height, width)``: raise ``ArgumentError("image_size", ...)`` for a
   size the model cannot take (checked before anything is compiled);
 - ``decay_mask(params) -> pytree of bool``: which parameters get weight decay (default:
-  every parameter with ndim > 1, see ``trainer.default_decay_mask``).
+  every parameter with ndim > 1, see ``trainer.default_decay_mask``);
+- ``describe(platform, image_size) -> list[str]``: lines the trainer and eval.py log once
+  per run, e.g. which kernels the model's layers run on ``platform`` ("cpu", "tpu",
+  "cuda", "rocm"); ResNet's: "attention on tpu: 56×56 k=7 auto → pallas: 3 layers; ...".
 
 Parameter and FLOP counts come from the layers' own rules (``sasa_flax.costs``).
 """

@@ -36,6 +36,7 @@ from flax import nnx
 
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.layers import AttentionOptions, AttentionStem, SelfAttention2D, StemOptions
+from sasa_flax.layers.plan import attention_plan
 from sasa_flax.models.registry import register
 from sasa_flax.registries import Registry
 
@@ -340,6 +341,12 @@ class ResNet(nnx.Module):
         """Raises ArgumentError("image_size", ...) for a size the stem cannot take."""
         if isinstance(self.stem, AttentionStem):
             self.stem.options.check_image_size(height, width)
+
+    def describe(self, platform: str, image_size: int) -> list[str]:
+        """The optional model hook the trainer logs once per run: which implementation
+        each attention layer runs on ``platform`` at ``image_size`` (``layers.plan``)."""
+        plan = attention_plan(self, image_size, platform)
+        return [f"attention on {platform}: {'; '.join(plan)}"] if plan else []
 
     @staticmethod
     def decay_mask(params) -> Any:

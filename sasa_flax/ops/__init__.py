@@ -1,9 +1,9 @@
 """Pure-JAX attention operators (no Flax)."""
 
 from sasa_flax.ops.block_attention import block_local_attention
+from sasa_flax.ops.choice import auto_choice
 from sasa_flax.ops.local_attention import (
     PADDINGS,
-    auto_choice,
     implementations,
     local_attention,
     local_attention_weights,

@@ -14,16 +14,13 @@ are chosen with ``impl``; they all compute exactly this function.
 
 from __future__ import annotations
 
-import functools
-import json
-import pathlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from sasa_flax.errors import ArgumentError, check_one_of
-from sasa_flax.ops import dense, pallas, patches, shifted
+from sasa_flax.ops import choice, dense, pallas, patches, shifted
 from sasa_flax.ops.common import vary_together
 from sasa_flax.registries import Registry
 
@@ -140,138 +137,19 @@ def local_attention_weights(
     return weights.reshape(*weights.shape[:-1], kernel_size, kernel_size)
 
 
-# On TPU and GPU, images of at most this many positions (16², so ResNet-50's 14² and 7²
-# stages) attend as one masked dense block: (H·W)² work, but all of it matmuls on the
-# matrix units, for at most 256 × 256 logits per head. On TPU the choice table below
-# decides first, where it covers the shape; this rule is the fallback.
-ACCELERATOR_DENSE_POSITIONS = 256
-
-# The TPU choice table: per generation, ResNet-50's attention stages at 224² and k = 3…11,
-# every implementation's estimated cycles for the layer (forward and gradients) and the
-# cheapest, read from libtpu's static schedule (``benchmarks/tpu_estimate.py --choices``;
-# a compile test regenerates part of it and fails when it is stale).
-TPU_CHOICES = pathlib.Path(__file__).with_name("tpu_choices.json")
-
-
-@functools.cache
-def _tpu_choices() -> dict:
-    if not TPU_CHOICES.exists():
-        return {}
-    return json.loads(TPU_CHOICES.read_text())["generations"]
-
-
-def _table_key(height: int, width: int, head_dim: int, kernel_size: int) -> str:
-    return f"{height}x{width}x{head_dim} k={kernel_size}"
-
-
-def tpu_table_choice(height: int, width: int, kernel_size: int, head_dim: int) -> str | None:
-    """The table's choice at this shape, or None where it has no entry: the implementation
-    whose estimate is closest to the best on every generation measured (the one whose
-    worst ratio to each generation's best is smallest)."""
-    key = _table_key(height, width, head_dim, kernel_size)
-    rows = [table[key]["cycles"] for table in _tpu_choices().values() if key in table]
-    if not rows:
-        return None
-    impls = set.intersection(*(set(r) for r in rows))
-    return min(sorted(impls), key=lambda i: max(r[i] / min(r.values()) for r in rows))
-
-
-def write_tpu_choices(table: dict, *, batch_per_chip: int) -> None:
-    """Writes ``table`` ({generation: {key: {"cycles", "choice"}}}) as the checked-in
-    choice table, merged into what is there."""
-    import jax.version
-
-    current = json.loads(TPU_CHOICES.read_text()) if TPU_CHOICES.exists() else {}
-    generations = current.get("generations", {})
-    for generation, rows in table.items():
-        generations.setdefault(generation, {}).update(rows)
-    TPU_CHOICES.write_text(json.dumps(dict(
-        about="Estimated cycles of SelfAttention2D (forward and gradients, bfloat16, 8 heads) "
-              "per implementation, from libtpu's static schedule, not run: "
-              "benchmarks/tpu_estimate.py --choices.",
-        jax=jax.version.__version__, libtpu=_libtpu_version(), batch_per_chip=batch_per_chip,
-        generations=generations,
-    ), indent=1, sort_keys=True) + "\n")  # fmt: skip
-    _tpu_choices.cache_clear()
-
-
-def stale_tpu_choices(table: dict) -> list[str]:
-    """Where ``table`` (freshly estimated) chooses otherwise than the checked-in one."""
-    checked_in = _tpu_choices()
-    stale = []
-    for generation, rows in table.items():
-        for key, row in rows.items():
-            old = checked_in.get(generation, {}).get(key, {}).get("choice")
-            if old != row["choice"]:
-                stale.append(f"{generation} {key}: table says {old}, libtpu now {row['choice']}")
-    return stale
-
-
-def _libtpu_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("libtpu")
-    except Exception:  # noqa: BLE001  (not installed: the table is only read)
-        return "unknown"
-
-
-def auto_choice(
-    platform: str, height: int, width: int, kernel_size: int, *, head_dim: int = 8,
-    value_dim: int | None = None, itemsize: int = 4,
-) -> str:  # fmt: skip
-    """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
-    H×W image, window k and heads of width ``head_dim`` (values ``value_dim``, default the
-    same), inputs of ``itemsize`` bytes (the Mosaic kernels' VMEM depends on it). The one
-    table of per-platform choices (docs/performance.md, tests):
-
-    - cpu: "dense" when H·W < 4·k², else "shifted": measured side by side with
-      ``benchmarks/local_attention.py`` (ratios in benchmarks/RESULTS.md), "shifted"
-      beats "patches" everywhere and "dense" beats "shifted" only where the window
-      covers most of the image.
-    - cuda: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the fused Triton
-      kernels, ``ops/pallas/gpu.py``: nothing of size k² per pixel is stored for the
-      backward). By rule: compiled to cubin for H100 in CI (deviceless, ``tests/test_compile.py``),
-      not yet timed on a GPU.
-    - tpu: the choice table (``tpu_choices.json``: the implementation libtpu's schedule
-      estimates fastest at ResNet-50's stages: k = 3…11 on v5e, k = 7 on v4) where it covers
-      the shape; elsewhere "dense" up to ACCELERATOR_DENSE_POSITIONS, else "pallas" (the
-      Mosaic kernels, ``ops/pallas/tpu.py``) where a tile of them fits VMEM
-      (``tpu.fits``), else "shifted". Estimated, never timed on a TPU.
-    - rocm and anything else: "dense" up to ACCELERATOR_DENSE_POSITIONS, else "shifted"
-      (its batched accelerator form): no kernel has been lowered for them.
-    """
-    positions = height * width
-    value_dim = value_dim or head_dim
-    if platform == "cpu":
-        return "dense" if positions < 4 * kernel_size**2 else "shifted"
-    fits = pallas.tpu.fits(height, width, kernel_size, head_dim, value_dim, itemsize=itemsize)
-    if platform == "tpu" and value_dim == head_dim:
-        chosen = tpu_table_choice(height, width, kernel_size, head_dim)
-        if chosen is not None and (chosen != "pallas" or fits):
-            return chosen
-    if positions <= ACCELERATOR_DENSE_POSITIONS:
-        return "dense"
-    if platform == "tpu":
-        return "pallas" if fits else "shifted"
-    return "pallas" if platform == "cuda" else "shifted"
-
-
 def _auto(q, k, v, rel_row, rel_col, *, kernel_size, padding):
-    """``auto_choice`` per platform, decided when the program is lowered (a function
-    traced on a CPU host and exported for CUDA or TPU gets that platform's choice)."""
+    """``choice.auto_choice`` per platform, decided when the program is lowered."""
     height, width = q.shape[1:3]
     widths = dict(head_dim=q.shape[-1], value_dim=v.shape[-1], itemsize=q.dtype.itemsize)
 
     def branch(platform):
-        impl = auto_choice(platform, height, width, kernel_size, **widths)
+        impl = choice.auto_choice(platform, height, width, kernel_size, **widths)
         options = dict(kernel_size=kernel_size, padding=padding)
         if impl == "pallas":  # lowered for CUDA or TPU only: compiled, never interpreted
             return pallas.compiled(platform, **options)
         return lambda *args: _IMPLEMENTATIONS[impl](*args, **options)
 
-    choices = {p: branch(p) for p in ("cpu", "cuda", "tpu")}
-    return jax.lax.platform_dependent(q, k, v, rel_row, rel_col, default=branch("other"), **choices)
+    return choice.per_platform(branch, q, k, v, rel_row, rel_col)
 
 
 def _implementation(impl: str) -> Callable:

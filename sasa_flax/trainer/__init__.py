@@ -1,7 +1,9 @@
 """The trainer, one module per job; read ``loop.py`` first.
 
   setup.py     ``Setup`` (config + devices -> mesh, optimizer, schedule) and ``TrainState``
-  steps.py     the jitted train and eval steps and how they are compiled over the mesh
+  steps.py     the train and eval steps' math, jitted over the mesh
+  memory.py    what a compiled step needs of the device's memory, how many images fit
+  compile.py   the steps compiled for the devices and checked against their memory
   prefetch.py  global batches put on the devices ahead of the loop
   progress.py  log lines and TensorBoard events
   evaluate.py  evaluation during training, and of a checkpoint (``eval.py``)
@@ -16,6 +18,7 @@ rest is each module's own; tests reach it there.
 """
 
 from sasa_flax.errors import TrainError
+from sasa_flax.trainer.compile import compile_eval_step, compile_train_step
 from sasa_flax.trainer.evaluate import evaluate_checkpoint, restore_model_item
 from sasa_flax.trainer.loop import train_and_evaluate
 from sasa_flax.trainer.setup import (
@@ -34,17 +37,16 @@ from sasa_flax.trainer.setup import (
 )
 from sasa_flax.trainer.steps import (
     abstract_batch,
-    compile_steps,
-    compile_train_step,
-    fit_eval_step,
     global_batch,
+    jit_eval_step,
+    jit_train_step,
     train_step,
 )
 
 __all__ = [
-    "Setup", "TrainError", "TrainState", "abstract_batch", "abstract_state", "compile_steps",
-    "compile_train_step", "compute_dtype", "data_mesh", "default_decay_mask", "eval_weights",
-    "evaluate_checkpoint", "fit_eval_step", "global_batch", "init_state", "make_eval_setup",
-    "make_setup", "merged_model", "model_setup", "restore_model_item", "train_and_evaluate",
-    "train_step",
+    "Setup", "TrainError", "TrainState", "abstract_batch", "abstract_state",
+    "compile_eval_step", "compile_train_step", "compute_dtype", "data_mesh",
+    "default_decay_mask", "eval_weights", "evaluate_checkpoint", "global_batch", "init_state",
+    "jit_eval_step", "jit_train_step", "make_eval_setup", "make_setup", "merged_model",
+    "model_setup", "restore_model_item", "train_and_evaluate", "train_step",
 ]  # fmt: skip

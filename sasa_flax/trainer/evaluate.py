@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from sasa_flax import data, logs
-from sasa_flax.ops.pallas.failures import kernel_failures_explained
 from sasa_flax.run import Workdir, checkpoints
 from sasa_flax.trainer import resume
-from sasa_flax.trainer.progress import log, write_eval_events
+from sasa_flax.trainer.compile import compile_eval_step, kernel_failures_in_config_terms
+from sasa_flax.trainer.progress import log, log_model_description, write_eval_events
 from sasa_flax.trainer.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
-from sasa_flax.trainer.steps import fit_eval_step, global_batch, log_attention_plan
+from sasa_flax.trainer.steps import global_batch
 
 
 def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
@@ -21,7 +21,7 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     totals = None
     batches = data.eval_batches(setup.dataset, setup.config.input)
     for local in batches:
-        with kernel_failures_explained():  # compiled at the first batch
+        with kernel_failures_in_config_terms():  # compiled at the first batch
             sums = eval_fn(params, model_state, global_batch(setup, local))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -85,7 +85,7 @@ def evaluate_checkpoint(
         saved = resume.eval_fields(record["config"], model=False)
         resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
     setup = make_eval_setup(config, devices=devices)
-    log_attention_plan(setup)  # as train.py does: which implementation each layer runs
+    log_model_description(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
     step, restored = restore_model_item(setup, abstract, workdir, step)
     # Only for a run that has a checkpoint (a missing workdir is "not trained", above),
@@ -95,7 +95,7 @@ def evaluate_checkpoint(
         log.warning("%s is not writable: the results are printed, not written to it", workdir)
     saved = resume.recorded_eval_setting(restored["meta"], record, config.model.name)
     setting = resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
-    eval_fn, _ = fit_eval_step(setup, abstract)  # chunked where the batch would not fit
+    eval_fn, _ = compile_eval_step(setup, abstract)  # chunked where the batch would not fit
     results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
     if writable:
         workdir.write_eval_results(step, results, setting)

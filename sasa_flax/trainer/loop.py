@@ -25,10 +25,17 @@ from sasa_flax import data, logs
 from sasa_flax.errors import TrainError
 from sasa_flax.run import Workdir, checkpoints, distributed, lock, preemption
 from sasa_flax.trainer import resume
+from sasa_flax.trainer.compile import compile_eval_step, compile_train_step
 from sasa_flax.trainer.evaluate import evaluate
 from sasa_flax.trainer.prefetch import DevicePrefetch
 from sasa_flax.trainer.profile import StepProfile
-from sasa_flax.trainer.progress import ProgressLog, format_duration, log, metric_writer
+from sasa_flax.trainer.progress import (
+    ProgressLog,
+    format_duration,
+    log,
+    log_model_description,
+    metric_writer,
+)
 from sasa_flax.trainer.setup import (
     Setup,
     TrainState,
@@ -37,12 +44,6 @@ from sasa_flax.trainer.setup import (
     init_state,
     log_weight_decay,
     make_setup,
-)
-from sasa_flax.trainer.steps import (
-    compile_steps,
-    compile_train_step,
-    fit_eval_step,
-    log_attention_plan,
 )
 
 STEPS_IN_FLIGHT = 2  # steps the loop may dispatch beyond the last one finished
@@ -114,7 +115,7 @@ def _train_and_evaluate(
     config = setup.config
     abstract = abstract_state(setup)  # traced once, used for jit, init and restore
     log_weight_decay(setup, abstract)
-    log_attention_plan(setup)
+    log_model_description(setup)
     t = config.train
     mngr = checkpoints.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
@@ -139,13 +140,12 @@ def _train_and_evaluate(
     # Both steps compiled, and checked against the device's memory, before the start is
     # recorded: a train batch that cannot fit ends here naming the accumulation that
     # would; an eval batch that cannot fit is evaluated in chunks.
-    train_fn, _ = compile_steps(setup, abstract)
     compile_start = time.perf_counter()
-    train_fn = compile_train_step(setup, train_fn, abstract)
+    train_fn = compile_train_step(setup, abstract)
     compile_seconds = time.perf_counter() - compile_start
     if jax.process_index() == 0:
         log.info("compiled the train step in %s", format_duration(compile_seconds))
-    eval_fn, _ = fit_eval_step(setup, abstract)
+    eval_fn, _ = compile_eval_step(setup, abstract)
     # Only now, with every check passed, is the start recorded.
     distributed.on_process_0(
         "run-record",

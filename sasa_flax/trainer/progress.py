@@ -34,6 +34,16 @@ EVENTS_MAX_QUEUE = 100_000
 EVENTS_FLUSH_SECONDS = 120
 
 
+def log_model_description(setup: Setup) -> None:
+    """Logs the model's ``describe`` hook (``models.registry``) for the run's platform,
+    where the model has one: for ResNet, which implementation each attention layer runs."""
+    describe = getattr(setup.abstract_model, "describe", None)
+    if describe is None or jax.process_index() != 0:
+        return
+    for line in describe(setup.platform, setup.config.input.image_size):
+        log.info("%s", line)
+
+
 class QueuedSummaryWriter:
     """A ``tf.summary`` writer whose ``as_default()`` context does not flush when it exits
     (TF's does, and clu enters it for every write): events wait in the writer's queue."""

@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from sasa_flax import models
+from sasa_flax import costs, models
 from sasa_flax.errors import TrainError
 from sasa_flax.run import checkpoints
 from sasa_flax.run.workdir import Workdir
@@ -168,12 +168,8 @@ def run_record(setup: Setup, workdir: Workdir, command: dict, start_step: int = 
     (time, step it started from, its config argument, overrides, config and devices), so
     that a resume with other overrides stays visible. Written at every start, after the
     resume checks passed. ``report --results`` reads it."""
-    from sasa_flax import costs  # the cost rules: only here, not on the training path
-
-    try:
-        params, total_flops = costs.count(setup.config)
-    except Exception:  # noqa: BLE001 - a registered model without cost rules: no counts
-        params = total_flops = None
+    layers, uncounted = costs.report(setup.abstract_model, setup.config.input.image_size)
+    params, total_flops = costs.total(layers)
     config = json.loads(setup.config.to_json_best_effort())
     devices = dict(
         devices=setup.mesh.size,
@@ -191,6 +187,9 @@ def run_record(setup: Setup, workdir: Workdir, command: dict, start_step: int = 
         config=config,
         params=params,
         flops=total_flops,
+        # Layers with parameters that no cost rule counts (a model of the user's own):
+        # the counts above leave them out.
+        uncounted_layers=uncounted,
         **devices,
         total_steps=setup.total_steps,
         steps_per_epoch=setup.steps_per_epoch,

@@ -58,6 +58,9 @@ class Setup:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     dataset: data.Dataset
+    # The config's model, abstract (shapes only) in the compute dtype and in eval mode:
+    # built once by ``config_lib.validate``; what counts, plans and checks the model read.
+    abstract_model: nnx.Module
     train_graphdef: Any
     eval_graphdef: Any
     rng_template: Any  # the model's RNG streams (abstract); reseeded at every step
@@ -74,6 +77,15 @@ class Setup:
     @property
     def data_sharded(self) -> NamedSharding:
         return NamedSharding(self.mesh, P("data"))
+
+    @property
+    def platform(self) -> str:
+        """The platform ``jax.lax.platform_dependent`` lowers the steps for: "cpu", "tpu",
+        "cuda" or "rocm"."""
+        device = self.mesh.devices.flat[0]
+        if device.platform != "gpu":
+            return device.platform
+        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
 
 
 def compute_dtype(name: str):
@@ -193,6 +205,7 @@ def model_setup(
         config=config,
         mesh=data_mesh(devices),
         dataset=dataset,
+        abstract_model=abstract,
         train_graphdef=train_graphdef,
         eval_graphdef=eval_graphdef,
         rng_template=nnx.state(abstract, nnx.RngState),

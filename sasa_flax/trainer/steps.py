@@ -1,6 +1,6 @@
-"""The jitted steps: one SGD step on a global batch, one evaluation step, and how they are
-compiled over the mesh (explicit shardings, state donated, fused-kernel failures explained
-by ``ops.pallas.failures``) and checked against the device's memory.
+"""The steps' math and their jit: one SGD step on a global batch, one evaluation step,
+with explicit shardings (the state donated). How they are compiled for the devices and
+checked against their memory is ``compile.py``'s.
 
 BatchNorm statistics are over the global batch: under ``jax.jit`` with the batch sharded,
 the mean over the batch axis is a global reduction. No pmap, no pjit.
@@ -9,21 +9,14 @@ the mean over the batch axis is a global reduction. No pmap, no pjit.
 from __future__ import annotations
 
 import functools
-import logging
-import re
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sasa_flax import aot, config_lib, data
-from sasa_flax.errors import TrainError
-from sasa_flax.layers.plan import attention_plan
-from sasa_flax.ops.pallas.failures import kernel_failures_explained
+from sasa_flax import data
 from sasa_flax.trainer.setup import MODEL_STATE, Setup, TrainState, merged_model
-
-log = logging.getLogger(__name__)
 
 
 def _cross_entropy(logits, labels, num_classes, smoothing):
@@ -135,7 +128,7 @@ def eval_step(
 ) -> dict:
     """Sums over the (masked) batch: loss, top-1 and top-5 hits, example count. With
     ``chunks`` > 1 every device's images go through the model in that many chunks, one
-    after another (``fit_eval_step``): the same sums, a fraction of the activations."""
+    after another (``compile.compile_eval_step``): the same sums, a fraction of the activations."""
     if chunks == 1:
         return _eval_sums(setup, params, model_state, batch)
     sums = jax.lax.map(
@@ -181,179 +174,23 @@ def abstract_batch(setup: Setup, batch_size: int) -> dict:
     )
 
 
-def device_platform(setup: Setup) -> str:
-    """The platform name ``jax.lax.platform_dependent`` lowers the steps for: "cpu",
-    "tpu", "cuda" or "rocm"."""
-    device = setup.mesh.devices.flat[0]
-    if device.platform != "gpu":
-        return device.platform
-    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
-
-
-def log_attention_plan(setup: Setup) -> None:
-    """Logs which implementation each attention layer runs on the run's devices."""
-    if jax.process_index() != 0:
-        return
-    model = config_lib.build_model(setup.config)
-    plan = attention_plan(model, setup.config.input.image_size, device_platform(setup))
-    if plan:
-        log.info("attention on %s: %s", device_platform(setup), "; ".join(plan))
-
-
-def compile_or_explain(step, *abstract_args):
-    """``step`` lowered and compiled; a compiler failure inside a fused attention kernel
-    ends the run in one line naming the way round it (``kernel_failures_explained``)."""
-    with kernel_failures_explained():
-        return step.lower(*abstract_args).compile()
-
-
-def compile_train_step(setup: Setup, train_fn, abstract: TrainState, memory_bytes=None):
-    """``train_fn`` compiled for the config's global batch (``compile_or_explain``) and
-    checked, before any step runs, against the memory of the device (``memory_bytes`` per
-    device; by default the device's own where it reports it: TPU and GPU, not the CPU). A
-    step that cannot fit ends in one line naming the accumulation that would."""
-    batch_size = setup.config.input.batch_size
-    if memory_bytes is None:
-        memory_bytes = _device_memory(setup)
-    batch = abstract_batch(setup, batch_size)
-    if not memory_bytes:  # the CPU: no memory to check against
-        return compile_or_explain(train_fn, abstract, batch)
-    fixed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))  # replicated
-    compiled, peak, temp = _compiled_or_refused(
-        compile_or_explain, train_fn, abstract, batch, fixed_bytes=fixed
-    )
-    if compiled is None or peak > aot.HEADROOM * memory_bytes:
-        raise _train_step_too_large(setup, memory_bytes, peak, temp)
-    return compiled
-
-
-def _compiled_or_refused(compile_fn, step, *args, fixed_bytes: int = 0, if_unsaid=None):
-    """(compiled, peak bytes, temporaries) of ``step`` compiled by ``compile_fn``. XLA:TPU
-    refuses a program over the chip's memory outright (RESOURCE_EXHAUSTED), saying what
-    its temporaries need: then (None, ``fixed_bytes`` + that, that), where ``fixed_bytes``
-    is the rest (state, batch, outputs). A refusal that does not say is raised, or taken
-    as ``if_unsaid`` bytes of temporaries where given."""
-    try:
-        compiled = compile_fn(step, *args)
-    except jax.errors.JaxRuntimeError as e:
-        if not str(e).startswith("RESOURCE_EXHAUSTED"):
-            raise
-        required = _required_bytes(str(e)) or if_unsaid
-        if required is None:
-            raise
-        return None, fixed_bytes + required, required
-    analysis = compiled.memory_analysis()
-    return compiled, aot.peak_bytes(analysis), analysis.temp_size_in_bytes
-
-
-def _train_step_too_large(setup: Setup, memory_bytes: int, peak: int, temp: int) -> TrainError:
-    """The line for a train step over the device's memory: the accumulation_steps whose
-    micro-batch would fit, the activations taken as linear in the images at once."""
-    batch_size, n = setup.config.input.batch_size, setup.config.train.accumulation_steps
-    per_device = batch_size // setup.mesh.size
-    at_once = per_device // n
-    budget = aot.HEADROOM * memory_bytes
-    fixed, per_image = peak - temp, temp / at_once
-    fitting = [m for m in range(1, per_device + 1)
-               if per_device % m == 0 and fixed + per_image * m <= budget]  # fmt: skip
-    said = (
-        f"the train step needs {peak / aot.GIB:.1f} GiB per device ({at_once} images per "
-        f"device at once), over {aot.HEADROOM:.0%} of the device's "
-        f"{memory_bytes / aot.GIB:.1f} GiB"
-    )
-    if not fitting:
-        return TrainError(
-            f"{said}; even one image per device would not fit (the state and the rest take "
-            f"{fixed / aot.GIB:.1f} GiB): use devices with more memory, or a smaller model "
-            "or image size."
-        )
-    m = max(fitting)
-    return TrainError(
-        f"{said}: set --config.train.accumulation_steps={per_device // m} ({m} images per "
-        f"device at once, estimated to fit; the same {batch_size} images per optimizer step), "
-        "or a smaller --config.input.batch_size."
-    )
-
-
-def fit_eval_step(
-    setup: Setup, abstract: TrainState, memory_bytes: int | None = None, compile_fn=None
-):
-    """(eval step compiled for the config's eval batch, chunks): the whole per-device
-    batch at once if its compiled program fits the device's memory, else in the fewest
-    chunks that do (``eval_step``), said in the log. ``memory_bytes``: per device (by
-    default the device's own, where it reports one; the CPU does not, and gets the lazily
-    compiled step in one chunk). ``compile_fn(step, *args)``: how to compile (default
-    ``compile_or_explain``)."""
-    if memory_bytes is None:
-        memory_bytes = _device_memory(setup)
-        if not memory_bytes:
-            return _jit_eval(setup), 1
-    batch_size = setup.config.input.eval_batch_size
-    per_device = batch_size // setup.mesh.size
-    batch = abstract_batch(setup, batch_size)
-    budget = aot.HEADROOM * memory_bytes
-    chunks, first = 1, None
-    while True:
-        step = _jit_eval(setup, chunks)
-        compiled, peak, _ = _compiled_or_refused(
-            compile_fn or compile_or_explain, step, abstract.params, abstract.model_state, batch,
-            if_unsaid=2 * budget,  # a refusal that does not say: more chunks, then
-        )  # fmt: skip
-        first = first or peak
-        if compiled is not None and peak <= budget:
-            break
-        larger = [c for c in range(chunks + 1, per_device + 1) if per_device % c == 0]
-        if not larger:
-            raise TrainError(
-                f"the eval step does not fit this device's {memory_bytes / aot.GIB:.1f} GiB "
-                f"even one image at a time ({peak / aot.GIB:.1f} GiB): set "
-                "--config.input.eval_batch_size smaller, or use a device with more memory."
-            )
-        # The activations scale with the images per chunk: the next try from that estimate.
-        wanted = chunks * peak / budget
-        chunks = next((c for c in larger if c >= wanted), larger[-1])
-    if chunks > 1 and jax.process_index() == 0:
-        log.info(
-            "evaluation: %d images per device need %.1f GiB, over %.0f%% of the device's "
-            "%.1f GiB: evaluated in %d chunks of %d (%.1f GiB)",
-            per_device, first / aot.GIB, 100 * aot.HEADROOM, memory_bytes / aot.GIB,
-            chunks, per_device // chunks, peak / aot.GIB,
-        )  # fmt: skip
-    return compiled, chunks
-
-
-def _device_memory(setup: Setup) -> int | None:
-    """Bytes of memory of this process's first device of the mesh, where its platform
-    says (TPU and GPU; not the CPU). Every process compiles the same program for the same
-    kind of device, so they all choose the same chunks."""
-    local = next(d for d in setup.mesh.devices.flat if d.process_index == jax.process_index())
-    return (local.memory_stats() or {}).get("bytes_limit")
-
-
-def _required_bytes(message: str) -> int | None:
-    """The memory an XLA out-of-memory error says the program needs, if it says."""
-    match = re.search(r"required for HLO temporaries \(([0-9.]+)([KMG])\)", message)
-    if match is None:
-        return None
-    return int(float(match.group(1)) * 2 ** {"K": 10, "M": 20, "G": 30}[match.group(2)])
-
-
-def _jit_eval(setup: Setup, chunks: int = 1):
-    return jax.jit(
-        functools.partial(eval_step, setup, chunks=chunks),
-        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
-        out_shardings=setup.replicated,
-    )
-
-
-def compile_steps(setup: Setup, abstract: TrainState):
-    """(train_step, eval_step) jitted with explicit shardings; the state is donated.
-    ``abstract`` is ``abstract_state(setup)``."""
+def jit_train_step(setup: Setup, abstract: TrainState):
+    """``train_step`` jitted with explicit shardings, the state donated. ``abstract`` is
+    ``abstract_state(setup)``. Compiled for the device by ``compile.compile_train_step``."""
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    train = jax.jit(
+    return jax.jit(
         functools.partial(train_step, setup),
         in_shardings=(state_shardings, setup.data_sharded),
         out_shardings=(state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
-    return train, _jit_eval(setup)
+
+
+def jit_eval_step(setup: Setup, chunks: int = 1):
+    """``eval_step`` in ``chunks`` jitted with explicit shardings (params, model state,
+    batch) -> replicated sums. Fitted to the device by ``compile.compile_eval_step``."""
+    return jax.jit(
+        functools.partial(eval_step, setup, chunks=chunks),
+        in_shardings=(setup.replicated, setup.replicated, setup.data_sharded),
+        out_shardings=setup.replicated,
+    )

@@ -13,14 +13,14 @@ import traceback
 
 import jax
 
-from sasa_flax.errors import UserError
+from sasa_flax.errors import ImplementationError
 
 # The names our Pallas calls give their kernels (``name=`` of every pallas_call); XLA's
 # compile errors name the custom call that failed.
 KERNEL_NAME_PREFIX = "sasa_local_attention_"
 
 
-class KernelCompileError(UserError):
+class KernelCompileError(ImplementationError):
     """A fused attention kernel that this device's compiler refused."""
 
 
@@ -38,9 +38,9 @@ def kernel_failure(error: Exception) -> KernelCompileError | None:
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return KernelCompileError(
         f"the fused attention kernels (impl 'pallas') failed to compile on this device: "
-        f"{type(error).__name__}: {first}. Run with --config.model.attention_impl=shifted "
-        "(or =dense for small images; impl= of the layer); rerun with --verbose for the "
-        "whole error, and please report it."
+        f"{type(error).__name__}: {first}. Use impl='shifted' (or impl='dense' for small "
+        "images) in this layer; the compiler's whole error is this one's cause; please "
+        "report it."
     )
 
 

@@ -46,6 +46,13 @@ from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sasa_flax.errors import ImplementationError
+
+
+class KernelPlacementError(ImplementationError, NotImplementedError):
+    """The kernels cannot be placed on the program's mesh as it is split."""
+
+
 GROUP_DIMS = 2  # (batch, heads): the leading dimensions of a merged (GPU) operand
 
 
@@ -270,10 +277,10 @@ def _program_mesh(ctx):
     if isinstance(context, sharding_impls.SPMDAxisContext):
         if set(context.manual_axes) == set(context.mesh.axis_names):
             return None
-        raise NotImplementedError(
+        raise KernelPlacementError(
             "the Pallas attention kernels inside a shard_map over only some mesh axes "
             f"({sorted(context.manual_axes)} of {list(context.mesh.axis_names)}): map over "
-            "every axis, or use config.model.attention_impl='shifted'."
+            "every axis, or use impl='shifted'."
         )
     if not isinstance(context, sharding_impls.ShardingContext):
         return None

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sasa_flax.errors import ImplementationError
 from sasa_flax.ops.common import MASKED_LOGIT, accumulation_dtype
 from sasa_flax.ops.pallas import shards
 from sasa_flax.ops.pallas.costs import kernel_costs
@@ -263,12 +264,12 @@ def choose_tile(
             f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
             f"{height}x{width}, k = {kernel_size}, head width {head_dim} (a halo of {halo} "
             f"positions), over the {VMEM_BUDGET / 2**20:.1f} MiB budget: use "
-            "--config.model.attention_impl=shifted (or impl='auto', which does) here."
+            "impl='shifted' (or impl='auto', which does) here."
         )
     return best[1]
 
 
-class TileError(ValueError):
+class TileError(ImplementationError):
     """No tile of the Mosaic kernels fits VMEM at this shape."""
 
 
