@@ -181,15 +181,12 @@ def _file_name(layer_path: str) -> str:
 def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
               queries=((0.5, 0.5), (0.0, 0.0))) -> dict:  # fmt: skip
     """Writes the pictures and index.html; returns {"step", "files": [...], "layers": [...]}."""
-    # The evaluation split only (make_setup would list the whole training split first).
-    setup = trainer.make_eval_setup(
-        config, devices=jax.devices()[:1], process_index=0, process_count=1
+    # The evaluation split only, in the run's own evaluation setting (trainer.restore).
+    restored = trainer.restore(
+        config, workdir, step=step, devices=jax.devices()[:1], process_index=0, process_count=1
     )
-    abstract = trainer.abstract_state(setup)
-    step, restored = trainer.restore_model_item(setup, abstract, workdir, step)
-    params, model_state = trainer.eval_weights(restored["model"])
-    model = trainer.merged_model(setup, setup.eval_graphdef, params, model_state, 0)
-    batch = next(data.eval_batches(setup.dataset, config.input))
+    step, model = restored.step, restored.model()
+    batch = next(data.eval_batches(restored.setup.dataset, config.input))
     pixels = batch["image"][: max(1, images)]
     recorded = attention_inputs(model, data.normalise(jnp.asarray(pixels)))
     if not recorded:

@@ -109,13 +109,7 @@ def test_attention_pictures_of_a_trained_run(runs, tmp_path):
 @needs_runs
 def test_lean_weights_sum_to_one_and_vanish_outside_the_image(runs):
     config = tiny_config(num_steps=2)
-    setup = trainer.make_setup(config, devices=jax.devices()[:1])
-    model = trainer.merged_model(
-        setup, setup.eval_graphdef,
-        *trainer.eval_weights(trainer.restore_model_item(
-            setup, trainer.abstract_state(setup), runs[0], None)[1]["model"]),
-        0,
-    )  # fmt: skip
+    model = trainer.restore(config, runs[0], devices=jax.devices()[:1]).model()
     images = jax.numpy.zeros((1, 16, 16, 3))
     (_, layer, x), *_ = visualize.attention_inputs(model, images)
     weights, inside = layer.attention_weights(x, [(0, 0), (1, 1)])

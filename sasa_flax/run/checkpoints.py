@@ -541,3 +541,23 @@ def step_to_restore(mngr: ocp.CheckpointManager, workdir: Workdir | str, step: i
             f"no checkpoint of step {step} in {workdir.checkpoints}; available steps: {steps}."
         )
     return step
+
+
+def restore_for_evaluation(workdir: Workdir, model: Any, step: int | None) -> tuple[int, dict]:
+    """(step, restored items "model" and "meta") of a checkpoint to evaluate, verified:
+    the newest that verifies when ``step`` is None, else ``step`` (refused naming the
+    newest good one if it does not verify, or its architecture is not ``model``'s). The
+    optimizer state is never read; nothing in the workdir is moved or written."""
+    workdir.check_not_a_file()
+    mngr = manager(workdir, read_only=True)
+    requested = step_to_restore(mngr, workdir, step)
+    if step is None:
+        return newest_good(mngr, workdir, set_bad_aside=False, model=model)
+    check_architecture(mngr, requested, model, "this config")
+    try:
+        return requested, restore_verified(mngr, requested, model=model)
+    except CheckpointError as e:
+        good, _ = newest_good(mngr, workdir, set_bad_aside=False, quiet=True, model=model)
+        raise CheckpointError(
+            f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
+        ) from None

@@ -6,6 +6,7 @@
   compile.py   the steps compiled for the devices and checked against their memory
   prefetch.py  global batches put on the devices ahead of the loop
   progress.py  log lines and TensorBoard events
+  restore.py   a trained model back from its workdir (``eval.py``, ``visualize``)
   evaluate.py  evaluation during training, and of a checkpoint (``eval.py``)
   resume.py    the rules of resuming, the run record, a finished run recognised
   loop.py      ``train_and_evaluate``: the training loop in labelled stages
@@ -19,8 +20,9 @@ rest is each module's own; tests reach it there.
 
 from sasa_flax.errors import TrainError
 from sasa_flax.trainer.compile import compile_eval_step, compile_train_step
-from sasa_flax.trainer.evaluate import evaluate_checkpoint, restore_model_item
+from sasa_flax.trainer.evaluate import evaluate_checkpoint
 from sasa_flax.trainer.loop import train_and_evaluate
+from sasa_flax.trainer.restore import Restored, restore
 from sasa_flax.trainer.setup import (
     Setup,
     TrainState,
@@ -48,5 +50,5 @@ __all__ = [
     "compile_eval_step", "compile_train_step", "compute_dtype", "data_mesh",
     "default_decay_mask", "eval_weights", "evaluate_checkpoint", "global_batch", "init_state",
     "jit_eval_step", "jit_train_step", "make_eval_setup", "make_setup", "merged_model",
-    "model_setup", "restore_model_item", "train_and_evaluate", "train_step",
+    "model_setup", "Restored", "restore", "train_and_evaluate", "train_step",
 ]  # fmt: skip

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from sasa_flax import data, logs
-from sasa_flax.run import Workdir, checkpoints
-from sasa_flax.trainer import resume
+from sasa_flax.run import Workdir
 from sasa_flax.trainer.compile import compile_eval_step, kernel_failures_in_config_terms
-from sasa_flax.trainer.progress import log, log_model_description, write_eval_events
-from sasa_flax.trainer.setup import Setup, TrainState, abstract_state, eval_weights, make_eval_setup
+from sasa_flax.trainer.progress import log, write_eval_events
+from sasa_flax.trainer.restore import restore
+from sasa_flax.trainer.setup import Setup
 from sasa_flax.trainer.steps import global_batch
 
 
@@ -38,29 +38,6 @@ def evaluate(setup: Setup, eval_fn, params: dict, model_state: dict) -> dict:
     )
 
 
-def restore_model_item(setup: Setup, abstract: TrainState, workdir: Workdir, step: int | None):
-    """(step, restored items: "model" and "meta") of a checkpoint, verified: the newest
-    that verifies, or ``step`` (refused naming the newest good one if it does not)."""
-    workdir = Workdir.of(workdir)
-    workdir.check_not_a_file()
-    mngr = checkpoints.manager(workdir, read_only=True)
-    requested = checkpoints.step_to_restore(mngr, workdir, step)
-    if step is None:  # the newest checkpoint that verifies
-        return checkpoints.newest_good(
-            mngr, workdir, set_bad_aside=False, model=abstract.model_item()
-        )
-    checkpoints.check_architecture(mngr, requested, abstract.model_item(), "this config")
-    try:
-        return requested, checkpoints.restore_verified(mngr, requested, model=abstract.model_item())
-    except checkpoints.CheckpointError as e:
-        good, _ = checkpoints.newest_good(
-            mngr, workdir, set_bad_aside=False, quiet=True, model=abstract.model_item()
-        )
-        raise checkpoints.CheckpointError(
-            f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
-        ) from None
-
-
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     workdir: str | Workdir,
@@ -74,31 +51,19 @@ def evaluate_checkpoint(
     ``resume.EVAL_FIELDS``; checked before anything is compiled). Opens the evaluation
     split only (``make_eval_setup``). Where the workdir cannot be written (read-only, no
     permission), says so first and evaluates anyway, returning ``written=False``."""
-    # The run's data setting from its run record, before any data is opened (another
-    # dataset's config would otherwise try to download it first); the model's after the
-    # checkpoint's architecture is checked (a shape that differs names its parameters).
     logs.show_progress()
-    workdir = Workdir.of(workdir)
-    workdir.check_not_a_file()
-    record = workdir.run_record()
-    if record.get("config"):
-        saved = resume.eval_fields(record["config"], model=False)
-        resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
-    setup = make_eval_setup(config, devices=devices)
-    log_model_description(setup)  # as train.py does: which implementation each layer runs
-    abstract = abstract_state(setup)
-    step, restored = restore_model_item(setup, abstract, workdir, step)
-    # Only for a run that has a checkpoint (a missing workdir is "not trained", above),
-    # before the evaluation.
+    restored = restore(config, workdir, step=step, devices=devices, other_setting=other_setting)
+    workdir, setup = restored.workdir, restored.setup
+    # Only for a run that has a checkpoint (a missing workdir is "not trained"), before
+    # the evaluation.
     writable = workdir.writable()
     if not writable and jax.process_index() == 0:
         log.warning("%s is not writable: the results are printed, not written to it", workdir)
-    saved = resume.recorded_eval_setting(restored["meta"], record, config.model.name)
-    setting = resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
-    eval_fn, _ = compile_eval_step(setup, abstract)  # chunked where the batch would not fit
-    results = evaluate(setup, eval_fn, *eval_weights(restored["model"]))
+    eval_fn, _ = compile_eval_step(setup, restored.abstract)  # chunked where it must be
+    results = evaluate(setup, eval_fn, *restored.weights)
     if writable:
-        workdir.write_eval_results(step, results, setting)
+        workdir.write_eval_results(restored.step, results, restored.setting)
         if jax.process_index() == 0:
-            write_eval_events(workdir.eval_events, step, results)
-    return dict(step=step, setting=setting or "the run's own", written=writable, **results)
+            write_eval_events(workdir.eval_events, restored.step, results)
+    setting = restored.setting or "the run's own"
+    return dict(step=restored.step, setting=setting, written=writable, **results)
