@@ -31,7 +31,7 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the targets are compiled for, never run
 
-from sasa_flax import aot  # noqa: E402
+from sasa_flax.tools import aot  # noqa: E402
 
 STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
 

@@ -68,7 +68,7 @@ def stage_rows(target: str, size: int, channels: int, kernel_size: int, batch: i
                dump: str) -> list:  # fmt: skip
     """Compiles the layer for ``target`` (XLA dumps its PTX in ``dump``, set in XLA_FLAGS
     before the backend starts) and reports our kernels among the new PTX files."""
-    from sasa_flax import aot
+    from sasa_flax.tools import aot
 
     before = set(os.listdir(dump))
     aot.compile_layer(target, size=size, channels=channels, kernel_size=kernel_size,

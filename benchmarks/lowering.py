@@ -28,8 +28,9 @@ from benchmarks.tpu_estimate import PROGRAMS  # noqa: E402
 
 def lower_seconds(program: str, target: str, batch_per_chip: int, kept: bool) -> tuple[float, int]:
     """Seconds to lower the train step, and how many kernel programs it kept."""
-    from sasa_flax import aot, trainer
+    from sasa_flax import trainer
     from sasa_flax.ops.pallas import shards
+    from sasa_flax.tools import aot
 
     setup = aot.trainer_setup(PROGRAMS[program], target, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)

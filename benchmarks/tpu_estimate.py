@@ -7,7 +7,7 @@ r"""How fast the trainer's steps would run on a TPU, from libtpu's own static sc
 
 Compiles (deviceless, libtpu) the trainer's train step (loss, gradients, optimizer; BatchNorm
 in training mode, as ``aot`` builds it) for configs/imagenet.py depth 50 on one chip, and
-reads back what the compiler scheduled (``sasa_flax.tpu_schedule``): XLA's estimated cycles
+reads back what the compiler scheduled (``sasa_flax.tools.tpu_schedule``): XLA's estimated cycles
 per fusion, each Mosaic kernel's scheduled bundles times its loops, HBM traffic where it
 bounds a kernel. Prints the step time, images/s per chip and the ratio to ResNet-50, a
 breakdown by kind and by layer, and every kernel's bundles, spill and VALU share.
@@ -34,7 +34,7 @@ PROGRAMS = {
 
 def _dump_directory(requested: str | None) -> str:
     """Makes libtpu dump the kernels' schedules: must run before libtpu loads."""
-    from sasa_flax import tpu_schedule
+    from sasa_flax.tools import tpu_schedule
 
     directory = requested or tempfile.mkdtemp(prefix="sasa_tpu_schedule_")
     os.environ["LIBTPU_INIT_ARGS"] = " ".join(
@@ -48,7 +48,8 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     training mode), "eval" (its eval step) or "grad" (loss and gradients alone, BatchNorm in
     eval mode: the program of the shared probes, where the optimizer and BatchNorm's
     statistics do not soften the ratio to ResNet-50)."""
-    from sasa_flax import aot, tpu_schedule, trainer
+    from sasa_flax import trainer
+    from sasa_flax.tools import aot, tpu_schedule
 
     setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)
@@ -95,8 +96,8 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sasa_flax import aot, tpu_schedule
     from sasa_flax.layers import SelfAttention2D
+    from sasa_flax.tools import aot, tpu_schedule
 
     mesh = jax.sharding.Mesh(aot.target_devices(generation, 1), ("data",))
     on_chip = NamedSharding(mesh, P())
@@ -189,7 +190,7 @@ def print_estimate(estimate, baseline=None) -> None:
 
 
 def calibration(estimate) -> str:
-    from sasa_flax import tpu_schedule
+    from sasa_flax.tools import tpu_schedule
 
     published = tpu_schedule.CALIBRATION.get(estimate.generation)
     if published is None:
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         parser.error("--no-schedules leaves out the kernels that --choices and --layer compare")
     # libtpu's schedule dumps cost more than the compile itself (every XLA fusion's too).
     directory = tempfile.mkdtemp() if args.no_schedules else _dump_directory(args.dump_to)
-    from sasa_flax import tpu_schedule
+    from sasa_flax.tools import tpu_schedule
 
     if args.choices:
         return _choices(args, directory)

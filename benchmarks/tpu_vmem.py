@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", default="v4", help="a TPU of sasa_flax.aot.TARGETS")
+    parser.add_argument("--target", default="v4", help="a TPU of sasa_flax.tools.aot.TARGETS")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="SIZExKxHEAD[xTILE],...")
     parser.add_argument("--heads", type=int, default=8)
     args = parser.parse_args(argv)
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from sasa_flax import aot
     from sasa_flax.ops.pallas import tpu
+    from sasa_flax.tools import aot
 
     device = aot.target_devices(args.target, 1)
     on_chip = jax.sharding.NamedSharding(

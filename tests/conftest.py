@@ -7,7 +7,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 # The CPU is the only backend the tests run on; the compile tests (-m compile) target TPUs
-# and GPUs without initialising them (sasa_flax/aot.py), which for CUDA needs this too.
+# and GPUs without initialising them (sasa_flax/tools/aot.py), which for CUDA needs this too.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib

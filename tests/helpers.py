@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_flax import aot, config_lib, costs, trainer
+from sasa_flax import config_lib, costs, trainer
 from sasa_flax.ops import patches
 from sasa_flax.run import checkpoints
+from sasa_flax.tools import aot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"

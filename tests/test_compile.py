@@ -17,7 +17,8 @@ import re
 import jax
 import pytest
 
-from sasa_flax import aot, ops, trainer
+from sasa_flax import ops, trainer
+from sasa_flax.tools import aot
 from sasa_flax.trainer import memory
 
 pytestmark = pytest.mark.compile

@@ -10,7 +10,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from sasa_flax import results, trainer, visualize
+from sasa_flax import trainer
+from sasa_flax.tools import results, visualize
 from tests.helpers import model_count, tiny_config
 
 SPEC = "tests/tiny_config.py:steps=2"

@@ -195,9 +195,19 @@ def test_no_import_circle():
     """No module of the package imports, through any chain, a module that imports it:
     the layers below the models below the config and the trainer, the tools on top."""
     graph = package_imports()
-    assert {"sasa_flax.costs", "sasa_flax.trainer.steps", "sasa_flax.aot"} <= set(graph)
-    assert "sasa_flax.trainer.memory" in graph["sasa_flax.aot"]  # imports are resolved
+    assert {"sasa_flax.costs", "sasa_flax.trainer.steps", "sasa_flax.tools.aot"} <= set(graph)
+    assert "sasa_flax.trainer.memory" in graph["sasa_flax.tools.aot"]  # imports are resolved
     assert import_circles(graph) == []
+
+
+def test_the_library_imports_no_tool():
+    """The tools (sasa_flax.tools: compile reports, the TPU model, report, visualize) sit
+    on top: nothing of the library imports them."""
+    graph = package_imports()
+    library = [m for m in graph if not m.startswith("sasa_flax.tools")]
+    assert len(library) > 40
+    users = {m: sorted(d for d in graph[m] if d.startswith("sasa_flax.tools")) for m in library}
+    assert {m: d for m, d in users.items() if d} == {}
 
 
 def test_the_circle_finder_finds_circles():

@@ -13,7 +13,8 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from sasa_flax import aot, ops
+from sasa_flax import ops
+from sasa_flax.tools import aot
 from tests.helpers import ROOT, default_and_slow, exported_step
 
 TRITON, MOSAIC = aot.KERNEL_TARGETS["cuda"], aot.KERNEL_TARGETS["tpu"]

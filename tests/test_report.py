@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from sasa_flax import config_lib, costs, recipes, scaling
+from sasa_flax import config_lib, costs, recipes
 from sasa_flax.costs import LayerCost
 from sasa_flax.layers import AttentionOptions, attention_cost
 from sasa_flax.models import resnet
+from sasa_flax.tools import scaling
 from tests.helpers import CONFIG_DIR, model_count
 
 
@@ -149,7 +150,7 @@ def test_a_folder_that_is_not_a_run_is_one_line_not_a_row_of_differences(tmp_pat
     be a row whose 'differs' listed every config field as None)."""
     import json
 
-    from sasa_flax import results
+    from sasa_flax.tools import results
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "run").mkdir()

@@ -17,12 +17,13 @@ from jax._src.pallas.mosaic.error_handling import MosaicError
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasa_flax import aot, config_lib, trainer
+from sasa_flax import config_lib, trainer
 from sasa_flax.errors import TrainError
 from sasa_flax.layers import SelfAttention2D, attention_plan
 from sasa_flax.ops import local_attention
 from sasa_flax.ops.pallas import gpu, shards
 from sasa_flax.ops.pallas.failures import KernelCompileError, kernel_failures_explained
+from sasa_flax.tools import aot
 from sasa_flax.trainer.compile import compile_or_explain
 from tests import reference
 from tests.helpers import make_inputs, relative_error

@@ -1,10 +1,10 @@
-"""The TPU performance model's readers (sasa_flax.tpu_schedule) on texts whose cost is
+"""The TPU performance model's readers (sasa_flax.tools.tpu_schedule) on texts whose cost is
 known by hand: libtpu's program format and compiled HLO, as libtpu 0.0.42.1 writes them."""
 
 # ruff: noqa: E501  (HLO and libtpu lines are long)
 from __future__ import annotations
 
-from sasa_flax import tpu_schedule
+from sasa_flax.tools import tpu_schedule
 
 # A kernel program: 2 bundles before the grid loop; the grid loop (10 iterations, bundles
 # 2 to 7, closed by the branch back to its region) holds an inner loop of 2 bundles run 4

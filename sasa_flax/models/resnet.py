@@ -327,7 +327,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         # Name scopes reach the compiled program's metadata: profiles and the TPU
-        # estimate (sasa_flax.tpu_schedule) attribute each op to its part of the model.
+        # estimate (sasa_flax.tools.tpu_schedule) attribute each op to its part of the model.
         with jax.named_scope("stem"):
             x = self.stem(images)
         for block in self.blocks:

@@ -3,7 +3,7 @@
 The same function and the same backward as the GPU kernels (``pallas/gpu.py``): an
 online softmax per query, nothing of size k² per pixel written to HBM, and a backward
 that recomputes the weights from the saved log-sum-exp. The layout is shaped for the
-TPU's vector unit, and was rebuilt against libtpu's own schedule (``sasa_flax.tpu_schedule``;
+TPU's vector unit, and was rebuilt against libtpu's own schedule (``sasa_flax.tools.tpu_schedule``;
 ``benchmarks/RESULTS.md``):
 
 Layout: (B, c, N, L) frames per image: channel c of every head on one row of vregs, the
