@@ -15,10 +15,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "See train.py.")
 _OTHER_SETTING = flags.DEFINE_bool(
-    "other_setting", False,
+    "other_setting",
+    False,
     "Evaluate a dataset / split / image size / preprocessing other than the run's on purpose; "
     "the results go to eval_results_step_N_<setting>.json.",
-)  # fmt: skip
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -12,10 +12,12 @@ from sasa_flax import cli, trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results (local or gs://).")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' does on multi-host TPU / SLURM / when "
     "JAX_COORDINATOR_ADDRESS is set.",
-)  # fmt: skip
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -41,9 +41,16 @@ def layer_rows(args):
     for target, (size, channels), k, padding, dtype in cases:
         name = f"layer {size}x{size}x{channels} k={k} {padding} {dtype}"
         compile_one = functools.partial(
-            aot.compile_layer, target, size=size, channels=channels, kernel_size=k,
-            padding=padding, dtype=dtype, batch_per_chip=args.batch_per_chip, chips=args.chips,
-        )  # fmt: skip
+            aot.compile_layer,
+            target,
+            size=size,
+            channels=channels,
+            kernel_size=k,
+            padding=padding,
+            dtype=dtype,
+            batch_per_chip=args.batch_per_chip,
+            chips=args.chips,
+        )
         yield target, name, lambda compile_one=compile_one: [compile_one()]
 
 
@@ -73,8 +80,9 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     split = lambda kind: lambda text: [kind(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--targets", type=split(str), default=["v5e", "h100"],
-                        help=f"of {', '.join(aot.TARGETS)}")  # fmt: skip
+    parser.add_argument(
+        "--targets", type=split(str), default=["v5e", "h100"], help=f"of {', '.join(aot.TARGETS)}"
+    )
     parser.add_argument("--what", type=split(str), default=["layers", "steps"])
     parser.add_argument("--chips", type=int, default=4)
     parser.add_argument("--batch-per-chip", type=int, default=128)
@@ -82,8 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--paddings", type=split(str), default=["mask"])
     parser.add_argument("--dtypes", type=split(str), default=["bfloat16"])
     parser.add_argument("--depth", type=int, default=50)
-    parser.add_argument("--variants", type=split(str),
-                        default=["baseline", "conv_stem_attention", "full_attention"])  # fmt: skip
+    parser.add_argument(
+        "--variants", type=split(str), default=["baseline", "conv_stem_attention", "full_attention"]
+    )
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args(argv)
     for target in args.targets:
@@ -99,17 +108,21 @@ def main(argv=None) -> int:
         "| collectives | note |"
     )
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
-    jobs = [*(layer_rows(args) if "layers" in args.what else ()),
-            *(step_rows(args) if "steps" in args.what else ()),
-            *(user_rows(args) if "users" in args.what else ())]  # fmt: skip
+    jobs = [
+        *(layer_rows(args) if "layers" in args.what else ()),
+        *(step_rows(args) if "steps" in args.what else ()),
+        *(user_rows(args) if "users" in args.what else ()),
+    ]
     for target, name, run in jobs:
         try:
             reports = run()
         except Exception as e:  # noqa: BLE001 - the compiler's own words, then go on
             failures += 1
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            print(f"| {target} | {name} | {args.batch_per_chip} | **no**: {first} "
-                  "| | | | | | | | |", flush=True)  # fmt: skip
+            print(
+                f"| {target} | {name} | {args.batch_per_chip} | **no**: {first} | | | | | | | | |",
+                flush=True,
+            )
             rows.append(dict(target=target, program=name, error=str(e)[:2000]))
             continue
         for r in reports:
@@ -122,11 +135,13 @@ def main(argv=None) -> int:
             frames = max(r.kernel_leading_dims, default=0)
             largest = max((n for _, n in r.collective_sizes), default=0)
             collectives = ", ".join(f"{k} {v}" for k, v in r.collectives.items()) or "none"
-            print(f"| {target} | {label} | {r.batch_per_chip} | yes | {row['compile_s']} | "
-                  f"{row['temp_gib']} | {row['peak_gib']} | {row['temp_mib_per_image']} | "
-                  f"{row['largest_batch_per_chip']} | {r.kernels} ({frames} frames) | "
-                  f"{collectives} (largest {largest} elements) | {r.note} |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| {target} | {label} | {r.batch_per_chip} | yes | {row['compile_s']} | "
+                f"{row['temp_gib']} | {row['peak_gib']} | {row['temp_mib_per_image']} | "
+                f"{row['largest_batch_per_chip']} | {r.kernels} ({frames} frames) | "
+                f"{collectives} (largest {largest} elements) | {r.note} |",
+                flush=True,
+            )
             rows.append(dict(row, program=label))
     if args.json:
         with open(args.json, "w") as f:

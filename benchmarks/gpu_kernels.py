@@ -44,35 +44,50 @@ def kernel_report(ptx: str, arch: str) -> dict:
         f.write(re.sub(r"^\.target\s+\S+", f".target {arch}", ptx, flags=re.M))
     result = subprocess.run(
         [ptxas_path(), "-v", "--gpu-name", arch, f.name, "-o", os.devnull],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     os.unlink(f.name)
     info = result.stderr
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     stack, spill_stores, spill_loads = (
-        int(x) for x in re.search(
+        int(x)
+        for x in re.search(
             r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info
         ).groups()
-    )  # fmt: skip
+    )
     threads = int(re.search(r"\.reqntid\s+(\d+)", ptx).group(1))
     warps = threads // 32
     per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
     blocks = REGISTERS_PER_SM // (per_warp * warps)
     return dict(
-        registers=registers, spill_stores=spill_stores, spill_loads=spill_loads, stack=stack,
-        threads=threads, occupancy=min(blocks * warps, WARPS_PER_SM) / WARPS_PER_SM,
-    )  # fmt: skip
+        registers=registers,
+        spill_stores=spill_stores,
+        spill_loads=spill_loads,
+        stack=stack,
+        threads=threads,
+        occupancy=min(blocks * warps, WARPS_PER_SM) / WARPS_PER_SM,
+    )
 
 
-def stage_rows(target: str, size: int, channels: int, kernel_size: int, batch: int,
-               dump: str) -> list:  # fmt: skip
+def stage_rows(
+    target: str, size: int, channels: int, kernel_size: int, batch: int, dump: str
+) -> list:
     """Compiles the layer for ``target`` (XLA dumps its PTX in ``dump``, set in XLA_FLAGS
     before the backend starts) and reports our kernels among the new PTX files."""
     from sasa_flax.tools import aot
 
     before = set(os.listdir(dump))
-    aot.compile_layer(target, size=size, channels=channels, kernel_size=kernel_size,
-                      batch_per_chip=batch, chips=1, impl="pallas")  # fmt: skip
+    aot.compile_layer(
+        target,
+        size=size,
+        channels=channels,
+        kernel_size=kernel_size,
+        batch_per_chip=batch,
+        chips=1,
+        impl="pallas",
+    )
     rows = []
     for name in sorted(set(os.listdir(dump)) - before):
         if not name.endswith(".ptx"):
@@ -82,8 +97,15 @@ def stage_rows(target: str, size: int, channels: int, kernel_size: int, batch: i
         entry = re.search(r"\.entry\s+(sasa_\w+)\(", ptx)
         if entry is None:
             continue
-        rows.append(dict(target=target, stage=f"{size}x{size}x{channels}", k=kernel_size,
-                         kernel=entry.group(1), **kernel_report(ptx, ARCHS[target])))  # fmt: skip
+        rows.append(
+            dict(
+                target=target,
+                stage=f"{size}x{size}x{channels}",
+                k=kernel_size,
+                kernel=entry.group(1),
+                **kernel_report(ptx, ARCHS[target]),
+            )
+        )
     return rows
 
 
@@ -96,17 +118,21 @@ def main(argv=None) -> int:
     # XLA reads XLA_FLAGS when its backend starts: before the first compile.
     dump = tempfile.mkdtemp(prefix="sasa_gpu_ptx_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
-    print("target stage k kernel: registers, spills (stores/loads bytes), stack, threads, "
-          "occupancy by registers (ptxas, compiled not run)")  # fmt: skip
+    print(
+        "target stage k kernel: registers, spills (stores/loads bytes), stack, threads, "
+        "occupancy by registers (ptxas, compiled not run)"
+    )
     for target in args.targets.split(","):
         for size, channels in STAGES:
             for k in (int(x) for x in args.kernel_sizes.split(",")):
                 for row in stage_rows(target, size, channels, k, args.batch_per_chip, dump):
-                    print(f"{row['target']} {row['stage']} k={row['k']} {row['kernel']}: "
-                          f"{row['registers']} registers, spills {row['spill_stores']}/"
-                          f"{row['spill_loads']} B, stack {row['stack']} B, "
-                          f"{row['threads']} threads, occupancy {row['occupancy']:.0%}",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"{row['target']} {row['stage']} k={row['k']} {row['kernel']}: "
+                        f"{row['registers']} registers, spills {row['spill_stores']}/"
+                        f"{row['spill_loads']} B, stack {row['stack']} B, "
+                        f"{row['threads']} threads, occupancy {row['occupancy']:.0%}",
+                        flush=True,
+                    )
     return 0
 
 

@@ -102,9 +102,13 @@ def input_config(args, **fields):
     # epoch would be most of the work timed, which on ImageNet it is not.
     buffer = max(64, round(args.images * config.shuffle_buffer / 1_281_167))
     config.update(
-        image_size=224, batch_size=args.batch, augment="inception", random_flip=True,
-        shuffle_buffer=buffer, **fields,
-    )  # fmt: skip
+        image_size=224,
+        batch_size=args.batch,
+        augment="inception",
+        random_flip=True,
+        shuffle_buffer=buffer,
+        **fields,
+    )
     return config
 
 
@@ -126,9 +130,13 @@ def bare_loop(files, labels, args):
         begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.image.extract_jpeg_shape(image),
             bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-            seed=seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True,
-        )  # fmt: skip
+            seed=seed,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         box = tf.stack([begin[0], begin[1], crop[0], crop[1]])
         image = tf.image.decode_and_crop_jpeg(image, box, channels=3)
         image = tf.image.resize(image, (224, 224), method="bicubic")
@@ -149,8 +157,10 @@ def load_revision(revision: str):
     sasa_flax/data package) as it was at a git revision, as a module."""
     shown = subprocess.run(
         ["git", "show", f"{revision}:sasa_flax/input_pipeline.py"],
-        check=False, capture_output=True, text=True,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if shown.returncode != 0:
         sys.exit(
             f"--before {revision}: it has no sasa_flax/input_pipeline.py (the pipeline became "
@@ -216,12 +226,17 @@ def main():
 
     if args.json:
         per_core = {k: v / cores for k, v in rows.items()}
-        print(json.dumps({
-            "pipeline_images_per_s_per_core": per_core["pipeline/folder"],
-            "bare_images_per_s_per_core": per_core["bare"],
-            "cores": cores,
-            "images_per_s_per_core": per_core,
-        }, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "pipeline_images_per_s_per_core": per_core["pipeline/folder"],
+                    "bare_images_per_s_per_core": per_core["bare"],
+                    "cores": cores,
+                    "images_per_s_per_core": per_core,
+                },
+                indent=1,
+            )
+        )
         return
     print(
         f"{len(files)} JPEGs 500×375 q90 ({mean_bytes / 1e3:.0f} kB each), batch {args.batch} "

@@ -49,9 +49,14 @@ def attention_layer(impl: str, kernel_size: int, heads: int, channels: int, dtyp
     differentiates w.r.t. the input and every weight, as the trainer does.
     """
     module = (layers.SelfAttention2D if layers else SelfAttention2D)(
-        channels, channels, num_heads=heads, kernel_size=kernel_size, impl=impl,
-        dtype=dtype, rngs=nnx.Rngs(0),
-    )  # fmt: skip
+        channels,
+        channels,
+        num_heads=heads,
+        kernel_size=kernel_size,
+        impl=impl,
+        dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )
     graphdef, params = nnx.split(module)
 
     def layer(x, params):

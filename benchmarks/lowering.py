@@ -65,8 +65,10 @@ def main(argv=None) -> int:
                     times[kept].append(seconds)
                     programs = max(programs, count)
             kept, not_kept = min(times[True]), min(times[False])
-            print(f"{target:5} {program:15} kept {kept:6.1f} s   not kept {not_kept:6.1f} s   "
-                  f"{not_kept / kept:4.2f}x   ({programs} kernel programs kept)")  # fmt: skip
+            print(
+                f"{target:5} {program:15} kept {kept:6.1f} s   not kept {not_kept:6.1f} s   "
+                f"{not_kept / kept:4.2f}x   ({programs} kernel programs kept)"
+            )
     return 0
 
 

@@ -148,8 +148,13 @@ def rows(shapes, kernel_sizes, batch, heads, dtype, impls):
                 cost = counter(impl, batch, size, channels, heads, kernel_size, dtype)
                 entries.append((impl, kernel_size, cost))
         for impl, kernel_size, (flops, nbytes) in entries:
-            row = {"shape": f"{size}x{size}x{channels}", "k": kernel_size, "impl": impl,
-                   "gflop": flops / 1e9, "gbytes": nbytes / 1e9}  # fmt: skip
+            row = {
+                "shape": f"{size}x{size}x{channels}",
+                "k": kernel_size,
+                "impl": impl,
+                "gflop": flops / 1e9,
+                "gbytes": nbytes / 1e9,
+            }
             for hardware in HARDWARE:
                 seconds = bound_seconds(flops, nbytes, hardware)
                 row[f"{hardware} ms"] = seconds * 1e3
@@ -169,9 +174,13 @@ def main():
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     table = rows(
-        shapes, [int(k) for k in args.kernel_sizes.split(",")], args.batch, args.heads,
-        jnp.bfloat16, args.impls.split(","),
-    )  # fmt: skip
+        shapes,
+        [int(k) for k in args.kernel_sizes.split(",")],
+        args.batch,
+        args.heads,
+        jnp.bfloat16,
+        args.impls.split(","),
+    )
     if args.json:
         print(json.dumps({"estimate": True, "hardware": HARDWARE, "rows": table}, indent=1))
         return

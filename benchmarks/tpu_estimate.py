@@ -56,8 +56,9 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     batch = trainer.abstract_batch(setup, batch_per_chip)
     since = tpu_schedule.files(directory)
     if step == "grad":
-        compiled = _loss_and_gradient(setup).lower(abstract.params, abstract.model_state,
-                                                   batch).compile()  # fmt: skip
+        compiled = (
+            _loss_and_gradient(setup).lower(abstract.params, abstract.model_state, batch).compile()
+        )
     else:
         train, evaluate = trainer.jit_train_step(setup, abstract), trainer.jit_eval_step(setup)
         if step == "train":
@@ -65,9 +66,13 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
         else:
             compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
     return tpu_schedule.read(
-        compiled, directory, generation=generation, program=f"{name} {step}",
-        images_per_device=batch_per_chip, since=since,
-    )  # fmt: skip
+        compiled,
+        directory,
+        generation=generation,
+        program=f"{name} {step}",
+        images_per_device=batch_per_chip,
+        since=since,
+    )
 
 
 def _loss_and_gradient(setup):
@@ -88,8 +93,7 @@ def _loss_and_gradient(setup):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory,
-                   impl="auto"):  # fmt: skip
+def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory, impl="auto"):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -101,9 +105,17 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
 
     mesh = jax.sharding.Mesh(aot.target_devices(generation, 1), ("data",))
     on_chip = NamedSharding(mesh, P())
-    layer = nnx.eval_shape(lambda: SelfAttention2D(
-        channels, channels, num_heads=8, kernel_size=kernel_size, dtype=jnp.bfloat16,
-        impl=impl, rngs=nnx.Rngs(0)))  # fmt: skip
+    layer = nnx.eval_shape(
+        lambda: SelfAttention2D(
+            channels,
+            channels,
+            num_heads=8,
+            kernel_size=kernel_size,
+            dtype=jnp.bfloat16,
+            impl=impl,
+            rngs=nnx.Rngs(0),
+        )
+    )
     graphdef, params = nnx.split(layer)
 
     def loss(params, x):
@@ -117,11 +129,13 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     since = tpu_schedule.files(directory)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
     return tpu_schedule.read(
-        compiled, directory, generation=generation,
+        compiled,
+        directory,
+        generation=generation,
         program=f"layer {size}x{size}x{channels} k={kernel_size} {impl}",
         images_per_device=batch_per_chip,
         since=since,
-    )  # fmt: skip
+    )
 
 
 # ResNet-50's attention stages at 224² (8 heads): (size, channels).
@@ -147,8 +161,9 @@ def choice_table(generations, kernel_sizes, batch_per_chip, directory) -> dict:
                     if impl == "dense" and size * size > DENSE_POSITIONS:
                         continue  # (H·W)² logits: out of HBM, or far slower (56²: 33 GiB)
                     try:
-                        estimate = estimate_layer(size, channels, k, generation,
-                                                  batch_per_chip, directory, impl)  # fmt: skip
+                        estimate = estimate_layer(
+                            size, channels, k, generation, batch_per_chip, directory, impl
+                        )
                     except Exception as e:  # noqa: BLE001  (e.g. dense at 56²: out of HBM)
                         if "RESOURCE_EXHAUSTED" not in str(e):
                             raise
@@ -157,32 +172,43 @@ def choice_table(generations, kernel_sizes, batch_per_chip, directory) -> dict:
                 choice = min(cycles, key=cycles.get)
                 key = f"{size}x{size}x{channels // 8} k={k}"
                 table.setdefault(generation, {})[key] = dict(cycles=cycles, choice=choice)
-                print(f"{generation} {key}: " + ", ".join(
-                    f"{i} {c / 1e6:.2f} M" for i, c in cycles.items()) + f" -> {choice}",
-                    flush=True)  # fmt: skip
+                print(
+                    f"{generation} {key}: "
+                    + ", ".join(f"{i} {c / 1e6:.2f} M" for i, c in cycles.items())
+                    + f" -> {choice}",
+                    flush=True,
+                )
     return table
 
 
 def print_estimate(estimate, baseline=None) -> None:
     s = estimate.summary()
     ratio = f", {estimate.seconds / baseline.seconds:.2f}x ResNet-50's step" if baseline else ""
-    print(f"\n== {s['program']} on {s['generation']}, {s['images_per_device']} images per chip "
-          f"(estimated from libtpu's static schedule, not run)")  # fmt: skip
-    print(f"   {s['cycles'] / 1e6:.1f} M cycles: {s['step_ms']} ms per step, "
-          f"{s['images_per_second']} img/s per chip{ratio}")  # fmt: skip
+    print(
+        f"\n== {s['program']} on {s['generation']}, {s['images_per_device']} images per chip "
+        f"(estimated from libtpu's static schedule, not run)"
+    )
+    print(
+        f"   {s['cycles'] / 1e6:.1f} M cycles: {s['step_ms']} ms per step, "
+        f"{s['images_per_second']} img/s per chip{ratio}"
+    )
     if s["peak_bytes"]:
-        print(f"   memory (compiled): temporaries {s['temp_bytes'] / 2**30:.2f} GiB, "
-              f"peak {s['peak_bytes'] / 2**30:.2f} GiB per chip")  # fmt: skip
+        print(
+            f"   memory (compiled): temporaries {s['temp_bytes'] / 2**30:.2f} GiB, "
+            f"peak {s['peak_bytes'] / 2**30:.2f} GiB per chip"
+        )
     total = max(s["cycles"], 1)
     kinds = s["by_kind"].items()
     print("   by kind:  " + "; ".join(f"{k} {v / 1e6:.1f} M ({v / total:.0%})" for k, v in kinds))
     layers = list(s["by_layer"].items())
     print("   by layer: " + "; ".join(f"{k} {v / 1e6:.1f} M" for k, v in layers))
     for row in s["kernels"]:
-        print(f"   kernel {row['kernel']}: {row['calls']} calls, {row['bundles']} bundles, "
-              f"loops {row['loops']}, {row['cycles_per_call'] / 1e6:.2f} M cycles per call, "
-              f"spill {row['spill_share']:.0%}, VALU {row['valu_share']:.0%}, "
-              f"XLU {row['xlu_share']:.0%}, MXU {row['mxu_share']:.0%}")  # fmt: skip
+        print(
+            f"   kernel {row['kernel']}: {row['calls']} calls, {row['bundles']} bundles, "
+            f"loops {row['loops']}, {row['cycles_per_call'] / 1e6:.2f} M cycles per call, "
+            f"spill {row['spill_share']:.0%}, VALU {row['valu_share']:.0%}, "
+            f"XLU {row['xlu_share']:.0%}, MXU {row['mxu_share']:.0%}"
+        )
     if s["missing_kernels"]:
         print(f"   ({s['missing_kernels']} kernel calls without a dumped schedule: not counted)")
     if s["collectives"]:
@@ -194,12 +220,16 @@ def calibration(estimate) -> str:
 
     published = tpu_schedule.CALIBRATION.get(estimate.generation)
     if published is None:
-        return (f"   calibration: no published ResNet-50 figure for {estimate.generation} is "
-                "stored here; v4's ratio is the uncertainty")  # fmt: skip
+        return (
+            f"   calibration: no published ResNet-50 figure for {estimate.generation} is "
+            "stored here; v4's ratio is the uncertainty"
+        )
     figure, source = published
-    return (f"   calibration: estimated {estimate.images_per_second:.0f} img/s per chip against "
-            f"{figure:.0f} published ({source}): estimate / published = "
-            f"{estimate.images_per_second / figure:.2f}")  # fmt: skip
+    return (
+        f"   calibration: estimated {estimate.images_per_second:.0f} img/s per chip against "
+        f"{figure:.0f} published ({source}): estimate / published = "
+        f"{estimate.images_per_second / figure:.2f}"
+    )
 
 
 def main(argv=None) -> int:
@@ -267,8 +297,7 @@ def main(argv=None) -> int:
 
 def _choices(args, directory) -> int:
     kernel_sizes = [int(k) for k in args.kernel_sizes.split(",")]
-    table = choice_table(args.generations.split(","), kernel_sizes, args.batch_per_chip,
-                         directory)  # fmt: skip
+    table = choice_table(args.generations.split(","), kernel_sizes, args.batch_per_chip, directory)
     if args.write:
         write_tpu_choices(table, batch_per_chip=args.batch_per_chip)
     if args.check:
@@ -291,13 +320,25 @@ def write_tpu_choices(table: dict, *, batch_per_chip: int) -> None:
     generations = current.get("generations", {})
     for generation, rows in table.items():
         generations.setdefault(generation, {}).update(rows)
-    path.write_text(json.dumps(dict(
-        about="Estimated cycles of SelfAttention2D (forward and gradients, bfloat16, 8 heads) "
-              "per implementation, from libtpu's static schedule, not run: "
-              "benchmarks/tpu_estimate.py --choices.",
-        jax=jax.version.__version__, libtpu=_libtpu_version(), batch_per_chip=batch_per_chip,
-        generations=generations,
-    ), indent=1, sort_keys=True) + "\n")  # fmt: skip
+    about = (
+        "Estimated cycles of SelfAttention2D (forward and gradients, bfloat16, 8 heads) per "
+        "implementation, from libtpu's static schedule, not run: benchmarks/tpu_estimate.py "
+        "--choices."
+    )
+    path.write_text(
+        json.dumps(
+            dict(
+                about=about,
+                jax=jax.version.__version__,
+                libtpu=_libtpu_version(),
+                batch_per_chip=batch_per_chip,
+                generations=generations,
+            ),
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     choice.tpu_choices.cache_clear()
 
 

@@ -100,9 +100,12 @@ def main(argv=None) -> int:
         ratio = model / largest if largest else float("nan")
         if largest:
             worst = min(worst, ratio)
-        print(f"| {size}² k={k} head {head} {failed} | {tile} | {tile + 2 * halo} | "
-              f"{mib(found.get('fwd'))} | {mib(found.get('dq'))} | {mib(found.get('dkv'))} | "
-              f"{mib(model)} | {ratio:.2f} |", flush=True)  # fmt: skip
+        print(
+            f"| {size}² k={k} head {head} {failed} | {tile} | {tile + 2 * halo} | "
+            f"{mib(found.get('fwd'))} | {mib(found.get('dq'))} | {mib(found.get('dkv'))} | "
+            f"{mib(model)} | {ratio:.2f} |",
+            flush=True,
+        )
     print(f"\nlowest model / largest kernel: {worst:.2f} (below 1 would be a bound that fails)")
     return 0 if worst >= 1 else 1
 

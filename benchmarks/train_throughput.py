@@ -72,9 +72,12 @@ def measure(setup: trainer.Setup, steps: int) -> dict:
         - memory.alias_size_in_bytes
     )
     return dict(
-        images_per_sec=b / step_s, step_ms=step_s * 1e3, compile_s=compile_s,
-        temp_mb=memory.temp_size_in_bytes / 2**20, peak_mb=peak / 2**20,
-    )  # fmt: skip
+        images_per_sec=b / step_s,
+        step_ms=step_s * 1e3,
+        compile_s=compile_s,
+        temp_mb=memory.temp_size_in_bytes / 2**20,
+        peak_mb=peak / 2**20,
+    )
 
 
 def main():

@@ -17,10 +17,16 @@ from sasa_flax import config_lib, recipes
 PAPER_ROWS = {
     f"mix={mix}": dict(top1=top1)
     for mix, top1 in [
-        ("AAAA", 80.2), ("CAAA", 80.7), ("CCAA", 80.7), ("CCCA", 80.2),
-        ("CCCC", 79.5), ("ACCC", 79.7), ("AACC", 79.6), ("AAAC", 79.9),
+        ("AAAA", 80.2),
+        ("CAAA", 80.7),
+        ("CCAA", 80.7),
+        ("CCCA", 80.2),
+        ("CCCC", 79.5),
+        ("ACCC", 79.7),
+        ("AACC", 79.6),
+        ("AAAC", 79.9),
     ]
-}  # fmt: skip
+}
 
 _LETTERS = {"C": "conv", "A": "attention"}
 

@@ -143,9 +143,10 @@ def run(main) -> None:
     flag is defined here, when a program runs, not when this module is imported."""
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool(
-            "verbose", False,
+            "verbose",
+            False,
             "Full tracebacks instead of one-line errors (also SASA_FLAX_VERBOSE=1).",
-        )  # fmt: skip
+        )
     # Listed by --help with the program's own flags, not only under --helpfull.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["verbose"])
     app.run(main, flags_parser=parse_flags)

@@ -238,8 +238,9 @@ def validate(config: ml_collections.ConfigDict, dtype: Any = None):
     return model
 
 
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None,
-                dtype: Any = None):  # fmt: skip
+def build_model(
+    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None, dtype: Any = None
+):
     """The config's model, in compute ``dtype`` (None: the parameters' float32). Without
     ``rngs`` it is abstract (``nnx.eval_shape``: shapes only, nothing computed). Does not
     check the config (``validate`` does, once); an ``ArgumentError`` of the model's
@@ -276,19 +277,30 @@ def _validate_input_and_train(config) -> None:
         raise _field_error("input.augment", i.augment, "must name an augmentation, e.g. 'pad'.")
     if i.augment == "pad" and isinstance(i.image_size, int) and i.image_size <= 4:
         raise _field_error(
-            "input.image_size", i.image_size,
+            "input.image_size",
+            i.image_size,
             "must be more than 4 with config.input.augment='pad' (it reflect-pads by 4 pixels).",
-        )  # fmt: skip
+        )
     _one_of(config, "input.corrupt_images", ("fail", "skip"))
     _one_of(config, "train.on_nonfinite", ("stop", "skip"))
     for field in ("input.batch_size", "input.eval_batch_size", "input.shuffle_buffer"):
         _positive(config, field, kind=int)
-    for field in ("train.momentum", "train.weight_decay", "train.label_smoothing",
-                  "train.ema_decay", "train.warmup_epochs", "train.num_steps",
-                  "train.eval_every_steps"):  # fmt: skip
+    for field in (
+        "train.momentum",
+        "train.weight_decay",
+        "train.label_smoothing",
+        "train.ema_decay",
+        "train.warmup_epochs",
+        "train.num_steps",
+        "train.eval_every_steps",
+    ):
         _positive(config, field, allow_zero=True)
-    for field in ("train.base_learning_rate", "train.log_every_steps",
-                  "train.checkpoint_every_steps", "train.keep_checkpoints"):  # fmt: skip
+    for field in (
+        "train.base_learning_rate",
+        "train.log_every_steps",
+        "train.checkpoint_every_steps",
+        "train.keep_checkpoints",
+    ):
         _positive(config, field)
     _positive(config, "train.accumulation_steps", kind=int)
     for field in ("train.profile_steps", "train.profile_start_step"):

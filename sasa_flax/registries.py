@@ -49,9 +49,14 @@ class Registry(dict):
     a taken or ``reserved`` name is refused, naming both places. ``defined_by(value)``:
     the function or class whose definition identifies a registered value."""
 
-    def __init__(self, kind: str, initial: dict | None = None, *,
-                 defined_by: Callable[[Any], Any] = lambda value: value,
-                 reserved: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        initial: dict | None = None,
+        *,
+        defined_by: Callable[[Any], Any] = lambda value: value,
+        reserved: tuple[str, ...] = (),
+    ):
         super().__init__(initial or {})
         self.kind, self.defined_by, self.reserved = kind, defined_by, reserved
 

@@ -307,9 +307,14 @@ def exported_step(
     from sasa_flax.layers import SelfAttention2D
 
     layer = SelfAttention2D(
-        channels, channels, num_heads=8, kernel_size=7, impl=impl, dtype=dtype,
+        channels,
+        channels,
+        num_heads=8,
+        kernel_size=7,
+        impl=impl,
+        dtype=dtype,
         rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    )
     graphdef, params = nnx.split(layer)
 
     def loss(params, x):
@@ -358,9 +363,15 @@ def prepare_tfds(data_dir, class_name: str, features: dict, splits: dict) -> str
     def generate_examples(self, examples):
         yield from enumerate(examples())
 
-    builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), dict(
-        VERSION=tfds.core.Version("1.0.0"), _info=info, _split_generators=split_generators,
-        _generate_examples=generate_examples,
-    ))(data_dir=str(data_dir))  # fmt: skip
+    builder = type(
+        class_name,
+        (tfds.core.GeneratorBasedBuilder,),
+        dict(
+            VERSION=tfds.core.Version("1.0.0"),
+            _info=info,
+            _split_generators=split_generators,
+            _generate_examples=generate_examples,
+        ),
+    )(data_dir=str(data_dir))
     builder.download_and_prepare()
     return builder.name

@@ -20,11 +20,14 @@ def _setup(config, devices):
 def _batch(setup, size, seed=0, masked=3):
     rng = np.random.default_rng(seed)
     image = setup.config.input.image_size
-    return trainer.global_batch(setup, dict(
-        image=rng.integers(0, 256, (size, image, image, 3), dtype=np.uint8),
-        label=rng.integers(0, setup.config.model.num_classes, size).astype(np.int32),
-        mask=(np.arange(size) >= masked).astype(np.float32),  # a few undecodable images
-    ))  # fmt: skip
+    return trainer.global_batch(
+        setup,
+        dict(
+            image=rng.integers(0, 256, (size, image, image, 3), dtype=np.uint8),
+            label=rng.integers(0, setup.config.model.num_classes, size).astype(np.int32),
+            mask=(np.arange(size) >= masked).astype(np.float32),  # a few undecodable images
+        ),
+    )
 
 
 def _one_step(config, devices, batch_seed=0):
@@ -50,8 +53,11 @@ def test_micro_batches_give_the_whole_batch_update_without_batchnorm(devices):
     for key in ("loss", "top1", "grad_norm", "learning_rate"):
         np.testing.assert_allclose(parts_metrics[key], whole_metrics[key], rtol=2e-5, err_msg=key)
     for name in ("params", "opt_state", "ema_params"):
-        for a, b in zip(jax.tree.leaves(getattr(parts, name)),
-                        jax.tree.leaves(getattr(whole, name)), strict=True):  # fmt: skip
+        for a, b in zip(
+            jax.tree.leaves(getattr(parts, name)),
+            jax.tree.leaves(getattr(whole, name)),
+            strict=True,
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
     changed = [
         not np.allclose(a, b)
@@ -59,7 +65,7 @@ def test_micro_batches_give_the_whole_batch_update_without_batchnorm(devices):
             jax.tree.leaves(whole.params),
             jax.tree.leaves(_setup_params(config, devices)),
             strict=True,
-        )  # fmt: skip
+        )
     ]
     assert any(changed)  # the step did move the parameters
 
@@ -85,8 +91,9 @@ def test_accumulated_run_resumes_bit_exactly(tmp_path):
     config = tiny_config(accumulation_steps=2)
     devices = jax.devices()[:2]
     trainer.train_and_evaluate(config, str(tmp_path / "whole"), devices=devices)
-    stopped = trainer.train_and_evaluate(config, str(tmp_path / "cut"), devices=devices,
-                                         stop_after_step=3)  # fmt: skip
+    stopped = trainer.train_and_evaluate(
+        config, str(tmp_path / "cut"), devices=devices, stop_after_step=3
+    )
     assert stopped["step"] == 3
     trainer.train_and_evaluate(config, str(tmp_path / "cut"), devices=devices)
     _, a = final_params(config, str(tmp_path / "whole"), devices)

@@ -36,9 +36,14 @@ def test_gradients_float64(rng):
         args = make_inputs(rng, 2, True, shape=(1, 4, 4, 2, 4), dtype=np.float64)
         f = lambda *a: block_local_attention(*a, block_size=2)
         check_grads(
-            jax.jit(f), tuple(map(jnp.asarray, args)), order=1, modes=("rev",),
-            atol=1e-6, rtol=1e-6, eps=FD_STEP,
-        )  # fmt: skip
+            jax.jit(f),
+            tuple(map(jnp.asarray, args)),
+            order=1,
+            modes=("rev",),
+            atol=1e-6,
+            rtol=1e-6,
+            eps=FD_STEP,
+        )
 
 
 def test_blocks_do_not_see_each_other(rng):

@@ -43,9 +43,12 @@ def require(target: str) -> None:
 
 
 def assert_runs_per_chip(
-    report: aot.Report, *, expect_kernels: bool, frames: int | None = None,
+    report: aot.Report,
+    *,
+    expect_kernels: bool,
+    frames: int | None = None,
     largest_collective: int | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """The kernels are compiled in and run on ``frames`` (images × heads) per chip
     (default: the chip's batch × HEADS); every collective, of every kind, carries at most
     ``largest_collective`` elements (the parameters': only gradient reductions cross chips,
@@ -92,9 +95,12 @@ def state_elements(setup) -> int:
 def test_layer_forward_and_backward(target, size, channels, kernel_size):
     require(target)
     report = aot.compile_layer(
-        target, size=size, channels=channels, kernel_size=kernel_size,
+        target,
+        size=size,
+        channels=channels,
+        kernel_size=kernel_size,
         batch_per_chip=BATCH_PER_CHIP,
-    )  # fmt: skip
+    )
     platform = aot.TARGETS[target].platform
     choice = ops.auto_choice(platform, size, size, kernel_size, head_dim=channels // HEADS)
     largest = layer_parameters(channels, kernel_size)
@@ -116,8 +122,12 @@ def test_tiles_fit_v4_vmem_up_to_448(size, channels, kernel_size):
     refuses such options), and a core's 16 MiB of VMEM is what a program gets either way."""
     require("v4")
     report = aot.compile_layer(
-        "v4", size=size, channels=channels, kernel_size=kernel_size, batch_per_chip=4,
-    )  # fmt: skip
+        "v4",
+        size=size,
+        channels=channels,
+        kernel_size=kernel_size,
+        batch_per_chip=4,
+    )
     largest = layer_parameters(channels, kernel_size)
     assert_runs_per_chip(report, expect_kernels=True, largest_collective=largest)
 
@@ -128,9 +138,14 @@ def test_layer_other_paddings_and_dtypes(target, dtype, padding):
     require(target)
     for size, channels in STAGES[:2]:  # the stages where auto runs the kernels
         report = aot.compile_layer(
-            target, size=size, channels=channels, kernel_size=3, batch_per_chip=32,
-            dtype=dtype, padding=padding,
-        )  # fmt: skip
+            target,
+            size=size,
+            channels=channels,
+            kernel_size=3,
+            batch_per_chip=32,
+            dtype=dtype,
+            padding=padding,
+        )
         assert_runs_per_chip(
             report, expect_kernels=True, largest_collective=layer_parameters(channels, 3)
         )
@@ -164,9 +179,11 @@ def test_users_programs(target, program):
         assert not moved, f"tensor parallel gathers or permutes activations: {moved}"
     largest = None if program in PROGRAM_MOVES_ACTIVATIONS else layer_parameters(128, 7)
     assert_runs_per_chip(
-        report, expect_kernels=True, frames=USER_FRAMES.get(program),
+        report,
+        expect_kernels=True,
+        frames=USER_FRAMES.get(program),
         largest_collective=largest,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,9 +201,10 @@ def test_trainer_steps(target, depth, variant):
     """The trainer's own train and eval steps for configs/imagenet.py on 4 chips."""
     require(target)
     setup = aot.trainer_setup(
-        f"configs/imagenet.py:depth={depth},variant={variant}", target,
+        f"configs/imagenet.py:depth={depth},variant={variant}",
+        target,
         batch_per_chip=BATCH_PER_CHIP,
-    )  # fmt: skip
+    )
     for report in aot.compile_train_steps(setup, target):
         assert_runs_per_chip(report, expect_kernels=True, largest_collective=state_elements(setup))
 
@@ -243,17 +261,28 @@ def _estimate(*args: str, tmp_path) -> tuple[int, str]:
     require("v5e")
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.tpu_estimate", "--dump-to", str(tmp_path), *args],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
         timeout=1800,
-    )  # fmt: skip
+    )
     return result.returncode, result.stdout + result.stderr[-3000:]
 
 
 def test_the_tpu_choice_table_is_current(tmp_path):
     """The checked-in choice table (ops/tpu_choices.json, read by impl="auto" on TPU)
     chooses what libtpu's schedule says now at k = 7, every stage, on v5e."""
-    code, out = _estimate("--choices", "--generations", "v5e", "--kernel-sizes", "7",
-                          "--batch-per-chip", "32", "--check", tmp_path=tmp_path)  # fmt: skip
+    code, out = _estimate(
+        "--choices",
+        "--generations",
+        "v5e",
+        "--kernel-sizes",
+        "7",
+        "--batch-per-chip",
+        "32",
+        "--check",
+        tmp_path=tmp_path,
+    )
     assert code == 0, out
 
 
@@ -274,8 +303,16 @@ def test_every_imagenet_model_against_resnet50_on_v5e(tmp_path):
     # ResNet-50 has no kernel: compiled without libtpu's schedule dumps (half its time).
     for program, dumps in (("resnet50", ["--no-schedules"]), ("sasa_conv_stem", [])):
         summary = tmp_path / f"{program}.json"
-        code, out = _estimate("--generations", "v5e", "--programs", program, *dumps,
-                              "--json", str(summary), tmp_path=tmp_path)  # fmt: skip
+        code, out = _estimate(
+            "--generations",
+            "v5e",
+            "--programs",
+            program,
+            *dumps,
+            "--json",
+            str(summary),
+            tmp_path=tmp_path,
+        )
         assert code == 0, out
         (steps[program],) = json.loads(summary.read_text())
     hbm = aot.TARGETS["v5e"].hbm_bytes

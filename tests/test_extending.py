@@ -58,7 +58,7 @@ class TinyViT(nnx.Module):
                     kernel_size=kernel_size,
                     dtype=dtype,
                     rngs=rngs,
-                )  # fmt: skip
+                )
                 for _ in range(depth)
             ]
         )
@@ -86,8 +86,9 @@ TRACED_ATTENTION: list[tuple[int, int, int]] = []
 def _recorded_dense(q, k, v, rel_row, rel_col, *, kernel_size, padding):
     """ "dense", recording each layer that calls it."""
     TRACED_ATTENTION.append((q.shape[1], q.shape[2], kernel_size))
-    return ops.local_attention(q, k, v, rel_row, rel_col, kernel_size=kernel_size,
-                               padding=padding, impl="dense")  # fmt: skip
+    return ops.local_attention(
+        q, k, v, rel_row, rel_col, kernel_size=kernel_size, padding=padding, impl="dense"
+    )
 
 
 ops.register_implementation("recorded_dense_for_tests", _recorded_dense)
@@ -130,9 +131,13 @@ def get_config(arg=None):
     config.model = config_lib.model_config("tiny_vit_for_tests")
     config.input.update(image_size=16, batch_size=32, eval_batch_size=40)
     config.train.update(
-        num_steps=args.steps, warmup_epochs=0.0, base_learning_rate=0.4, ema_decay=0.5,
-        log_every_steps=1, checkpoint_every_steps=args.checkpoint_every,
-    )  # fmt: skip
+        num_steps=args.steps,
+        warmup_epochs=0.0,
+        base_learning_rate=0.4,
+        ema_decay=0.5,
+        log_every_steps=1,
+        checkpoint_every_steps=args.checkpoint_every,
+    )
     return config
 
 
@@ -168,8 +173,9 @@ def test_the_report_counts_what_it_can_and_names_what_it_cannot():
 
 
 def test_default_weight_decay_is_on_matrices_only():
-    setup = trainer.model_setup(get_config(), jax.devices()[:1], dataset=None,
-                                  steps_per_epoch=10, total_steps=10)  # fmt: skip
+    setup = trainer.model_setup(
+        get_config(), jax.devices()[:1], dataset=None, steps_per_epoch=10, total_steps=10
+    )
     params = trainer.abstract_state(setup).params
     mask = setup.decay_mask(params)
     flat = {"/".join(map(str, k)): v for k, v in flax.traverse_util.flatten_dict(mask).items()}
@@ -179,8 +185,9 @@ def test_default_weight_decay_is_on_matrices_only():
 
 def test_dropout_keys_come_from_the_seed_and_the_step():
     config = get_config()
-    setup = trainer.model_setup(config, jax.devices()[:1], dataset=None,
-                                  steps_per_epoch=10, total_steps=10)  # fmt: skip
+    setup = trainer.model_setup(
+        config, jax.devices()[:1], dataset=None, steps_per_epoch=10, total_steps=10
+    )
     state = trainer.init_state(setup, trainer.abstract_state(setup))
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
 
@@ -256,8 +263,13 @@ def test_loading_this_file_again_re_registers_it_and_a_clash_is_refused(monkeypa
 
 def test_a_dataset_and_augmentation_registered_here_are_what_the_trainer_reads(tmp_path):
     config = get_config()
-    config.input.update(dataset="brightness_for_tests", augment="mark_for_tests",
-                        batch_size=32, eval_batch_size=16, random_flip=False)  # fmt: skip
+    config.input.update(
+        dataset="brightness_for_tests",
+        augment="mark_for_tests",
+        batch_size=32,
+        eval_batch_size=16,
+        random_flip=False,
+    )
     config.model.num_classes = 3
     setup = trainer.make_setup(config)
     batch = next(data.train_batches(setup.dataset, config.input, seed=0))
@@ -295,10 +307,15 @@ def test_train_py_sigterm_resume_and_eval_py(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     evaluation = Process(
-        ["eval.py", "--config", "tests/test_extending.py:steps=24", "--workdir",
-         str(tmp_path / "run")],
+        [
+            "eval.py",
+            "--config",
+            "tests/test_extending.py:steps=24",
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
         environment(1),
-    )  # fmt: skip
+    )
     assert evaluation.finish() == 0, evaluation.output
     assert "step 24: top-1" in evaluation.output
 
@@ -357,9 +374,13 @@ def test_every_registry_keeps_one_rule(kind):
     from sasa_flax import costs
 
     tables = [
-        models.registry._MODELS, importlib.import_module("sasa_flax.ops.local_attention")
-        ._IMPLEMENTATIONS, data.SOURCES, data.AUGMENTATIONS, resnet.SPATIAL_LAYERS, costs._RULES,
-    ]  # fmt: skip
+        models.registry._MODELS,
+        importlib.import_module("sasa_flax.ops.local_attention")._IMPLEMENTATIONS,
+        data.SOURCES,
+        data.AUGMENTATIONS,
+        resnet.SPATIAL_LAYERS,
+        costs._RULES,
+    ]
     before = [dict(t) for t in tables]
     register = REGISTRATIONS[kind]
     try:

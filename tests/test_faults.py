@@ -262,7 +262,7 @@ def _two_processes(workdir, config_arg: str) -> list[helpers.Process]:
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(i),
             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
 
@@ -350,14 +350,24 @@ def test_a_two_process_run_on_a_workdir_in_use_exits_on_both_processes(tmp_path)
     "args,message",
     [
         (["--workdir", "WORKDIR"], "error: --config is required: e.g. --config configs/digits.py"),
-        (["--config", "configs/digit.py", "--workdir", "WORKDIR"],
-         "error: --config configs/digit.py: no such file 'configs/digit.py'; did you mean "
-         "configs/digits.py?"),
+        (
+            ["--config", "configs/digit.py", "--workdir", "WORKDIR"],
+            "error: --config configs/digit.py: no such file 'configs/digit.py'; did you mean "
+            "configs/digits.py?",
+        ),
         (["--config", "configs/digits.py"], "error: --workdir is required"),
-        (["--config", "configs/digits.py", "--workdir", "WORKDIR", "--config.model.kernal_size=3"],
-         'kernal_size. Did you mean "kernel_size" instead of "kernal_size"? The fields are'),
+        (
+            [
+                "--config",
+                "configs/digits.py",
+                "--workdir",
+                "WORKDIR",
+                "--config.model.kernal_size=3",
+            ],
+            'kernal_size. Did you mean "kernel_size" instead of "kernal_size"? The fields are',
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_forgotten_or_misspelt_flag_is_named_with_the_fix(tmp_path, args, message):
     args = [a.replace("WORKDIR", str(tmp_path / "run")) for a in args]
     run = helpers.Process(["train.py", *args], helpers.environment())

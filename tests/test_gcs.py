@@ -102,8 +102,16 @@ def test_train_preempt_resume_exactly_then_eval_report_visualize_on_gcs(gcs, tmp
     assert report.finish(300) == 0, report.output
     (row,) = json.loads(report.output[report.output.index("[") :])
     assert row["workdir"] == resumed and row["steps_done"] == steps and row["top1"] is not None
-    pictures = _run(gcs, "-m", "sasa_flax.visualize", spec, f"--workdir={resumed}",
-                    f"--out={tmp_path}", "--images=1", "--queries=0.5,0.5")  # fmt: skip
+    pictures = _run(
+        gcs,
+        "-m",
+        "sasa_flax.visualize",
+        spec,
+        f"--workdir={resumed}",
+        f"--out={tmp_path}",
+        "--images=1",
+        "--queries=0.5,0.5",
+    )
     assert pictures.finish(300) == 0, pictures.output
     assert (tmp_path / "index.html").exists()
 
@@ -135,9 +143,13 @@ def test_a_folder_dataset_on_gcs_is_listed_once_and_trains(gcs, tmp_path, monkey
     assert tree.subfolders() == ["train", "val"] and tree.subfolders("train") == ["a", "b", "c"]
     assert tree.files["train/a/empty.png"] == 0 and tree.files["train/a/0.png"] > 0
 
-    flags = [f"--config.input.data_dir={root}", "--config.input.dataset=folder",
-             "--config.model.num_classes=3", "--config.input.batch_size=8",
-             "--config.input.eval_batch_size=6"]  # fmt: skip
+    flags = [
+        f"--config.input.data_dir={root}",
+        "--config.input.dataset=folder",
+        "--config.model.num_classes=3",
+        "--config.input.batch_size=8",
+        "--config.input.eval_batch_size=6",
+    ]
     refused = _train(gcs, gcs.prefix("run"), "steps=2", *flags)
     assert refused.finish(300) == 1 and "1 empty (0-byte) image file(s)" in refused.output
     bucket.blob(f"{_key(root)}/train/a/empty.png").delete()
@@ -185,8 +197,9 @@ def test_a_damaged_checkpoint_on_gcs_is_recorded_skipped_and_redone_exactly(gcs)
     assert entry["step"] == 6 and entry["replaced"]
     assert ("checksum" if found[0] != "the storage layer" else "undecodable") in entry["reason"]
     assert _checksums(gcs, workdir, 6) == expected  # redone, bit for bit
-    evaluation = _run(gcs, "eval.py", f"--config=tests/tiny_config.py:{config_arg}",
-                      f"--workdir={workdir}")  # fmt: skip
+    evaluation = _run(
+        gcs, "eval.py", f"--config=tests/tiny_config.py:{config_arg}", f"--workdir={workdir}"
+    )
     assert evaluation.finish(300) == 0 and "step 6: top-1" in evaluation.output
 
 
@@ -202,8 +215,12 @@ def test_a_server_error_mid_save_ends_in_one_line_and_keeps_the_newest_checkpoin
         gcs.clear_faults()
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "412" in errors[0] and "Traceback" not in run.output, run.output
-    evaluation = _run(gcs, "eval.py", "--config=tests/tiny_config.py:steps=6,checkpoint_every=2",
-                      f"--workdir={workdir}")  # fmt: skip
+    evaluation = _run(
+        gcs,
+        "eval.py",
+        "--config=tests/tiny_config.py:steps=6,checkpoint_every=2",
+        f"--workdir={workdir}",
+    )
     assert evaluation.finish(300) == 0, evaluation.output
     assert "step 2: top-1" in evaluation.output  # the newest complete checkpoint, intact
 
@@ -219,8 +236,13 @@ def test_transient_server_errors_mid_save_are_retried_and_the_run_completes(gcs)
     finally:
         gcs.clear_faults()
     assert "final test top-1" in run.output
-    evaluation = _run(gcs, "eval.py", "--config=tests/tiny_config.py:steps=6,checkpoint_every=2",
-                      f"--workdir={workdir}", "--step=4")  # fmt: skip
+    evaluation = _run(
+        gcs,
+        "eval.py",
+        "--config=tests/tiny_config.py:steps=6,checkpoint_every=2",
+        f"--workdir={workdir}",
+        "--step=4",
+    )
     assert evaluation.finish(300) == 0 and "step 4: top-1" in evaluation.output
 
 
@@ -253,10 +275,18 @@ def test_tensorboard_events_on_gcs_are_uploaded_at_flushes_not_every_few_lines(g
 
 def test_a_profile_on_gcs_is_traced_locally_and_uploaded(gcs):
     workdir = gcs.prefix("profiled")
-    run = _train(gcs, workdir, "steps=4", "--config.train.profile_steps=2",
-                 "--config.train.profile_start_step=1")  # fmt: skip
+    run = _train(
+        gcs,
+        workdir,
+        "steps=4",
+        "--config.train.profile_steps=2",
+        "--config.train.profile_start_step=1",
+    )
     assert run.finish(300) == 0, run.output
-    traces = [b for b in _bucket(gcs).list_blobs(prefix=f"{_key(workdir)}/profile/")
-              if b.name.endswith(".xplane.pb")]  # fmt: skip
+    traces = [
+        b
+        for b in _bucket(gcs).list_blobs(prefix=f"{_key(workdir)}/profile/")
+        if b.name.endswith(".xplane.pb")
+    ]
     assert len(traces) == 1 and traces[0].size > 0, run.output
     assert "profiled steps 2-3 into gs://" in run.output

@@ -23,9 +23,13 @@ def input_config(**fields):
 @pytest.mark.parametrize("augment", ["inception", "pad"])
 def test_imagenet_on_mock_data(augment):
     config = input_config(
-        dataset="imagenet2012", image_size=64, batch_size=8, eval_batch_size=8,
-        shuffle_buffer=32, augment=augment,
-    )  # fmt: skip
+        dataset="imagenet2012",
+        image_size=64,
+        batch_size=8,
+        eval_batch_size=8,
+        shuffle_buffer=32,
+        augment=augment,
+    )
     with tfds.testing.mock_data(num_examples=20):
         dataset = data.load(config)
         assert dataset.num_classes == 1000 and dataset.train.stream is not None
@@ -205,9 +209,13 @@ def test_corrupt_images_fail_with_the_fix_or_are_skipped_and_counted(tmp_path, a
         write_image_folder(tmp_path / split, per_class=3)
         write_corrupt_images(tmp_path / split)
     config = input_config(
-        dataset="folder", data_dir=str(tmp_path), image_size=16, batch_size=11,
-        eval_batch_size=4, augment=augment,
-    )  # fmt: skip
+        dataset="folder",
+        data_dir=str(tmp_path),
+        image_size=16,
+        batch_size=11,
+        eval_batch_size=4,
+        augment=augment,
+    )
     dataset = data.load(config)
     assert (dataset.train.size, dataset.eval.size) == (11, 11)
     with pytest.raises(data.DatasetError, match="could not be decoded.*corrupt_images='skip'"):
@@ -232,9 +240,13 @@ def test_a_class_sorted_folder_many_times_the_buffer_is_well_mixed(tmp_path):
     buffer; here 600 files against a buffer of 8. Every batch must still mix the classes."""
     write_image_folder(tmp_path, classes=[f"c{i}" for i in range(10)], per_class=60, size=(8, 8))
     config = input_config(
-        dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=40,
-        augment="pad", shuffle_buffer=8,
-    )  # fmt: skip
+        dataset="folder",
+        data_dir=str(tmp_path),
+        image_size=8,
+        batch_size=40,
+        augment="pad",
+        shuffle_buffer=8,
+    )
     dataset = data.load(config)
     stream = data.train_batches(dataset, config, seed=0)
     steps = data.steps_per_epoch(dataset, 40)
@@ -290,7 +302,7 @@ def test_global_batches_and_keys_do_not_depend_on_the_process_count(monkeypatch,
             config,
             seed=1,
             start_step=22,
-        )  # fmt: skip
+        )
         for i in range(processes)
     ]
     seen = set()
@@ -403,9 +415,12 @@ def test_the_global_batches_are_the_same_on_any_number_of_processes():
     config = config_lib.load_config("tests/tiny_config.py").input
     one = next(data.train_batches(data.load(config), config, seed=0, start_step=7))
     halves = [
-        next(data.train_batches(data.load(config, process_index=i, process_count=2), config,
-                              seed=0, start_step=7))
+        next(
+            data.train_batches(
+                data.load(config, process_index=i, process_count=2), config, seed=0, start_step=7
+            )
+        )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     for key in ("image", "label"):
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), one[key])

@@ -31,9 +31,11 @@ def runs(tmp_path_factory):
         config = tiny_config(num_steps=2, log_every_steps=log_every)
         overrides = [f"config.train.log_every_steps={log_every}"] if log_every == 2 else []
         trainer.train_and_evaluate(
-            config, workdir, devices=jax.devices()[:2],
+            config,
+            workdir,
+            devices=jax.devices()[:2],
             command=dict(config_spec=SPEC, overrides=overrides),
-        )  # fmt: skip
+        )
         workdirs.append(workdir)
     return workdirs
 
@@ -66,22 +68,34 @@ def test_paper_numbers_come_from_the_config_file():
 def test_report_results_and_visualize_commands(runs, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "sasa_flax.report", "--results", "--json", *runs],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = json.loads(out)
     assert [r["workdir"] for r in rows] == runs
     assert rows[1]["differs"] == ["train.log_every_steps=2"]
     missing = subprocess.run(
         [sys.executable, "-m", "sasa_flax.report", "--results", "/nonexistent/run"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
     assert "Traceback" not in missing.stderr
     pictures = subprocess.run(
-        [sys.executable, "-m", "sasa_flax.visualize", f"--config={SPEC}", f"--workdir={runs[0]}",
-         f"--out={tmp_path}", "--images=1", "--queries=0.5,0.5"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sasa_flax.visualize",
+            f"--config={SPEC}",
+            f"--workdir={runs[0]}",
+            f"--out={tmp_path}",
+            "--images=1",
+            "--queries=0.5,0.5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert pictures.returncode == 0, pictures.stderr
     assert "step 2: 3 files" in pictures.stdout and (tmp_path / "index.html").exists()
 
@@ -96,9 +110,11 @@ def test_attention_pictures_of_a_trained_run(runs, tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == sorted(out["files"])
     assert files == [
-        "blocks_7_spatial_image0.png", "blocks_7_spatial_image1.png",
-        "blocks_7_spatial_positional.png", "index.html",
-    ]  # fmt: skip
+        "blocks_7_spatial_image0.png",
+        "blocks_7_spatial_image1.png",
+        "blocks_7_spatial_positional.png",
+        "index.html",
+    ]
     index = (tmp_path / "index.html").read_text()
     assert all(f'src="{name}"' in index for name in files if name.endswith(".png"))
     for name in files[:3]:

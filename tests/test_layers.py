@@ -131,15 +131,21 @@ def test_jitted_layer_gradients_match_finite_differences_in_float64(rng, options
     every parameter), under jit, against central differences in float64."""
     with jax.enable_x64(True):
         layer = SelfAttention2D(
-            6, 8, num_heads=2, kernel_size=3, param_dtype=jnp.float64, rngs=nnx.Rngs(0),
+            6,
+            8,
+            num_heads=2,
+            kernel_size=3,
+            param_dtype=jnp.float64,
+            rngs=nnx.Rngs(0),
             **options,
-        )  # fmt: skip
+        )
         graphdef, params = nnx.split(layer)
         x = jnp.asarray(rng.standard_normal((1, 4, 5, 6)))
         forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
         assert forward(params, x).dtype == jnp.float64
-        check_grads(forward, (params, x), order=1, modes=("rev",), atol=1e-6, rtol=1e-6,
-                    eps=FD_STEP)  # fmt: skip
+        check_grads(
+            forward, (params, x), order=1, modes=("rev",), atol=1e-6, rtol=1e-6, eps=FD_STEP
+        )
 
 
 @pytest.mark.parametrize("scale", [None, 0.125])
@@ -155,7 +161,7 @@ def test_the_projections_channels_first_are_the_same_products(rng, scale):
         channels_first = common.heads_channels_first(x, kernel, 3, scale)
     expected = np.einsum("bhwc,co->bhwo", np.float64(x), np.float64(kernel)).reshape(
         2, 3, 5, 3, 4
-    ) * (scale or 1.0)  # fmt: skip
+    ) * (scale or 1.0)
     np.testing.assert_allclose(rows_first, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(channels_first, expected, rtol=1e-5, atol=1e-5)
 
@@ -243,8 +249,9 @@ def test_the_stem_attends_in_blocks_as_the_block_operator_does(rng, variant):
     from sasa_flax.ops import block_local_attention
 
     with jax.enable_x64(True):
-        stem = AttentionStem(3, 16, variant=variant, num_heads=2, param_dtype=jnp.float64,
-                             rngs=nnx.Rngs(0))  # fmt: skip
+        stem = AttentionStem(
+            3, 16, variant=variant, num_heads=2, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        )
         if variant == "spatially_aware":  # a mixture that depends on the block position
             stem.mixture_logit_vectors[...] = jnp.asarray(rng.standard_normal((4, 8)))
         x = jnp.asarray(rng.standard_normal((2, 8, 12, 3)))
@@ -252,9 +259,13 @@ def test_the_stem_attends_in_blocks_as_the_block_operator_does(rng, variant):
         q = x @ stem.query.kernel[...] * 8**-0.5
         k = x @ stem.key.kernel[...]
         expected = block_local_attention(
-            split(q), split(k), split(stem.values(x)), stem.rel_row[...], stem.rel_col[...],
+            split(q),
+            split(k),
+            split(stem.values(x)),
+            stem.rel_row[...],
+            stem.rel_col[...],
             block_size=4,
-        ).reshape(2, 8, 12, 16)  # fmt: skip
+        ).reshape(2, 8, 12, 16)
         np.testing.assert_allclose(stem.attend(x), expected, rtol=1e-12, atol=1e-12)
 
 

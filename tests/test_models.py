@@ -71,8 +71,11 @@ PAPER = config_lib.load_config_module(str(CONFIG_DIR / "imagenet.py")).PAPER_ROW
 
 def _readme_table1_row(depth: int, variant: str) -> list[str]:
     """The cells of the README's Table 1 row for (depth, variant), after the name."""
-    name = {"baseline": "baseline", "conv_stem_attention": "conv stem + attention",
-            "full_attention": "full attention"}[variant]  # fmt: skip
+    name = {
+        "baseline": "baseline",
+        "conv_stem_attention": "conv stem + attention",
+        "full_attention": "full attention",
+    }[variant]
     rows = [
         line.split("|")[2:-1]
         for line in (ROOT / "README.md").read_text().splitlines()
@@ -95,9 +98,12 @@ def test_table1_parameters_and_flops(depth, variant):
     assert abs(params / 1e6 - paper["mparams"]) <= 0.1
     assert abs(gflops - paper["gflops"]) <= 0.15
     assert _readme_table1_row(depth, variant) == [
-        f"{params / 1e6:.2f}", f"{paper['mparams']}", f"{gflops:.2f}", f"{paper['gflops']}",
+        f"{params / 1e6:.2f}",
+        f"{paper['mparams']}",
+        f"{gflops:.2f}",
+        f"{paper['gflops']}",
         f"{paper['top1']}",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("mix", ["CCAA", "ACCC", "CACA", "AAAA", "CCCC"])

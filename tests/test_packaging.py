@@ -31,9 +31,12 @@ _METADATA = 'import importlib.metadata; print("REQUIRES", importlib.metadata.req
 
 def test_the_layers_import_without_the_trainer():
     out = subprocess.run(
-        [sys.executable, "-c", _IMPORT_LAYERS], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-c", _IMPORT_LAYERS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         check=False,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -56,14 +59,20 @@ def test_pip_install_in_a_fresh_venv(tmp_path, editable):
     target = ["-e", str(ROOT)] if editable else [str(ROOT)]
     install = subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *target],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     # Run outside the source tree, so that the installed package is the one imported.
     out = subprocess.run(
-        [python, "-c", _IMPORT_LAYERS + _METADATA], capture_output=True, text=True,
-        check=False, cwd=tmp_path,
-    )  # fmt: skip
+        [python, "-c", _IMPORT_LAYERS + _METADATA],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     source = pathlib.Path(out.stdout.split("FROM ")[1].split()[0])
     assert (source.parent == ROOT / "sasa_flax") == editable

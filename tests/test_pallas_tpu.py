@@ -76,8 +76,14 @@ def _pairwise(index: int, shape, kernel_size) -> list[tuple]:
     into more tiles than the default (elsewhere it is the same program)."""
     cases = []
     for terms, padding, dtype, smallest in PAIRWISE:
-        case = (shape, kernel_size, TERMS[(terms + index) % len(TERMS)], padding, dtype,
-                smallest and _splits(shape, kernel_size))  # fmt: skip
+        case = (
+            shape,
+            kernel_size,
+            TERMS[(terms + index) % len(TERMS)],
+            padding,
+            dtype,
+            smallest and _splits(shape, kernel_size),
+        )
         if case not in cases:
             cases.append(case)
     return cases
@@ -180,13 +186,21 @@ def test_wide_chunks_cross_chunk_and_tile_edges(dtype, padding):
     inputs = [jnp.asarray(x, dtype) for x in make_inputs(rng, shape, kernel_size, TERMS[0])]
     cotangent = rng.standard_normal(shape[:4] + (shape[5],))
     attention = functools.partial(tpu.local_attention, tile=512, interpret=RACES)
-    y, grads = y_and_gradients(attention, inputs, jnp.asarray(cotangent, jnp.float32),
-                               kernel_size=kernel_size, padding=padding)  # fmt: skip
+    y, grads = y_and_gradients(
+        attention,
+        inputs,
+        jnp.asarray(cotangent, jnp.float32),
+        kernel_size=kernel_size,
+        padding=padding,
+    )
     with jax.enable_x64(True):
         exact_y, exact_grads = y_and_gradients(
-            patches.local_attention, [jnp.asarray(x, jnp.float64) for x in inputs],
-            jnp.asarray(cotangent), kernel_size=kernel_size, padding=padding,
-        )  # fmt: skip
+            patches.local_attention,
+            [jnp.asarray(x, jnp.float64) for x in inputs],
+            jnp.asarray(cotangent),
+            kernel_size=kernel_size,
+            padding=padding,
+        )
     assert not interpret_pallas_call.races.races_found
     tol = 1e-5 if dtype == "float32" else 2e-2
     for ours, exact in zip([y, *grads], [exact_y, *exact_grads], strict=True):
@@ -200,8 +214,18 @@ def test_packed_pairs_round_trip_every_bfloat16_exactly():
     values = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.bfloat16)
     values = values[~jnp.isnan(values)]
     frame = values[: 3 * (values.size // 3)].reshape(1, 3, 1, -1)  # (B, c, N, L), c odd
-    config = tpu._Config(3, "mask", True, False, None, 4, 3, jnp.float32,
-                         (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16), False)  # fmt: skip
+    config = tpu._Config(
+        3,
+        "mask",
+        True,
+        False,
+        None,
+        4,
+        3,
+        jnp.float32,
+        (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+        False,
+    )
     assert config.packed and config.stored(3) == 2
     packed = tpu._pack(config, frame)
     assert packed.shape == (1, 2, 1, frame.shape[-1]) and packed.dtype == jnp.uint32

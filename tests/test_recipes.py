@@ -91,8 +91,10 @@ def test_one_train_step_applies_the_warm_ema_and_logs_the_applied_rate():
     assert float(metrics["learning_rate"]) == pytest.approx(float(setup.schedule(1)))
     assert float(setup.schedule(1)) != pytest.approx(float(setup.schedule(5)))
     decay = 6 / 15  # min(0.9999, (1 + 5) / (10 + 5))
-    for ema, init, params in zip(*(jax.tree.leaves(x) for x in (
-            new.ema_params, initial, jax.device_get(new.params))), strict=True):  # fmt: skip
+    for ema, init, params in zip(
+        *(jax.tree.leaves(x) for x in (new.ema_params, initial, jax.device_get(new.params))),
+        strict=True,
+    ):
         np.testing.assert_allclose(ema, decay * init + (1 - decay) * params, atol=1e-6)
 
 
@@ -124,11 +126,23 @@ def test_allow_schedule_change_extends_a_finished_run(tmp_path):
 def test_every_model_option_reaches_every_layer():
     config = recipes.imagenet_config(26, "full_attention")
     options = dict(
-        kernel_size=5, num_heads=4, pos_encoding="absolute", content=False, padding="zeros",
-        relative_tables="per_head", scale_queries=False, attention_impl="dense",
-        bn_momentum=0.8, bn_epsilon=1e-3, stem_variant="conv_values", stem_num_heads=2,
-        stem_block_size=2, stem_pool_size=4, stem_num_mixtures=3, stem_value_kernel_size=5,
-    )  # fmt: skip
+        kernel_size=5,
+        num_heads=4,
+        pos_encoding="absolute",
+        content=False,
+        padding="zeros",
+        relative_tables="per_head",
+        scale_queries=False,
+        attention_impl="dense",
+        bn_momentum=0.8,
+        bn_epsilon=1e-3,
+        stem_variant="conv_values",
+        stem_num_heads=2,
+        stem_block_size=2,
+        stem_pool_size=4,
+        stem_num_mixtures=3,
+        stem_value_kernel_size=5,
+    )
     config.model.update(options)
     model = config_lib.build_model(config)
     modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
@@ -139,12 +153,26 @@ def test_every_model_option_reaches_every_layer():
     assert {(n.momentum, n.epsilon) for n in norms} == {(0.8, 1e-3)}  # the stem's included
     for layer in attention:
         o = layer.options
-        got = (o.kernel_size, o.num_heads, o.pos_encoding, o.content, o.padding,
-               o.relative_tables, o.scale_queries, o.impl)  # fmt: skip
+        got = (
+            o.kernel_size,
+            o.num_heads,
+            o.pos_encoding,
+            o.content,
+            o.padding,
+            o.relative_tables,
+            o.scale_queries,
+            o.impl,
+        )
         assert got == (5, 4, "absolute", False, "zeros", "per_head", False, "dense")
     stem = stems[0].options
-    assert (stem.variant, stem.num_heads, stem.block_size, stem.pool_size, stem.num_mixtures,
-            stem.value_kernel_size) == ("conv_values", 2, 2, 4, 3, 5)  # fmt: skip
+    assert (
+        stem.variant,
+        stem.num_heads,
+        stem.block_size,
+        stem.pool_size,
+        stem.num_mixtures,
+        stem.value_kernel_size,
+    ) == ("conv_values", 2, 2, 4, 3, 5)
     assert stems[0].value_conv.kernel_size == (5, 5)
 
 
@@ -187,9 +215,12 @@ def test_folder_tuning_split_has_the_class_mix_of_train(tmp_path, with_val):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "spec,classes",
-    [("configs/digits.py", 10), ("configs/cifar10.py", 10),
-     ("configs/imagenet.py:depth=26,variant=full_attention,runlocal=true", 1000)],
-)  # fmt: skip
+    [
+        ("configs/digits.py", 10),
+        ("configs/cifar10.py", 10),
+        ("configs/imagenet.py:depth=26,variant=full_attention,runlocal=true", 1000),
+    ],
+)
 def test_small_configs_train_on_generated_data_with_their_own_recipe(tmp_path, spec, classes):
     """A few steps of each small config, its recipe untouched: only the dataset is
     replaced, by a folder of generated images."""
@@ -209,16 +240,20 @@ def test_tfds_tuning_split_has_the_class_mix_of_train(tmp_path):
     import tensorflow_datasets as tfds
 
     def sorted_by_class(n):  # classes 0, 0, ..., 1, 1, ..., 3
-        return lambda: ({"image": np.zeros((4, 4, 3), np.uint8), "label": 4 * i // n}
-                        for i in range(n))  # fmt: skip
+        return lambda: (
+            {"image": np.zeros((4, 4, 3), np.uint8), "label": 4 * i // n} for i in range(n)
+        )
 
-    features = {"image": tfds.features.Image(shape=(4, 4, 3)),
-                "label": tfds.features.ClassLabel(num_classes=4)}  # fmt: skip
+    features = {
+        "image": tfds.features.Image(shape=(4, 4, 3)),
+        "label": tfds.features.ClassLabel(num_classes=4),
+    }
     splits = {"train": sorted_by_class(1000), "test": sorted_by_class(40)}
     assert prepare_tfds(tmp_path, "SortedByClass", features, splits) == "sorted_by_class"
     config = config_lib.base_config().input
-    config.update(dataset="sorted_by_class", data_dir=str(tmp_path), image_size=4,
-                  tuning_split=True)  # fmt: skip
+    config.update(
+        dataset="sorted_by_class", data_dir=str(tmp_path), image_size=4, tuning_split=True
+    )
     dataset = data.load(config)
     train, held = _labels(dataset.train), _labels(dataset.eval)
     assert len(held) == 40 and len(train) == 960

@@ -110,9 +110,10 @@ def test_closed_form_crossover_matches_a_brute_force_count(convention, conv_exte
     for width in (*scaling.WIDTHS, 96, 1000):
         conv_macs = scaling.conv_per_pixel(width, conv_extent)[1]
         cheaper = [
-            k for k in range(1, 201, 2)
+            k
+            for k in range(1, 201, 2)
             if scaling.attention_per_pixel(width, k, convention)[1] < conv_macs
-        ]  # fmt: skip
+        ]
         k_star = scaling.crossover(width, convention, conv_extent)
         assert cheaper == list(range(1, cheaper[-1] + 1, 2))  # cost grows with k
         assert cheaper[-1] <= k_star <= cheaper[-1] + 2, (width, k_star, cheaper[-1])
@@ -131,8 +132,10 @@ def test_report_scaling_prints_json_and_draws_the_plot(tmp_path):
     png = tmp_path / "scaling.png"
     out = subprocess.run(
         [sys.executable, "-m", "sasa_flax.report", "--scaling", "--json", f"--plot={png}"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = json.loads(out)
     k_star = {(c["width"], c["convention"]): c["k_star"] for c in result["crossovers"]}
     assert k_star[(128, "per_neighbour")] == pytest.approx(16.0)

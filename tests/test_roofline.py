@@ -23,9 +23,13 @@ def test_the_bound_is_the_slower_of_compute_and_memory():
 @pytest.fixture(scope="module")
 def table():
     rows = roofline.rows(
-        [(14, 64)], [5], batch=2, heads=8, dtype=jnp.bfloat16,
+        [(14, 64)],
+        [5],
+        batch=2,
+        heads=8,
+        dtype=jnp.bfloat16,
         impls=("pallas-tpu", "pallas-gpu", "shifted"),
-    )  # fmt: skip
+    )
     return {row["impl"]: row for row in rows}
 
 

@@ -175,7 +175,7 @@ def test_inside_a_users_shard_map_with_check_vma(images):
             mesh=on,
             in_specs=(P(), P("data")),
             out_specs=((P(), P("data")), (P(), P("data"))),
-        )  # fmt: skip
+        )
     )
     (_, y), (d_params, d_x) = mapped(params, images)
     assert_same((y, d_params, d_x), want)
@@ -264,9 +264,11 @@ def test_attention_plan_names_every_layer_and_its_choice():
     counts = {line.split(":")[0]: int(line.split(": ")[1].split()[0]) for line in plan}
     assert sum(counts.values()) == 16  # ResNet-50: 3 + 4 + 6 + 3 blocks, one layer each
     assert counts == {
-        "56×56 k=7 auto → shifted": 4, "28×28 k=7 auto → shifted": 4,
-        "14×14 k=7 auto → shifted": 6, "7×7 k=7 auto → dense": 2,
-    }  # fmt: skip
+        "56×56 k=7 auto → shifted": 4,
+        "28×28 k=7 auto → shifted": 4,
+        "14×14 k=7 auto → shifted": 6,
+        "7×7 k=7 auto → dense": 2,
+    }
     config.model.attention_impl = "pallas"
     plan = attention_plan(config_lib.build_model(config), 224, "cpu")
     assert len(plan) == 4 and all(line.split(": ")[0].endswith(" pallas") for line in plan)

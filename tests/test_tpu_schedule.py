@@ -79,9 +79,15 @@ def test_a_loop_without_a_known_trip_count_counts_the_bound_of_its_condition(tmp
   ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.9), direction=LT
 }"""
     hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
-    counted = tpu_schedule.read(hlo.replace(
-        "%cond (p: (s32[], f32[8])) -> pred[] {\n  %c = pred[] constant(true)\n}", condition),
-        tmp_path, generation="v5e", program="t", images_per_device=1)  # fmt: skip
+    counted = tpu_schedule.read(
+        hlo.replace(
+            "%cond (p: (s32[], f32[8])) -> pred[] {\n  %c = pred[] constant(true)\n}", condition
+        ),
+        tmp_path,
+        generation="v5e",
+        program="t",
+        images_per_device=1,
+    )
     assert {i.name: i.times for i in counted.instructions}["f.1"] == 8
     unknown = tpu_schedule.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
     assert {i.name: i.times for i in unknown.instructions}["f.1"] == 1

@@ -24,8 +24,13 @@ def _plan(tmp_path, python_version: str | None, *args: str) -> subprocess.Comple
     for tool in ("sort", "head", "dirname", "pwd"):  # what the script needs besides bash
         (fake / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
     env = dict(os.environ, PATH=str(fake), HOME=str(tmp_path / "home"))
-    return subprocess.run(["/bin/bash", str(SCRIPT), "--dry-run", *args], env=env,
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    return subprocess.run(
+        ["/bin/bash", str(SCRIPT), "--dry-run", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("version", ["3.8", "3.9", "3.10", None])
@@ -75,13 +80,24 @@ def test_the_pins_do_not_exist_for_the_images_python_3_10(tmp_path):
     """Why the script installs a Python: on the images' own 3.10 our pins have no wheels
     ("No matching distribution", as a new user saw on every worker)."""
     requirements = str(ROOT / "requirements-tpu.txt")
-    result = _pip("--no-deps", "--only-binary=:all:", "--python-version", "3.10",
-                  "--target", str(tmp_path / "t"), "-r", requirements)  # fmt: skip
+    result = _pip(
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.10",
+        "--target",
+        str(tmp_path / "t"),
+        "-r",
+        requirements,
+    )
     assert result.returncode != 0 and "No matching distribution" in result.stderr, result.stdout
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", *args],
-        capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )

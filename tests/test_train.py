@@ -389,11 +389,14 @@ def test_an_eval_batch_too_large_for_the_device_is_evaluated_in_chunks(caplog):
     state = trainer.init_state(setup, abstract)
     rng = np.random.default_rng(0)
     size = config.input.image_size
-    batch = trainer.global_batch(setup, dict(
-        image=rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8),
-        label=rng.integers(0, config.model.num_classes, 32).astype(np.int32),
-        mask=(np.arange(32) < 29).astype(np.float32),  # a padded last batch
-    ))  # fmt: skip
+    batch = trainer.global_batch(
+        setup,
+        dict(
+            image=rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8),
+            label=rng.integers(0, config.model.num_classes, 32).astype(np.int32),
+            mask=(np.arange(32) < 29).astype(np.float32),  # a padded last batch
+        ),
+    )
     once = jax.device_get(whole(state.params, state.model_state, batch))
     small_sums = jax.device_get(small(state.params, state.model_state, batch))
     for key in once:
@@ -496,9 +499,11 @@ def _tensorboard_profile_runs(logdir) -> list[str]:
     board = program.TensorBoard(default.get_plugins())
     board.configure(argv=[None, "--logdir", str(logdir), "--load_fast", "false"])
     provider, multiplexer = board._make_data_provider()
-    client = Client(application.TensorBoardWSGIApp(
-        board.flags, board.plugin_loaders, provider, board.assets_zip_provider, multiplexer
-    ))  # fmt: skip
+    client = Client(
+        application.TensorBoardWSGIApp(
+            board.flags, board.plugin_loaders, provider, board.assets_zip_provider, multiplexer
+        )
+    )
     plugins = json.loads(client.get("/data/plugins_listing").get_data())
     assert plugins.get("profile", {}).get("enabled"), sorted(plugins)
     response = client.get("/data/plugin/profile/runs")

@@ -20,8 +20,13 @@ from tests.helpers import damage_checkpoint, prepare_tfds, tiny_config, write_im
 
 def _write_lock(workdir, **holder):
     workdir.mkdir(parents=True, exist_ok=True)
-    content = dict(host=socket.gethostname(), pid=os.getppid(), started=time.time(),
-                heartbeat=time.time(), token="x")  # fmt: skip
+    content = dict(
+        host=socket.gethostname(),
+        pid=os.getppid(),
+        started=time.time(),
+        heartbeat=time.time(),
+        token="x",
+    )
     content.update(holder)
     (workdir / Workdir.LOCK).write_text(json.dumps(content))
 
@@ -143,13 +148,16 @@ def test_a_read_that_fails_outside_the_bytes_sets_nothing_aside(tmp_path, monkey
 @pytest.mark.parametrize(
     "message, damaged",
     [
-        ('FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database: '
-         "ZSTD_decompressStream() failed: Data corruption detected", True),
+        (
+            'FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database: '
+            "ZSTD_decompressStream() failed: Data corruption detected",
+            True,
+        ),
         ("DATA_LOSS: Error decoding manifest", True),
         ("FAILED_PRECONDITION: HTTP response code 412 with body 'precondition'", False),
         ("UNAVAILABLE: connection reset by peer", False),
     ],
-)  # fmt: skip
+)
 def test_the_storage_layers_words_decide_not_its_status_code(tmp_path, message, damaged):
     """A corrupt compressed chunk and GCS's 412 share tensorstore's FAILED_PRECONDITION:
     the report about the bytes read decides."""
@@ -274,8 +282,9 @@ def test_an_undecodable_training_image_is_named_by_path(tmp_path):
     write_image_folder(tmp_path, dict.fromkeys(["cat", "dog"], 4))
     (tmp_path / "dog" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     config = config_lib.base_config().input
-    config.update(dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=8,
-                  augment="pad")  # fmt: skip
+    config.update(
+        dataset="folder", data_dir=str(tmp_path), image_size=8, batch_size=8, augment="pad"
+    )
     dataset = data.load(config)
     with pytest.raises(data.DatasetError, match=r"dog/garbage\.png is corrupt"):
         list(itertools.islice(data.train_batches(dataset, config, seed=0), 3))
@@ -289,13 +298,20 @@ def test_an_undecodable_tfds_image_is_named_by_its_record(tmp_path):
         png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
         return ({"image": b"\x89PNG garbage" if i == 7 else png, "label": i % 2} for i in range(12))
 
-    features = {"image": tfds.features.Tensor(shape=(), dtype=tf.string),
-                "label": tfds.features.ClassLabel(num_classes=2)}  # fmt: skip
+    features = {
+        "image": tfds.features.Tensor(shape=(), dtype=tf.string),
+        "label": tfds.features.ClassLabel(num_classes=2),
+    }
     splits = dict.fromkeys(("train", "validation"), twelve_pngs_the_8th_garbage)
     prepare_tfds(tmp_path, "WithACorruptImage", features, splits)
     config = config_lib.base_config().input
-    config.update(dataset="with_a_corrupt_image", data_dir=str(tmp_path), image_size=8,
-                  batch_size=4, augment="pad")  # fmt: skip
+    config.update(
+        dataset="with_a_corrupt_image",
+        data_dir=str(tmp_path),
+        image_size=8,
+        batch_size=4,
+        augment="pad",
+    )
     dataset = data.load(config)
     record = r"TFDS record with_a_corrupt_image-{}\.tfrecord-00000-of-00001__\d+ is corrupt"
     with pytest.raises(data.DatasetError, match=record.format("train")) as raised:
@@ -313,9 +329,11 @@ def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tm
     write_image_folder(tmp_path / "data" / "val", dict.fromkeys([f"c{i}" for i in range(10)], 1))
     (tmp_path / "data" / "train" / "c3" / "bad.png").write_bytes(b"\x89PNG" + bytes(60))
     run = train(
-        tmp_path / "run", "steps=30,checkpoint_every=1,batch=8",
-        "--config.input.dataset=folder", f"--config.input.data_dir={tmp_path / 'data'}",
-    )  # fmt: skip
+        tmp_path / "run",
+        "steps=30,checkpoint_every=1,batch=8",
+        "--config.input.dataset=folder",
+        f"--config.input.data_dir={tmp_path / 'data'}",
+    )
     assert run.finish() == 1, run.output
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "c3/bad.png is corrupt" in errors[0]
@@ -333,8 +351,11 @@ def small_disk(tmp_path):
     """A 24 MB tmpfs (root only; skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
     if made.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     yield mount

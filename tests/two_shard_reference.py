@@ -22,7 +22,7 @@ def two_shard_batches(dataset, input_config, *, seed, start_step=0):
             input_config,
             seed=seed,
             start_step=start_step,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     for parts in zip(*shards, strict=True):

@@ -104,8 +104,11 @@ def _list_gcs(root: str) -> dict[str, int] | None:
     except Exception as e:  # noqa: BLE001 - no credentials, no package: the slow way
         logging.getLogger(__name__).warning(
             "listing %s with google-cloud-storage failed (%s: %s); walking it with "
-            "tf.io.gfile, one request per file", root, type(e).__name__, e,
-        )  # fmt: skip
+            "tf.io.gfile, one request per file",
+            root,
+            type(e).__name__,
+            e,
+        )
         return None
 
 
@@ -131,8 +134,9 @@ def _class_folders(tree: FolderTree, split_name: str) -> list[str]:
     if stray:
         logging.getLogger(__name__).info(
             "%s: skipped %s (hidden or archive folders, not classes)",
-            tree.path(split_name), ", ".join(stray),
-        )  # fmt: skip
+            tree.path(split_name),
+            ", ".join(stray),
+        )
     classes = [n for n in found if n not in stray]
     prefix = f"{split_name}/" if split_name else ""
     with_images = {  # one pass over the scan (files_under per class would be classes ×)
@@ -156,34 +160,42 @@ def _say_what_is_left_out(tree: FolderTree, classes, train_name: str, eval_name)
     classes the evaluation folder lacks or has beyond the training folder's."""
     log = logging.getLogger(__name__)
     ignored = sorted(
-        f for f in tree.files
+        f
+        for f in tree.files
         if not _is_image(f) and not any(_is_stray(p) for p in f.split("/")[:-1])
-    )  # fmt: skip
+    )
     if ignored:
         shown = ", ".join(ignored[:5]) + (
             f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
         )
         log.warning(
-            "%s: ignored %d file(s) that are not images (%s): %s", tree.root, len(ignored),
-            "/".join(sorted(IMAGE_EXTENSIONS)), shown,
-        )  # fmt: skip
+            "%s: ignored %d file(s) that are not images (%s): %s",
+            tree.root,
+            len(ignored),
+            "/".join(sorted(IMAGE_EXTENSIONS)),
+            shown,
+        )
     if eval_name is None:
         return
     evaluated = {n for n in tree.subfolders(eval_name) if not _is_stray(n)}
     lacking = [n for n in classes if n not in evaluated]
     if lacking:
         log.warning(
-            "%s has no folder for %d class(es) that %s has: %s; the evaluation never tests "
-            "them", tree.path(eval_name), len(lacking), tree.path(train_name),
+            "%s has no folder for %d class(es) that %s has: %s; the evaluation never tests them",
+            tree.path(eval_name),
+            len(lacking),
+            tree.path(train_name),
             ", ".join(lacking),
-        )  # fmt: skip
+        )
     extra = sorted(evaluated - set(classes))
     if extra:
         log.warning(
             "%s has class folder(s) that %s lacks: %s; the model cannot predict them, so "
-            "their images are left out of the evaluation", tree.path(eval_name),
-            tree.path(train_name), ", ".join(extra),
-        )  # fmt: skip
+            "their images are left out of the evaluation",
+            tree.path(eval_name),
+            tree.path(train_name),
+            ", ".join(extra),
+        )
 
 
 @register_source("folder")

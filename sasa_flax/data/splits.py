@@ -51,12 +51,20 @@ class Dataset:
     function of no arguments that builds one, called when the split is first used: so
     evaluating a checkpoint never lists, opens or sizes the training split."""
 
-    def __init__(self, train, eval, num_classes: int, process_index: int = 0,  # noqa: A002
-                 process_count: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        train,
+        eval,
+        num_classes: int,
+        process_index: int = 0,  # noqa: A002
+        process_count: int = 1,
+    ):
         self._splits = dict(train=train, eval=eval)
         self.num_classes, self.process_index, self.process_count = (
-            num_classes, process_index, process_count
-        )  # fmt: skip
+            num_classes,
+            process_index,
+            process_count,
+        )
 
     def _split(self, name: str) -> Split:
         split = self._splits[name]
@@ -73,8 +81,12 @@ class Dataset:
         return self._split("eval")
 
     def for_process(self, process_index: int, process_count: int) -> Dataset:
-        return Dataset(**self._splits, num_classes=self.num_classes,
-                       process_index=process_index, process_count=process_count)  # fmt: skip
+        return Dataset(
+            **self._splits,
+            num_classes=self.num_classes,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
 
 def array_split(images: np.ndarray, labels: np.ndarray, name: str = "") -> Split:

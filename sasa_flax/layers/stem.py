@@ -207,8 +207,9 @@ class AttentionStem(nnx.Module):
         blocks = to_blocks(x, b)  # (in_features, b², M)
 
         def project(linear):
-            inputs, kernel = nnx.nn.dtypes.promote_dtype((blocks, linear.kernel[...]),
-                                                         dtype=linear.dtype)  # fmt: skip
+            inputs, kernel = nnx.nn.dtypes.promote_dtype(
+                (blocks, linear.kernel[...]), dtype=linear.dtype
+            )
             return jnp.einsum("co,cpm->opm", kernel, inputs)
 
         q = project(self.query)
@@ -222,8 +223,9 @@ class AttentionStem(nnx.Module):
             inputs = blocks if self.dtype is None else blocks.astype(self.dtype)
             v = jnp.einsum("pco,cpm->opm", mixed, inputs)
         rel_row, rel_col = in_dtype(self.dtype, self.rel_row, self.rel_col)
-        y = attention_in_blocks(q, project(self.key), v, rel_row, rel_col, block_size=b,
-                                num_heads=o.num_heads)  # fmt: skip
+        y = attention_in_blocks(
+            q, project(self.key), v, rel_row, rel_col, block_size=b, num_heads=o.num_heads
+        )
         return from_blocks(y, x.shape[:3], b)
 
     def __call__(self, x: jax.Array) -> jax.Array:

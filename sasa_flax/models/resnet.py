@@ -301,9 +301,14 @@ class ResNet(nnx.Module):
         else:
             try:
                 self.stem = AttentionStem(
-                    3, stem_width, stem_options, norm=norm, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs,
-                )  # fmt: skip
+                    3,
+                    stem_width,
+                    stem_options,
+                    norm=norm,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
             except ArgumentError as e:
                 if e.argument != "num_heads":
                     raise
@@ -418,16 +423,25 @@ def sasa_resnet(
     ``--config.model.stem_block_size=2``). The defaults are ``ResNet``'s and the options
     classes' own (a test holds them equal)."""
     attention = attention_options(
-        num_heads=num_heads, kernel_size=kernel_size, pos_encoding=pos_encoding,
-        content=content, padding=padding, relative_tables=relative_tables,
-        scale_queries=scale_queries, attention_impl=attention_impl,
-    )  # fmt: skip
+        num_heads=num_heads,
+        kernel_size=kernel_size,
+        pos_encoding=pos_encoding,
+        content=content,
+        padding=padding,
+        relative_tables=relative_tables,
+        scale_queries=scale_queries,
+        attention_impl=attention_impl,
+    )
     stem_options = _options(
-        StemOptions, lambda name: f"stem_{name}",
-        variant=stem_variant, num_heads=stem_num_heads, block_size=stem_block_size,
-        pool_size=stem_pool_size, num_mixtures=stem_num_mixtures,
+        StemOptions,
+        lambda name: f"stem_{name}",
+        variant=stem_variant,
+        num_heads=stem_num_heads,
+        block_size=stem_block_size,
+        pool_size=stem_pool_size,
+        num_mixtures=stem_num_mixtures,
         value_kernel_size=stem_value_kernel_size,
-    )  # fmt: skip
+    )
     return ResNet(
         depth=depth,
         width=width,

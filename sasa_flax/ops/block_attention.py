@@ -47,8 +47,9 @@ def block_local_attention(
     def merged(x):  # (B, H, W, N, c) -> (N·c, b², M)
         return to_blocks(x.reshape(batch, height, width, -1), block_size)
 
-    y = attention_in_blocks(merged(q), merged(k), merged(v), rel_row, rel_col,
-                            block_size=block_size, num_heads=heads)  # fmt: skip
+    y = attention_in_blocks(
+        merged(q), merged(k), merged(v), rel_row, rel_col, block_size=block_size, num_heads=heads
+    )
     return from_blocks(y, (batch, height, width), block_size).reshape(*v.shape)
 
 
@@ -71,9 +72,15 @@ def from_blocks(y: jax.Array, image_shape: tuple[int, int, int], block_size: int
 
 
 def attention_in_blocks(
-    q: jax.Array, k: jax.Array, v: jax.Array, rel_row, rel_col, *, block_size: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rel_row,
+    rel_col,
+    *,
+    block_size: int,
     num_heads: int,
-) -> jax.Array:  # fmt: skip
+) -> jax.Array:
     """``block_local_attention`` in the blocked layout (``to_blocks``): q, k (N·d, b², M),
     v (N·dv, b², M), heads major in the channels (head n is channels n·d .. n·d + d);
     returns (N·dv, b², M) in v's dtype. Arguments are not validated here.
@@ -120,9 +127,15 @@ def _validate(q, k, v, rel_row, rel_col, block_size) -> None:
     if k is None or v is None:
         raise ValueError("block_local_attention needs k and v arrays; got None.")
     validate_arguments(
-        q, k, v, rel_row, rel_col, kernel_size=2 * block_size - 1, padding="mask",
+        q,
+        k,
+        v,
+        rel_row,
+        rel_col,
+        kernel_size=2 * block_size - 1,
+        padding="mask",
         table_rows="2 * block_size - 1",
-    )  # fmt: skip
+    )
     h, w = q.shape[1:3]
     if h % block_size or w % block_size:
         raise ValueError(

@@ -67,9 +67,15 @@ def tpu_table_choice(height: int, width: int, kernel_size: int, head_dim: int) -
 
 
 def auto_choice(
-    platform: str, height: int, width: int, kernel_size: int, *, head_dim: int = 8,
-    value_dim: int | None = None, itemsize: int = 4,
-) -> str:  # fmt: skip
+    platform: str,
+    height: int,
+    width: int,
+    kernel_size: int,
+    *,
+    head_dim: int = 8,
+    value_dim: int | None = None,
+    itemsize: int = 4,
+) -> str:
     """What ``impl="auto"`` runs on ``platform`` ("cpu", "cuda", "rocm", "tpu") for an
     H×W image, window k and heads of width ``head_dim`` (values ``value_dim``, default the
     same), inputs of ``itemsize`` bytes (the Mosaic kernels' VMEM depends on it). The one

@@ -60,14 +60,19 @@ def _relative_logits(q, table, axis: int, kernel_size: int, acc) -> jax.Array:
     extent = q.shape[axis]
     # (y, y', d): exact, each entry one table row or zero, and zero on q's other half
     # (cheaper than slicing q, whose head width lies on a TPU's lanes).
-    placed = jnp.einsum("uvt,tc->uvc", jnp.asarray(_placement(extent, kernel_size), acc),
-                        table.astype(acc), precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+    placed = jnp.einsum(
+        "uvt,tc->uvc",
+        jnp.asarray(_placement(extent, kernel_size), acc),
+        table.astype(acc),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     halves = [placed, jnp.zeros_like(placed)]
     placed = jnp.concatenate(halves if axis == 1 else halves[::-1], axis=-1).astype(table.dtype)
     # One matmul per query row (column): every query of it against every key row (column).
     spec = "bywnc,yvc->bnywv" if axis == 1 else "bywnc,wvc->bnywv"
-    terms = jnp.einsum(spec, q, placed, precision=matmul_precision(q, table),
-                       preferred_element_type=acc)  # fmt: skip
+    terms = jnp.einsum(
+        spec, q, placed, precision=matmul_precision(q, table), preferred_element_type=acc
+    )
     batch, heads, height, width, _ = terms.shape
     return terms.reshape(batch, heads, height * width, extent)
 

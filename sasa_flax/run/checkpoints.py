@@ -159,8 +159,11 @@ def remove_partial_checkpoints(workdir: Workdir | str, *, quiet: bool = False) -
     for path in partial:
         path.rmtree() if path.is_dir() else path.unlink()
     if partial and not quiet:
-        log.warning("removed %d partial checkpoint(s) a stopped run left: %s",
-                    len(partial), ", ".join(p.name for p in partial))  # fmt: skip
+        log.warning(
+            "removed %d partial checkpoint(s) a stopped run left: %s",
+            len(partial),
+            ", ".join(p.name for p in partial),
+        )
     return [str(p) for p in partial]
 
 
@@ -304,10 +307,14 @@ class Saves:
             raise self._failure(step, e) from None
 
     def _failure(self, step: int, error: BaseException) -> SaveFailed:
-        full = any("No space left" in str(e) or "os_error_code='28'" in str(e)
-                   for e in _chain(error))  # fmt: skip
-        cause = "no space left on the device" if full else (
-            f"{type(error).__name__}: {_first_line(error)}")  # fmt: skip
+        full = any(
+            "No space left" in str(e) or "os_error_code='28'" in str(e) for e in _chain(error)
+        )
+        cause = (
+            "no space left on the device"
+            if full
+            else (f"{type(error).__name__}: {_first_line(error)}")
+        )
         with contextlib.suppress(Exception):
             if jax.process_index() == 0:
                 remove_partial_checkpoints(self.workdir, quiet=True)
@@ -318,8 +325,11 @@ class Saves:
         with contextlib.suppress(Exception):
             self.mngr.reload()
         kept = [s for s in self.mngr.all_steps() if s != step]
-        newest = f"the newest complete checkpoint is step {max(kept)}" if kept else (
-            "no checkpoint of this run is complete yet")  # fmt: skip
+        newest = (
+            f"the newest complete checkpoint is step {max(kept)}"
+            if kept
+            else ("no checkpoint of this run is complete yet")
+        )
         return SaveFailed(
             f"the checkpoint of step {step} could not be written to {self.workdir.checkpoints}"
             f" ({cause}); a checkpoint needs about {_size(self.needed)} (its arrays, before "
@@ -464,8 +474,11 @@ def newest_good(
         for step in steps:
             if step in recorded:
                 if not quiet:
-                    _log_once("checkpoint step %d was recorded as damaged (%s); skipped",
-                              step, recorded[step])  # fmt: skip
+                    _log_once(
+                        "checkpoint step %d was recorded as damaged (%s); skipped",
+                        step,
+                        recorded[step],
+                    )
                 continue
             try:
                 return step, restore_verified(mngr, step, **abstract)
@@ -506,10 +519,12 @@ def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what:
     except Exception as e:  # noqa: BLE001 - a damaged or incomplete step, or the reader
         raise read_failure(mngr, step, e) from None
     wanted = _shapes_by_path(model)
-    problems = [f"{p}: in the config's model but not in the checkpoint" for p in wanted
-                if p not in saved]  # fmt: skip
-    problems += [f"{p}: in the checkpoint but not in the config's model" for p in saved
-                 if p not in wanted]  # fmt: skip
+    problems = [
+        f"{p}: in the config's model but not in the checkpoint" for p in wanted if p not in saved
+    ]
+    problems += [
+        f"{p}: in the checkpoint but not in the config's model" for p in saved if p not in wanted
+    ]
     problems += [
         f"{p}: shape {saved[p]} in the checkpoint, {wanted[p]} in the config's model"
         for p in wanted

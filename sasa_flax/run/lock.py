@@ -160,8 +160,10 @@ class Lease:
         log.error(
             "the lock of this workdir (%s) was taken over by %s: this run's heartbeat had "
             "stopped for longer than %d s. Two trainers may now write one workdir; stop one.",
-            self.store.path, _describe(holder), STALE_AFTER_S,
-        )  # fmt: skip
+            self.store.path,
+            _describe(holder),
+            STALE_AFTER_S,
+        )
 
     def release(self) -> None:
         """Deletes the lock if it is still ours (never a successor's)."""
@@ -186,8 +188,9 @@ def take(workdir: Workdir | str, store: LockStore | None = None) -> Lease:
     if holder is not None:
         if _alive(holder):
             raise _refusal(workdir, store, holder)
-        log.warning("taking over the stale lock of %s (%s): its holder is gone",
-                    workdir, _describe(holder))  # fmt: skip
+        log.warning(
+            "taking over the stale lock of %s (%s): its holder is gone", workdir, _describe(holder)
+        )
     written = store.write(json.dumps(me).encode(), generation)
     if written is None:  # another starter's write landed between our read and our write
         raise _refusal(workdir, store, _parse(store.read()[0]) or {}, just=True)
@@ -215,8 +218,12 @@ def keep(lease: Lease | None):
             try:
                 lease.renew()
             except Exception as e:  # noqa: BLE001 - a network error: try again next beat
-                log.warning("could not renew the lock %s (%s); retrying in %d s",
-                            lease.store.path, e, HEARTBEAT_S)  # fmt: skip
+                log.warning(
+                    "could not renew the lock %s (%s); retrying in %d s",
+                    lease.store.path,
+                    e,
+                    HEARTBEAT_S,
+                )
 
     thread = threading.Thread(target=heartbeat, daemon=True, name="workdir-lock-heartbeat")
     thread.start()

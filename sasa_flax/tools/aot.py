@@ -79,8 +79,11 @@ def compiler_missing(platform: str) -> str | None:
             return 'libtpu is not installed: pip install -r requirements-compile.txt ("jax[tpu]")'
         return None
     # The plugin, its PJRT library (jax_plugins.xla_cuda12) and ptxas (nvidia-cuda-nvcc).
-    missing = [m for m in ("jax_cuda12_plugin", "jax_plugins.xla_cuda12", "nvidia.cuda_nvcc")
-               if _find(m) is None]  # fmt: skip
+    missing = [
+        m
+        for m in ("jax_cuda12_plugin", "jax_plugins.xla_cuda12", "nvidia.cuda_nvcc")
+        if _find(m) is None
+    ]
     if missing:
         return f"{', '.join(missing)} not installed: pip install -r requirements-compile.txt"
     return None
@@ -164,13 +167,20 @@ class Report:
     def row(self) -> dict:
         gib = lambda n: round(n / GIB, 2)  # noqa: E731
         return dict(
-            target=self.target, program=self.program, batch_per_chip=self.batch_per_chip,
-            compile_s=round(self.compile_s, 1), temp_gib=gib(self.temp_bytes),
-            peak_gib=gib(self.peak_bytes), hbm_gib=gib(self.hbm_bytes), fits=self.fits,
+            target=self.target,
+            program=self.program,
+            batch_per_chip=self.batch_per_chip,
+            compile_s=round(self.compile_s, 1),
+            temp_gib=gib(self.temp_bytes),
+            peak_gib=gib(self.peak_bytes),
+            hbm_gib=gib(self.hbm_bytes),
+            fits=self.fits,
             temp_mib_per_image=round(self.temp_bytes_per_image / 2**20, 1),
-            largest_batch_per_chip=self.largest_batch_per_chip, kernels=self.kernels,
-            collectives=self.collectives, note=self.note,
-        )  # fmt: skip
+            largest_batch_per_chip=self.largest_batch_per_chip,
+            kernels=self.kernels,
+            collectives=self.collectives,
+            note=self.note,
+        )
 
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
@@ -201,9 +211,10 @@ def report(
     """A ``Report`` of ``compiled`` (a ``jax.stages.Compiled`` for ``target``)."""
     text = compiled.as_text()
     kernel_lines = [
-        line for line in text.splitlines()
+        line
+        for line in text.splitlines()
         if f'custom_call_target="{KERNEL_TARGETS[target.platform]}"' in line
-    ]  # fmt: skip
+    ]
     shapes = [
         [int(n) for n in m.group(1).split(",")]
         for line in kernel_lines
@@ -218,14 +229,20 @@ def report(
     collectives = {op: len(re.findall(rf"\s{op}(?:-start)?\(", text)) for op in COLLECTIVES}
     memory = compiled.memory_analysis()
     return Report(
-        target=target.name, program=program, compile_s=compile_s,
-        temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
-        kernels=len(kernel_lines), kernel_leading_dims=leading,
+        target=target.name,
+        program=program,
+        compile_s=compile_s,
+        temp_bytes=memory.temp_size_in_bytes,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        kernels=len(kernel_lines),
+        kernel_leading_dims=leading,
         collectives={k: v for k, v in collectives.items() if v},
-        collective_sizes=tuple(collective_sizes(text)), batch_per_chip=batch_per_chip,
+        collective_sizes=tuple(collective_sizes(text)),
+        batch_per_chip=batch_per_chip,
         hbm_bytes=target.hbm_bytes,
-    )  # fmt: skip
+    )
 
 
 # XLA:GPU's own GEMM fusions (not our kernels) sometimes find no tiling when compiled
@@ -252,18 +269,32 @@ def _compile(lowerable, *args, platform: str = "tpu"):
 
 
 def compile_layer(
-    target: str, *, size: int, channels: int, kernel_size: int, batch_per_chip: int,
-    chips: int = 4, heads: int = 8, dtype: str = "bfloat16", padding: str = "mask",
+    target: str,
+    *,
+    size: int,
+    channels: int,
+    kernel_size: int,
+    batch_per_chip: int,
+    chips: int = 4,
+    heads: int = 8,
+    dtype: str = "bfloat16",
+    padding: str = "mask",
     impl: str = "auto",
-) -> Report:  # fmt: skip
+) -> Report:
     """``SelfAttention2D`` forward + gradients (input and every parameter) on ``chips``
     chips of ``target``, the batch split over them as the trainer splits it."""
 
     mesh = trainer.data_mesh(target_devices(target, chips))
     layer = SelfAttention2D(
-        channels, channels, num_heads=heads, kernel_size=kernel_size, padding=padding,
-        impl=impl, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
-    )  # fmt: skip
+        channels,
+        channels,
+        num_heads=heads,
+        kernel_size=kernel_size,
+        padding=padding,
+        impl=impl,
+        dtype=jnp.dtype(dtype),
+        rngs=nnx.Rngs(0),
+    )
     graphdef, params = nnx.split(layer)
 
     def loss(params, x):
@@ -300,9 +331,16 @@ USER_PROGRAMS = {
 
 
 def compile_user_program(
-    target: str, program: str, *, size: int = 28, channels: int = 128, kernel_size: int = 7,
-    batch_per_chip: int = 32, heads: int = 8, impl: str = "auto",
-) -> Report:  # fmt: skip
+    target: str,
+    program: str,
+    *,
+    size: int = 28,
+    channels: int = 128,
+    kernel_size: int = 7,
+    batch_per_chip: int = 32,
+    heads: int = 8,
+    impl: str = "auto",
+) -> Report:
     """One of ``USER_PROGRAMS``: ``SelfAttention2D`` forward + gradients (or, for "heads",
     the functional core's) in bfloat16 on 4 chips of ``target``, built as a researcher
     would build it, not as our trainer does. ``Report.program`` names the case."""
@@ -339,9 +377,14 @@ def compile_user_program(
         args = (q, q, q, table, table)
     else:
         layer = SelfAttention2D(
-            channels, channels, num_heads=heads, kernel_size=kernel_size, impl=impl,
-            dtype=bf16, rngs=nnx.Rngs(0),
-        )  # fmt: skip
+            channels,
+            channels,
+            num_heads=heads,
+            kernel_size=kernel_size,
+            impl=impl,
+            dtype=bf16,
+            rngs=nnx.Rngs(0),
+        )
         graphdef, params = nnx.split(layer)
         keep = {"batch_not_divisible": batch - 2, "batch_smaller_than_mesh": 2}.get(program)
 
@@ -366,10 +409,12 @@ def compile_user_program(
         if program == "shard_map":
             step = jax.jit(
                 jax.shard_map(
-                    per_device, mesh=mesh, in_specs=(P(), P("data")),
+                    per_device,
+                    mesh=mesh,
+                    in_specs=(P(), P("data")),
                     out_specs=(P(), (P(), P("data"))),
                 )
-            )  # fmt: skip
+            )
         else:
             step = jax.jit(value_and_grads)
         args = (abstract, x)
@@ -389,8 +434,9 @@ def trainer_setup(config_spec: str, target: str, *, batch_per_chip: int, chips: 
     config.input.batch_size = batch_per_chip * chips
     config.train.compute_dtype = "bfloat16"
     devices = target_devices(target, chips)
-    return trainer.model_setup(config, devices, dataset=None, steps_per_epoch=1000,
-                                 total_steps=100_000)  # fmt: skip
+    return trainer.model_setup(
+        config, devices, dataset=None, steps_per_epoch=1000, total_steps=100_000
+    )
 
 
 def compile_train_steps(setup, target: str) -> tuple[Report, Report]:

@@ -184,8 +184,13 @@ def plot(result: dict, path: str) -> None:
             ax.plot(ks, macs, style, color="C0", label=label)
             k_star = crossover(width, convention)
             ax.plot([k_star], [9 * width * width / scale], "o", color="C3")
-            ax.annotate(f"k*={k_star:.1f}", (k_star, 9 * width * width / scale),
-                        textcoords="offset points", xytext=offset, fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"k*={k_star:.1f}",
+                (k_star, 9 * width * width / scale),
+                textcoords="offset points",
+                xytext=offset,
+                fontsize=8,
+            )
         ax.plot(ks, [r["conv_macs"] / scale for r in mine], color="C1", label="k×k convolution")
         ax.axhline(9 * width * width / scale, color="C2", linestyle=":", label="3×3 convolution")
         ax.set_yscale("log")

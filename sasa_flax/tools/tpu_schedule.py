@@ -208,9 +208,10 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
     called computations as their caller."""
     times = {"__entry__": 1}
     entry = next(
-        name for name, body in computations.items()
+        name
+        for name, body in computations.items()
         if body is computations["__entry__"] and name != "__entry__"
-    )  # fmt: skip
+    )
     times[entry] = 1
     pending = [entry]
     while pending:
@@ -223,9 +224,13 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
             if loop:
                 trips = _TRIP.search(line)
                 condition = _CONDITION.search(line)
-                counted = int(trips.group(1)) if trips else _condition_trips(
-                    computations.get(condition.group(1), ()) if condition else ()
-                )  # fmt: skip
+                counted = (
+                    int(trips.group(1))
+                    if trips
+                    else _condition_trips(
+                        computations.get(condition.group(1), ()) if condition else ()
+                    )
+                )
                 callees.append((loop.group(1), counted))
             for group in _CALLED.findall(line):
                 callees += [(c.strip(" %"), 1) for c in group.split(",") if c.strip(" %")]
@@ -267,11 +272,19 @@ def instructions(text: str) -> list[Instruction]:
             if f'custom_call_target="{KERNEL_TARGET}"' in line:
                 body = re.search(r'"body":"([^"]*)"', line)
                 declared = re.search(r'"bytes_accessed":"(\d+)"', line)
-                found.append(Instruction(
-                    name, "kernel", 0, op_name, times[computation],
-                    int(declared.group(1)) if declared else 0,
-                    program=hashlib.sha1((body.group(1) if body else name).encode()).hexdigest(),
-                ))  # fmt: skip
+                found.append(
+                    Instruction(
+                        name,
+                        "kernel",
+                        0,
+                        op_name,
+                        times[computation],
+                        int(declared.group(1)) if declared else 0,
+                        program=hashlib.sha1(
+                            (body.group(1) if body else name).encode()
+                        ).hexdigest(),
+                    )
+                )
                 continue
             cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
             if cycles:
@@ -291,11 +304,29 @@ def instructions(text: str) -> list[Instruction]:
 # and elementwise, optimizer, other), decided from the name scopes and the JAX op in a
 # fusion's metadata (the model names its parts: ``jax.named_scope`` in models/resnet.py,
 # layers/attention.py, stem.py).
-_GLUE_OPS = ("transpose", "pad", "slice", "reshape", "concatenate", "copy", "select_n",
-             "broadcast_in_dim", "convert_element_type", "dynamic_slice", "dynamic_update_slice",
-             "squeeze", "expand_dims", "rev", "gather", "scatter", "iota",
-             # the TPU kernels' frames packed as bfloat16 pairs (ops/pallas/tpu.py)
-             "bitcast_convert_type", "shift_left", "or")  # fmt: skip
+_GLUE_OPS = (
+    "transpose",
+    "pad",
+    "slice",
+    "reshape",
+    "concatenate",
+    "copy",
+    "select_n",
+    "broadcast_in_dim",
+    "convert_element_type",
+    "dynamic_slice",
+    "dynamic_update_slice",
+    "squeeze",
+    "expand_dims",
+    "rev",
+    "gather",
+    "scatter",
+    "iota",
+    # the TPU kernels' frames packed as bfloat16 pairs (ops/pallas/tpu.py)
+    "bitcast_convert_type",
+    "shift_left",
+    "or",
+)
 
 
 def kind_of(instruction: Instruction) -> str:
@@ -399,13 +430,19 @@ class Estimate:
             program = self.kernels.get(key)
             if program is None:
                 continue
-            rows.append(dict(
-                kernel=names[key], calls=count, bundles=program.bundles, loops=program.loops,
-                cycles_per_call=program.cycles, spill_share=round(program.spill_share, 3),
-                valu_share=round(program.slot_share.get("VALU", 0.0), 3),
-                xlu_share=round(program.slot_share.get("XLU", 0.0), 3),
-                mxu_share=round(program.slot_share.get("MXU", 0.0), 3),
-            ))  # fmt: skip
+            rows.append(
+                dict(
+                    kernel=names[key],
+                    calls=count,
+                    bundles=program.bundles,
+                    loops=program.loops,
+                    cycles_per_call=program.cycles,
+                    spill_share=round(program.spill_share, 3),
+                    valu_share=round(program.slot_share.get("VALU", 0.0), 3),
+                    xlu_share=round(program.slot_share.get("XLU", 0.0), 3),
+                    mxu_share=round(program.slot_share.get("MXU", 0.0), 3),
+                )
+            )
         return rows
 
     def summary(self) -> dict:
@@ -413,19 +450,33 @@ class Estimate:
             i.kind for i in self.instructions if i.kind in COLLECTIVES
         )
         return dict(
-            generation=self.generation, program=self.program,
-            images_per_device=self.images_per_device, cycles=self.cycles,
-            step_ms=round(self.seconds * 1e3, 2), images_per_second=round(self.images_per_second),
-            by_kind=self.by(kind_of), by_layer=self.by(layer_of),
-            by_layer_and_kind=self.by_layer_and_kind(), kernels=self.kernel_table(),
-            missing_kernels=self.missing_kernels, collectives=dict(collectives),
-            temp_bytes=self.temp_bytes, peak_bytes=self.peak_bytes,
+            generation=self.generation,
+            program=self.program,
+            images_per_device=self.images_per_device,
+            cycles=self.cycles,
+            step_ms=round(self.seconds * 1e3, 2),
+            images_per_second=round(self.images_per_second),
+            by_kind=self.by(kind_of),
+            by_layer=self.by(layer_of),
+            by_layer_and_kind=self.by_layer_and_kind(),
+            kernels=self.kernel_table(),
+            missing_kernels=self.missing_kernels,
+            collectives=dict(collectives),
+            temp_bytes=self.temp_bytes,
+            peak_bytes=self.peak_bytes,
             label="estimated from libtpu's static schedule, not run",
-        )  # fmt: skip
+        )
 
 
-def read(compiled, directory, *, generation: str, program: str, images_per_device: int,
-         since: set[str] = frozenset()) -> Estimate:  # fmt: skip
+def read(
+    compiled,
+    directory,
+    *,
+    generation: str,
+    program: str,
+    images_per_device: int,
+    since: set[str] = frozenset(),
+) -> Estimate:
     """The ``Estimate`` of a ``compiled`` program (or its HLO text) whose kernels libtpu
     dumped in ``directory`` (files not in ``since``: those of earlier compiles)."""
     memory = {}

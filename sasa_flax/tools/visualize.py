@@ -117,13 +117,31 @@ def draw_weights(path, image, weights, inside, positions, kernel_size, title):
             overlay = np.full_like(canvas, np.nan)
             window = np.where(inside[p], weights[p, n], np.nan)
             overlay[i : i + kernel_size, j : j + kernel_size] = window
-            ax.imshow(overlay, cmap="magma", vmin=0, vmax=max(float(np.nanmax(window)), 1e-6),
-                      alpha=0.85, interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                overlay,
+                cmap="magma",
+                vmin=0,
+                vmax=max(float(np.nanmax(window)), 1e-6),
+                alpha=0.85,
+                interpolation="nearest",
+            )
             for y, x in zip(*np.nonzero(~inside[p]), strict=True):  # masked: outside the image
-                ax.add_patch(Rectangle((j + x - 0.5, i + y - 0.5), 1, 1, facecolor="0.75",
-                                       edgecolor="0.4", hatch="xx", linewidth=0.3))  # fmt: skip
-            ax.add_patch(Rectangle((j + r - 0.5, i + r - 0.5), 1, 1, fill=False,
-                                   edgecolor="cyan", linewidth=1.2))  # fmt: skip
+                ax.add_patch(
+                    Rectangle(
+                        (j + x - 0.5, i + y - 0.5),
+                        1,
+                        1,
+                        facecolor="0.75",
+                        edgecolor="0.4",
+                        hatch="xx",
+                        linewidth=0.3,
+                    )
+                )
+            ax.add_patch(
+                Rectangle(
+                    (j + r - 0.5, i + r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2
+                )
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if p == 0:
@@ -163,8 +181,9 @@ def _file_name(layer_path: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", layer_path).strip("_") or "attention"
 
 
-def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
-              queries=((0.5, 0.5), (0.0, 0.0))) -> dict:  # fmt: skip
+def visualize(
+    config, workdir: str, out: str, *, step=None, images: int = 2, queries=((0.5, 0.5), (0.0, 0.0))
+) -> dict:
     """Writes the pictures and index.html; returns {"step", "files": [...], "layers": [...]}."""
     # The evaluation split only, in the run's own evaluation setting (trainer.restore).
     restored = trainer.restore(
@@ -194,11 +213,15 @@ def visualize(config, workdir: str, out: str, *, step=None, images: int = 2,
         for i in range(len(pixels)):
             png = out_dir / f"{name}_image{i}.png"
             draw_weights(
-                png, _layer_image(pixels[i], height, width), weights[i], inside, positions,
+                png,
+                _layer_image(pixels[i], height, width),
+                weights[i],
+                inside,
+                positions,
                 layer.options.kernel_size,
                 f"{layer_path} ({height}×{width}, k={layer.options.kernel_size})\neval image {i}, "
                 f"step {step}; hatched: outside the image",
-            )  # fmt: skip
+            )
             shown.append(png.name)
         files += shown
         sections.append((layer_path, height, width, shown))
@@ -228,9 +251,13 @@ def main(argv):
         if _CONFIG.value is None or not _WORKDIR.value or not _OUT.value:
             raise UserError("pass --config, --workdir (a trained run) and --out (a directory).")
         result = visualize(
-            _CONFIG.value, _WORKDIR.value, _OUT.value, step=_STEP.value, images=_IMAGES.value,
+            _CONFIG.value,
+            _WORKDIR.value,
+            _OUT.value,
+            step=_STEP.value,
+            images=_IMAGES.value,
             queries=parse_queries(_QUERIES.value),
-        )  # fmt: skip
+        )
     print(f"step {result['step']}: {len(result['files'])} files in {_OUT.value} (index.html)")
 
 

@@ -87,9 +87,12 @@ def compile_eval_step(
     chunks, first = 1, None
     while True:
         compiled, peak, _ = _compiled_or_refused(
-            compile_fn or compile_or_explain, jit_eval_step(setup, chunks), abstract.params,
-            abstract.model_state, batch,
-        )  # fmt: skip
+            compile_fn or compile_or_explain,
+            jit_eval_step(setup, chunks),
+            abstract.params,
+            abstract.model_state,
+            batch,
+        )
         first = first or peak
         if compiled is not None and peak <= budget:
             break
@@ -109,9 +112,14 @@ def compile_eval_step(
         log.info(
             "evaluation: %d images per device need %s, over %.0f%% of the device's %.1f GiB: "
             "evaluated in %d chunks of %d (%.1f GiB)",
-            per_device, f"{first / GIB:.1f} GiB" if first else "more than that",
-            100 * memory.HEADROOM, memory_bytes / GIB, chunks, per_device // chunks, peak / GIB,
-        )  # fmt: skip
+            per_device,
+            f"{first / GIB:.1f} GiB" if first else "more than that",
+            100 * memory.HEADROOM,
+            memory_bytes / GIB,
+            chunks,
+            per_device // chunks,
+            peak / GIB,
+        )
     return compiled, chunks
 
 

@@ -87,8 +87,11 @@ def train_and_evaluate(
                 "%s already finished at step %d (final top-1 %.2f%%): nothing to do. To "
                 "evaluate it again: eval.py; to train it longer: more --config.train."
                 "num_epochs with --config.train.allow_schedule_change=true; to train it "
-                "anew: another --workdir.", workdir, finished["step"], finished["top1"],
-            )  # fmt: skip
+                "anew: another --workdir.",
+                workdir,
+                finished["step"],
+                finished["top1"],
+            )
         return dict(finished, already_finished=True)
     lease = distributed.on_process_0("claim-workdir", lambda: _claim_workdir(workdir))
     with lock.keep(lease):
@@ -125,9 +128,12 @@ def _train_and_evaluate(
     # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
     # aside, saying so), or born sharded.
     start_step, restored = checkpoints.newest_good(
-        mngr, workdir, set_bad_aside=True,
-        model=abstract.model_item(), train=abstract.train_item(),
-    )  # fmt: skip
+        mngr,
+        workdir,
+        set_bad_aside=True,
+        model=abstract.model_item(),
+        train=abstract.train_item(),
+    )
     damaged = checkpoints.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
         resume.check_model_unchanged(setup, restored["meta"], workdir)
@@ -216,16 +222,21 @@ def _train_and_evaluate(
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 if saving:  # decided here alone (a period, a stop, the last step)
                     saves.start(
-                        done, model=state.model_item(), train=state.train_item(),
-                        meta=resume.checkpoint_meta(setup, done), damaged=damaged,
-                    )  # fmt: skip
+                        done,
+                        model=state.model_item(),
+                        train=state.train_item(),
+                        meta=resume.checkpoint_meta(setup, done),
+                        damaged=damaged,
+                    )
                 if stopping:
                     saves.finish()
                     writer.flush()
                     log.info(
                         "%s: stopped after step %d with its checkpoint written; run the same "
-                        "command to resume.", stop_request.reason, done,
-                    )  # fmt: skip
+                        "command to resume.",
+                        stop_request.reason,
+                        done,
+                    )
                     return dict(step=done, train_log=progress.lines, stopped_by=stop_request.reason)
     except Exception:
         # A fatal error mid-run (a corrupt image, a full disk): let the checkpoint being
@@ -253,6 +264,10 @@ def _train_and_evaluate(
     if jax.process_index() == 0:
         log.info(
             "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
-            final_step, results["top1"], results["top5"], results["loss"], results["num_examples"],
-        )  # fmt: skip
+            final_step,
+            results["top1"],
+            results["top5"],
+            results["loss"],
+            results["num_examples"],
+        )
     return dict(step=final_step, train_log=progress.lines, **results)

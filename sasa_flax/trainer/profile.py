@@ -64,6 +64,8 @@ class StepProfile:
         if jax.process_index() == 0:
             log.info(
                 "profiled steps %d-%d into %s: tensorboard --logdir %s (profile tab)",
-                self.start + 1, self.start + self.steps, self.target,
+                self.start + 1,
+                self.start + self.steps,
+                self.target,
                 os.path.dirname(self.target.rstrip("/")),
-            )  # fmt: skip
+            )

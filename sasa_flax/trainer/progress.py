@@ -163,7 +163,14 @@ class ProgressLog:
             )
         log.info(
             "step %d/%d (epoch %.1f/%.1f) loss %.4f top-1 %.1f%% lr %.4g | %s | ETA %s%s",
-            done, total, done / self.setup.steps_per_epoch, total / self.setup.steps_per_epoch,
-            summary["loss"], 100 * summary["top1"], summary["learning_rate"], speed,
-            "?" if math.isnan(eta) else format_duration(eta), skipped,
-        )  # fmt: skip
+            done,
+            total,
+            done / self.setup.steps_per_epoch,
+            total / self.setup.steps_per_epoch,
+            summary["loss"],
+            100 * summary["top1"],
+            summary["learning_rate"],
+            speed,
+            "?" if math.isnan(eta) else format_duration(eta),
+            skipped,
+        )

@@ -25,19 +25,29 @@ log = logging.getLogger(__name__)
 # The fields that shape the learning-rate schedule or the data stream of a run: a resumed
 # run must have the checkpoint's values (or config.train.allow_schedule_change=True).
 SCHEDULE_FIELDS = (
-    "train.num_epochs", "train.num_steps", "train.base_learning_rate", "train.warmup_epochs",
-    "train.seed", "input.batch_size", "input.dataset", "input.data_dir",
-    "input.tuning_split", "input.augment",
-)  # fmt: skip
+    "train.num_epochs",
+    "train.num_steps",
+    "train.base_learning_rate",
+    "train.warmup_epochs",
+    "train.seed",
+    "input.batch_size",
+    "input.dataset",
+    "input.data_dir",
+    "input.tuning_split",
+    "input.augment",
+)
 
 
 # The fields that change what an evaluation means: recorded at training time, and
 # eval.py evaluates that setting unless told otherwise (--other_setting). Every field of
 # the model that defines it (``model_fields``) belongs to it too.
 EVAL_FIELDS = (
-    "input.dataset", "input.data_dir", "input.tuning_split", "input.image_size",
+    "input.dataset",
+    "input.data_dir",
+    "input.tuning_split",
+    "input.image_size",
     "input.augment",
-)  # fmt: skip
+)
 
 
 def _as_json(config) -> dict:
@@ -115,8 +125,9 @@ def warn_if_data_order_changes(setup: Setup, meta: dict) -> None:
         log.warning(
             "resuming a run of %d processes on %d: the TFDS training split is read per "
             "process, so it continues in another (equally shuffled) order",
-            saved, setup.dataset.process_count,
-        )  # fmt: skip
+            saved,
+            setup.dataset.process_count,
+        )
 
 
 def check_schedule_unchanged(setup: Setup, meta: dict, workdir: Workdir) -> None:
@@ -129,8 +140,11 @@ def check_schedule_unchanged(setup: Setup, meta: dict, workdir: Workdir) -> None
         return
     listing = _listing(saved, now, changed)
     if setup.config.train.allow_schedule_change:
-        log.warning("resuming with a changed schedule (%s): it continues from step %d of "
-                    "the new one", listing, meta["step"])  # fmt: skip
+        log.warning(
+            "resuming with a changed schedule (%s): it continues from step %d of the new one",
+            listing,
+            meta["step"],
+        )
         return
     raise TrainError(
         f"{workdir} was trained with a different schedule or data stream: {listing}. "

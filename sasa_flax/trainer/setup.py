@@ -172,9 +172,13 @@ def make_setup(config, *, devices=None, process_index=None, process_count=None) 
         math.ceil(config.train.num_epochs * steps_per_epoch)
     )
     return model_setup(
-        config, devices, dataset=dataset, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, abstract=abstract,
-    )  # fmt: skip
+        config,
+        devices,
+        dataset=dataset,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        abstract=abstract,
+    )
 
 
 def make_eval_setup(config, *, devices=None, process_index=None, process_count=None) -> Setup:
@@ -266,8 +270,9 @@ def merged_model(setup: Setup, graphdef, params, model_state, step) -> nnx.Modul
     streams = {m.tag for _, m in nnx.iter_graph(model) if isinstance(m, nnx.RngStream)}
     if streams:
         key = jax.random.fold_in(jax.random.key(setup.config.train.seed), step)
-        nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in
-                             enumerate(sorted(streams))})  # fmt: skip
+        nnx.reseed(
+            model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(sorted(streams))}
+        )
     return model
 
 
@@ -293,6 +298,9 @@ def log_weight_decay(setup: Setup, abstract: TrainState) -> None:
     if jax.process_index() == 0:
         log.info(
             "weight decay %g on %d of %d parameter tensors (%s of %s parameters)",
-            setup.config.train.weight_decay, sum(map(bool, mask)), len(sizes),
-            f"{decayed:,}", f"{sum(sizes):,}",
-        )  # fmt: skip
+            setup.config.train.weight_decay,
+            sum(map(bool, mask)),
+            len(sizes),
+            f"{decayed:,}",
+            f"{sum(sizes):,}",
+        )

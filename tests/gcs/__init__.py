@@ -44,19 +44,58 @@ def _make_certs(directory: pathlib.Path) -> None:
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", "/CN=sasa_flax test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-            "server.csr", "-subj", "/CN=www.googleapis.com")  # fmt: skip
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sasa_flax test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=www.googleapis.com",
+    )
     (directory / "ext.cnf").write_text(
         "subjectAltName=DNS:www.googleapis.com,DNS:storage.googleapis.com,DNS:*.googleapis.com\n"
         "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
     )
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2",
-            "-extfile", "ext.cnf")  # fmt: skip
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
 
 
 class GcsServer:
@@ -68,13 +107,24 @@ class GcsServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         logs = open(directory / "emulator.log", "w")  # noqa: SIM115 - open until stop
         self._processes = [
-            subprocess.Popen([sys.executable, str(HERE / "emulator.py"), str(self.port), BUCKET],
-                             stdout=logs, stderr=subprocess.STDOUT),
-            subprocess.Popen([sys.executable, str(HERE / "tlsproxy.py"), str(proxy),
-                              str(self.port), str(directory / "server.pem"),
-                              str(directory / "server.key")],
-                             stdout=logs, stderr=subprocess.STDOUT),
-        ]  # fmt: skip
+            subprocess.Popen(
+                [sys.executable, str(HERE / "emulator.py"), str(self.port), BUCKET],
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            ),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "tlsproxy.py"),
+                    str(proxy),
+                    str(self.port),
+                    str(directory / "server.pem"),
+                    str(directory / "server.key"),
+                ],
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            ),
+        ]
         self.env = dict(
             TENSORSTORE_GCS_HTTP_URL=self.endpoint,
             GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",

@@ -290,9 +290,12 @@ def fault(request, response, storage, *a, **k):
         FAULTS.clear()
     else:
         FAULTS.append(
-            dict(match=_q(request, "match"), status=int(_q(request, "status") or 503),
-                 count=int(_q(request, "count") or 1))
-        )  # fmt: skip
+            dict(
+                match=_q(request, "match"),
+                status=int(_q(request, "status") or 503),
+                count=int(_q(request, "count") or 1),
+            )
+        )
     response.json({"faults": FAULTS})
 
 

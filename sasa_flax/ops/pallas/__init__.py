@@ -32,11 +32,15 @@ def local_attention(q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str
     options = dict(kernel_size=kernel_size, padding=padding)
     interpreted = functools.partial(gpu.local_attention, interpret=True, **options)
     return jax.lax.platform_dependent(
-        q, k, v, rel_row, rel_col,
+        q,
+        k,
+        v,
+        rel_row,
+        rel_col,
         cpu=interpreted,
         tpu=compiled("tpu", **options),
         default=compiled("cuda", **options),
-    )  # fmt: skip
+    )
 
 
 __all__ = ["compiled", "gpu", "local_attention", "shards", "tpu"]

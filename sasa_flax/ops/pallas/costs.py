@@ -14,9 +14,17 @@ from jax.experimental import pallas as pl
 
 
 def kernel_costs(
-    *, programs: int, tile: int, window: int, kernel_size: int, head_dim: int, value_dim: int,
-    has_key: bool, itemsize: int, out_itemsize: int,
-) -> dict[str, pl.CostEstimate]:  # fmt: skip
+    *,
+    programs: int,
+    tile: int,
+    window: int,
+    kernel_size: int,
+    head_dim: int,
+    value_dim: int,
+    has_key: bool,
+    itemsize: int,
+    out_itemsize: int,
+) -> dict[str, pl.CostEstimate]:
     """FLOPs, exps and HBM bytes of the forward, dq and dk/dv kernels.
 
     ``window``: positions a program reads around its tile (tile + 2·halo); ``itemsize``
@@ -29,21 +37,30 @@ def kernel_costs(
     # forward, per query and offset: q·(k + r) 3d, online softmax ~6, acc·rescale + w·v 3dv
     forward = k2 * queries * (3 * d + 3 * dv + 6)
     forward_bytes = programs * (
-        d * tile * itemsize + (dk + dv) * window * itemsize + window * 4
-        + dv * tile * out_itemsize + tile * 4
-    )  # fmt: skip
+        d * tile * itemsize
+        + (dk + dv) * window * itemsize
+        + window * 4
+        + dv * tile * out_itemsize
+        + tile * 4
+    )
     # dq: logit 3d, ds 2dv + 3, dq 2d, the tables' Σ ds·q 2d; dk/dv: logit 3d, dv 2dv,
     # ds 2dv + 3, dk 2d
     dq = k2 * queries * (7 * d + 2 * dv + 5)
     dq_bytes = programs * (
-        (d + dv) * tile * itemsize + 8 * tile + (dk + dv) * window * itemsize + window * 4
-        + d * tile * out_itemsize + d * k2 * 4
-    )  # fmt: skip
+        (d + dv) * tile * itemsize
+        + 8 * tile
+        + (dk + dv) * window * itemsize
+        + window * 4
+        + d * tile * out_itemsize
+        + d * k2 * 4
+    )
     dkv = k2 * queries * (5 * d + 4 * dv + 5)
     dkv_bytes = programs * (
-        (dk + dv) * tile * itemsize + (d + dv) * window * itemsize + 3 * window * 4
+        (dk + dv) * tile * itemsize
+        + (d + dv) * window * itemsize
+        + 3 * window * 4
         + (dk + dv) * tile * out_itemsize
-    )  # fmt: skip
+    )
     exps = k2 * queries
     return {
         "forward": pl.CostEstimate(int(forward), int(2 * exps), int(forward_bytes)),

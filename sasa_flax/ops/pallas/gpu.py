@@ -262,9 +262,10 @@ def _call(config, kernel, name, inputs, out_specs, outputs):
         (config, name), lambda: _on_groups(config, kernel, name, out_specs, outputs)
     )
     return shards.per_group(
-        on_groups, _grouped(config, len(inputs)),
+        on_groups,
+        _grouped(config, len(inputs)),
         out_shapes=lambda batch, heads: outputs(batch * heads),
-    )(*inputs)  # fmt: skip
+    )(*inputs)
 
 
 def _on_groups(config, kernel, name, out_specs, outputs):
@@ -298,13 +299,19 @@ def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
     frame = config.frame
     length, dv = frame.num_tiles * frame.tile, v_frame.shape[-1]
     return _call(
-        config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd",
+        config,
+        _forward_kernel,
+        f"{KERNEL_NAME_PREFIX}fwd",
         (q_frame, k_frame, v_frame, offsets, inside),
-        [pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
-         pl.BlockSpec((None, frame.tile), lambda g, t: (g, t))],
-        lambda groups: [jax.ShapeDtypeStruct((groups, length, dv), config.dtype),
-                        jax.ShapeDtypeStruct((groups, length), config.dtype)],
-    )  # fmt: skip
+        [
+            pl.BlockSpec((None, frame.tile, dv), lambda g, t: (g, t, 0)),
+            pl.BlockSpec((None, frame.tile), lambda g, t: (g, t)),
+        ],
+        lambda groups: [
+            jax.ShapeDtypeStruct((groups, length, dv), config.dtype),
+            jax.ShapeDtypeStruct((groups, length), config.dtype),
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------- backward
@@ -385,16 +392,24 @@ def _run_backward(config, residuals, dy_frame, lse_frame, delta_frame):
     positions = lambda groups, c: jax.ShapeDtypeStruct((groups, tiles * tile, c), config.dtype)  # noqa: E731
     inputs = (q_frame, k_frame, v_frame, offsets, inside, dy_frame, lse_frame, delta_frame)
     dq, d_offsets = _call(
-        config, _dq_kernel, f"{KERNEL_NAME_PREFIX}dq", inputs,
+        config,
+        _dq_kernel,
+        f"{KERNEL_NAME_PREFIX}dq",
+        inputs,
         [per_tile(d), pl.BlockSpec((None, None, offsets_rows, d), lambda g, t: (g, t, 0, 0))],
         lambda groups: [
             positions(groups, d),
-            jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype)],
-    )  # fmt: skip
+            jax.ShapeDtypeStruct((groups, tiles, offsets_rows, d), config.dtype),
+        ],
+    )
     dk, dv_out = _call(
-        config, _dkv_kernel, f"{KERNEL_NAME_PREFIX}dkv", inputs, [per_tile(d), per_tile(dv)],
+        config,
+        _dkv_kernel,
+        f"{KERNEL_NAME_PREFIX}dkv",
+        inputs,
+        [per_tile(d), per_tile(dv)],
         lambda groups: [positions(groups, d), positions(groups, dv)],
-    )  # fmt: skip
+    )
     # One partial sum per (image, head, tile), summed here: XLA reduces it across
     # devices once, like any parameter's gradient.
     return dq, dk, dv_out, d_offsets.sum(axis=(0, 1, 2))[: config.kernel_size**2]
@@ -453,16 +468,28 @@ def _attention_bwd(config, saved, dy):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def costs(q_shape, value_dim: int, kernel_size: int, *, has_key: bool, itemsize: int,
-          tile: int = DEFAULT_TILE) -> dict[str, pl.CostEstimate]:  # fmt: skip
+def costs(
+    q_shape,
+    value_dim: int,
+    kernel_size: int,
+    *,
+    has_key: bool,
+    itemsize: int,
+    tile: int = DEFAULT_TILE,
+) -> dict[str, pl.CostEstimate]:
     """The kernels' own FLOP, exp and byte counts (``pallas.costs``) for queries of
     ``q_shape`` (B, H, W, N, d): head widths padded to powers of two, float32 outputs,
     each program's window its tile plus the largest shift on both sides."""
     frame = Frame.of(q_shape, kernel_size, tile)
     reach = frame.first  # r·Wp + r
     return kernel_costs(
-        programs=frame.batch * frame.heads * frame.num_tiles, tile=tile,
-        window=tile + 2 * reach, kernel_size=kernel_size,
-        head_dim=_padded_width(q_shape[-1]), value_dim=_padded_width(value_dim),
-        has_key=has_key, itemsize=itemsize, out_itemsize=4,
-    )  # fmt: skip
+        programs=frame.batch * frame.heads * frame.num_tiles,
+        tile=tile,
+        window=tile + 2 * reach,
+        kernel_size=kernel_size,
+        head_dim=_padded_width(q_shape[-1]),
+        value_dim=_padded_width(value_dim),
+        has_key=has_key,
+        itemsize=itemsize,
+        out_itemsize=4,
+    )

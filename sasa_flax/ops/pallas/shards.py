@@ -57,10 +57,14 @@ GROUP_DIMS = 2  # (batch, heads): the leading dimensions of a merged (GPU) opera
 
 
 def per_group(
-    kernel: Callable[..., Sequence[jax.Array]], grouped: Sequence[bool], *,
-    local_only: bool = False, heads_axis: int = 1, merge: bool = True,
+    kernel: Callable[..., Sequence[jax.Array]],
+    grouped: Sequence[bool],
+    *,
+    local_only: bool = False,
+    heads_axis: int = 1,
+    merge: bool = True,
     out_shapes: Callable[..., Sequence[jax.ShapeDtypeStruct]] | None = None,
-) -> Callable[..., tuple[jax.Array, ...]]:  # fmt: skip
+) -> Callable[..., tuple[jax.Array, ...]]:
     """``kernel`` run on each device's block of (batch, heads) (module docstring).
 
     Args:
@@ -126,10 +130,13 @@ def per_group(
         # Inside a shard_map, or a split decided when the program is lowered.
         return tuple(
             _per_group_p.bind(
-                *arrays, local=local, grouped=grouped, heads_axis=heads_axis,
+                *arrays,
+                local=local,
+                grouped=grouped,
+                heads_axis=heads_axis,
                 out_shapes=None if out_shapes is None else typed_outputs,
             )
-        )  # fmt: skip
+        )
 
     return call
 

@@ -102,9 +102,17 @@ _PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
 
 def local_attention(
-    q, k, v, rel_row, rel_col, *, kernel_size: int, padding: str, tile: int | None = None,
+    q,
+    k,
+    v,
+    rel_row,
+    rel_col,
+    *,
+    kernel_size: int,
+    padding: str,
+    tile: int | None = None,
     interpret=False,
-) -> jax.Array:  # fmt: skip
+) -> jax.Array:
     """See ``sasa_flax.ops.local_attention``. Returns (B, H, W, N, dv) in v's dtype.
 
     ``tile``: positions per program, a multiple of 128; by default the tile that reads
@@ -153,16 +161,26 @@ class Frame(NamedTuple):
 
     @classmethod
     def of(
-        cls, q_shape, kernel_size: int, tile: int | None = None, value_dim: int | None = None,
+        cls,
+        q_shape,
+        kernel_size: int,
+        tile: int | None = None,
+        value_dim: int | None = None,
         itemsize: int = 4,
-    ) -> Frame:  # fmt: skip
+    ) -> Frame:
         batch, height, width, heads, head_dim = q_shape
         value_dim = value_dim or head_dim
         halo = cls.halo_for(height, width, kernel_size)
         if tile is None:
             tile = choose_tile(
-                height, width, kernel_size, head_dim, value_dim, heads=heads, itemsize=itemsize,
-            )  # fmt: skip
+                height,
+                width,
+                kernel_size,
+                head_dim,
+                value_dim,
+                heads=heads,
+                itemsize=itemsize,
+            )
         elif tile < LANES or tile % LANES:
             raise ValueError(f"tile must be a positive multiple of {LANES} positions; got {tile}.")
         chunk = chunk_for(head_dim, value_dim)
@@ -232,9 +250,15 @@ def chunk_for(head_dim: int, value_dim: int) -> int:
 
 
 def choose_tile(
-    height: int, width: int, kernel_size: int, head_dim: int, value_dim: int, *, heads: int = 8,
+    height: int,
+    width: int,
+    kernel_size: int,
+    head_dim: int,
+    value_dim: int,
+    *,
+    heads: int = 8,
     itemsize: int = 4,
-) -> int:  # fmt: skip
+) -> int:
     """The multiple of the chunk (``chunk_for``) that reads the fewest positions (tile plus
     two halos, per tile), among those up to MAX_TILE whose VMEM (``vmem_bytes``) stays
     within VMEM_BUDGET. Ties go to the larger tile (fewer programs).
@@ -248,8 +272,9 @@ def choose_tile(
     chunk = chunk_for(head_dim, value_dim)
     best = None
     for tile in range(chunk, MAX_TILE + 1, chunk):
-        need = vmem_bytes(tile, halo, head_dim, value_dim, kernel_size, heads=heads,
-                          itemsize=itemsize)  # fmt: skip
+        need = vmem_bytes(
+            tile, halo, head_dim, value_dim, kernel_size, heads=heads, itemsize=itemsize
+        )
         if need > VMEM_BUDGET:
             break
         cost = pl.cdiv(positions, tile) * (tile + 2 * halo)
@@ -258,8 +283,12 @@ def choose_tile(
         if tile >= positions:
             break
     if best is None:
-        need = vmem_bytes(chunk, halo, head_dim, value_dim, kernel_size, heads=heads,
-                          itemsize=itemsize) / 2**20  # fmt: skip
+        need = (
+            vmem_bytes(
+                chunk, halo, head_dim, value_dim, kernel_size, heads=heads, itemsize=itemsize
+            )
+            / 2**20
+        )
         raise TileError(
             f"the Mosaic kernels need about {need:.1f} MiB of VMEM per program at "
             f"{height}x{width}, k = {kernel_size}, head width {head_dim} (a halo of {halo} "
@@ -274,21 +303,32 @@ class TileError(ImplementationError):
 
 
 def fits(
-    height: int, width: int, kernel_size: int, head_dim: int, value_dim: int, *, heads: int = 8,
+    height: int,
+    width: int,
+    kernel_size: int,
+    head_dim: int,
+    value_dim: int,
+    *,
+    heads: int = 8,
     itemsize: int = 4,
-) -> bool:  # fmt: skip
+) -> bool:
     """Whether some tile of the Mosaic kernels fits VMEM at this shape (``choose_tile``)."""
     halo = Frame.halo_for(height, width, kernel_size)
     chunk = chunk_for(head_dim, value_dim)
-    need = vmem_bytes(chunk, halo, head_dim, value_dim, kernel_size, heads=heads,
-                      itemsize=itemsize)  # fmt: skip
+    need = vmem_bytes(chunk, halo, head_dim, value_dim, kernel_size, heads=heads, itemsize=itemsize)
     return need <= VMEM_BUDGET
 
 
 def vmem_bytes(
-    tile: int, halo: int, head_dim: int, value_dim: int, kernel_size: int, *, heads: int = 8,
+    tile: int,
+    halo: int,
+    head_dim: int,
+    value_dim: int,
+    kernel_size: int,
+    *,
+    heads: int = 8,
     itemsize: int = 4,
-) -> int:  # fmt: skip
+) -> int:
     """What the largest of the three kernels holds in VMEM per program: its blocks, each
     double-buffered by the pipeline (heads padded to a sublane group of 8, the frames at
     ``itemsize``: 4 by default, float32, the larger case), the tables' gradient
@@ -306,10 +346,17 @@ def vmem_bytes(
         return channels * rows * positions * size
 
     shared = 2 * 8 * tile * 4  # the (1, T) float32 rows and columns, padded to 8 sublanes
-    forward = (frames(d, tile) + frames(d + dv, window) + shared + frames(dv, tile)
-               + frames(1, tile, 4))  # fmt: skip
-    dq = (frames(d + dv, tile) + frames(2, tile, 4) + frames(d + dv, window) + shared
-          + frames(d, tile) + rows * _round_up(kernel_size * d, LANES) * 4)  # fmt: skip
+    forward = (
+        frames(d, tile) + frames(d + dv, window) + shared + frames(dv, tile) + frames(1, tile, 4)
+    )
+    dq = (
+        frames(d + dv, tile)
+        + frames(2, tile, 4)
+        + frames(d + dv, window)
+        + shared
+        + frames(d, tile)
+        + rows * _round_up(kernel_size * d, LANES) * 4
+    )
     dkv = frames(2 * d + 2 * dv, tile) + frames(d + dv, window) + frames(2, window, 4) + shared
     accumulator = kernel_size * d * rows * LANES * vregs * 4
     spills = kernel_size**2 * min(d + dv, SPILL_CHANNELS) * SPILL_PER_OFFSET_CHANNEL
@@ -378,8 +425,7 @@ def _frame_rows(config, ref, count: int, start, chunk) -> list[jax.Array]:
     """The first ``count`` channels of the frame block ``ref`` (q, k, v or dy) at positions
     ``chunk + start`` .., as ``_row``: (N, C) each in the accumulation dtype, one shifted
     read per channel, or per pair of channels where the frames are packed."""
-    return _channels(config, lambda j: _shifted(config, ref, j, start, chunk), count,
-                     config.packed)  # fmt: skip
+    return _channels(config, lambda j: _shifted(config, ref, j, start, chunk), count, config.packed)
 
 
 def _channels(config, read, count: int, packed: bool) -> list[jax.Array]:
@@ -483,8 +529,9 @@ def _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok, row_term, co
     return found
 
 
-def _forward_kernel(config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row, rel_col,
-                    y_ref, lse_ref):  # fmt: skip
+def _forward_kernel(
+    config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row, rel_col, y_ref, lse_ref
+):
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
 
     def chunk_step(index, carry):
@@ -502,8 +549,9 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row,
             # One row of offsets at a time: its k logits are independent, then one
             # rescale of the running sums per row (not per offset).
             row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
-            found = _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok,
-                                row_term, column_terms, dy)  # fmt: skip
+            found = _neighbours(
+                config, queries, k_ref, chunk, rows_ok, columns_ok, row_term, column_terms, dy
+            )
             new_max = functools.reduce(jnp.maximum, [logit for _, _, logit in found], running_max)
             rescale = jnp.exp(running_max - new_max)
             acc = [a * rescale for a in acc]
@@ -524,8 +572,21 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, rows_ref, columns_ref, rel_row,
     jax.lax.fori_loop(0, frame.tile // frame.chunk, chunk_step, 0)
 
 
-def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns_ref,
-               rel_row, rel_col, dq_ref, d_rel_ref, accumulator):  # fmt: skip
+def _dq_kernel(
+    config,
+    q_ref,
+    dy_ref,
+    stats_ref,
+    k_ref,
+    v_ref,
+    rows_ref,
+    columns_ref,
+    rel_row,
+    rel_col,
+    dq_ref,
+    d_rel_ref,
+    accumulator,
+):
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
     if config.has_rel:
         accumulator[...] = jnp.zeros(accumulator.shape, accumulator.dtype)
@@ -547,8 +608,9 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns
         for dy in range(size):
             row_term = _dot_table(config, rel_row, dy, queries[:half]) if config.has_rel else None
             row_sum = jnp.zeros(lse.shape, dtype)
-            found = _neighbours(config, queries, k_ref, chunk, rows_ok, columns_ok,
-                                row_term, column_terms, dy)  # fmt: skip
+            found = _neighbours(
+                config, queries, k_ref, chunk, rows_ok, columns_ok, row_term, column_terms, dy
+            )
             for dx, (start, ok, logit) in enumerate(found):
                 p = jnp.exp(logit - lse)
                 values = _frame_rows(config, v_ref, len(d_out), start, chunk)
@@ -587,8 +649,20 @@ def _dq_kernel(config, q_ref, dy_ref, stats_ref, k_ref, v_ref, rows_ref, columns
         d_rel_ref[0, 0] = out
 
 
-def _dkv_kernel(config, k_ref, v_ref, q_ref, dy_ref, stats_ref, rows_ref, columns_ref,
-                rel_row, rel_col, dk_ref, dv_ref):  # fmt: skip
+def _dkv_kernel(
+    config,
+    k_ref,
+    v_ref,
+    q_ref,
+    dy_ref,
+    stats_ref,
+    rows_ref,
+    columns_ref,
+    rel_row,
+    rel_col,
+    dk_ref,
+    dv_ref,
+):
     frame, dtype, half, size = config.frame, config.dtype, config.half, config.size
 
     def chunk_step(index, carry):
@@ -690,8 +764,9 @@ _SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 def _shared_specs(frame: Frame) -> dict[str, pl.BlockSpec]:
     """What every kernel reads beside its frames: the rows and columns of the positions
     (one for all images), the relative tables (SMEM scalars)."""
-    return dict(rows_ref=_shared_tile(frame), columns_ref=_shared_tile(frame),
-                rel_row=_SMEM, rel_col=_SMEM)  # fmt: skip
+    return dict(
+        rows_ref=_shared_tile(frame), columns_ref=_shared_tile(frame), rel_row=_SMEM, rel_col=_SMEM
+    )
 
 
 def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scratch=None):
@@ -711,10 +786,19 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
     arrays = [inputs[n] for n in present]
     on_device = shards.device_program(
         (config, name),
-        lambda: _on_device(config, kernel, name, list(inputs), present,
-                           [in_specs[n] for n in present], out_specs, outputs, cost,
-                           scratch or {}),
-    )  # fmt: skip
+        lambda: _on_device(
+            config,
+            kernel,
+            name,
+            list(inputs),
+            present,
+            [in_specs[n] for n in present],
+            out_specs,
+            outputs,
+            cost,
+            scratch or {},
+        ),
+    )
 
     def out_shapes(batch, heads):
         shapes = outputs(batch, heads)
@@ -723,14 +807,17 @@ def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scra
     grouped = [x.ndim == 4 for x in arrays]
     interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
     results = shards.per_group(
-        on_device, grouped, local_only=interpreted, heads_axis=HEADS_AXIS, merge=False,
+        on_device,
+        grouped,
+        local_only=interpreted,
+        heads_axis=HEADS_AXIS,
+        merge=False,
         out_shapes=out_shapes,
-    )(*arrays)  # fmt: skip
+    )(*arrays)
     return dict(zip(live_outputs, results, strict=True))
 
 
-def _on_device(config, kernel, name, arguments, present, specs, out_specs, outputs, cost,
-               scratch):  # fmt: skip
+def _on_device(config, kernel, name, arguments, present, specs, out_specs, outputs, cost, scratch):
     """``_call``'s ``pallas_call`` on one device's frames: ``arguments`` names the kernel's
     inputs in its order, ``present`` those given (their ``specs``)."""
     live_outputs = [n for n in out_specs if out_specs[n] is not None]
@@ -764,19 +851,29 @@ def _on_device(config, kernel, name, arguments, present, specs, out_specs, outpu
 
 
 def costs(
-    q_shape, value_dim: int, kernel_size: int, *, has_key: bool, itemsize: int,
+    q_shape,
+    value_dim: int,
+    kernel_size: int,
+    *,
+    has_key: bool,
+    itemsize: int,
     tile: int | None = None,
-) -> dict[str, pl.CostEstimate]:  # fmt: skip
+) -> dict[str, pl.CostEstimate]:
     """The kernels' own FLOP, exp and HBM-byte counts (``pallas.costs``) for queries of
     ``q_shape`` (B, H, W, N, d) at ``tile`` (default: ``choose_tile``'s): what each
     ``pallas_call`` passes to XLA as its ``CostEstimate``."""
     frame = Frame.of(q_shape, kernel_size, tile, value_dim=value_dim)
     return kernel_costs(
-        programs=frame.batch * frame.heads * frame.num_tiles, tile=frame.tile,
-        window=frame.tile + 2 * frame.halo, kernel_size=kernel_size,
-        head_dim=q_shape[-1], value_dim=value_dim, has_key=has_key,
-        itemsize=itemsize, out_itemsize=itemsize,
-    )  # fmt: skip
+        programs=frame.batch * frame.heads * frame.num_tiles,
+        tile=frame.tile,
+        window=frame.tile + 2 * frame.halo,
+        kernel_size=kernel_size,
+        head_dim=q_shape[-1],
+        value_dim=value_dim,
+        has_key=has_key,
+        itemsize=itemsize,
+        out_itemsize=itemsize,
+    )
 
 
 def _costs(config, batch: int, heads: int) -> dict[str, pl.CostEstimate]:
@@ -785,9 +882,13 @@ def _costs(config, batch: int, heads: int) -> dict[str, pl.CostEstimate]:
     frame = config.frame
     q_shape = (batch, frame.height, frame.width, heads, config.head_dim)
     return costs(
-        q_shape, config.value_dim, config.kernel_size, has_key=config.has_key,
-        itemsize=jnp.dtype(config.input_dtypes[0]).itemsize, tile=frame.tile,
-    )  # fmt: skip
+        q_shape,
+        config.value_dim,
+        config.kernel_size,
+        has_key=config.has_key,
+        itemsize=jnp.dtype(config.input_dtypes[0]).itemsize,
+        tile=frame.tile,
+    )
 
 
 # ------------------------------------------------------------------------ custom VJP
@@ -807,17 +908,34 @@ def _run_forward(config, q_frame, k_frame, v_frame, rel_row, rel_col, rows, colu
     out_len = frame.num_tiles * frame.tile
     frame_window, frame_tile = _frame_specs(config)
     outputs = _call(
-        config, _forward_kernel, f"{KERNEL_NAME_PREFIX}fwd_tpu",
-        dict(q_ref=q_frame, k_ref=k_frame, v_ref=v_frame, rows_ref=rows,
-             columns_ref=columns, rel_row=rel_row, rel_col=rel_col),
-        dict(q_ref=frame_tile(d), k_ref=frame_window(d),
-             v_ref=frame_window(dv), **_shared_specs(frame)),
-        dict(y_ref=functools.partial(_out_tile, frame, dv),
-             lse_ref=functools.partial(_out_tile, frame, 1)),
-        lambda b, n: dict(y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
-                          lse_ref=jax.ShapeDtypeStruct((b, 1, n, out_len), config.dtype)),
+        config,
+        _forward_kernel,
+        f"{KERNEL_NAME_PREFIX}fwd_tpu",
+        dict(
+            q_ref=q_frame,
+            k_ref=k_frame,
+            v_ref=v_frame,
+            rows_ref=rows,
+            columns_ref=columns,
+            rel_row=rel_row,
+            rel_col=rel_col,
+        ),
+        dict(
+            q_ref=frame_tile(d),
+            k_ref=frame_window(d),
+            v_ref=frame_window(dv),
+            **_shared_specs(frame),
+        ),
+        dict(
+            y_ref=functools.partial(_out_tile, frame, dv),
+            lse_ref=functools.partial(_out_tile, frame, 1),
+        ),
+        lambda b, n: dict(
+            y_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
+            lse_ref=jax.ShapeDtypeStruct((b, 1, n, out_len), config.dtype),
+        ),
         lambda b, n: _costs(config, b, n)["forward"],
-    )  # fmt: skip
+    )
     return outputs["y_ref"], outputs["lse_ref"]
 
 
@@ -839,38 +957,74 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
         return pl.BlockSpec((1, 1, heads, slots), lambda b, t: (b, t, 0, 0))
 
     dq_out = _call(
-        config, _dq_kernel, f"{KERNEL_NAME_PREFIX}dq_tpu",
-        dict(q_ref=q_frame, dy_ref=dy_frame, stats_ref=stats_frame, k_ref=k_frame,
-             v_ref=v_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
-             rel_col=rel_col),
-        dict(q_ref=frame_tile(d),
-             dy_ref=frame_tile(dv),
-             stats_ref=functools.partial(in_tile, 2), k_ref=frame_window(d),
-             v_ref=frame_window(dv), **_shared_specs(frame)),
+        config,
+        _dq_kernel,
+        f"{KERNEL_NAME_PREFIX}dq_tpu",
+        dict(
+            q_ref=q_frame,
+            dy_ref=dy_frame,
+            stats_ref=stats_frame,
+            k_ref=k_frame,
+            v_ref=v_frame,
+            rows_ref=rows,
+            columns_ref=columns,
+            rel_row=rel_row,
+            rel_col=rel_col,
+        ),
+        dict(
+            q_ref=frame_tile(d),
+            dy_ref=frame_tile(dv),
+            stats_ref=functools.partial(in_tile, 2),
+            k_ref=frame_window(d),
+            v_ref=frame_window(dv),
+            **_shared_specs(frame),
+        ),
         dict(dq_ref=functools.partial(out_tile, d), d_rel_ref=d_rel_spec if has_rel else None),
         lambda b, n: dict(
             dq_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[0]),
-            d_rel_ref=jax.ShapeDtypeStruct((b, frame.num_tiles, n, slots), config.dtype)),
+            d_rel_ref=jax.ShapeDtypeStruct((b, frame.num_tiles, n, slots), config.dtype),
+        ),
         lambda b, n: cost(b, n)["dq"],
-        scratch=dict(accumulator=(lambda n: pltpu.VMEM((k * d, n, frame.chunk), config.dtype))
-                     if has_rel else None),
-    )  # fmt: skip
+        scratch=dict(
+            accumulator=(lambda n: pltpu.VMEM((k * d, n, frame.chunk), config.dtype))
+            if has_rel
+            else None
+        ),
+    )
 
     dkv_out = _call(
-        config, _dkv_kernel, f"{KERNEL_NAME_PREFIX}dkv_tpu",
-        dict(k_ref=k_frame, v_ref=v_frame, q_ref=q_frame, dy_ref=dy_frame,
-             stats_ref=stats_frame, rows_ref=rows, columns_ref=columns, rel_row=rel_row,
-             rel_col=rel_col),
-        dict(k_ref=frame_tile(d), v_ref=frame_tile(dv),
-             q_ref=frame_window(d), dy_ref=frame_window(dv),
-             stats_ref=functools.partial(window, 2), **_shared_specs(frame)),
-        dict(dk_ref=functools.partial(out_tile, d) if config.has_key else None,
-             dv_ref=functools.partial(out_tile, dv)),
+        config,
+        _dkv_kernel,
+        f"{KERNEL_NAME_PREFIX}dkv_tpu",
+        dict(
+            k_ref=k_frame,
+            v_ref=v_frame,
+            q_ref=q_frame,
+            dy_ref=dy_frame,
+            stats_ref=stats_frame,
+            rows_ref=rows,
+            columns_ref=columns,
+            rel_row=rel_row,
+            rel_col=rel_col,
+        ),
+        dict(
+            k_ref=frame_tile(d),
+            v_ref=frame_tile(dv),
+            q_ref=frame_window(d),
+            dy_ref=frame_window(dv),
+            stats_ref=functools.partial(window, 2),
+            **_shared_specs(frame),
+        ),
+        dict(
+            dk_ref=functools.partial(out_tile, d) if config.has_key else None,
+            dv_ref=functools.partial(out_tile, dv),
+        ),
         lambda b, n: dict(
             dk_ref=jax.ShapeDtypeStruct((b, d, n, out_len), config.input_dtypes[1] or config.dtype),
-            dv_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2])),
+            dv_ref=jax.ShapeDtypeStruct((b, dv, n, out_len), config.input_dtypes[2]),
+        ),
         lambda b, n: cost(b, n)["dkv"],
-    )  # fmt: skip
+    )
     d_rel = None
     if has_rel:
         # One partial sum per (image, tile, head), summed here: XLA reduces it across
