@@ -49,7 +49,7 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     eval mode: the program of the shared probes, where the optimizer and BatchNorm's
     statistics do not soften the ratio to ResNet-50)."""
     from sasa_flax import trainer
-    from sasa_flax.tools import aot, tpu_schedule
+    from sasa_flax.tools import aot, tpu_model, tpu_schedule
 
     setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
     abstract = trainer.abstract_state(setup)
@@ -65,7 +65,7 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
             compiled = train.lower(abstract, batch).compile()
         else:
             compiled = evaluate.lower(abstract.params, abstract.model_state, batch).compile()
-    return tpu_schedule.read(
+    return tpu_model.read(
         compiled,
         directory,
         generation=generation,
@@ -101,7 +101,7 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     from jax.sharding import PartitionSpec as P
 
     from sasa_flax.layers import SelfAttention2D
-    from sasa_flax.tools import aot, tpu_schedule
+    from sasa_flax.tools import aot, tpu_model, tpu_schedule
 
     mesh = jax.sharding.Mesh(aot.target_devices(generation, 1), ("data",))
     on_chip = NamedSharding(mesh, P())
@@ -128,7 +128,7 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     x = struct((batch_per_chip, size, size, channels), jnp.bfloat16)
     since = tpu_schedule.files(directory)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
-    return tpu_schedule.read(
+    return tpu_model.read(
         compiled,
         directory,
         generation=generation,
@@ -216,9 +216,9 @@ def print_estimate(estimate, baseline=None) -> None:
 
 
 def calibration(estimate) -> str:
-    from sasa_flax.tools import tpu_schedule
+    from sasa_flax.tools import tpu_model
 
-    published = tpu_schedule.CALIBRATION.get(estimate.generation)
+    published = tpu_model.CALIBRATION.get(estimate.generation)
     if published is None:
         return (
             f"   calibration: no published ResNet-50 figure for {estimate.generation} is "
@@ -268,7 +268,6 @@ def main(argv=None) -> int:
         parser.error("--no-schedules leaves out the kernels that --choices and --layer compare")
     # libtpu's schedule dumps cost more than the compile itself (every XLA fusion's too).
     directory = tempfile.mkdtemp() if args.no_schedules else _dump_directory(args.dump_to)
-    from sasa_flax.tools import tpu_schedule
 
     if args.choices:
         return _choices(args, directory)
@@ -290,8 +289,10 @@ def main(argv=None) -> int:
                     baseline = estimate
                     print(calibration(estimate))
     if args.json:
+        from sasa_flax.tools import tpu_model
+
         with open(args.json, "w") as f:
-            f.write(tpu_schedule.to_json(estimates))
+            f.write(tpu_model.to_json(estimates))
     return 0
 
 

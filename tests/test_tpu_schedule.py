@@ -1,10 +1,10 @@
-"""The TPU performance model's readers (sasa_flax.tools.tpu_schedule) on texts whose cost is
+"""The TPU performance model's readers (sasa_flax.tools.tpu_schedule, tpu_model) on texts whose cost is
 known by hand: libtpu's program format and compiled HLO, as libtpu 0.0.42.1 writes them."""
 
 # ruff: noqa: E501  (HLO and libtpu lines are long)
 from __future__ import annotations
 
-from sasa_flax.tools import tpu_schedule
+from sasa_flax.tools import tpu_model, tpu_schedule
 
 # A kernel program: 2 bundles before the grid loop; the grid loop (10 iterations, bundles
 # 2 to 7, closed by the branch back to its region) holds an inner loop of 2 bundles run 4
@@ -56,16 +56,16 @@ def test_instructions_count_loop_bodies_per_iteration_and_match_kernels_by_body(
     # libtpu dumps one program, named after the first call; the second call has its body.
     (tmp_path / "1-sasa_k.1-03-final_bundles.txt").write_text(PROGRAM)
     hlo = HLO.replace("%k.1 =", "%sasa_k.1 =").replace("%k.2 =", "%sasa_k.2 =")
-    estimate = tpu_schedule.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
+    estimate = tpu_model.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
     by_name = {i.name: i for i in estimate.instructions}
     assert by_name["f.1"].times == 3 and by_name["f.2"].times == 1
     assert estimate.missing_kernels == 0
     kernel = 2 + 40 + 80
     assert estimate.cycles == 100 * 3 + 7 + kernel * 3 + kernel
-    kinds = estimate.by(tpu_schedule.kind_of)
+    kinds = estimate.by(tpu_model.kind_of)
     assert kinds["layout glue"] == 300 and kinds["convolutions"] == 7
     assert kinds["attention kernels"] == 4 * kernel
-    assert estimate.by(tpu_schedule.layer_of)["group1_block2"] == 300
+    assert estimate.by(tpu_model.layer_of)["group1_block2"] == 300
     assert estimate.summary()["collectives"] == {"all-reduce": 1}
 
 
@@ -79,7 +79,7 @@ def test_a_loop_without_a_known_trip_count_counts_the_bound_of_its_condition(tmp
   ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.9), direction=LT
 }"""
     hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
-    counted = tpu_schedule.read(
+    counted = tpu_model.read(
         hlo.replace(
             "%cond (p: (s32[], f32[8])) -> pred[] {\n  %c = pred[] constant(true)\n}", condition
         ),
@@ -89,7 +89,7 @@ def test_a_loop_without_a_known_trip_count_counts_the_bound_of_its_condition(tmp
         images_per_device=1,
     )
     assert {i.name: i.times for i in counted.instructions}["f.1"] == 8
-    unknown = tpu_schedule.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
+    unknown = tpu_model.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
     assert {i.name: i.times for i in unknown.instructions}["f.1"] == 1
 
 
@@ -98,6 +98,6 @@ def test_a_kernel_bound_by_memory_counts_its_traffic_at_the_chips_bandwidth(tmp_
     hlo = HLO.replace("%k.1 =", "%sasa_k.1 =").replace("%k.2 =", "%sasa_k.2 =")
     # 819 MB at v5e's 819 GB/s is 1 ms: 1.5 M cycles, far above the schedule's 122.
     hlo = hlo.replace('"bytes_accessed":"0"', '"bytes_accessed":"819000000"')
-    estimate = tpu_schedule.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
+    estimate = tpu_model.read(hlo, tmp_path, generation="v5e", program="t", images_per_device=1)
     kernel = next(i for i in estimate.instructions if i.kind == "kernel")
     assert abs(estimate.kernel_cycles(kernel) - 1.5e6) < 10
