@@ -10,7 +10,7 @@ r"""Compile for TPUs and NVIDIA GPUs without them: the vendors' compilers, devic
 shapes; ``--what steps``: the trainer's own train and eval steps (``sasa_flax.trainer``) for
 configs/imagenet.py at ``--depth`` and each ``--variants``, on ``--chips`` chips with
 ``--batch-per-chip`` images each; ``--what users``: the layer as researchers put it in
-programs of their own (``aot.USER_PROGRAMS``: jit without a mesh, Explicit and Auto axes,
+programs of their own (``programs.USER_PROGRAMS``: jit without a mesh, Explicit and Auto axes,
 their own shard_map, heads and tensor parallel, batches no axis divides). Per program it
 prints whether it compiled, the compile time on this host, the compiled temporaries and
 peak per chip (``memory_analysis()``), an estimate of the largest per-chip batch that
@@ -31,7 +31,7 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the targets are compiled for, never run
 
-from sasa_flax.tools import aot  # noqa: E402
+from sasa_flax.tools import aot, programs  # noqa: E402
 
 STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
 
@@ -41,7 +41,7 @@ def layer_rows(args):
     for target, (size, channels), k, padding, dtype in cases:
         name = f"layer {size}x{size}x{channels} k={k} {padding} {dtype}"
         compile_one = functools.partial(
-            aot.compile_layer,
+            programs.compile_layer,
             target,
             size=size,
             channels=channels,
@@ -60,18 +60,18 @@ def step_rows(args):
             spec = f"configs/imagenet.py:depth={args.depth},variant={variant}"
 
             def compile_steps(target=target, spec=spec):
-                setup = aot.trainer_setup(
+                setup = programs.trainer_setup(
                     spec, target, batch_per_chip=args.batch_per_chip, chips=args.chips
                 )
-                return aot.compile_train_steps(setup, target)
+                return programs.compile_train_steps(setup, target)
 
             yield target, f"R{args.depth} {variant}", compile_steps
 
 
 def user_rows(args):
     for target in args.targets:
-        for program in aot.USER_PROGRAMS:
-            compile_one = functools.partial(aot.compile_user_program, target, program)
+        for program in programs.USER_PROGRAMS:
+            compile_one = functools.partial(programs.compile_user_program, target, program)
             yield target, f"user program: {program}", lambda c=compile_one: [c()]
 
 

@@ -76,10 +76,10 @@ def stage_rows(
 ) -> list:
     """Compiles the layer for ``target`` (XLA dumps its PTX in ``dump``, set in XLA_FLAGS
     before the backend starts) and reports our kernels among the new PTX files."""
-    from sasa_flax.tools import aot
+    from sasa_flax.tools import programs
 
     before = set(os.listdir(dump))
-    aot.compile_layer(
+    programs.compile_layer(
         target,
         size=size,
         channels=channels,

@@ -30,9 +30,11 @@ def lower_seconds(program: str, target: str, batch_per_chip: int, kept: bool) ->
     """Seconds to lower the train step, and how many kernel programs it kept."""
     from sasa_flax import trainer
     from sasa_flax.ops.pallas import shards
-    from sasa_flax.tools import aot
+    from sasa_flax.tools import programs
 
-    setup = aot.trainer_setup(PROGRAMS[program], target, batch_per_chip=batch_per_chip, chips=1)
+    setup = programs.trainer_setup(
+        PROGRAMS[program], target, batch_per_chip=batch_per_chip, chips=1
+    )
     abstract = trainer.abstract_state(setup)
     train = trainer.jit_train_step(setup, abstract)
     batch = trainer.abstract_batch(setup, batch_per_chip)

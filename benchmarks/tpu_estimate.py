@@ -49,9 +49,11 @@ def estimate_step(name: str, generation: str, batch_per_chip: int, directory: st
     eval mode: the program of the shared probes, where the optimizer and BatchNorm's
     statistics do not soften the ratio to ResNet-50)."""
     from sasa_flax import trainer
-    from sasa_flax.tools import aot, tpu_model, tpu_schedule
+    from sasa_flax.tools import programs, tpu_model, tpu_schedule
 
-    setup = aot.trainer_setup(PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1)
+    setup = programs.trainer_setup(
+        PROGRAMS[name], generation, batch_per_chip=batch_per_chip, chips=1
+    )
     abstract = trainer.abstract_state(setup)
     batch = trainer.abstract_batch(setup, batch_per_chip)
     since = tpu_schedule.files(directory)

@@ -18,7 +18,7 @@ import jax
 import pytest
 
 from sasa_flax import ops, trainer
-from sasa_flax.tools import aot
+from sasa_flax.tools import aot, programs
 from sasa_flax.trainer import memory
 
 pytestmark = pytest.mark.compile
@@ -94,7 +94,7 @@ def state_elements(setup) -> int:
 @pytest.mark.parametrize("target", ["v5e", "h100"])
 def test_layer_forward_and_backward(target, size, channels, kernel_size):
     require(target)
-    report = aot.compile_layer(
+    report = programs.compile_layer(
         target,
         size=size,
         channels=channels,
@@ -121,7 +121,7 @@ def test_tiles_fit_v4_vmem_up_to_448(size, channels, kernel_size):
     """Compiled per TensorCore: the deviceless v4 topology has no megacore devices (it
     refuses such options), and a core's 16 MiB of VMEM is what a program gets either way."""
     require("v4")
-    report = aot.compile_layer(
+    report = programs.compile_layer(
         "v4",
         size=size,
         channels=channels,
@@ -137,7 +137,7 @@ def test_tiles_fit_v4_vmem_up_to_448(size, channels, kernel_size):
 def test_layer_other_paddings_and_dtypes(target, dtype, padding):
     require(target)
     for size, channels in STAGES[:2]:  # the stages where auto runs the kernels
-        report = aot.compile_layer(
+        report = programs.compile_layer(
             target,
             size=size,
             channels=channels,
@@ -151,7 +151,7 @@ def test_layer_other_paddings_and_dtypes(target, dtype, padding):
         )
 
 
-# Per user program (aot.USER_PROGRAMS, 32 images per chip, 8 heads, 4 chips): the kernel
+# Per user program (programs.USER_PROGRAMS, 32 images per chip, 8 heads, 4 chips): the kernel
 # frames each chip should run, and whether every collective must be parameter-sized.
 USER_FRAMES = {
     "set_mesh_replicated": 128 * HEADS,  # the program asks each chip for the whole batch
@@ -165,15 +165,15 @@ USER_FRAMES = {
 PROGRAM_MOVES_ACTIVATIONS = ("tensor_parallel", "batch_not_divisible", "batch_smaller_than_mesh")
 
 
-@pytest.mark.parametrize("program", list(aot.USER_PROGRAMS))
+@pytest.mark.parametrize("program", list(programs.USER_PROGRAMS))
 @pytest.mark.parametrize("target", ["v5e", "h100"])
 def test_users_programs(target, program):
-    """The layer as a researcher puts it in a program of their own (aot.USER_PROGRAMS:
+    """The layer as a researcher puts it in a program of their own (programs.USER_PROGRAMS:
     jit without a mesh, Explicit and Auto axes, set_mesh, their own shard_map, heads and
     tensor parallel, batches no axis divides): it compiles, each chip's kernels run on
     that chip's images and heads, and no collective moves activations."""
     require(target)
-    report = aot.compile_user_program(target, program)
+    report = programs.compile_user_program(target, program)
     if program == "tensor_parallel":
         moved = {op for op, _ in report.collective_sizes if op != "all-reduce"}
         assert not moved, f"tensor parallel gathers or permutes activations: {moved}"
@@ -200,12 +200,12 @@ def test_users_programs(target, program):
 def test_trainer_steps(target, depth, variant):
     """The trainer's own train and eval steps for configs/imagenet.py on 4 chips."""
     require(target)
-    setup = aot.trainer_setup(
+    setup = programs.trainer_setup(
         f"configs/imagenet.py:depth={depth},variant={variant}",
         target,
         batch_per_chip=BATCH_PER_CHIP,
     )
-    for report in aot.compile_train_steps(setup, target):
+    for report in programs.compile_train_steps(setup, target):
         assert_runs_per_chip(report, expect_kernels=True, largest_collective=state_elements(setup))
 
 
@@ -215,7 +215,7 @@ def test_layer_on_other_generations(target):
     Triton configs), compiled here in one SelfAttention2D's forward and backward; the
     trainer's whole step is compiled on v5e, v4 and H100 above and below."""
     require(target)
-    report = aot.compile_layer(
+    report = programs.compile_layer(
         target, size=56, channels=64, kernel_size=7, batch_per_chip=BATCH_PER_CHIP
     )
     assert_runs_per_chip(report, expect_kernels=True, largest_collective=layer_parameters(64, 7))
@@ -228,7 +228,7 @@ def test_the_shipped_eval_batch_fits_one_v5e_chip():
     that fit (trainer.compile_eval_step), instead of running out of memory at the end of a
     training run."""
     require("v5e")
-    setup = aot.trainer_setup(
+    setup = programs.trainer_setup(
         "configs/imagenet.py:depth=50,variant=full_attention", "v5e", batch_per_chip=8, chips=1
     )
     assert setup.config.input.eval_batch_size == 1024
@@ -332,7 +332,7 @@ def test_an_impossible_batch_is_refused_before_the_first_step_naming_the_accumul
     that accumulation the same batch compiles, fits, and its compiled temporaries follow
     the micro-batch."""
     require("v5e")
-    setup = aot.trainer_setup("configs/cifar10.py", "v5e", batch_per_chip=8192, chips=1)
+    setup = programs.trainer_setup("configs/cifar10.py", "v5e", batch_per_chip=8192, chips=1)
     hbm = aot.TARGETS["v5e"].hbm_bytes
     abstract = trainer.abstract_state(setup)
     with pytest.raises(trainer.TrainError, match=r"accumulation_steps=(\d+) \((\d+) images") as e:
