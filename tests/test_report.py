@@ -13,7 +13,7 @@ from flax import nnx
 from sasa_flax import config_lib, costs, recipes
 from sasa_flax.costs import LayerCost
 from sasa_flax.layers import AttentionOptions, attention_cost
-from sasa_flax.models import resnet
+from sasa_flax.models import sasa_resnet
 from sasa_flax.tools import scaling
 from tests.helpers import CONFIG_DIR, model_count
 
@@ -49,7 +49,9 @@ def test_conv_flops_agree_with_xla_cost_analysis(depth, width, size, stem):
 def test_attention_flops_formula_by_hand():
     m = config_lib.base_config().model  # 8 heads, k = 7, relative embeddings
     names = [f.name for f in dataclasses.fields(AttentionOptions) if f.name != "impl"]
-    options = resnet.attention_options(attention_impl=m.attention_impl, **{n: m[n] for n in names})
+    options = sasa_resnet.attention_options(
+        attention_impl=m.attention_impl, **{n: m[n] for n in names}
+    )
     cost = LayerCost("a", *attention_cost(options, 64, 64, 56, 56))
     per_pixel = 3 * 64 * 64 + 49 * 64 * 2 + 49 * 64  # projections, q·k + q·r, weighted sum
     assert cost.flops == 2 * 56 * 56 * per_pixel

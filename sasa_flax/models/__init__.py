@@ -1,6 +1,7 @@
-"""Models by name (``registry``) and the built-in SASA ResNets (``resnet``)."""
+"""Models by name (``registry``) and the built-in SASA ResNets (``resnet``; registered
+as "sasa_resnet" by ``sasa_resnet``)."""
 
-from sasa_flax.models import resnet  # registers "sasa_resnet"
+from sasa_flax.models import resnet, sasa_resnet  # sasa_resnet registers "sasa_resnet"
 from sasa_flax.models.registry import (
     arguments,
     build,
@@ -21,4 +22,5 @@ __all__ = [
     "names",
     "register",
     "resnet",
+    "sasa_resnet",
 ]

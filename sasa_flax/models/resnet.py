@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,6 @@ from flax import nnx
 from sasa_flax.errors import ArgumentError, check_one_of
 from sasa_flax.layers import AttentionOptions, AttentionStem, SelfAttention2D, StemOptions
 from sasa_flax.layers.plan import attention_plan
-from sasa_flax.models.registry import register
 from sasa_flax.registries import Registry
 
 BLOCKS_PER_GROUP = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
@@ -241,6 +239,20 @@ def _check_arguments(depth, width, stem, spatial, num_classes, zero_init_last_bn
         raise ArgumentError("bn_momentum", bn_momentum, "must be in [0, 1)")
 
 
+class Defaults:
+    """ResNet's defaults, declared once: its signature and ``sasa_resnet``'s read them."""
+
+    depth = 50
+    width = 1.0
+    stem = "conv"
+    spatial = ("conv",) * 4
+    num_classes = 1000
+    zero_init_last_bn = True
+    bn_momentum = 0.9
+    bn_epsilon = 1e-5
+    param_dtype = jnp.float32
+
+
 class ResNet(nnx.Module):
     """SASA ResNet: (B, H, W, 3) images -> (B, num_classes) float32 logits.
 
@@ -264,18 +276,18 @@ class ResNet(nnx.Module):
     def __init__(
         self,
         *,
-        depth: int = 50,
-        width: float = 1.0,
-        stem: str = "conv",
-        spatial: Sequence[str] = ("conv",) * 4,
+        depth: int = Defaults.depth,
+        width: float = Defaults.width,
+        stem: str = Defaults.stem,
+        spatial: Sequence[str] = Defaults.spatial,
         attention: AttentionOptions | None = None,
         stem_options: StemOptions | None = None,
-        num_classes: int = 1000,
-        zero_init_last_bn: bool = True,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
+        num_classes: int = Defaults.num_classes,
+        zero_init_last_bn: bool = Defaults.zero_init_last_bn,
+        bn_momentum: float = Defaults.bn_momentum,
+        bn_epsilon: float = Defaults.bn_epsilon,
         dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = Defaults.param_dtype,
         rngs: nnx.Rngs,
     ):
         _check_arguments(depth, width, stem, spatial, num_classes, zero_init_last_bn, bn_momentum)
@@ -364,96 +376,3 @@ class ResNet(nnx.Module):
 
 
 DECAYED_PARAMETERS = ("kernel", "value_mixture")
-
-
-# The defaults, each written once where it belongs: ResNet's own arguments' in its
-# signature; the options' as the classes' attributes.
-_R = {p.name: p.default for p in inspect.signature(ResNet.__init__).parameters.values()}
-_A, _S = AttentionOptions, StemOptions
-
-
-def _options(options_class, config_name: Callable[[str], str], **fields):
-    """``options_class(**fields)``; an error names the argument as ``config.model`` does."""
-    try:
-        return options_class(**fields)
-    except ArgumentError as e:
-        raise e.renamed(config_name(e.argument)) from None
-
-
-def attention_options(*, attention_impl: str = _A.impl, **fields) -> AttentionOptions:
-    """``AttentionOptions`` from ``config.model``'s names (``attention_impl`` is ``impl``)."""
-    impl_named = lambda name: "attention_impl" if name == "impl" else name  # noqa: E731
-    return _options(AttentionOptions, impl_named, impl=attention_impl, **fields)
-
-
-@register("sasa_resnet", implementation_fields=("attention_impl",))
-def sasa_resnet(
-    *,
-    depth: int = _R["depth"],
-    width: float = _R["width"],
-    stem: str = _R["stem"],
-    spatial: Sequence[str] = _R["spatial"],
-    # AttentionOptions, as they are (``impl`` is ``attention_impl``):
-    num_heads: int = _A.num_heads,
-    kernel_size: int = _A.kernel_size,
-    pos_encoding: str = _A.pos_encoding,
-    content: bool = _A.content,
-    padding: str = _A.padding,
-    relative_tables: str = _A.relative_tables,
-    scale_queries: bool = _A.scale_queries,
-    attention_impl: str = _A.impl,
-    # StemOptions, prefixed ``stem_``:
-    stem_variant: str = _S.variant,
-    stem_num_heads: int = _S.num_heads,
-    stem_block_size: int = _S.block_size,
-    stem_pool_size: int = _S.pool_size,
-    stem_num_mixtures: int = _S.num_mixtures,
-    stem_value_kernel_size: int = _S.value_kernel_size,
-    num_classes: int = _R["num_classes"],
-    zero_init_last_bn: bool = _R["zero_init_last_bn"],
-    bn_momentum: float = _R["bn_momentum"],
-    bn_epsilon: float = _R["bn_epsilon"],
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = _R["param_dtype"],
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """A SASA ResNet from ``config.model``'s flat fields: ``ResNet``'s arguments with its
-    ``attention`` and ``stem_options`` objects written out field by field, so that every
-    option is one override (``--config.model.kernel_size=5``,
-    ``--config.model.stem_block_size=2``). The defaults are ``ResNet``'s and the options
-    classes' own (a test holds them equal)."""
-    attention = attention_options(
-        num_heads=num_heads,
-        kernel_size=kernel_size,
-        pos_encoding=pos_encoding,
-        content=content,
-        padding=padding,
-        relative_tables=relative_tables,
-        scale_queries=scale_queries,
-        attention_impl=attention_impl,
-    )
-    stem_options = _options(
-        StemOptions,
-        lambda name: f"stem_{name}",
-        variant=stem_variant,
-        num_heads=stem_num_heads,
-        block_size=stem_block_size,
-        pool_size=stem_pool_size,
-        num_mixtures=stem_num_mixtures,
-        value_kernel_size=stem_value_kernel_size,
-    )
-    return ResNet(
-        depth=depth,
-        width=width,
-        stem=stem,
-        spatial=tuple(spatial) if isinstance(spatial, list | tuple) else spatial,
-        attention=attention,
-        stem_options=stem_options,
-        num_classes=num_classes,
-        zero_init_last_bn=zero_init_last_bn,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
