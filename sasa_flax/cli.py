@@ -174,7 +174,7 @@ def user_errors():
     except UserError as e:
         if _verbose():
             raise
-        if getattr(e, "exit_without_waiting", False):  # e.g. checkpoints.SaveFailed
+        if getattr(e, "exit_without_waiting", False):  # e.g. saves.SaveFailed
             _exit(f"error: {e}", 1)
         sys.exit(f"error: {e}")  # a normal exit: the other hosts' shutdown waits for it
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import pytest
 
 from sasa_flax import trainer
 from sasa_flax.models import resnet
-from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.run import Workdir, checkpoints, saves
 from sasa_flax.trainer import memory
 from sasa_flax.trainer.progress import ProgressLog
 from sasa_flax.trainer.setup import learning_rate_schedule
@@ -311,7 +311,7 @@ def test_a_save_that_fails_mid_run_stops_the_run_at_the_next_step(monkeypatch, t
     config = tiny_config(num_steps=60, checkpoint_every_steps=50)
     with (
         caplog.at_level(logging.INFO, logger="sasa_flax"),
-        pytest.raises(checkpoints.SaveFailed) as failed,
+        pytest.raises(saves.SaveFailed) as failed,
     ):
         trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     message = str(failed.value)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sasa_flax import config_lib, data, trainer
-from sasa_flax.run import Workdir, checkpoints, lock
+from sasa_flax.run import Workdir, checkpoints, lock, restoring, saves
 from tests.helpers import damage_checkpoint, prepare_tfds, tiny_config, write_image_folder
 
 
@@ -98,9 +98,9 @@ def _small_checkpoint(tmp_path):
     mngr = checkpoints.manager(workdir)
     model = dict(w=jax.random.normal(jax.random.key(0), (64, 64)))
     train = dict(step=np.int32(1))
-    saves = checkpoints.Saves(mngr, workdir, model, train)
-    saves.start(1, model=model, train=train, meta=dict(step=1))
-    saves.finish()
+    saving = saves.Saves(mngr, workdir, model, train)
+    saving.start(1, model=model, train=train, meta=dict(step=1))
+    saving.finish()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (model, train))
     return checkpoints.manager(workdir, read_only=True), dict(
         zip(("model", "train"), abstract, strict=True)
@@ -114,7 +114,7 @@ def test_damage_is_found_in_the_bytes_and_set_aside(tmp_path, how):
     with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 1 is damaged"):
         checkpoints.restore_verified(mngr, 1, **abstract)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint .* verifies"):
-        checkpoints.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+        restoring.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
     assert len(list((tmp_path / Workdir.DAMAGED).iterdir())) == 1  # moved, not deleted
 
 
@@ -138,7 +138,7 @@ def test_a_read_that_fails_outside_the_bytes_sets_nothing_aside(tmp_path, monkey
 
     monkeypatch.setattr(checkpoints, "restore", failing_restore)
     with pytest.raises(checkpoints.CheckpointUnreadable, match="Nothing was set aside"):
-        checkpoints.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+        restoring.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
     assert not (tmp_path / Workdir.DAMAGED).exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
     monkeypatch.undo()

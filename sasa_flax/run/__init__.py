@@ -5,7 +5,9 @@ for a resume is ``sasa_flax.trainer.resume``'s.
 
   workdir.py      ``Workdir``: paths, the object-store rule, run record, results files
   lock.py         one live trainer per workdir (a compare-and-swap lease)
-  checkpoints.py  orbax: save, restore, verify, set damaged checkpoints aside
+  checkpoints.py  orbax: what a checkpoint holds, restore and verify it
+  saves.py        the loop's asynchronous saves, a failed one stopping the run
+  restoring.py    which step to restore; damaged ones set aside, partial saves removed
   preemption.py   SIGTERM / SIGINT / SIGHUP as a stop request, acted on at a step's end
   distributed.py  process 0 decides, every process hears the verdict
 """

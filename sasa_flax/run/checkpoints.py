@@ -5,7 +5,9 @@ A checkpoint of step N lives in ``workdir/checkpoints/N`` and holds three items:
   ``train``: optimizer state and step (only training needs them);
   ``meta``: JSON: where the data iterator stands and what it was trained with.
 ``CheckpointManager`` saves asynchronously: training continues while the arrays are
-written. A half-written checkpoint is never listed as a step; how that is ensured, and
+written (``saves.py``: the loop's saves, a failed one stopping the run). Which step to
+restore, and what happens to damaged ones, is ``restoring.py``'s. A half-written
+checkpoint is never listed as a step; how that is ensured, and
 what housekeeping it needs, depends on the filesystem:
 
 - **Local disks** (and any filesystem with an atomic rename): orbax writes step N into
@@ -24,13 +26,10 @@ what housekeeping it needs, depends on the filesystem:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import re
-import shutil
-import time
 from typing import Any
 
 import jax
@@ -145,28 +144,6 @@ def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -
     )
 
 
-def remove_partial_checkpoints(workdir: Workdir | str, *, quiet: bool = False) -> list[str]:
-    """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed or failed save left
-    on a local disk (never a complete checkpoint); returns their paths. Run before
-    anything else is written. On object stores there are none: orbax's manager removes
-    uncommitted steps itself (module docstring). ``quiet``: no log line (the caller
-    reports the failure that left them)."""
-    workdir = Workdir.of(workdir)
-    root = workdir.path(Workdir.CHECKPOINTS)
-    if workdir.on_object_store or not root.exists():
-        return []
-    partial = [p for p in root.iterdir() if "orbax-checkpoint-tmp" in p.name]
-    for path in partial:
-        path.rmtree() if path.is_dir() else path.unlink()
-    if partial and not quiet:
-        log.warning(
-            "removed %d partial checkpoint(s) a stopped run left: %s",
-            len(partial),
-            ", ".join(p.name for p in partial),
-        )
-    return [str(p) for p in partial]
-
-
 def manager(
     workdir: Workdir | str,
     *,
@@ -217,125 +194,6 @@ def checksums(**items: Any) -> dict[str, int]:
     """{"item/path/to/array": checksum} of every array of ``items``."""
     sums = jax.device_get(_checksums(items))
     return {path: int(value) for path, value in _by_path(sums).items()}
-
-
-def save(
-    mngr: ocp.CheckpointManager,
-    step: int,
-    *,
-    model: Any,
-    train: Any,
-    meta: dict,
-    damaged: dict[int, str] | None = None,
-) -> bool:
-    """Starts an asynchronous save of ``step``; the caller has decided it is due (the
-    training loop: ``mngr.should_save`` or a stop or the last step). ``meta`` gets a
-    checksum of every array (``verify`` checks them at restore). ``damaged``:
-    ``damaged_steps``; a damaged step kept in place (object stores) is deleted first, and
-    its record marked replaced, since orbax cannot overwrite a step."""
-    if damaged and step in damaged and step in mngr.all_steps():
-        mngr.delete(step)
-        if jax.process_index() == 0:
-            _mark_replaced(damaged.pop(step))
-    meta = dict(meta, checksums=checksums(model=model, train=train))
-    return mngr.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,  # decided by the caller, not again by the manager's interval
-    )
-
-
-class SaveFailed(UserError):
-    """A checkpoint could not be written (a full disk, a permission, the store); nothing
-    of it is kept, and the run stops at once, naming it."""
-
-    # After a failed asynchronous write orbax's background commit threads may wait for
-    # ever (a server error on gs://): the program ends without waiting for them (``cli``).
-    exit_without_waiting = True
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""  # unreachable
-
-
-class Saves:
-    """The training loop's checkpoint saves: each started asynchronously (``start``) and
-    watched at every step (``poll``, which never waits), so that a save that failed in
-    the background (a full disk) stops the run at the next step instead of at the next
-    save, one interval later; ``finish`` waits for the last one.
-
-    A failure raises ``SaveFailed``: one line naming the step, the folder, the cause and
-    how much space a checkpoint needs, after removing what the failed save left (on a
-    local disk; on an object store orbax never lists an uncommitted step and the next
-    start deletes it)."""
-
-    def __init__(self, mngr: ocp.CheckpointManager, workdir: Workdir, *items: Any):
-        self.mngr, self.workdir = mngr, workdir
-        self.needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(items))
-        self.pending: int | None = None
-
-    def start(self, step: int, **save_args: Any) -> None:
-        """``save(mngr, step, **save_args)``; a previous save that failed raises first."""
-        self.finish()
-        try:
-            save(self.mngr, step, **save_args)
-        except Exception as e:  # noqa: BLE001 - orbax raises what the storage raised
-            raise self._failure(step, e) from None
-        self.pending = step
-
-    def poll(self) -> None:
-        """Raises ``SaveFailed`` if the save in flight has ended in failure; never waits."""
-        if self.pending is not None and not self.mngr.is_saving_in_progress():
-            self.finish()
-
-    def finish(self) -> None:
-        """Waits for the save in flight, if any; raises ``SaveFailed`` if it failed."""
-        if self.pending is None:
-            return
-        step, self.pending = self.pending, None
-        try:
-            self.mngr.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            raise self._failure(step, e) from None
-
-    def _failure(self, step: int, error: BaseException) -> SaveFailed:
-        full = any(
-            "No space left" in str(e) or "os_error_code='28'" in str(e) for e in _chain(error)
-        )
-        cause = (
-            "no space left on the device"
-            if full
-            else (f"{type(error).__name__}: {_first_line(error)}")
-        )
-        with contextlib.suppress(Exception):
-            if jax.process_index() == 0:
-                remove_partial_checkpoints(self.workdir, quiet=True)
-        free = ""
-        if not self.workdir.on_object_store:
-            with contextlib.suppress(OSError):
-                free = f", {_size(shutil.disk_usage(self.workdir.root).free)} free there now"
-        with contextlib.suppress(Exception):
-            self.mngr.reload()
-        kept = [s for s in self.mngr.all_steps() if s != step]
-        newest = (
-            f"the newest complete checkpoint is step {max(kept)}"
-            if kept
-            else ("no checkpoint of this run is complete yet")
-        )
-        return SaveFailed(
-            f"the checkpoint of step {step} could not be written to {self.workdir.checkpoints}"
-            f" ({cause}); a checkpoint needs about {_size(self.needed)} (its arrays, before "
-            f"compression){free}. Nothing of it was kept and {newest}: free space or fix the "
-            "cause, then run the same command to resume."
-        )
 
 
 def restore(
@@ -415,101 +273,6 @@ def restore_verified(mngr: ocp.CheckpointManager, step: int, **abstract: Any) ->
     return restored
 
 
-def damaged_steps(workdir: Workdir | str) -> dict[int, str]:
-    """{step: record path} of the damaged checkpoints recorded in place (object stores)
-    and not yet replaced by a new save of their step."""
-    workdir = Workdir.of(workdir)
-    root = workdir.damaged
-    if not workdir.on_object_store or not root.exists():
-        return {}
-    found = {}
-    for record in root.glob("*.json"):
-        with contextlib.suppress(ValueError, OSError, KeyError):
-            entry = json.loads(record.read_text())
-            if not entry.get("replaced"):
-                found[int(entry["step"])] = str(record)
-    return found
-
-
-def _mark_replaced(record: str) -> None:
-    path = epath.Path(record)
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), replaced=time.time())))
-
-
-def set_aside(workdir: Workdir, step: int, reason: str) -> str:
-    """Takes a damaged checkpoint out of the run, never deleting it (module docstring):
-    moved into ``damaged_checkpoints/`` on a local disk, recorded there on an object
-    store; returns what the log line says about it."""
-    target = workdir.damaged / f"{step}-{int(time.time())}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not workdir.on_object_store:
-        (workdir.path(Workdir.CHECKPOINTS) / str(step)).rename(target)
-        return f"moved to {target}"
-    record = target.with_name(f"{target.name}.json")
-    record.write_text(json.dumps(dict(step=step, reason=reason, time=time.time())))
-    return (
-        f"recorded as damaged in {record} (kept in place; skipped from now on, and replaced "
-        "when the run saves that step again)"
-    )
-
-
-def newest_good(
-    mngr: ocp.CheckpointManager,
-    workdir: Workdir | str,
-    *,
-    set_bad_aside: bool,
-    quiet: bool = False,
-    **abstract: Any,
-) -> tuple[int, dict | None]:
-    """(step, restored) of the newest checkpoint that verifies, or (0, None) if none.
-    Each bad one on the way is reported in one line (by process 0) and, with
-    ``set_bad_aside``, set aside (``set_aside``); steps recorded damaged before are
-    skipped. ``quiet``: no line (a caller that only names the newest good step). Every
-    process takes the same decisions."""
-    workdir = Workdir.of(workdir)
-    recorded = damaged_steps(workdir)
-    steps = sorted(mngr.all_steps(), reverse=True)
-    changed = False
-    try:
-        for step in steps:
-            if step in recorded:
-                if not quiet:
-                    _log_once(
-                        "checkpoint step %d was recorded as damaged (%s); skipped",
-                        step,
-                        recorded[step],
-                    )
-                continue
-            try:
-                return step, restore_verified(mngr, step, **abstract)
-            except ArchitectureMismatch:
-                raise
-            except CheckpointError as e:
-                where = ""
-                if set_bad_aside:
-                    where = distributed.on_process_0(
-                        f"set-aside-{step}", lambda e=e, step=step: set_aside(workdir, step, str(e))
-                    )
-                    where, changed = f"; {where}" if where else "", True
-                if not quiet:
-                    _log_once("%s%s; falling back to the checkpoint before it", e, where)
-    finally:
-        if changed:
-            mngr.reload()
-    if steps:
-        raise CheckpointError(
-            f"no checkpoint of {workdir.checkpoints} verifies (steps {sorted(steps)}; see "
-            "the lines above). Start a new run in another workdir, or restore the files."
-        )
-    return 0, None
-
-
-def _log_once(message: str, *args) -> None:
-    """A warning from process 0 only: every process reaches the same verdict."""
-    if jax.process_index() == 0:
-        log.warning(message, *args)
-
-
 def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what: str) -> None:
     """Raises CheckpointError naming the parameters where checkpoint ``step``'s model item
     and the abstract ``model`` tree differ (missing, unexpected, or of another shape).
@@ -538,41 +301,3 @@ def check_architecture(mngr: ocp.CheckpointManager, step: int, model: Any, what:
             f"({len(problems)} differences):\n  {shown}{more}\n"
             "Pass the config (and config arguments) the run was trained with."
         )
-
-
-def step_to_restore(mngr: ocp.CheckpointManager, workdir: Workdir | str, step: int | None) -> int:
-    """The requested step, or the latest; a CheckpointError naming what exists otherwise."""
-    workdir = Workdir.of(workdir)
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise CheckpointError(
-            f"no checkpoint in {workdir.checkpoints}: train first with "
-            f"`python train.py --config ... --workdir {workdir}`, or pass the workdir of a run."
-        )
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise CheckpointError(
-            f"no checkpoint of step {step} in {workdir.checkpoints}; available steps: {steps}."
-        )
-    return step
-
-
-def restore_for_evaluation(workdir: Workdir, model: Any, step: int | None) -> tuple[int, dict]:
-    """(step, restored items "model" and "meta") of a checkpoint to evaluate, verified:
-    the newest that verifies when ``step`` is None, else ``step`` (refused naming the
-    newest good one if it does not verify, or its architecture is not ``model``'s). The
-    optimizer state is never read; nothing in the workdir is moved or written."""
-    workdir.check_not_a_file()
-    mngr = manager(workdir, read_only=True)
-    requested = step_to_restore(mngr, workdir, step)
-    if step is None:
-        return newest_good(mngr, workdir, set_bad_aside=False, model=model)
-    check_architecture(mngr, requested, model, "this config")
-    try:
-        return requested, restore_verified(mngr, requested, model=model)
-    except CheckpointError as e:
-        good, _ = newest_good(mngr, workdir, set_bad_aside=False, quiet=True, model=model)
-        raise CheckpointError(
-            f"{e}; not evaluating it. The newest checkpoint that verifies is step {good}."
-        ) from None

@@ -23,7 +23,7 @@ import ml_collections
 
 from sasa_flax import data, logs
 from sasa_flax.errors import TrainError
-from sasa_flax.run import Workdir, checkpoints, distributed, lock, preemption
+from sasa_flax.run import Workdir, checkpoints, distributed, lock, preemption, restoring, saves
 from sasa_flax.trainer import resume
 from sasa_flax.trainer.compile import compile_eval_step, compile_train_step
 from sasa_flax.trainer.evaluate import evaluate
@@ -49,13 +49,14 @@ from sasa_flax.trainer.setup import (
 STEPS_IN_FLIGHT = 2  # steps the loop may dispatch beyond the last one finished
 
 
-def _nonfinite_error(saves, bad: int, metrics: dict, done: int) -> TrainError:
-    saves.finish()  # the last good checkpoint is complete; no later one is saved
+def _nonfinite_error(checkpoint_saves, bad: int, metrics: dict, done: int) -> TrainError:
+    checkpoint_saves.finish()  # the last good checkpoint is complete; no later one is saved
+    newest = checkpoint_saves.mngr.latest_step()
     loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
     unsaved = f"step {bad}" if bad == done else f"steps {bad}-{done}"
     return TrainError(
         f"step {bad}: non-finite training (loss {loss}, gradient norm {grad_norm}); stopped "
-        f"without saving {unsaved}. The newest checkpoint is step {saves.mngr.latest_step()}. "
+        f"without saving {unsaved}. The newest checkpoint is step {newest}. "
         "Lower config.train.base_learning_rate or lengthen warm-up, or set "
         "config.train.on_nonfinite='skip' to skip such steps and count them."
     )
@@ -104,7 +105,7 @@ def _claim_workdir(workdir: Workdir) -> lock.Lease:
     killed save left (it may be what fills the disk; never a live run's save in
     progress), proves the workdir writable, then takes its lock."""
     lock.check_free(workdir)
-    checkpoints.remove_partial_checkpoints(workdir)
+    restoring.remove_partial_checkpoints(workdir)
     workdir.ensure_writable()
     return lock.take(workdir)
 
@@ -123,18 +124,18 @@ def _train_and_evaluate(
     mngr = checkpoints.manager(
         workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints
     )
-    saves = checkpoints.Saves(mngr, workdir, abstract.model_item(), abstract.train_item())
+    checkpoint_saves = saves.Saves(mngr, workdir, abstract.model_item(), abstract.train_item())
 
     # 3. State: restored from the newest checkpoint that verifies (a damaged one is moved
     # aside, saying so), or born sharded.
-    start_step, restored = checkpoints.newest_good(
+    start_step, restored = restoring.newest_good(
         mngr,
         workdir,
         set_bad_aside=True,
         model=abstract.model_item(),
         train=abstract.train_item(),
     )
-    damaged = checkpoints.damaged_steps(workdir)  # kept in place: replaced when re-saved
+    damaged = restoring.damaged_steps(workdir)  # kept in place: replaced when re-saved
     if restored is not None:
         resume.check_model_unchanged(setup, restored["meta"], workdir)
         resume.check_schedule_unchanged(setup, restored["meta"], workdir)
@@ -198,7 +199,7 @@ def _train_and_evaluate(
                 if len(in_flight) > STEPS_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                 profile.after(done, metrics)
-                saves.poll()  # a save that failed in the background stops the run here
+                checkpoint_saves.poll()  # a save that failed in the background stops the run here
                 stopping = stop_request.should_stop(done)
                 force = done == end_step or stopping
                 evaluating = bool(
@@ -214,14 +215,14 @@ def _train_and_evaluate(
                 if t.on_nonfinite == "stop" and (saving or writing or evaluating):
                     bad = progress.first_nonfinite()
                     if bad is not None:
-                        raise _nonfinite_error(saves, *bad, done)
+                        raise _nonfinite_error(checkpoint_saves, *bad, done)
                 if writing:
                     progress.write(done)
                 if evaluating:
                     results = evaluate(setup, eval_fn, *eval_weights(state))
                     writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
                 if saving:  # decided here alone (a period, a stop, the last step)
-                    saves.start(
+                    checkpoint_saves.start(
                         done,
                         model=state.model_item(),
                         train=state.train_item(),
@@ -229,7 +230,7 @@ def _train_and_evaluate(
                         damaged=damaged,
                     )
                 if stopping:
-                    saves.finish()
+                    checkpoint_saves.finish()
                     writer.flush()
                     log.info(
                         "%s: stopped after step %d with its checkpoint written; run the same "
@@ -253,7 +254,7 @@ def _train_and_evaluate(
 
     # 5. Final evaluation (the loop's last step forced a checkpoint; let it land).
     final_step = int(jax.device_get(state.step))
-    saves.finish()
+    checkpoint_saves.finish()
     if stop_after_step is not None and final_step < setup.total_steps:
         writer.flush()
         return dict(step=final_step, train_log=progress.lines)

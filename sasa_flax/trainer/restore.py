@@ -1,6 +1,6 @@
 """A trained model back from its workdir: the one way ``eval.py``, ``visualize`` and any
 user's script restore a checkpoint for evaluation. The checkpoint chosen and verified by
-``run.checkpoints.restore_for_evaluation``; the evaluation setting checked against the
+``run.restoring.restore_for_evaluation``; the evaluation setting checked against the
 run's (``resume.EVAL_FIELDS``) before anything is compiled."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 from flax import nnx
 
-from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.run import Workdir, restoring
 from sasa_flax.trainer import resume
 from sasa_flax.trainer.progress import log_model_description
 from sasa_flax.trainer.setup import (
@@ -71,7 +71,7 @@ def restore(
     )
     log_model_description(setup)  # as train.py does: which implementation each layer runs
     abstract = abstract_state(setup)
-    step, items = checkpoints.restore_for_evaluation(workdir, abstract.model_item(), step)
+    step, items = restoring.restore_for_evaluation(workdir, abstract.model_item(), step)
     saved = resume.recorded_eval_setting(items["meta"], record, config.model.name)
     setting = resume.eval_setting_suffix(dict(eval_setting=saved), config, workdir, other_setting)
     return Restored(setup, abstract, workdir, step, items, setting)

@@ -15,7 +15,7 @@ import jax
 
 from sasa_flax import costs, models
 from sasa_flax.errors import TrainError
-from sasa_flax.run import checkpoints
+from sasa_flax.run import checkpoints, restoring
 from sasa_flax.run.workdir import Workdir
 from sasa_flax.trainer.setup import Setup, abstract_state
 
@@ -226,7 +226,7 @@ def finished_results(setup: Setup, workdir: Workdir) -> dict | None:
     if not same_run(workdir.run_record(), setup.config):
         return None
     # Its last checkpoint must still verify: a damaged one is redone the usual way.
-    if setup.total_steps in checkpoints.damaged_steps(workdir):
+    if setup.total_steps in restoring.damaged_steps(workdir):
         return None
     abstract = abstract_state(setup)
     mngr = checkpoints.manager(workdir, read_only=True)
