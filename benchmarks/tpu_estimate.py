@@ -98,30 +98,14 @@ def _loss_and_gradient(setup):
 def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, directory, impl="auto"):
     import jax
     import jax.numpy as jnp
-    from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sasa_flax.layers import SelfAttention2D
-    from sasa_flax.tools import aot, tpu_model, tpu_schedule
+    from sasa_flax.tools import aot, programs, tpu_model, tpu_schedule
 
     mesh = jax.sharding.Mesh(aot.target_devices(generation, 1), ("data",))
     on_chip = NamedSharding(mesh, P())
-    layer = nnx.eval_shape(
-        lambda: SelfAttention2D(
-            channels,
-            channels,
-            num_heads=8,
-            kernel_size=kernel_size,
-            dtype=jnp.bfloat16,
-            impl=impl,
-            rngs=nnx.Rngs(0),
-        )
-    )
-    graphdef, params = nnx.split(layer)
-
-    def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+    probe, params = programs.layer_probe(channels, kernel_size=kernel_size, impl=impl)
 
     def struct(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
@@ -129,7 +113,7 @@ def estimate_layer(size, channels, kernel_size, generation, batch_per_chip, dire
     abstract = jax.tree.map(lambda a: struct(a.shape, a.dtype), params)
     x = struct((batch_per_chip, size, size, channels), jnp.bfloat16)
     since = tpu_schedule.files(directory)
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
+    compiled = jax.jit(probe).lower(abstract, x).compile()
     return tpu_model.read(
         compiled,
         directory,

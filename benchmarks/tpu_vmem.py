@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from sasa_flax.ops.pallas import tpu
-    from sasa_flax.tools import aot
+    from sasa_flax.tools import aot, programs
 
     device = aot.target_devices(args.target, 1)
     on_chip = jax.sharding.NamedSharding(
@@ -79,13 +79,13 @@ def main(argv=None) -> int:
         q = jax.ShapeDtypeStruct((2, size, size, args.heads, head), jnp.bfloat16, sharding=on_chip)
         table = jax.ShapeDtypeStruct((k, head // 2), jnp.bfloat16, sharding=on_chip)
 
-        def loss(*arrays, k=k, tile=tile):
-            y = tpu.local_attention(*arrays, kernel_size=k, padding="mask", tile=tile)
-            return jnp.sum(y.astype(jnp.float32))
+        def kernels(*arrays, k=k, tile=tile):
+            return tpu.local_attention(*arrays, kernel_size=k, padding="mask", tile=tile)
 
         before = set(glob.glob(f"{dump}/*vmem_report.html"))
         try:
-            jax.jit(jax.grad(loss, argnums=tuple(range(5)))).lower(q, q, q, table, table).compile()
+            probe = programs.summed_gradient(kernels, tuple(range(5)))
+            jax.jit(probe).lower(q, q, q, table, table).compile()
             failed = ""
         except Exception as e:  # noqa: BLE001 - the compiler's words, then go on
             failed = " ".join(re.findall(r"Used [0-9.]+[KM] of [0-9.]+[KM]", str(e))) or "failed"

@@ -19,6 +19,50 @@ from sasa_flax.ops import local_attention
 from sasa_flax.tools import aot
 
 
+def summed_gradient(fn, argnums):
+    """``jax.value_and_grad`` of Σ ``fn(*args)`` in float32 over ``argnums``: the forward
+    and every gradient, as the probes compile them (a layer, the functional core, one
+    kernel). The one loss of every probe."""
+
+    def loss(*args):
+        return jnp.sum(fn(*args).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=argnums)
+
+
+def layer_probe(
+    channels: int,
+    *,
+    kernel_size: int,
+    heads: int = 8,
+    impl: str = "auto",
+    dtype=jnp.bfloat16,
+    padding: str = "mask",
+    take: int | None = None,
+):
+    """(``summed_gradient`` of an abstract ``SelfAttention2D(channels, channels, ...)``
+    over (params, x), its params): the layer → loss → gradient probe. ``take``: only the
+    first ``take`` images of x go through the layer (a slice inside the program)."""
+    layer = nnx.eval_shape(
+        lambda: SelfAttention2D(
+            channels,
+            channels,
+            num_heads=heads,
+            kernel_size=kernel_size,
+            padding=padding,
+            impl=impl,
+            dtype=jnp.dtype(dtype),
+            rngs=nnx.Rngs(0),
+        )
+    )
+    graphdef, params = nnx.split(layer)
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params)(x if take is None else x[:take])
+
+    return summed_gradient(forward, (0, 1)), params
+
+
 def compile_layer(
     target: str,
     *,
@@ -36,21 +80,9 @@ def compile_layer(
     chips of ``target``, the batch split over them as the trainer splits it."""
 
     mesh = trainer.data_mesh(aot.target_devices(target, chips))
-    layer = SelfAttention2D(
-        channels,
-        channels,
-        num_heads=heads,
-        kernel_size=kernel_size,
-        padding=padding,
-        impl=impl,
-        dtype=jnp.dtype(dtype),
-        rngs=nnx.Rngs(0),
+    probe, params = layer_probe(
+        channels, kernel_size=kernel_size, heads=heads, impl=impl, dtype=dtype, padding=padding
     )
-    graphdef, params = nnx.split(layer)
-
-    def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
-
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params
@@ -58,9 +90,8 @@ def compile_layer(
     x = jax.ShapeDtypeStruct(
         (batch_per_chip * chips, size, size, channels), jnp.dtype(dtype), sharding=split
     )
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     platform = aot.TARGETS[target].platform
-    compiled, seconds, note = aot.compile_for(step, abstract, x, platform=platform)
+    compiled, seconds, note = aot.compile_for(jax.jit(probe), abstract, x, platform=platform)
     name = f"layer {size}x{size}x{channels} k={kernel_size} {padding} {dtype}"
     return aot.report(compiled, aot.TARGETS[target], name, seconds, batch_per_chip, note)
 
@@ -121,28 +152,16 @@ def compile_user_program(
         q = struct((batch, size, size, heads, d), bf16, P("data", None, None, "model"))
         table = struct((kernel_size, d // 2), bf16, P())
 
-        def core_loss(q, k, v, rel_row, rel_col):
-            y = local_attention(q, k, v, rel_row, rel_col, kernel_size=kernel_size, impl=impl)
-            return jnp.sum(y.astype(jnp.float32))
+        def core(q, k, v, rel_row, rel_col):
+            return local_attention(q, k, v, rel_row, rel_col, kernel_size=kernel_size, impl=impl)
 
-        step = jax.jit(jax.value_and_grad(core_loss, argnums=tuple(range(5))))
+        step = jax.jit(summed_gradient(core, tuple(range(5))))
         args = (q, q, q, table, table)
     else:
-        layer = SelfAttention2D(
-            channels,
-            channels,
-            num_heads=heads,
-            kernel_size=kernel_size,
-            impl=impl,
-            dtype=bf16,
-            rngs=nnx.Rngs(0),
-        )
-        graphdef, params = nnx.split(layer)
         keep = {"batch_not_divisible": batch - 2, "batch_smaller_than_mesh": 2}.get(program)
-
-        def loss(params, x):
-            x = x if keep is None else x[:keep]
-            return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32))
+        value_and_grads, params = layer_probe(
+            channels, kernel_size=kernel_size, heads=heads, impl=impl, take=keep
+        )
 
         def param_spec(path, _):
             column_split = program == "tensor_parallel" and "kernel" in jax.tree_util.keystr(path)
@@ -152,7 +171,6 @@ def compile_user_program(
         abstract = jax.tree.map(lambda a, spec: struct(a.shape, a.dtype, spec), params, specs)
         x_spec = P() if program == "set_mesh_replicated" else P("data")
         x = struct((batch, size, size, channels), bf16, x_spec)
-        value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
 
         def per_device(params, x):
             value, (d_params, d_x) = value_and_grads(params, x)
