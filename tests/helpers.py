@@ -32,7 +32,7 @@ from flax import nnx
 
 from sasa_flax import config_lib, costs, trainer
 from sasa_flax.ops import patches
-from sasa_flax.run import checkpoints, restoring
+from sasa_flax.run import Workdir, checkpoints, restoring
 from sasa_flax.tools import aot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -160,8 +160,8 @@ def tiny_config(**train):
 def final_params(config, workdir, devices):
     """(step, parameters) of the newest checkpoint in ``workdir``, on the host."""
     setup = trainer.make_setup(config, devices=devices)
-    mngr = checkpoints.manager(workdir, read_only=True)
-    step = restoring.step_to_restore(mngr, workdir, None)
+    mngr = checkpoints.manager(Workdir.of(workdir), read_only=True)
+    step = restoring.step_to_restore(mngr, Workdir.of(workdir), None)
     item = checkpoints.restore(mngr, step, model=trainer.abstract_state(setup).model_item())
     return step, jax.device_get(item["model"])
 

@@ -17,6 +17,7 @@ import pytest
 
 from sasa_flax import config_lib, data, trainer
 from sasa_flax.run import Workdir, checkpoints
+from sasa_flax.run.workdir import WorkdirError
 from tests import helpers
 from tests.helpers import final_params, tiny_config
 
@@ -44,7 +45,7 @@ def assert_same_final_parameters(workdir, expected):
 
 
 def complete_steps(workdir) -> list[int]:
-    return sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
+    return sorted(checkpoints.manager(Workdir(workdir), read_only=True).all_steps())
 
 
 @slow
@@ -142,7 +143,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_run_resumable_and_exact(
         if steps:  # ... and the newest listed one restores completely
             setup = trainer.make_setup(tiny_config(num_steps=STEPS), devices=jax.devices()[:1])
             abstract = trainer.abstract_state(setup)
-            mngr = checkpoints.manager(str(tmp_path), read_only=True)
+            mngr = checkpoints.manager(Workdir(tmp_path), read_only=True)
             item = checkpoints.restore(
                 mngr, steps[-1], model=abstract.model_item(), train=abstract.train_item()
             )
@@ -185,7 +186,7 @@ def test_a_non_finite_step_is_skipped_and_counted_when_configured(monkeypatch, t
     assert results["step"] == 6 and np.isfinite(results["loss"])
     setup = trainer.make_setup(config)
     abstract = trainer.abstract_state(setup)
-    mngr = checkpoints.manager(str(tmp_path), read_only=True)
+    mngr = checkpoints.manager(Workdir(tmp_path), read_only=True)
     item = checkpoints.restore(mngr, 6, model=abstract.model_item(), train=abstract.train_item())
     assert int(item["train"]["nonfinite_steps"]) == 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(item["model"]))
@@ -220,7 +221,7 @@ def test_eval_on_a_checkpoint_of_another_architecture_names_the_parameters(
 
 def test_an_unwritable_workdir_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(trainer.TrainError, match="a_file/run is not writable"):
+    with pytest.raises(WorkdirError, match="a_file/run is not writable"):
         trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 

@@ -42,7 +42,7 @@ def test_end_to_end_trains_evaluates_and_checkpoints(eight_device_run):
         hits = results[metric] * 360 / 100
         assert hits == pytest.approx(round(hits), abs=1e-6)
     assert results["top5"] >= results["top1"]
-    mngr = checkpoints.manager(workdir, read_only=True)
+    mngr = checkpoints.manager(Workdir.of(workdir), read_only=True)
     assert mngr.latest_step() == 6
     saved = json.loads((pathlib.Path(workdir) / "eval_results_step_6.json").read_text())
     assert saved == {"step": 6, **{k: v for k, v in results.items() if k in saved and k != "step"}}
@@ -103,7 +103,7 @@ def test_eval_reproduces_the_train_time_evaluation(eight_device_run):
 
 def test_eval_of_an_earlier_step_and_of_a_missing_one(eight_device_run):
     config, workdir, _ = eight_device_run
-    steps = sorted(checkpoints.manager(workdir, read_only=True).all_steps())
+    steps = sorted(checkpoints.manager(Workdir.of(workdir), read_only=True).all_steps())
     assert trainer.evaluate_checkpoint(config, workdir, step=steps[0])["step"] == steps[0]
     with pytest.raises(
         checkpoints.CheckpointError, match=r"no checkpoint of step 5.*available steps"

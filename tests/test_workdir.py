@@ -15,6 +15,7 @@ import pytest
 
 from sasa_flax import config_lib, data, trainer
 from sasa_flax.run import Workdir, checkpoints, lock, restoring, saves
+from sasa_flax.run.workdir import WorkdirError
 from tests.helpers import damage_checkpoint, prepare_tfds, tiny_config, write_image_folder
 
 
@@ -43,13 +44,17 @@ def _write_lock(workdir, **holder):
 )
 def test_a_workdir_joins_every_path_one_way_and_decides_object_stores_once(root, object_store, url):
     workdir = Workdir.of(root)
+    root = root.removeprefix("file://")  # a local path, as the other
     assert Workdir.of(workdir) is workdir and str(workdir) == root
     assert workdir.on_object_store is object_store
     assert workdir.kvstore_url == url
     base = root.rstrip("/")
-    assert workdir.checkpoints == f"{base}/checkpoints"
-    assert workdir.lock == f"{base}/train.lock"
-    assert workdir.eval_events == f"{base}/eval" and workdir.profile == f"{base}/profile"
+    assert workdir.join(Workdir.CHECKPOINTS) == f"{base}/checkpoints"
+    if not root.startswith("memory://"):  # tensorstore's test store, not a filesystem
+        assert str(workdir.checkpoints) == f"{base}/checkpoints"
+        assert str(workdir.lock) == f"{base}/train.lock"
+        assert str(workdir.eval_events) == f"{base}/eval"
+        assert str(workdir.profile) == f"{base}/profile"
     assert Workdir.eval_results_file(7) == "eval_results_step_7.json"
     assert Workdir.eval_results_file(7, "image_size=64") == "eval_results_step_7_image_size=64.json"
 
@@ -62,7 +67,7 @@ def test_a_local_workdir_is_absolute_however_it_was_typed(tmp_path, monkeypatch)
     absolute = str(tmp_path / "runs" / "x")
     for typed in ("runs/x", "./runs/x", "runs/x/", "~/runs/x", "runs/../runs/x", absolute):
         assert Workdir.of(typed).root == absolute, typed
-    assert Workdir.of("gs://bucket/runs/x").root == "gs://bucket/runs/x"
+    assert Workdir("gs://bucket/runs/x").root == "gs://bucket/runs/x"
 
 
 def test_relative_and_home_workdirs_train_resume_and_finish_one_run(tmp_path, monkeypatch):
@@ -88,21 +93,21 @@ def test_relative_and_home_workdirs_train_resume_and_finish_one_run(tmp_path, mo
 def test_a_workdir_that_is_a_file_is_named_as_one(tmp_path):
     (tmp_path / "run").write_text("not a folder")
     for command in (trainer.train_and_evaluate, trainer.evaluate_checkpoint):
-        with pytest.raises(trainer.TrainError, match=r"run is a file, not a directory"):
+        with pytest.raises(WorkdirError, match=r"run is a file, not a directory"):
             command(tiny_config(), str(tmp_path / "run"))
 
 
 def _small_checkpoint(tmp_path):
     """(manager, abstract items) of a one-step checkpoint of a small tree."""
     workdir = Workdir(str(tmp_path))
-    mngr = checkpoints.manager(workdir)
+    mngr = checkpoints.manager(Workdir.of(workdir))
     model = dict(w=jax.random.normal(jax.random.key(0), (64, 64)))
     train = dict(step=np.int32(1))
     saving = saves.Saves(mngr, workdir, model, train)
     saving.start(1, model=model, train=train, meta=dict(step=1))
     saving.finish()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (model, train))
-    return checkpoints.manager(workdir, read_only=True), dict(
+    return checkpoints.manager(Workdir.of(workdir), read_only=True), dict(
         zip(("model", "train"), abstract, strict=True)
     )
 
@@ -114,7 +119,7 @@ def test_damage_is_found_in_the_bytes_and_set_aside(tmp_path, how):
     with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 1 is damaged"):
         checkpoints.restore_verified(mngr, 1, **abstract)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint .* verifies"):
-        restoring.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+        restoring.newest_good(mngr, Workdir(tmp_path), set_bad_aside=True, **abstract)
     assert len(list((tmp_path / Workdir.DAMAGED).iterdir())) == 1  # moved, not deleted
 
 
@@ -138,7 +143,7 @@ def test_a_read_that_fails_outside_the_bytes_sets_nothing_aside(tmp_path, monkey
 
     monkeypatch.setattr(checkpoints, "restore", failing_restore)
     with pytest.raises(checkpoints.CheckpointUnreadable, match="Nothing was set aside"):
-        restoring.newest_good(mngr, str(tmp_path), set_bad_aside=True, **abstract)
+        restoring.newest_good(mngr, Workdir(tmp_path), set_bad_aside=True, **abstract)
     assert not (tmp_path / Workdir.DAMAGED).exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
     monkeypatch.undo()
@@ -212,9 +217,9 @@ def test_a_stale_lock_is_taken_over_and_the_lock_released_at_exit(tmp_path, capl
 def test_another_hosts_lock_is_stale_only_without_a_recent_heartbeat(tmp_path):
     _write_lock(tmp_path, host="other-host", heartbeat=time.time() - 10)
     with pytest.raises(lock.WorkdirLocked, match="on other-host"):
-        lock.hold(str(tmp_path)).__enter__()
+        lock.hold(Workdir(tmp_path)).__enter__()
     _write_lock(tmp_path, host="other-host", heartbeat=time.time() - 2 * lock.STALE_AFTER_S)
-    with lock.hold(str(tmp_path)):
+    with lock.hold(Workdir(tmp_path)):
         holder = json.loads((tmp_path / Workdir.LOCK).read_text())
         assert holder["pid"] == os.getpid()
     assert not (tmp_path / Workdir.LOCK).exists()
@@ -339,7 +344,7 @@ def test_a_corrupt_image_mid_run_ends_in_one_line_with_the_checkpoints_intact(tm
     assert len(errors) == 1 and "c3/bad.png is corrupt" in errors[0]
     assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
     assert "rendezvous" not in run.output  # TensorFlow's C++ lines before the one error
-    mngr = checkpoints.manager(str(tmp_path / "run"), read_only=True)
+    mngr = checkpoints.manager(Workdir(tmp_path / "run"), read_only=True)
     steps = sorted(mngr.all_steps())
     assert steps, run.output  # the bad image is in a later batch than the first
     for step in steps:  # every listed checkpoint is complete
@@ -383,7 +388,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(small_disk):
     assert "a checkpoint needs about" in errors[0] and "free there now" in errors[0]
     assert "Traceback" not in run.output and "cannot schedule new futures" not in run.output
     assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
-    steps = sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
+    steps = sorted(checkpoints.manager(Workdir(workdir), read_only=True).all_steps())
     assert steps  # the newest complete checkpoint is listed, and intact:
     assert (workdir / "checkpoints" / str(steps[-1]) / "meta").exists()
     filler.unlink()

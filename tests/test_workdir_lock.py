@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from sasa_flax.run import lock
+from sasa_flax.run import Workdir, lock
 
 
 class Turnstile:
@@ -81,7 +81,7 @@ def _race(store, schedule, conditional=True):
     def start(who):
         try:
             scheduled = ScheduledStore(store, who, turnstile, conditional)
-            outcomes[who] = lock.take("the-workdir", store=scheduled)
+            outcomes[who] = lock.take(Workdir("the-workdir"), store=scheduled)
         except lock.WorkdirLocked as e:
             outcomes[who] = e
         finally:
@@ -96,7 +96,7 @@ def _race(store, schedule, conditional=True):
 
 
 def _store_with(url, content):
-    store = lock.LockStore(url)
+    store = lock.LockStore(Workdir.of(url))
     _, generation = store.read()
     if content is not None:
         store.write(content, generation)
@@ -144,14 +144,14 @@ def test_on_gcs_two_starters_interleaved_at_every_point_exactly_one_holds(gcs, m
 
 def test_a_heartbeat_renews_only_its_own_lease_and_release_spares_a_successor(monkeypatch):
     url = f"memory://lease-{uuid.uuid4().hex}"
-    store = lock.LockStore(url)
-    first = lock.take(url, store=store)
+    store = lock.LockStore(Workdir.of(url))
+    first = lock.take(Workdir.of(url), store=store)
     first.renew()  # our own lease: renewed, still ours
     assert not first.lost.is_set()
     assert json.loads(store.read()[0])["token"] == first.me["token"]
     # The first run's heartbeat stopped long enough for another host to call it stale.
     monkeypatch.setattr(lock, "_alive", lambda holder: False)
-    second = lock.take(url, store=store)
+    second = lock.take(Workdir.of(url), store=store)
     first.renew()
     assert first.lost.is_set()
     first.release()
@@ -164,8 +164,8 @@ def test_a_renewal_whose_reply_was_lost_keeps_the_lease():
     """A write that landed although the client saw an error leaves the lease at a
     generation its holder never saw: the next heartbeat finds its own token and goes on."""
     url = f"memory://lease-{uuid.uuid4().hex}"
-    store = lock.LockStore(url)
-    lease = lock.take(url, store=store)
+    store = lock.LockStore(Workdir.of(url))
+    lease = lock.take(Workdir.of(url), store=store)
     content, generation = store.read()
     store.write(content, generation)  # "our" earlier write, its new generation unseen
     lease.renew()

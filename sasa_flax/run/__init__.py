@@ -14,6 +14,6 @@ for a resume is ``sasa_flax.trainer.resume``'s.
 
 from sasa_flax.run.checkpoints import ArchitectureMismatch, CheckpointError
 from sasa_flax.run.lock import WorkdirLocked
-from sasa_flax.run.workdir import Workdir
+from sasa_flax.run.workdir import Workdir, WorkdirError
 
-__all__ = ["ArchitectureMismatch", "CheckpointError", "Workdir", "WorkdirLocked"]
+__all__ = ["ArchitectureMismatch", "CheckpointError", "Workdir", "WorkdirError", "WorkdirLocked"]

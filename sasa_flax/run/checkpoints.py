@@ -145,7 +145,7 @@ def read_failure(mngr: ocp.CheckpointManager, step: int, error: BaseException) -
 
 
 def manager(
-    workdir: Workdir | str,
+    workdir: Workdir,
     *,
     every_steps: int = 1,
     keep: int | None = None,
@@ -168,7 +168,7 @@ def manager(
         train=ocp.StandardCheckpointHandler(),
         meta=ocp.JsonCheckpointHandler(),
     )
-    checkpoints = Workdir.of(workdir).checkpoints
+    checkpoints = workdir.checkpoints
     return ocp.CheckpointManager(checkpoints, options=options, item_handlers=handlers)
 
 

@@ -56,11 +56,10 @@ class LockStore:
     """One key (the lock file) of a tensorstore key-value store, read and written only
     with its storage generation: the compare-and-swap every lock operation is made of."""
 
-    def __init__(self, workdir: Workdir | str):
+    def __init__(self, workdir: Workdir):
         import tensorstore as ts  # orbax's own dependency
 
-        workdir = Workdir.of(workdir)
-        self.path = workdir.lock
+        self.path = workdir.join(Workdir.LOCK)  # named in messages (memory:// in tests)
         self._key = Workdir.LOCK
         self._kvstore = ts.KvStore.open(workdir.kvstore_url).result()
 
@@ -121,10 +120,9 @@ def _refusal(workdir: Workdir, store: LockStore, holder: dict, just: bool = Fals
     )
 
 
-def check_free(workdir: Workdir | str, store: LockStore | None = None) -> None:
+def check_free(workdir: Workdir, store: LockStore | None = None) -> None:
     """Raises WorkdirLocked if a live trainer holds ``workdir``; writes nothing. Run it
     before touching a workdir that ``hold`` will lock later (e.g. to clean it up)."""
-    workdir = Workdir.of(workdir)
     store = store or LockStore(workdir)
     holder = _parse(store.read()[0])
     if holder is not None and _alive(holder):
@@ -171,10 +169,9 @@ class Lease:
             self.store.write(None, self.generation)
 
 
-def take(workdir: Workdir | str, store: LockStore | None = None) -> Lease:
+def take(workdir: Workdir, store: LockStore | None = None) -> Lease:
     """Takes ``workdir``'s lock (a stale one is taken over, saying so) or raises
     WorkdirLocked naming the live holder. Atomic: see the module docstring."""
-    workdir = Workdir.of(workdir)
     store = store or LockStore(workdir)
     me = dict(
         host=socket.gethostname(),
@@ -198,7 +195,7 @@ def take(workdir: Workdir | str, store: LockStore | None = None) -> Lease:
 
 
 @contextlib.contextmanager
-def hold(workdir: Workdir | str, *, store: LockStore | None = None):
+def hold(workdir: Workdir, *, store: LockStore | None = None):
     """Takes ``workdir``'s lock and keeps it for the duration; yields the ``Lease``."""
     with keep(take(workdir, store)) as lease:
         yield lease

@@ -28,13 +28,12 @@ from sasa_flax.run.workdir import Workdir
 log = logging.getLogger(__name__)
 
 
-def remove_partial_checkpoints(workdir: Workdir | str, *, quiet: bool = False) -> list[str]:
+def remove_partial_checkpoints(workdir: Workdir, *, quiet: bool = False) -> list[str]:
     """Deletes the ``N.orbax-checkpoint-tmp-*`` directories a killed or failed save left
     on a local disk (never a complete checkpoint); returns their paths. Run before
     anything else is written. On object stores there are none: orbax's manager removes
     uncommitted steps itself (module docstring). ``quiet``: no log line (the caller
     reports the failure that left them)."""
-    workdir = Workdir.of(workdir)
     root = workdir.path(Workdir.CHECKPOINTS)
     if workdir.on_object_store or not root.exists():
         return []
@@ -50,10 +49,9 @@ def remove_partial_checkpoints(workdir: Workdir | str, *, quiet: bool = False) -
     return [str(p) for p in partial]
 
 
-def damaged_steps(workdir: Workdir | str) -> dict[int, str]:
+def damaged_steps(workdir: Workdir) -> dict[int, str]:
     """{step: record path} of the damaged checkpoints recorded in place (object stores)
     and not yet replaced by a new save of their step."""
-    workdir = Workdir.of(workdir)
     root = workdir.damaged
     if not workdir.on_object_store or not root.exists():
         return {}
@@ -90,7 +88,7 @@ def set_aside(workdir: Workdir, step: int, reason: str) -> str:
 
 def newest_good(
     mngr: ocp.CheckpointManager,
-    workdir: Workdir | str,
+    workdir: Workdir,
     *,
     set_bad_aside: bool,
     quiet: bool = False,
@@ -101,7 +99,6 @@ def newest_good(
     ``set_bad_aside``, set aside (``set_aside``); steps recorded damaged before are
     skipped. ``quiet``: no line (a caller that only names the newest good step). Every
     process takes the same decisions."""
-    workdir = Workdir.of(workdir)
     recorded = damaged_steps(workdir)
     steps = sorted(mngr.all_steps(), reverse=True)
     changed = False
@@ -145,9 +142,8 @@ def _log_once(message: str, *args) -> None:
         log.warning(message, *args)
 
 
-def step_to_restore(mngr: ocp.CheckpointManager, workdir: Workdir | str, step: int | None) -> int:
+def step_to_restore(mngr: ocp.CheckpointManager, workdir: Workdir, step: int | None) -> int:
     """The requested step, or the latest; a CheckpointError naming what exists otherwise."""
-    workdir = Workdir.of(workdir)
     steps = sorted(mngr.all_steps())
     if not steps:
         raise CheckpointError(

@@ -13,8 +13,14 @@
 Every path is joined here, and here alone is decided whether the workdir is on an object
 store (gs://: no atomic rename, see ``run.checkpoints``). What the files *say* (which
 config fields a resume must keep, what a run record holds) is the trainer's
-(``trainer.resume``); this module reads and writes them. Files are written by process 0
-only. Local paths and gs:// alike, through ``etils.epath``.
+(``trainer.resume``); this module reads and writes them. Local paths and gs:// alike:
+every path it gives is an ``etils.epath.Path``.
+
+One rule for every writer here: it writes, whoever calls it; a multi-host program calls
+it on process 0 alone (``run.distributed.on_process_0``: the others hear the outcome).
+Functions of ``sasa_flax.run`` take a ``Workdir``; the entry points (``train.py``,
+``eval.py``, ``trainer.train_and_evaluate``, ``trainer.restore``, the tools) make one from
+the path they are given, once.
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ import re
 import jax
 from etils import epath
 
-from sasa_flax.errors import TrainError
+from sasa_flax.errors import UserError
 from sasa_flax.paths import local_path_made_absolute
+
+
+class WorkdirError(UserError):
+    """The workdir cannot be used as given (a file, not writable); the message says what
+    to pass instead."""
+
 
 _EVAL_RESULTS = re.compile(r"^eval_results_step_(\d+)\.json$")  # the run's own setting only
 
@@ -46,7 +58,10 @@ class Workdir:
     root: str
 
     def __post_init__(self):
-        object.__setattr__(self, "root", local_path_made_absolute(str(self.root)))
+        root = str(self.root)
+        # file:// is a local path: kept as one, so that every path of it is an epath.Path.
+        root = root[len("file://") :] if root.startswith("file://") else root
+        object.__setattr__(self, "root", local_path_made_absolute(root))
 
     RUN_RECORD = "run.json"
     LOCK = "train.lock"
@@ -73,9 +88,9 @@ class Workdir:
 
     @property
     def on_object_store(self) -> bool:
-        """gs:// and other URLs except file://: no atomic rename, so checkpoints are
-        committed in place and damaged ones recorded rather than moved."""
-        return "://" in self.root and not self.root.startswith("file://")
+        """gs:// and other URLs (file:// is made a local path): no atomic rename, so
+        checkpoints are committed in place and damaged ones recorded rather than moved."""
+        return "://" in self.root
 
     @property
     def kvstore_url(self) -> str:
@@ -85,24 +100,28 @@ class Workdir:
         return f"file://{os.path.abspath(self.root)}/"
 
     @property
-    def checkpoints(self) -> str:
-        return self.join(self.CHECKPOINTS)
+    def checkpoints(self) -> epath.Path:
+        return self.path(self.CHECKPOINTS)
 
     @property
     def damaged(self) -> epath.Path:
         return self.path(self.DAMAGED)
 
     @property
-    def eval_events(self) -> str:
-        return self.join(self.EVAL_EVENTS)
+    def eval_events(self) -> epath.Path:
+        return self.path(self.EVAL_EVENTS)
 
     @property
-    def profile(self) -> str:
-        return self.join(self.PROFILE)
+    def profile(self) -> epath.Path:
+        return self.path(self.PROFILE)
 
     @property
-    def lock(self) -> str:
-        return self.join(self.LOCK)
+    def lock(self) -> epath.Path:
+        return self.path(self.LOCK)
+
+    def event_files(self) -> list[epath.Path]:
+        """The run's TensorBoard event files (train/* and eval/* scalars), sorted."""
+        return sorted(self.path().glob("events.out.tfevents.*"))
 
     @staticmethod
     def eval_results_file(step: int, setting: str = "") -> str:
@@ -120,7 +139,7 @@ class Workdir:
         """Refuses a local workdir that is a file (a path typed one level too deep, an
         archive), before anything reads or writes under it."""
         if not self.on_object_store and os.path.isfile(self.root):
-            raise TrainError(
+            raise WorkdirError(
                 f"--workdir {self.root} is a file, not a directory; pass a directory (a new "
                 "one for a new run, the run's own to resume or evaluate)."
             )
@@ -144,7 +163,7 @@ class Workdir:
             self.path().mkdir(parents=True, exist_ok=True)
             self._probe()
         except OSError as e:
-            raise TrainError(
+            raise WorkdirError(
                 f"--workdir {self.root} is not writable ({e.strerror or e}); pass a directory "
                 "you can create files in (local path or gs://bucket/path)."
             ) from None
@@ -171,8 +190,6 @@ class Workdir:
         return found
 
     def write_eval_results(self, step: int, results: dict, setting: str = "") -> None:
-        """``eval_results_step_{step}.json`` (``..._{setting}.json`` for another setting),
-        by process 0."""
-        if jax.process_index() == 0:
-            target = self.path(self.eval_results_file(step, setting))
-            target.write_text(json.dumps(dict(step=step, **results), indent=2))
+        """``eval_results_step_{step}.json`` (``..._{setting}.json`` for another setting)."""
+        target = self.path(self.eval_results_file(step, setting))
+        target.write_text(json.dumps(dict(step=step, **results), indent=2))

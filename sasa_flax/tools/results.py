@@ -13,8 +13,6 @@ import io
 import json
 import statistics
 
-from etils import epath
-
 from sasa_flax import config_lib
 from sasa_flax.errors import UserError
 from sasa_flax.run import Workdir
@@ -34,12 +32,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _scalars(workdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
+def _scalars(workdir: Workdir) -> dict[str, list[tuple[int, float]]]:
     """TensorBoard scalars of a workdir: tag -> [(step, value)], in step order."""
     from sasa_flax.quiet_tensorflow import tf
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(workdir.glob("events.out.tfevents.*")):
+    for events in workdir.event_files():
         try:
             for record in tf.data.TFRecordDataset(str(events)):
                 event = tf.compat.v1.Event.FromString(record.numpy())
@@ -81,7 +79,7 @@ def read_run(workdir: str) -> dict:
             "started yet (train.py writes it once its checks pass)."
         )
     evals = run.eval_results()
-    scalars = _scalars(run.path())
+    scalars = _scalars(run)
     checkpoints = run.checkpoint_steps()
     logged = [step for points in scalars.values() for step, _ in points]
     final = evals[max(evals)] if evals else {}

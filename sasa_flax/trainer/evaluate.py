@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sasa_flax import data, logs
-from sasa_flax.run import Workdir
+from sasa_flax.run import Workdir, distributed
 from sasa_flax.trainer.compile import compile_eval_step, kernel_failures_in_config_terms
 from sasa_flax.trainer.progress import log, write_eval_events
 from sasa_flax.trainer.restore import restore
@@ -61,9 +61,12 @@ def evaluate_checkpoint(
         log.warning("%s is not writable: the results are printed, not written to it", workdir)
     eval_fn, _ = compile_eval_step(setup, restored.abstract)  # chunked where it must be
     results = evaluate(setup, eval_fn, *restored.weights)
-    if writable:
+
+    def write():
         workdir.write_eval_results(restored.step, results, restored.setting)
-        if jax.process_index() == 0:
-            write_eval_events(workdir.eval_events, restored.step, results)
+        write_eval_events(str(workdir.eval_events), restored.step, results)
+
+    if writable:
+        distributed.on_process_0("eval-results", write)
     setting = restored.setting or "the run's own"
     return dict(step=restored.step, setting=setting, written=writable, **results)

@@ -261,7 +261,9 @@ def _train_and_evaluate(
     results = evaluate(setup, eval_fn, *eval_weights(state))
     writer.write_scalars(final_step, {f"eval/{k}": v for k, v in results.items()})
     writer.flush()
-    workdir.write_eval_results(final_step, results)
+    distributed.on_process_0(
+        "final-results", lambda: workdir.write_eval_results(final_step, results)
+    )
     if jax.process_index() == 0:
         log.info(
             "final evaluation at step %d: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",

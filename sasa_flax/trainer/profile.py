@@ -29,7 +29,7 @@ class StepProfile:
 
     def __init__(self, train_config, workdir: Workdir):
         self.steps, self.start = train_config.profile_steps, train_config.profile_start_step
-        self.target = workdir.profile
+        self.target = str(workdir.profile)
         self._on_object_store = workdir.on_object_store
         self._local: str | None = None
 
