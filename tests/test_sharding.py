@@ -274,6 +274,35 @@ def test_attention_plan_names_every_layer_and_its_choice():
     assert len(plan) == 4 and all(line.split(": ")[0].endswith(" pallas") for line in plan)
 
 
+class _OneLayer(nnx.Module):
+    """RGB -> 512 channels -> one SASA layer (k = 9, heads of 64) in ``dtype``."""
+
+    def __init__(self, dtype):
+        self.lift = nnx.Linear(3, 512, dtype=dtype, rngs=nnx.Rngs(0))
+        self.attention = SelfAttention2D(
+            512, 512, num_heads=8, kernel_size=9, dtype=dtype, rngs=nnx.Rngs(0)
+        )
+
+    def __call__(self, x):
+        return self.attention(self.lift(x))
+
+
+@pytest.mark.parametrize("dtype, chosen", [(jnp.bfloat16, "pallas"), (jnp.float32, "shifted")])
+def test_the_plan_says_what_the_run_lowers(dtype, chosen):
+    """At 56², k = 9, heads of 64 a tile of the TPU kernels fits VMEM in bfloat16, not in
+    float32: the plan, like the run, decides with the layer's own dtype."""
+    model = nnx.eval_shape(lambda: _OneLayer(dtype))
+    assert attention_plan(model, 56, "tpu") == [f"56×56 k=9 auto → {chosen}: 1 layer"]
+    q = jnp.zeros((1, 56, 56, 8, 64), dtype)
+    lowered = (
+        jax.jit(lambda q: local_attention(q, q, q, None, None, kernel_size=9, impl="auto"))
+        .trace(q)
+        .lower(lowering_platforms=("tpu",))
+    )
+    kernels = "tpu_custom_call" in lowered.as_text()
+    assert kernels == (chosen == "pallas")
+
+
 def step_failing_to_compile(error: Exception):
     """A jitted step stand-in whose compile raises ``error``."""
 

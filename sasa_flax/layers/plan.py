@@ -4,6 +4,7 @@ log it) so that a researcher reading the log knows which kernels ran."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from sasa_flax import costs, ops
@@ -24,8 +25,14 @@ def attention_plan(model: nnx.Module, image_size: int, platform: str) -> list[st
         height, width = cost.in_shape[1:3]
         impl, k = layer.options.impl, layer.options.kernel_size
         if impl == "auto":
-            head = layer.out_features // layer.options.num_heads
-            impl = f"auto → {ops.auto_choice(platform, height, width, k, head_dim=head)}"
+            # What the run's lowering decides (ops.local_attention's "auto"): the same rule
+            # on the same widths and dtype (the kernels' VMEM depends on the itemsize).
+            head = layer.head_dim
+            itemsize = jnp.dtype(layer.dtype or layer.query.param_dtype).itemsize
+            chosen = ops.auto_choice(
+                platform, height, width, k, head_dim=head, value_dim=head, itemsize=itemsize
+            )
+            impl = f"auto → {chosen}"
         key = f"{height}×{width} k={k} {impl}"
         layers[key] = layers.get(key, 0) + 1
     return [f"{key}: {n} layer{'s' * (n > 1)}" for key, n in layers.items()]
