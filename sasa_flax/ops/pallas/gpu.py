@@ -253,30 +253,33 @@ def _forward_kernel(config, q_ref, k_ref, v_ref, offsets_ref, inside_ref, y_ref,
 
 
 def _call(config, kernel, name, inputs, out_specs, outputs):
-    """``kernel`` over the (B, N, ...) frames of ``inputs`` (whole arrays, indexed by the
-    program ids), on each device's block of (batch, heads) (``shards.per_group``).
-    ``outputs(groups)``: the output shapes for one device's b·n groups. Everything but
-    the arrays follows from ``(config, name)``: the device program is built once per pair
-    (``shards.device_program``)."""
+    """``kernel(config, *input refs, *output refs)`` over the (B, N, ...) frames of
+    ``inputs`` (whole arrays, indexed by the program ids), on each device's block of
+    (batch, heads) (``shards.per_group``), by the kernels' call protocol (Pallas' own):
+    an absent input is None (no keys) and the kernel gets None. Frames are the operands
+    of rank 3 or more; the offsets' table and the in-image mask are shared. ``outputs(groups)``:
+    the output shapes for one device's b·n groups. Everything but the arrays follows from
+    ``(config, name)``: the device program is built once per pair (``shards.device_program``)."""
+    given = tuple(x is not None for x in inputs)
     on_groups = shards.device_program(
-        (config, name), lambda: _on_groups(config, kernel, name, out_specs, outputs)
+        (config, name), lambda: _on_groups(config, kernel, name, given, out_specs, outputs)
     )
     return shards.per_group(
         on_groups,
-        _grouped(config, len(inputs)),
+        [x is not None and x.ndim >= 3 for x in inputs],
         out_shapes=lambda batch, heads: outputs(batch * heads),
     )(*inputs)
 
 
-def _on_groups(config, kernel, name, out_specs, outputs):
+def _on_groups(config, kernel, name, given, out_specs, outputs):
     """``_call``'s ``pallas_call`` on one device's b·n groups."""
 
     def on_groups(*frames):
-        groups = frames[0].shape[0]
+        groups = next(x for x in frames if x is not None and x.ndim >= 3).shape[0]
         return pl.pallas_call(
             functools.partial(kernel, config),
             grid=(groups, config.frame.num_tiles),
-            in_specs=[pl.no_block_spec] * len(frames),
+            in_specs=[pl.no_block_spec if present else None for present in given],
             out_specs=out_specs,
             out_shape=outputs(groups),
             interpret=config.interpret,
@@ -285,14 +288,6 @@ def _on_groups(config, kernel, name, out_specs, outputs):
         )(*frames)
 
     return on_groups
-
-
-def _grouped(config, operands: int):
-    """Which operands of a kernel are (B, N, ...) frames (``shards.per_group``): all but
-    the offsets' table, the in-image mask and, without keys, the dummy key frame."""
-    grouped = [True] * operands
-    grouped[1], grouped[3], grouped[4] = config.has_key, False, False
-    return grouped
 
 
 def _run_forward(config, q_frame, k_frame, v_frame, offsets, inside):
@@ -422,8 +417,7 @@ def _prepare(q, k, v, rel, config):
     frame = config.frame
     d, dv = _padded_width(config.head_dim), _padded_width(config.value_dim)
     q_frame = frame.to_frame(q, d)
-    # Without keys the kernels never read k; a one-position dummy keeps the signature.
-    k_frame = frame.to_frame(k, d) if k is not None else jnp.zeros((1, 1, d), q.dtype)
+    k_frame = frame.to_frame(k, d) if k is not None else None  # no keys: the kernels get None
     v_frame = frame.to_frame(v, dv)
     # r_o per offset, zero-padded to (next power of two ≥ k², d) for Triton's blocks;
     # all zero without relative tables (the kernels then never add them).

@@ -57,6 +57,49 @@ GROUP_DIMS = 2  # (batch, heads): the leading dimensions of a merged (GPU) opera
 
 
 def per_group(
+    kernel: Callable[..., Sequence[jax.Array | None]],
+    grouped: Sequence[bool],
+    *,
+    out_shapes: Callable[..., Sequence[jax.ShapeDtypeStruct | None]] | None = None,
+    **options,
+) -> Callable[..., tuple[jax.Array | None, ...]]:
+    """``_per_group`` with the kernels' call protocol, Pallas' own: an operand may be None
+    (absent: no keys, no tables), and ``kernel`` receives it as None; an output whose
+    ``out_shapes`` entry is None is absent, and comes back as None. Both twins' kernels
+    take their operands, specs and outputs so (``tpu._call``, ``gpu._call``)."""
+
+    def call(*arrays):
+        present = [i for i, x in enumerate(arrays) if x is not None]
+        first = next(arrays[i] for i in present if grouped[i])
+        heads_axis = options.get("heads_axis", 1)
+        wanted = None if out_shapes is None else out_shapes(first.shape[0], first.shape[heads_axis])
+        live = None if wanted is None else [i for i, s in enumerate(wanted) if s is not None]
+
+        def on_present(*given):
+            full = [None] * len(arrays)
+            for i, x in zip(present, given, strict=True):
+                full[i] = x
+            outputs = kernel(*full)
+            return list(outputs) if live is None else [outputs[i] for i in live]
+
+        def present_shapes(batch, heads):
+            return [s for s in out_shapes(batch, heads) if s is not None]
+
+        results = _per_group(
+            on_present,
+            [grouped[i] for i in present],
+            out_shapes=None if out_shapes is None else present_shapes,
+            **options,
+        )(*(arrays[i] for i in present))
+        if wanted is None:
+            return tuple(results)
+        results = iter(results)
+        return tuple(next(results) if s is not None else None for s in wanted)
+
+    return call
+
+
+def _per_group(
     kernel: Callable[..., Sequence[jax.Array]],
     grouped: Sequence[bool],
     *,

@@ -770,74 +770,58 @@ def _shared_specs(frame: Frame) -> dict[str, pl.BlockSpec]:
 
 
 def _call(config, kernel, name, inputs, in_specs, out_specs, outputs, cost, scratch=None):
-    """``kernel(config, **refs)`` over (B, c, N, ·) frames on a (B, tiles) grid. ``inputs``
-    and ``in_specs`` are dicts by the kernel's argument names in its order, a None input
-    absent (no keys, no tables: the kernel gets None); grouped inputs are the frames
-    (rank 4), the others are shared by every image. ``out_specs`` and ``scratch`` (scratch
-    shapes as ``f(heads)``) likewise, by name, None where absent. ``outputs(batch,
-    heads)`` and ``cost(batch, heads)`` give the output shapes and the ``CostEstimate``
-    for one device's images and heads (``shards.per_group``).
+    """``kernel(config, *input refs, *output refs, **scratch refs)`` over (B, c, N, ·)
+    frames on a (B, tiles) grid, by the kernels' call protocol (Pallas' own, as jax's
+    ``flash_attention.py``): ``inputs``, ``in_specs``, ``out_specs`` and ``scratch`` are
+    dicts in the kernel's argument order whose absent entries are None (no keys, no
+    tables: the kernel gets None); rank-4 inputs are the frames, the others are shared by
+    every image. ``out_specs`` and ``scratch`` hold ``f(heads)``. ``outputs(batch, heads)``
+    and ``cost(batch, heads)`` give the output shapes and the ``CostEstimate`` for one
+    device's images and heads (``shards.per_group``). Returns the outputs by name (None
+    where absent).
 
     Everything but the arrays follows from ``(config, name)``: the device program is
     built once per pair (``shards.device_program``) and shared by every layer of that
     shape."""
-    present = [n for n in inputs if inputs[n] is not None]
-    live_outputs = [n for n in out_specs if out_specs[n] is not None]
-    arrays = [inputs[n] for n in present]
+    specs = [in_specs[n] if x is not None else None for n, x in inputs.items()]
     on_device = shards.device_program(
         (config, name),
-        lambda: _on_device(
-            config,
-            kernel,
-            name,
-            list(inputs),
-            present,
-            [in_specs[n] for n in present],
-            out_specs,
-            outputs,
-            cost,
-            scratch or {},
-        ),
+        lambda: _on_device(config, kernel, name, specs, out_specs, outputs, cost, scratch or {}),
     )
 
     def out_shapes(batch, heads):
         shapes = outputs(batch, heads)
-        return [shapes[n] for n in live_outputs]
+        return [shapes[n] if out_specs[n] is not None else None for n in out_specs]
 
-    grouped = [x.ndim == 4 for x in arrays]
-    interpreted = config.interpret is not False  # TPU interpret mode: one CPU device
+    arrays = list(inputs.values())
     results = shards.per_group(
         on_device,
-        grouped,
-        local_only=interpreted,
+        [x is not None and x.ndim == 4 for x in arrays],
+        local_only=config.interpret is not False,  # TPU interpret mode: one CPU device
         heads_axis=HEADS_AXIS,
         merge=False,
         out_shapes=out_shapes,
     )(*arrays)
-    return dict(zip(live_outputs, results, strict=True))
+    return dict(zip(out_specs, results, strict=True))
 
 
-def _on_device(config, kernel, name, arguments, present, specs, out_specs, outputs, cost, scratch):
-    """``_call``'s ``pallas_call`` on one device's frames: ``arguments`` names the kernel's
-    inputs in its order, ``present`` those given (their ``specs``)."""
-    live_outputs = [n for n in out_specs if out_specs[n] is not None]
-    live_scratch = [n for n in scratch if scratch[n] is not None]
+def _on_device(config, kernel, name, specs, out_specs, outputs, cost, scratch):
+    """``_call``'s ``pallas_call`` on one device's frames (None for an absent operand)."""
 
-    def body(*refs):
-        # Pallas passes the refs of the inputs given, the outputs, then the scratch.
-        given = dict(zip(present + live_outputs + live_scratch, refs, strict=True))
-        kernel(config, **{n: given.get(n) for n in [*arguments, *out_specs, *scratch]})
+    def at(heads, spec):
+        return spec(heads) if callable(spec) else spec
 
     def on_device(*frames):
-        batch, heads = frames[0].shape[0], frames[0].shape[HEADS_AXIS]
+        first = next(x for x in frames if x is not None and x.ndim == 4)
+        batch, heads = first.shape[0], first.shape[HEADS_AXIS]
         shapes = outputs(batch, heads)
         return pl.pallas_call(
-            body,
+            functools.partial(kernel, config),
             grid=(batch, config.frame.num_tiles),
-            in_specs=[spec(heads) if callable(spec) else spec for spec in specs],
-            out_specs=[out_specs[n](heads) for n in live_outputs],
-            out_shape=[shapes[n] for n in live_outputs],
-            scratch_shapes=[scratch[n](heads) for n in live_scratch],
+            in_specs=[at(heads, spec) for spec in specs],
+            out_specs=[at(heads, spec) for spec in out_specs.values()],
+            out_shape=[shapes[n] if out_specs[n] is not None else None for n in out_specs],
+            scratch_shapes={n: at(heads, shape) for n, shape in scratch.items()},
             compiler_params=_PARALLEL,
             interpret=config.interpret,
             cost_estimate=cost(batch, heads),
@@ -1032,7 +1016,7 @@ def _run_backward(config, frames, constants, dy_frame, stats_frame):
         sums = dq_out["d_rel_ref"].sum(axis=(0, 1, 2))[: k * d]
         half = d // 2
         d_rel = (sums[: k * half].reshape(k, half), sums[k * half :].reshape(k, half))
-    return dq_out["dq_ref"], dkv_out.get("dk_ref"), dkv_out["dv_ref"], d_rel
+    return dq_out["dq_ref"], dkv_out["dk_ref"], dkv_out["dv_ref"], d_rel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
