@@ -287,12 +287,21 @@ class _OneLayer(nnx.Module):
         return self.attention(self.lift(x))
 
 
-@pytest.mark.parametrize("dtype, chosen", [(jnp.bfloat16, "pallas"), (jnp.float32, "shifted")])
-def test_the_plan_says_what_the_run_lowers(dtype, chosen):
+PLAN_CASES = [(jnp.bfloat16, "pallas"), (jnp.float32, "shifted")]
+
+
+@pytest.mark.parametrize("dtype, chosen", PLAN_CASES)
+def test_the_plan_decides_with_the_layers_dtype(dtype, chosen):
     """At 56², k = 9, heads of 64 a tile of the TPU kernels fits VMEM in bfloat16, not in
     float32: the plan, like the run, decides with the layer's own dtype."""
     model = nnx.eval_shape(lambda: _OneLayer(dtype))
     assert attention_plan(model, 56, "tpu") == [f"56×56 k=9 auto → {chosen}: 1 layer"]
+
+
+@pytest.mark.slow  # lowers the Mosaic kernels at k = 9, heads of 64: 20 s
+@pytest.mark.parametrize("dtype, chosen", PLAN_CASES)
+def test_the_plan_says_what_the_run_lowers(dtype, chosen):
+    """What the plan says (above) is what the program lowered for TPU runs."""
     q = jnp.zeros((1, 56, 56, 8, 64), dtype)
     lowered = (
         jax.jit(lambda q: local_attention(q, q, q, None, None, kernel_size=9, impl="auto"))

@@ -465,6 +465,7 @@ def test_a_finished_run_says_so_and_does_nothing_more(eight_device_run, monkeypa
         trainer.train_and_evaluate(longer, workdir)
 
 
+@pytest.mark.slow  # a rare path (config.train.profile_steps): 18 s of the default selection
 def test_a_profile_is_written_when_asked_and_never_otherwise(tmp_path):
     """config.train.profile_steps: a jax.profiler trace of the chosen steps in
     <workdir>/profile; none when 0. It opens as the docs say: ``tensorboard --logdir
