@@ -163,8 +163,8 @@ def restore_for_evaluation(workdir: Workdir, model: Any, step: int | None) -> tu
     """(step, restored items "model" and "meta") of a checkpoint to evaluate, verified:
     the newest that verifies when ``step`` is None, else ``step`` (refused naming the
     newest good one if it does not verify, or its architecture is not ``model``'s). The
-    optimizer state is never read; nothing in the workdir is moved or written."""
-    workdir.check_not_a_file()
+    optimizer state is never read; nothing in the workdir is moved or written. The caller
+    (``trainer.restore``) has refused a workdir that is a file."""
     mngr = manager(workdir, read_only=True)
     requested = step_to_restore(mngr, workdir, step)
     if step is None:

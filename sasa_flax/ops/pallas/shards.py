@@ -60,6 +60,7 @@ def per_group(
     kernel: Callable[..., Sequence[jax.Array | None]],
     grouped: Sequence[bool],
     *,
+    heads_axis: int = 1,
     out_shapes: Callable[..., Sequence[jax.ShapeDtypeStruct | None]] | None = None,
     **options,
 ) -> Callable[..., tuple[jax.Array | None, ...]]:
@@ -71,7 +72,6 @@ def per_group(
     def call(*arrays):
         present = [i for i, x in enumerate(arrays) if x is not None]
         first = next(arrays[i] for i in present if grouped[i])
-        heads_axis = options.get("heads_axis", 1)
         wanted = None if out_shapes is None else out_shapes(first.shape[0], first.shape[heads_axis])
         live = None if wanted is None else [i for i, s in enumerate(wanted) if s is not None]
 
@@ -88,6 +88,7 @@ def per_group(
         results = _per_group(
             on_present,
             [grouped[i] for i in present],
+            heads_axis=heads_axis,
             out_shapes=None if out_shapes is None else present_shapes,
             **options,
         )(*(arrays[i] for i in present))
